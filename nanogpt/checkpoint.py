@@ -1,0 +1,96 @@
+"""Checkpoints: one file holds everything sampling and resuming need.
+
+A checkpoint is a dict of tensors and plain Python data (numbers, strings,
+lists, dicts): the model's shape, its weights, the tokenizer, the optimizer
+state, the iteration, the best validation loss and the run's resolved config.
+Because it holds nothing else, it loads with torch.load(weights_only=True),
+which never runs code from the file. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from nanogpt.errors import CheckpointError
+from nanogpt.fileio import write_atomically
+from nanogpt.model import GPT, GPTConfig
+
+CHECKPOINT_FORMAT = 1
+BEST, LAST = "best.pt", "last.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write state to path atomically: a crash mid-write leaves the previous file intact."""
+    write_atomically(Path(path), lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint without executing anything from it; clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} holds more than tensors and plain data and was refused "
+            f"(loading it could run code): {first_line}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupted and cannot be read "
+            f"({type(e).__name__}); use another checkpoint, e.g. last.pt or best.pt of the run"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise CheckpointError(f"{path} is not a nanogpt checkpoint (no model or model_config in it)")
+    return state
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """The weights of model, unwrapped from torch.compile or DDP if needed."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return model.state_dict()
+
+
+def build_model(state: dict) -> GPT:
+    """Recreate the GPT a checkpoint describes, with its weights loaded."""
+    model = GPT(GPTConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
+def model_config_dict(config: GPTConfig) -> dict:
+    """GPTConfig as plain data for a checkpoint."""
+    return asdict(config)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's best (else last) checkpoint."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in (BEST, LAST):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"run directory {path} holds no {BEST} or {LAST}")
+    raise CheckpointError(f"ckpt={path} does not exist; give a checkpoint file or a run directory")
+
+
+def newest_checkpoint(outputs: str | Path) -> Path:
+    """The best (else last) checkpoint of the most recently written run under outputs."""
+    outputs = Path(outputs)
+    found = [p for name in (BEST, LAST) for p in outputs.rglob(name)]
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint found under {outputs.resolve()}; train first or pass ckpt=PATH"
+        )
+    newest_run = max(found, key=lambda p: p.stat().st_mtime).parent
+    return find_checkpoint(newest_run)

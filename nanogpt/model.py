@@ -1,0 +1,320 @@
+"""A GPT language model, written to be read from top to bottom.
+
+GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT.
+
+The architecture is GPT-2's: token embeddings plus learned position embeddings,
+a stack of pre-LayerNorm transformer blocks (attention, then an MLP, each added
+back onto a residual stream), a final LayerNorm, and an output layer that shares
+its weights with the token embedding. This file imports no configuration
+machinery: build a GPTConfig, pass it to GPT, and you have a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT. The defaults are the small character-level model."""
+
+    vocab_size: int = 65  # number of distinct tokens (65 characters in Tiny Shakespeare)
+    block_size: int = 256  # the longest context the model can look at
+    n_layer: int = 6  # transformer blocks stacked on top of each other
+    n_head: int = 6  # attention heads per block; n_embd must divide evenly among them
+    n_embd: int = 384  # width of the residual stream
+    dropout: float = 0.1  # dropout probability during training (0 disables it)
+    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+
+
+class KVCache:
+    """Keys and values already computed for one attention layer during generation.
+
+    Generating one token at a time would otherwise recompute attention inputs for
+    the whole context at every step. The cache holds them for positions
+    0..length-1 so each new step only computes its own key and value.
+    """
+
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_size: int, like: torch.Tensor):
+        shape = (batch_size, n_head, max_len, head_size)
+        self.keys = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.values = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys and values after the cached ones; return everything cached so far."""
+        start, end = self.length, self.length + k.size(2)
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each position sees only itself and the past."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        # One matrix computes queries, keys and values for all heads at once.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # The heads' outputs are mixed back into the residual stream.
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Attend over the sequence x of shape (batch, time, n_embd)."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size): each head attends independently.
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+        # Without a cache, or when the cache is empty (the prompt), the causal mask
+        # hides the future. A single new token after a filled cache is the last
+        # position, so it may look at every cached key: no mask is needed.
+        is_causal = True
+        if cache is not None:
+            if cache.length > 0 and T != 1:
+                raise ValueError("a filled KV cache takes one new token at a time")
+            is_causal = cache.length == 0
+            k, v = cache.append(k, v)
+
+        # scaled_dot_product_attention picks a fused (flash) kernel where one exists.
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """A position-wise feed-forward network: widen 4x, GELU, project back."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Transform each position of x on its own."""
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """One transformer block: attention to communicate, an MLP to compute.
+
+    Pre-LayerNorm: each sub-layer sees a normalised copy of the residual stream
+    and adds its result back, so the stream itself is never normalised away and
+    gradients flow straight through the additions.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Apply attention then the MLP, each as a residual update of x."""
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """The whole language model: tokens in, next-token logits out."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned positions
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: reading a token in and writing it out use the same vectors,
+        # which saves parameters and tends to help small models.
+        self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: every block adds two projections onto the residual
+        # stream, so shrink them to keep its variance from growing with depth.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2's initialisation: small normal weights, zero biases."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Count parameters; by default leave out the position embeddings.
+
+        The token embedding is shared with lm_head, so it counts once and stays in.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (logits, loss) for token ids idx of shape (batch, time).
+
+        With targets, logits cover every position and loss is the mean
+        cross-entropy. Without them only the last position's logits are computed,
+        which is all generation needs. With caches, idx continues the sequence
+        the caches already hold.
+        """
+        B, T = idx.size()
+        start = caches[0].length if caches else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, caches[i] if caches else None)
+        x = self.transformer.ln_f(x)
+
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_caches(self, batch_size: int) -> list[KVCache]:
+        """Make empty KV caches, one per block, for a generation of batch_size sequences."""
+        c = self.config
+        like = self.lm_head.weight
+        return [
+            KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, like)
+            for _ in range(c.n_layer)
+        ]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ):
+        """Extend idx (batch, time) by max_new_tokens sampled tokens, yielding each step's tokens.
+
+        Each yielded tensor has shape (batch, 1), so callers can stream text.
+        With use_cache, the prompt is run once and then each new token costs one
+        position. Learned positions stop at block_size, so when the context
+        fills, the cache is rebuilt from the newest half of the window: every
+        token still sees at least block_size // 2 tokens of context, at correct
+        positions. Up to block_size tokens the output equals use_cache=False,
+        which re-runs the last block_size tokens at every step.
+        """
+        block_size = self.config.block_size
+        caches = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -block_size:])
+            elif caches is None or caches[0].length == block_size:
+                # Fill a fresh cache from the (newest part of the) context.
+                keep = block_size if caches is None else max(1, block_size // 2)
+                caches = self.new_caches(idx.size(0))
+                logits, _ = self(idx[:, -keep:], caches=caches)
+            else:
+                logits, _ = self(idx[:, -1:], caches=caches)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of logits (batch, vocab); temperature 0 means greedy.
+
+    top_k keeps only the k likeliest tokens; top_p keeps the smallest set of
+    likeliest tokens whose probabilities add up to at least top_p.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def configure_optimizer(
+    model: nn.Module,
+    weight_decay: float,
+    learning_rate: float,
+    betas: tuple[float, float],
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (>= 2-D) only, never on biases or LayerNorm gains.
+
+    fused=None uses the fused CUDA kernel when the parameters live on a GPU.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if fused is None:
+        fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
+
+
+def flops_per_token(config: GPTConfig, n_params: int) -> float:
+    """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
+    head_size = config.n_embd // config.n_head
+    return 6 * n_params + 12 * config.n_layer * config.n_head * head_size * config.block_size
+
+
+def estimate_mfu(config: GPTConfig, n_params: int, tokens_per_second: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device's peak."""
+    return flops_per_token(config, n_params) * tokens_per_second / peak_flops
