@@ -8,21 +8,24 @@ process exits with status 2. Set HYDRA_FULL_ERROR=1 to see the full traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import hydra
-from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from nanogpt.config import CONFIG_DIR, register_configs
 from nanogpt.errors import UserError
 
 EXIT_USER_ERROR = 2
+T = TypeVar("T")
 
 
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
@@ -30,23 +33,26 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
 
     def decorate(task: Callable[[DictConfig], object]) -> Callable[[], None]:
         register_configs()
+
+        @functools.wraps(task)
+        def reported_task(cfg: DictConfig) -> object:
+            """The task, with user errors reported before Hydra adds its own lines."""
+            with reporting_user_errors():
+                return task(cfg)
+
         hydra_main = hydra.main(
             version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name
-        )(task)
+        )(reported_task)
 
         @functools.wraps(task)
         def main() -> None:
-            """Run the task; print user errors as one line and exit non-zero."""
+            """Compose the config and run the task; user errors exit with one line."""
             debugging = bool(os.environ.get("HYDRA_FULL_ERROR"))
-            # Let exceptions reach us rather than Hydra's multi-line report.
+            # Let composition errors reach us rather than Hydra's multi-line report.
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
-                hydra_main()
-            except Exception as error:
-                if debugging or not is_user_error(error):
-                    raise
-                print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
-                sys.exit(EXIT_USER_ERROR)
+                with reporting_user_errors(debugging):
+                    hydra_main()
             finally:
                 if not debugging:
                     os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -54,6 +60,33 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
         return main
 
     return decorate
+
+
+@contextlib.contextmanager
+def reporting_user_errors(debugging: bool | None = None) -> Iterator[None]:
+    """Turn a user error into one ``error:`` line on stderr and exit status 2.
+
+    Bugs, and every error while debugging (HYDRA_FULL_ERROR=1), keep their traceback.
+    """
+    if debugging is None:
+        debugging = os.environ.get("NANOGPT_DEBUG") == "1"
+    try:
+        yield
+    except Exception as error:
+        if debugging or not is_user_error(error):
+            raise
+        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def to_dataclass(cfg: DictConfig, schema: type[T]) -> T:
+    """The composed config as an instance of its schema dataclass.
+
+    Merging onto the schema rejects keys the schema does not have, at any depth,
+    including ones added with ``+key=value``.
+    """
+    plain = OmegaConf.create(OmegaConf.to_container(cfg))  # drop the type Hydra gave it
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -70,8 +103,13 @@ def describe_error(error: BaseException) -> str:
         if group:
             return f"{group}={choice} is not an option; choose one of: {', '.join(sorted(error.options))}"
     cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
-    if isinstance(cause, ConfigKeyError) and getattr(cause, "full_key", None):
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         return f"unknown key '{cause.full_key}'{known_keys_hint(cause)}"
+    if isinstance(error, OverrideParseException):
+        return (
+            f"{first_line(str(error))}; quote values with spaces or non-ASCII characters "
+            """for Hydra, e.g. 'prompt="ROMÉO:"'"""
+        )
     if isinstance(cause, OmegaConfBaseException):
         message = first_line(getattr(cause, "msg", None) or str(cause))
         key = getattr(cause, "full_key", None)
@@ -79,7 +117,7 @@ def describe_error(error: BaseException) -> str:
     return first_line(str(error))
 
 
-def known_keys_hint(error: ConfigKeyError) -> str:
+def known_keys_hint(error: OmegaConfBaseException) -> str:
     """'; valid keys here: ...' listing the fields of the schema the bad key was looked up in."""
     schema = getattr(error, "object_type", None)
     if schema is None or not dataclasses.is_dataclass(schema):

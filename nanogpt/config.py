@@ -10,7 +10,6 @@ the entry points never sees Hydra.
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -48,7 +47,7 @@ class DatasetConfig:
 
     name: str = MISSING  # folder under data_root holding the prepared tokens
     source: str = MISSING  # URL, text file, or directory of .txt files
-    sha256: Optional[str] = None  # expected checksum of the source text, if known
+    sha256: str | None = None  # expected checksum of the source text, if known
     tokenizer: str = "char"
     val_fraction: float = 0.1
 
@@ -67,7 +66,7 @@ class OptimizerConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
     warmup_iters: int = 100
     decay_lr: bool = True
-    lr_decay_iters: Optional[int] = None  # where the cosine reaches min_lr; None means max_iters
+    lr_decay_iters: int | None = None  # where the cosine reaches min_lr; None means max_iters
 
 
 @dataclass
@@ -76,8 +75,8 @@ class DeviceConfig:
 
     name: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: Optional[bool] = None  # None: torch.compile on CUDA only
-    peak_flops: Optional[float] = None  # for MFU; None: looked up from the GPU's name
+    compile: bool | None = None  # None: torch.compile on CUDA only
+    peak_flops: float | None = None  # for MFU; None: looked up from the GPU's name
 
 
 @dataclass
@@ -112,19 +111,18 @@ class TrainConfig:
 class SampleConfig:
     """Generation from a checkpoint."""
 
-    ckpt: Optional[str] = None  # checkpoint file or run dir; None: newest run under outputs/
+    ckpt: str | None = None  # checkpoint file or run dir; None: newest run under outputs/
     outputs: str = "outputs"  # where to look for the newest run
     prompt: str = "\n"
-    prompt_file: Optional[str] = None  # read the prompt from this file instead
+    prompt_file: str | None = None  # read the prompt from this file instead
     num_samples: int = 1
     num_tokens: int = 500
     temperature: float = 0.8
-    top_k: Optional[int] = 200
-    top_p: Optional[float] = None
+    top_k: int | None = 200
+    top_p: float | None = None
     seed: int = 1337
     use_cache: bool = True
-    device: str = "auto"
-    dtype: str = "auto"
+    device: DeviceConfig = field(default_factory=DeviceConfig)
 
 
 @dataclass

@@ -10,7 +10,7 @@ its source changes. Nothing here imports Hydra.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +51,7 @@ def download(
 
     The file appears at dest only once it is complete and verified.
     """
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # retries are not news; failure is
     session = requests.Session()
     retry = Retry(total=retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504))
     session.mount("http://", HTTPAdapter(max_retries=retry))
@@ -71,12 +72,23 @@ def download(
     try:
         write_atomically(dest, fetch)
     except requests.RequestException as e:
-        reason = type(e).__name__ if not str(e) else str(e).splitlines()[0]
+        reason = describe_request_error(e)
         raise DataError(
             f"could not download {url} ({reason}); check the address, or point "
             "dataset.source at a local copy of the file"
         ) from None
     return dest
+
+
+def describe_request_error(error: requests.RequestException) -> str:
+    """A few words on why a request failed."""
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        return f"HTTP {error.response.status_code}"
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    if isinstance(error, requests.ConnectionError):
+        return "could not connect"
+    return type(error).__name__
 
 
 def check_sha256(path: Path, expected: str | None, source: str) -> None:
@@ -168,6 +180,13 @@ def create_encoder_decoder(
         return "".join(vocabulary[i] for i in ids)
 
     return encode, decode
+
+
+def tokenizer_codec(description: dict) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """(encode, decode) for a tokenizer as described in meta.json and in checkpoints."""
+    if description.get("kind") == "char":
+        return create_encoder_decoder(description["vocabulary"])
+    raise DataError(f"unknown tokenizer kind {description.get('kind')!r}; this version knows: char")
 
 
 @dataclass
@@ -305,3 +324,31 @@ class BatchSampler:
         else:
             windows = windows.to(self.device)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def main() -> None:
+    """``python -m nanogpt.data dataset=NAME``: prepare a dataset into the data root.
+
+    Hydra is imported here, at the edge, so the rest of this module stays free of it.
+    """
+    from nanogpt.cli import hydra_entry, to_dataclass
+    from nanogpt.config import DataConfig
+
+    @hydra_entry("data")
+    def prepare(cfg) -> None:
+        """Prepare the composed dataset and say where it went."""
+        config = to_dataclass(cfg, DataConfig)
+        data = prepare_data(
+            config.dataset.name, config.dataset.source, Path(config.data_root),
+            sha256=config.dataset.sha256, val_fraction=config.dataset.val_fraction,
+        )
+        print(
+            f"{config.dataset.name}: {data.meta['train_tokens']:,} train and "
+            f"{data.meta['val_tokens']:,} val tokens, vocabulary {data.vocab_size}, in {data.directory}"
+        )
+
+    prepare()
+
+
+if __name__ == "__main__":
+    main()

@@ -40,7 +40,9 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError("device=cuda was asked for but no CUDA GPU is available; use device=cpu or device=auto")
+            raise DeviceError(
+                "device=cuda was asked for but no CUDA GPU is available; use device=cpu or device=auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(
                 f"device={name} was asked for but only {torch.cuda.device_count()} GPU(s) exist"

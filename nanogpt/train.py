@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nanogpt.checkpoint import BEST, LAST, model_state, save_checkpoint
-from nanogpt.cli import hydra_entry
+from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import OptimizerConfig, TrainConfig, validate_train_config
 from nanogpt.data import BatchSampler, PreparedData, create_encoder_decoder, prepare_data
 from nanogpt.device import autocast, peak_flops, resolve_device, resolve_dtype, should_compile
@@ -190,7 +190,7 @@ def main(cfg: DictConfig) -> float:
     """Entry point: compose the config, validate it, train in Hydra's run directory."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        config: TrainConfig = OmegaConf.to_object(cfg)
+        config = to_dataclass(cfg, TrainConfig)
         validate_train_config(config)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))

@@ -1,0 +1,152 @@
+"""Config composition with real Hydra, and bad input through the real entry points."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from nanogpt.cli import to_dataclass
+from nanogpt.config import (
+    CONFIG_DIR,
+    EXPERIMENTS_DIR,
+    SampleConfig,
+    TrainConfig,
+    register_configs,
+    validate_train_config,
+)
+from nanogpt.errors import ConfigError
+
+from .conftest import run_module
+
+GROUPS = ["model", "dataset", "optimizer", "device", "logger"]
+
+
+def compose_train(overrides: list[str]) -> TrainConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return to_dataclass(cfg, TrainConfig)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS for o in group_options(g)]
+)
+def test_every_group_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("dataset", "text"):
+        overrides.append("dataset.source=/some/file.txt")
+    cfg = compose_train(overrides)
+    validate_train_config(cfg)
+    assert getattr(cfg, group).name if group != "model" else cfg.model.n_layer > 0
+
+
+def test_defaults_are_the_prd_table():
+    cfg = compose_train([])
+    assert (cfg.model.block_size, cfg.batch_size) == (256, 64)
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (6, 6, 384)
+    assert cfg.optimizer.lr == 3e-4 and cfg.max_iters == 5000
+    assert cfg.optimizer.warmup_iters == 100 and cfg.model.dropout == 0.1
+    assert cfg.dataset.name == "shakespeare_char" and cfg.device.name == "auto"
+
+
+def test_tiny_is_the_cpu_size():
+    m = compose_train(["model=tiny"]).model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (4, 4, 128, 64)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
+def test_every_experiment_composes(recipe):
+    cfg = compose_train([f"+experiment={recipe}"])
+    validate_train_config(cfg)
+
+
+def test_cpu_recipe_is_nanogpts():
+    cfg = compose_train(["+experiment=shakespeare_char_cpu"])
+    m, o = cfg.model, cfg.optimizer
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
+    assert (cfg.batch_size, cfg.max_iters, o.lr, o.min_lr, o.beta2) == (12, 2000, 1e-3, 1e-4, 0.99)
+    assert cfg.device.name == "cpu"
+
+
+def test_gpu_recipe_is_nanogpts():
+    cfg = compose_train(["+experiment=shakespeare_char"])
+    assert (cfg.model.n_embd, cfg.model.block_size, cfg.model.dropout) == (384, 256, 0.2)
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.beta2) == (1e-3, 1e-4, 0.99)
+
+
+def test_validation_names_the_key():
+    cfg = compose_train(["model.n_embd=100"])
+    with pytest.raises(ConfigError, match="model.n_embd=100"):
+        validate_train_config(cfg)
+
+
+def test_sample_config_composes():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=["prompt=ROMEO:", "top_p=0.9"])
+    sample = to_dataclass(cfg, SampleConfig)
+    assert sample.prompt == "ROMEO:" and sample.top_p == 0.9 and sample.ckpt is None
+
+
+BAD_TRAIN_INPUTS = [
+    (["model=huge"], "model=huge is not an option; choose one of: medium, small, tiny"),
+    (["model.foo=1"], "unknown key 'model.foo'"),
+    (["+foo=1"], "unknown key 'foo'"),
+    (["model.n_layer=abc"], "model.n_layer"),
+    (["model.n_embd=100"], "model.n_embd=100 is not divisible by model.n_head=6"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1.0 must be positive"),
+    (["device=cuda"], "device=cuda"),
+    (["device=mps"], "device=mps"),
+    (["dataset=text"], "dataset.source"),
+    (["dataset=text", "dataset.source=/no/such/file.txt"], "/no/such/file.txt does not exist"),
+    (["dataset.source=http://127.0.0.1:9/input.txt"], "could not download http://127.0.0.1:9/input.txt"),
+    (["model.block_size=200000", "dataset=text", "dataset.source={corpus}"], "model.block_size=200000"),
+]
+
+
+@pytest.mark.parametrize("args,expected", BAD_TRAIN_INPUTS, ids=[" ".join(a) for a, _ in BAD_TRAIN_INPUTS])
+def test_bad_train_input_fails_with_one_clear_line(args, expected, tmp_path, corpus, data_root):
+    import torch
+
+    if any("device=cuda" in a for a in args) and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    if any("device=mps" in a for a in args) and torch.backends.mps.is_available():
+        pytest.skip("MPS is available here")
+    run_dir = tmp_path / "run"
+    args = [a.format(corpus=corpus) for a in args]
+    result = run_module(
+        "nanogpt.train", *args, f"data_root={data_root}", f"hydra.run.dir={run_dir}",
+        "max_iters=1", cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not run_dir.exists()  # no half-made run directory
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    result = run_module("nanogpt.train", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for word in ("model: medium, small, tiny", "device: auto, cpu, cuda, mps", "experiment:"):
+        assert word in result.stdout
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    result = run_module("nanogpt.train", "model=tiny", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "n_embd: 128" in result.stdout and "batch_size: 64" in result.stdout
+
+
+def test_experiment_found_from_any_directory(tmp_path):
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    result = run_module("nanogpt.train", "+experiment=shakespeare_char_cpu", "--cfg", "job", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert "batch_size: 12" in result.stdout
+    assert Path(CONFIG_DIR).is_dir()

@@ -1,0 +1,137 @@
+"""Train and sample through real ``python -m`` processes, as a user would."""
+
+import json
+
+import pytest
+
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.tracking import read_metrics
+
+from .conftest import TINY_RUN, run_module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run on a small corpus, in Hydra's default outputs/ layout."""
+    from .conftest import REPO  # noqa: F401  (the package must be importable from anywhere)
+
+    work = tmp_path_factory.mktemp("work")
+    corpus = work / "corpus.txt"
+    lines = [f"{n}: I am {n}, and I speak of {t}.\n" for n in ("ROMEO", "JULIET", "NURSE")
+             for t in ("love", "the moon", "swords", "Verona")]
+    corpus.write_text("".join(lines) * 120)
+    result = run_module(
+        "nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}",
+        f"data_root={work / 'data'}", "max_iters=80", "eval_interval=20",
+        "optimizer.lr=3e-3", "optimizer.warmup_iters=5", cwd=work,
+    )
+    assert result.returncode == 0, result.stderr
+    run_dirs = list((work / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1, run_dirs
+    return work, run_dirs[0], result
+
+
+def test_run_directory_holds_everything(trained):
+    _, run_dir, _ = trained
+    for name in ("config.yaml", "train.log", "metrics.jsonl", "best.pt", "last.pt", ".hydra/config.yaml"):
+        assert (run_dir / name).exists(), name
+    assert "n_embd: 32" in (run_dir / "config.yaml").read_text()
+    assert "eval 80" in (run_dir / "train.log").read_text()
+
+
+def test_loss_falls(trained):
+    _, run_dir, _ = trained
+    evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+    assert [r["iter"] for r in evals] == [0, 20, 40, 60, 80]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    train_records = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+    assert all(r["tokens_per_sec"] > 0 and r["lr"] > 0 for r in train_records)
+
+
+def test_checkpoint_carries_what_sampling_needs(trained):
+    _, run_dir, _ = trained
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["iter_num"] == 80
+    assert state["model_config"]["n_embd"] == 32
+    assert state["tokenizer"]["kind"] == "char" and "R" in state["tokenizer"]["vocabulary"]
+    assert state["config"]["model"]["n_layer"] == 2 and "optimizer" in state
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["best_val_loss"] <= state["best_val_loss"] + 1e-9
+
+
+def test_end_of_run_sample_is_printed(trained):
+    _, _, result = trained
+    assert "sample:" in result.stdout
+
+
+def test_sample_from_run_dir_streams_text(trained):
+    work, run_dir, _ = trained
+    result = run_module("nanogpt.sample", f"ckpt={run_dir}", "prompt=ROMEO:", "num_tokens=60",
+                        "num_samples=2", cwd=work)
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout.split("---------------")
+    assert len(samples) == 2
+    vocabulary = set(load_checkpoint(run_dir / "best.pt")["tokenizer"]["vocabulary"])
+    for sample in samples:
+        text = sample.strip("\n")
+        assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 60
+        assert set(text) <= vocabulary
+
+
+def test_sample_without_ckpt_uses_the_newest_run(trained):
+    work, run_dir, _ = trained
+    result = run_module("nanogpt.sample", "num_tokens=10", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert str((run_dir / "best.pt").relative_to(work)) in result.stderr
+
+
+def test_sample_is_reproducible_and_reads_prompt_files(trained):
+    work, run_dir, _ = trained
+    prompt = work / "prompt.txt"
+    prompt.write_text("JULIET:")
+    runs = [run_module("nanogpt.sample", f"ckpt={run_dir / 'best.pt'}", f"prompt_file={prompt}",
+                       "num_tokens=40", "seed=5", cwd=work) for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("JULIET:")
+    cached = run_module("nanogpt.sample", f"ckpt={run_dir}", f"prompt_file={prompt}",
+                        "num_tokens=40", "seed=5", "use_cache=false", cwd=work)
+    assert cached.stdout == runs[0].stdout
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["ckpt=/no/such/run"], "ckpt=/no/such/run does not exist"),
+    (['prompt="ROMEO§"'], "'§'"),
+    (["prompt_file=/no/such/prompt.txt"], "prompt_file=/no/such/prompt.txt does not exist"),
+    (["temperature=-1"], "temperature=-1.0 must be >= 0"),
+    (["device=cuda"], "device=cuda"),
+])
+def test_bad_sample_input_fails_with_one_clear_line(trained, args, expected):
+    import torch
+
+    if args == ["device=cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    work, run_dir, _ = trained
+    ckpt = [] if args[0].startswith("ckpt") else [f"ckpt={run_dir}"]
+    result = run_module("nanogpt.sample", *ckpt, *args, cwd=work)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_data_entry_prepares_only(tmp_path, corpus, data_root):
+    result = run_module("nanogpt.data", "dataset=text", f"dataset.source={corpus}",
+                        "dataset.name=toy", f"data_root={data_root}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((data_root / "toy" / "meta.json").read_text())
+    assert meta["train_tokens"] > 0 and "toy" in result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_shakespeare_default_dataset_from_local_source(tmp_path, shakespeare, data_root):
+    result = run_module("nanogpt.data", f"data_root={data_root}", cwd=tmp_path,
+                        env={"NANOGPT_SHAKESPEARE_SOURCE": str(shakespeare)})
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((data_root / "shakespeare_char" / "meta.json").read_text())
+    assert meta["vocab_size"] == 65
+    assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)

@@ -1,0 +1,131 @@
+import math
+
+import pytest
+import torch
+
+from nanogpt.model import GPT, GPTConfig, configure_optimizer, sample_next_token
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    base = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    return GPTConfig(**{**base, **overrides})
+
+
+def test_logits_and_loss_shapes():
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 11, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 11)
+    assert loss.ndim == 0 and math.isfinite(loss.item())
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 11) and loss is None
+
+
+def test_initial_loss_is_near_uniform():
+    model = GPT(tiny_config(vocab_size=65, n_embd=32))
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 65, (2, 8, 16))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(65)) < 0.2
+
+
+def test_causality_later_tokens_never_change_earlier_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 11, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 11
+    full_a, _ = model(idx, idx)
+    full_b, _ = model(changed, changed)
+    assert torch.allclose(full_a[0, :8], full_b[0, :8], atol=1e-6)
+    assert not torch.allclose(full_a[0, 8:], full_b[0, 8:])
+
+
+def test_weight_tying_shares_one_tensor():
+    model = GPT(tiny_config())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_parameter_counts():
+    # The PRD's small model on 65 characters: about 10.7M parameters.
+    small = GPT(GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384))
+    assert 10.6e6 < small.num_params() < 10.8e6
+    # Exact count for a tiny shape: 12 n^2 + 13 n per block (with biases), embeddings, ln_f.
+    cfg = tiny_config()
+    n, v = cfg.n_embd, cfg.vocab_size
+    per_block = 12 * n * n + 13 * n
+    expected = cfg.n_layer * per_block + v * n + 2 * n
+    assert GPT(cfg).num_params() == expected
+    assert GPT(cfg).num_params(non_embedding=False) == expected + cfg.block_size * n
+
+
+def test_residual_projections_use_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=8, n_embd=64))
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.002
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
+
+
+def test_optimizer_decays_only_matrices():
+    model = GPT(tiny_config())
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def generate_tokens(model, prompt, n, use_cache, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return [int(t) for t in model.generate(prompt, n, temperature=1.0, top_k=5,
+                                           use_cache=use_cache, generator=gen)]
+
+
+def test_kv_cache_gives_the_same_tokens_as_recomputing():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=32)).eval()
+    prompt = torch.randint(0, 11, (1, 5))
+    assert generate_tokens(model, prompt, 27, True) == generate_tokens(model, prompt, 27, False)
+
+
+def test_kv_cache_logits_match_full_forward():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 11, (2, 10))
+    caches = model.new_caches(2)
+    model(idx[:, :6], caches=caches)
+    for t in range(6, 10):
+        step_logits, _ = model(idx[:, t:t + 1], caches=caches)
+        full_logits, _ = model(idx[:, : t + 1])
+        assert torch.allclose(step_logits, full_logits, atol=1e-5)
+
+
+def test_generation_continues_past_block_size():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=8)).eval()
+    prompt = torch.randint(0, 11, (2, 3))
+    for use_cache in (True, False):
+        tokens = list(model.generate(prompt, 40, temperature=1.0, use_cache=use_cache))
+        assert len(tokens) == 40 and all(t.shape == (2, 1) for t in tokens)
+
+
+def test_forward_rejects_sequences_longer_than_block_size():
+    model = GPT(tiny_config(block_size=8))
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros((1, 9), dtype=torch.long))
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert sample_next_token(logits, temperature=0).item() == 3
+    gen = torch.Generator().manual_seed(0)
+    drawn = {sample_next_token(logits, 1.0, top_k=2, generator=gen).item() for _ in range(200)}
+    assert drawn == {2, 3}
+    # probabilities are about .03 .09 .24 .64: top_p=0.8 keeps tokens 3 and 2 only.
+    drawn = {sample_next_token(logits, 1.0, top_p=0.8, generator=gen).item() for _ in range(200)}
+    assert drawn == {2, 3}
+    drawn = {sample_next_token(logits, 1.0, top_p=0.5, generator=gen).item() for _ in range(50)}
+    assert drawn == {3}
