@@ -82,107 +82,163 @@ def sample_text(model: GPT, data: PreparedData, num_tokens: int, device: torch.d
     return decode(start + ids)
 
 
+class Trainer:
+    """One training run: the model, its optimizer, its data and its run directory.
+
+    run() is the loop; each of its parts (evaluate, train_step, log_progress,
+    save_checkpoints) is a method of its own so it can be read, and changed, alone.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resolved_config: dict | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.device.name)
+        self.dtype = resolve_dtype(cfg.device.dtype, self.device)
+        self.ctx = autocast(self.device, self.dtype)
+
+        self.data = prepare_data(
+            cfg.dataset.name,
+            cfg.dataset.source,
+            Path(cfg.data_root),
+            sha256=cfg.dataset.sha256,
+            val_fraction=cfg.dataset.val_fraction,
+        )
+        self.sampler = BatchSampler(self.data, cfg.model.block_size, cfg.batch_size, self.device, cfg.seed)
+        meta = self.data.meta
+        log.info(
+            "data: %s in %s, vocab %d, %d train / %d val tokens",
+            cfg.dataset.name, self.data.directory, meta["vocab_size"],
+            meta["train_tokens"], meta["val_tokens"],
+        )
+
+        self.model_config = GPTConfig(vocab_size=self.data.vocab_size, **asdict(cfg.model))
+        self.model = GPT(self.model_config).to(self.device)
+        self.n_params = self.model.num_params()
+        log.info("model: %.2fM parameters, %s", self.n_params / 1e6, self.model_config)
+        o = cfg.optimizer
+        self.optimizer = configure_optimizer(self.model, o.weight_decay, o.lr, (o.beta1, o.beta2), o.eps)
+        # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 need none.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        compiled = should_compile(cfg.device.compile, self.device)
+        self.forward = torch.compile(self.model) if compiled else self.model
+        log.info("device: %s, dtype %s, compile %s",
+                 self.device, str(self.dtype).removeprefix("torch."), compiled)
+
+        self.tokens_per_iter = cfg.batch_size * cfg.model.block_size * cfg.gradient_accumulation_steps
+        self.peak_flops = peak_flops(self.device, cfg.device.peak_flops)
+        self.metrics = MetricsLog(run_dir)
+        self.resolved_config = resolved_config or {}
+        self.iter_num = 0
+        self.best_val_loss = float("inf")
+
+    def run(self) -> float:
+        """Train to max_iters, evaluating every eval_interval; return the best validation loss."""
+        cfg = self.cfg
+        self.batch = self.sampler.get_batch("train")
+        self.restart_timer()
+        while True:
+            it = self.iter_num
+            lr = learning_rate_at(it, cfg.optimizer, cfg.max_iters)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+                self.evaluate()
+            if it >= cfg.max_iters:
+                break
+            loss = self.train_step()
+            if it % cfg.log_interval == 0:
+                self.log_progress(loss, lr)
+            self.iter_num += 1
+        self.finish()
+        return self.best_val_loss
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns the last loss."""
+        cfg = self.cfg
+        accumulation = cfg.gradient_accumulation_steps
+        for _ in range(accumulation):
+            x, y = self.batch
+            with self.ctx:
+                _, loss = self.forward(x, y)
+                loss = loss / accumulation
+            self.batch = self.sampler.get_batch("train")  # fetch the next batch while the device works
+            self.scaler.scale(loss).backward()
+        if cfg.optimizer.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.timer_iters += 1
+        return loss * accumulation
+
+    def evaluate(self) -> dict:
+        """Estimate train and val loss, record them, and checkpoint."""
+        losses = estimate_loss(self.forward, self.sampler, self.cfg.eval_iters, self.ctx)
+        it = self.iter_num
+        log.info("eval %d: train loss %.4f, val loss %.4f", it, losses["train"], losses["val"])
+        self.metrics.log({"kind": "eval", "iter": it, "tokens": it * self.tokens_per_iter,
+                          "train_loss": losses["train"], "val_loss": losses["val"]})
+        improved = losses["val"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        if self.cfg.save_checkpoints:
+            self.save_checkpoints(best=improved)
+        self.restart_timer()  # keep evaluation out of ms/iter
+        return losses
+
+    def checkpoint_state(self) -> dict:
+        """Everything sampling needs: model shape and weights, tokenizer, progress, config."""
+        return {
+            "model_config": asdict(self.model_config),
+            "model": model_state(self.model),
+            "tokenizer": self.data.meta["tokenizer"],
+            "iter_num": self.iter_num,
+            "best_val_loss": self.best_val_loss,
+            "config": self.resolved_config,
+        }
+
+    def save_checkpoints(self, best: bool) -> None:
+        """Write last.pt (with optimizer state, for resuming) and, if best, best.pt."""
+        state = self.checkpoint_state()
+        if best:
+            save_checkpoint(self.run_dir / BEST, state)
+        save_checkpoint(self.run_dir / LAST, {**state, "optimizer": self.optimizer.state_dict()})
+
+    def restart_timer(self) -> None:
+        """Start measuring ms/iter afresh."""
+        self.timer_start, self.timer_iters = time.perf_counter(), 0
+
+    def log_progress(self, loss: torch.Tensor, lr: float) -> None:
+        """Log loss, lr, speed (and MFU where the device's peak is known) for the latest step."""
+        it = self.iter_num
+        train_loss = loss.item()  # .item() waits for the device: only once per log_interval
+        seconds = (time.perf_counter() - self.timer_start) / max(self.timer_iters, 1)
+        tokens_per_sec = self.tokens_per_iter / seconds
+        record = {"kind": "train", "iter": it, "tokens": (it + 1) * self.tokens_per_iter,
+                  "loss": train_loss, "lr": lr, "ms_per_iter": seconds * 1000,
+                  "tokens_per_sec": tokens_per_sec}
+        line = (f"iter {it}: loss {train_loss:.4f}, lr {lr:.2e}, {seconds * 1000:.1f} ms/iter, "
+                f"{tokens_per_sec:,.0f} tok/s")
+        if self.peak_flops:
+            record["mfu"] = estimate_mfu(self.model_config, self.n_params, tokens_per_sec, self.peak_flops)
+            line += f", mfu {record['mfu']:.1%}"
+        log.info(line)
+        self.metrics.log(record)
+        self.restart_timer()
+
+    def finish(self) -> None:
+        """Close the metrics file and show a short sample of what the model learned."""
+        self.metrics.close()
+        log.info("best val loss %.4f; run directory %s", self.best_val_loss, self.run_dir)
+        if self.cfg.sample_tokens > 0:
+            log.info("sample:\n%s", sample_text(self.model, self.data, self.cfg.sample_tokens, self.device))
+
+
 def train(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None = None) -> float:
     """Train a GPT as cfg says, writing into run_dir; return the best validation loss."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device.name)
-    dtype = resolve_dtype(cfg.device.dtype, device)
-    ctx = autocast(device, dtype)
-
-    data = prepare_data(
-        cfg.dataset.name,
-        cfg.dataset.source,
-        Path(cfg.data_root),
-        sha256=cfg.dataset.sha256,
-        val_fraction=cfg.dataset.val_fraction,
-    )
-    sampler = BatchSampler(data, cfg.model.block_size, cfg.batch_size, device, seed=cfg.seed)
-    log.info(
-        "data: %s in %s, vocab %d, %d train / %d val tokens",
-        cfg.dataset.name, data.directory, data.vocab_size, data.meta["train_tokens"], data.meta["val_tokens"],
-    )
-
-    model_config = GPTConfig(vocab_size=data.vocab_size, **asdict(cfg.model))
-    model = GPT(model_config).to(device)
-    n_params = model.num_params()
-    log.info("model: %.2fM parameters, %s", n_params / 1e6, model_config)
-    o = cfg.optimizer
-    optimizer = configure_optimizer(model, o.weight_decay, o.lr, (o.beta1, o.beta2), o.eps)
-    # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 need none.
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    compiled = should_compile(cfg.device.compile, device)
-    forward = torch.compile(model) if compiled else model
-    log.info("device: %s, dtype %s, compile %s", device, str(dtype).removeprefix("torch."), compiled)
-
-    tokens_per_iter = cfg.batch_size * cfg.model.block_size * cfg.gradient_accumulation_steps
-    peak = peak_flops(device, cfg.device.peak_flops)
-    metrics = MetricsLog(run_dir)
-    checkpoint_base = {
-        "model_config": asdict(model_config),
-        "tokenizer": data.meta["tokenizer"],
-        "config": resolved_config or {},
-    }
-    best_val_loss = float("inf")
-
-    x, y = sampler.get_batch("train")
-    timer_start, timer_iters = time.perf_counter(), 0
-    for it in range(cfg.max_iters + 1):
-        lr = learning_rate_at(it, o, cfg.max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            losses = estimate_loss(forward, sampler, cfg.eval_iters, ctx)
-            log.info("eval %d: train loss %.4f, val loss %.4f", it, losses["train"], losses["val"])
-            metrics.log({"kind": "eval", "iter": it, "tokens": it * tokens_per_iter,
-                         "train_loss": losses["train"], "val_loss": losses["val"]})
-            if cfg.save_checkpoints:
-                state = {**checkpoint_base, "model": model_state(model), "iter_num": it,
-                         "best_val_loss": min(best_val_loss, losses["val"])}
-                if losses["val"] < best_val_loss:
-                    save_checkpoint(run_dir / BEST, state)
-                save_checkpoint(run_dir / LAST, {**state, "optimizer": optimizer.state_dict()})
-            best_val_loss = min(best_val_loss, losses["val"])
-            timer_start, timer_iters = time.perf_counter(), 0  # keep evaluation out of ms/iter
-        if it == cfg.max_iters:
-            break
-
-        for _ in range(cfg.gradient_accumulation_steps):
-            with ctx:
-                _, loss = forward(x, y)
-                loss = loss / cfg.gradient_accumulation_steps
-            x, y = sampler.get_batch("train")  # fetch the next batch while the device works
-            scaler.scale(loss).backward()
-        if o.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        timer_iters += 1
-
-        if it % cfg.log_interval == 0:
-            train_loss = loss.item() * cfg.gradient_accumulation_steps  # .item() waits for the device
-            seconds = (time.perf_counter() - timer_start) / timer_iters
-            tokens_per_sec = tokens_per_iter / seconds
-            record = {"kind": "train", "iter": it, "tokens": (it + 1) * tokens_per_iter,
-                      "loss": train_loss, "lr": lr, "ms_per_iter": seconds * 1000,
-                      "tokens_per_sec": tokens_per_sec}
-            line = (f"iter {it}: loss {train_loss:.4f}, lr {lr:.2e}, {seconds * 1000:.1f} ms/iter, "
-                    f"{tokens_per_sec:,.0f} tok/s")
-            if peak:
-                record["mfu"] = estimate_mfu(model_config, n_params, tokens_per_sec, peak)
-                line += f", mfu {record['mfu']:.1%}"
-            log.info(line)
-            metrics.log(record)
-            timer_start, timer_iters = time.perf_counter(), 0
-
-    metrics.close()
-    log.info("best val loss %.4f; run directory %s", best_val_loss, run_dir)
-    if cfg.sample_tokens > 0:
-        log.info("sample:\n%s", sample_text(model, data, cfg.sample_tokens, device))
-    return best_val_loss
+    return Trainer(cfg, run_dir, resolved_config).run()
 
 
 @hydra_entry("train")
