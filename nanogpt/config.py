@@ -54,9 +54,9 @@ class DatasetConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with linear warmup then cosine decay to min_lr."""
+    """AdamW (or Muon for hidden matrices) with linear warmup then cosine decay to min_lr."""
 
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | muon
     lr: float = 3e-4
     min_lr: float = 3e-5
     weight_decay: float = 0.1
@@ -169,7 +169,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (o.warmup_iters >= 0, f"optimizer.warmup_iters={o.warmup_iters} must be >= 0"),
         (o.lr_decay_iters is None or o.lr_decay_iters > o.warmup_iters,
          f"optimizer.lr_decay_iters={o.lr_decay_iters} must be larger than warmup_iters"),
-        (o.name == "adamw", f"optimizer.name={o.name!r} is not supported; use adamw"),
+        (o.name in ("adamw", "muon"), f"optimizer.name={o.name!r} is not supported; use adamw or muon"),
+        (o.muon_lr > 0, f"optimizer.muon_lr={o.muon_lr} must be positive"),
         (cfg.batch_size > 0, f"batch_size={cfg.batch_size} must be at least 1"),
         (cfg.gradient_accumulation_steps > 0,
          f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be at least 1"),

@@ -29,6 +29,7 @@ from nanogpt.data import BatchSampler, PreparedData, create_encoder_decoder, pre
 from nanogpt.device import autocast, peak_flops, resolve_device, resolve_dtype, should_compile
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig, configure_optimizer, estimate_mfu
+from nanogpt.optim import configure_muon
 from nanogpt.tracking import MetricsLog
 
 log = logging.getLogger("nanogpt.train")
@@ -118,7 +119,12 @@ class Trainer:
         self.n_params = self.model.num_params()
         log.info("model: %.2fM parameters, %s", self.n_params / 1e6, self.model_config)
         o = cfg.optimizer
-        self.optimizer = configure_optimizer(self.model, o.weight_decay, o.lr, (o.beta1, o.beta2), o.eps)
+        if o.name == "muon":
+            self.optimizer = configure_muon(
+                self.model, o.lr, o.muon_lr, o.weight_decay, (o.beta1, o.beta2), o.eps, o.muon_momentum
+            )
+        else:
+            self.optimizer = configure_optimizer(self.model, o.weight_decay, o.lr, (o.beta1, o.beta2), o.eps)
         # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         compiled = should_compile(cfg.device.compile, self.device)
@@ -142,7 +148,7 @@ class Trainer:
             it = self.iter_num
             lr = learning_rate_at(it, cfg.optimizer, cfg.max_iters)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             if it % cfg.eval_interval == 0 or it == cfg.max_iters:
                 self.evaluate()
             if it >= cfg.max_iters:
