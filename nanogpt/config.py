@@ -67,6 +67,8 @@ class OptimizerConfig:
     warmup_iters: int = 100
     decay_lr: bool = True
     lr_decay_iters: int | None = None  # where the cosine reaches min_lr; None means max_iters
+    muon_lr: float = 0.02  # optimizer=muon: peak learning rate of the blocks' matrices
+    muon_momentum: float = 0.95
 
 
 @dataclass
