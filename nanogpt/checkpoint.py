@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from nanogpt import faults
 from nanogpt.errors import CheckpointError
 from nanogpt.fileio import write_atomically
 from nanogpt.model import GPT, GPTConfig
@@ -26,7 +27,13 @@ BEST, LAST = "best.pt", "last.pt"
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write state to path atomically: a crash mid-write leaves the previous file intact."""
-    write_atomically(Path(path), lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+        faults.during_checkpoint_write(path, tmp)  # a no-op unless a test injects a crash here
+
+    write_atomically(path, write)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
