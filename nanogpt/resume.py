@@ -126,18 +126,20 @@ def resume_arguments(argv: list[str]) -> list[str]:
     from nanogpt.cli import to_dataclass
     from nanogpt.config import CONFIG_DIR, TrainConfig
 
-    flags = [a for a in argv if a.startswith("-")]
-    parser = OverridesParser.create()
-    given = parser.parse_overrides([a for a in argv if not a.startswith("-")])
-    target = next((o.value() for o in given if o.key_or_group == "resume"), None)
-    if target is None:
+    if not any(a.startswith("resume=") for a in argv):
         return argv
+    flags = [a for a in argv if a.startswith("-")]
     if any(f in ("-m", "--multirun") for f in flags):
         raise ConfigError("resume= continues one run; it cannot be combined with --multirun")
+    if flags:  # --help, --cfg job, ...: nothing is trained, so the line passes as it is
+        return argv
+    parser = OverridesParser.create()
+    given = parser.parse_overrides(argv)
+    target = next((o.value() for o in given if o.key_or_group == "resume"), None)
+    if target is None:  # resume=null
+        return argv
     if any(o.key_or_group.startswith("hydra.run") for o in given):
         raise ConfigError("resume= continues in the run's own directory; drop hydra.run.dir")
-    if flags:  # --help, --cfg job, ...: no resuming, just what the flag asks
-        return argv
     path = resume_checkpoint_path(str(target))
     state = load_resumable(path)
     run_dir = path.parent

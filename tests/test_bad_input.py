@@ -73,6 +73,7 @@ CASES = [
     Case("checkpoint", "train", ("resume=/no/such/run",), "resume=/no/such/run does not exist"),
     Case("checkpoint", "train", ("resume={run}", "model.n_embd=64"), "resume: model.n_embd=64 would change"),
     Case("checkpoint", "train", ("resume={run}", "-m"), "cannot be combined with --multirun"),
+    Case("checkpoint", "train", ("resume={run}", "hydra.run.dir={empty_dir}"), "drop hydra.run.dir"),
     # device
     Case("device", "train", ("device.name=tpu",), "device='tpu' is not a device"),
     Case("device", "train", ("device.name=cuda:99",), "device=cuda"),
