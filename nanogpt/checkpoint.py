@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from nanogpt import faults
 from nanogpt.errors import CheckpointError
 from nanogpt.fileio import write_atomically
 from nanogpt.model import GPT, GPTConfig
@@ -26,7 +27,13 @@ BEST, LAST = "best.pt", "last.pt"
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write state to path atomically: a crash mid-write leaves the previous file intact."""
-    write_atomically(Path(path), lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+        faults.during_checkpoint_write(path, tmp)  # a no-op unless a test injects a crash here
+
+    write_atomically(path, write)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -34,15 +41,24 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes zip archives; anything else is cut short, damaged, or a raw
+        # pickle, and a raw pickle is never read because reading it could run code.
+        raise CheckpointError(
+            f"checkpoint {path} is truncated, corrupted or not a torch.save file (raw pickles are "
+            "refused: loading them could run code); use another checkpoint, e.g. the run's last.pt or best.pt"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                      lines[0] if lines else type(e).__name__)
         raise CheckpointError(
             f"checkpoint {path} holds more than tensors and plain data and was refused "
-            f"(loading it could run code): {first_line}"
+            f"(loading it could run code): {reason}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (a damaged archive fails in many ways, none of them a bug here)
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupted and cannot be read "
             f"({type(e).__name__}); use another checkpoint, e.g. last.pt or best.pt of the run"

@@ -28,8 +28,14 @@ EXIT_USER_ERROR = 2
 T = TypeVar("T")
 
 
-def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
-    """Decorate task(cfg) into a main() that composes conf/<config_name>.yaml."""
+def hydra_entry(
+    config_name: str, rewrite_arguments: Callable[[list[str]], list[str]] | None = None
+) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
+    """Decorate task(cfg) into a main() that composes conf/<config_name>.yaml.
+
+    rewrite_arguments, if given, may rewrite the command line before Hydra parses
+    it (train uses it to continue a run in its own directory: resume=RUN_DIR).
+    """
 
     def decorate(task: Callable[[DictConfig], object]) -> Callable[[], None]:
         register_configs()
@@ -52,6 +58,8 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
                 with reporting_user_errors(debugging):
+                    if rewrite_arguments is not None:
+                        sys.argv[1:] = rewrite_arguments(sys.argv[1:])
                     hydra_main()
             finally:
                 if not debugging:

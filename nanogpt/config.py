@@ -107,6 +107,8 @@ class TrainConfig:
     log_interval: int = 10
     sample_tokens: int = 200  # length of the sample printed at the end; 0 skips it
     save_checkpoints: bool = True
+    resume: str | None = None  # a run directory or its last.pt: continue that run exactly
+    auto_resume: bool = False  # if the run directory already holds last.pt, continue from it
 
 
 @dataclass

@@ -220,7 +220,12 @@ def prepare_data(
     the work done. A cache whose source, checksum or settings differ is rebuilt.
     """
     directory = Path(data_root).expanduser() / name
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"data_root={data_root}: cannot create {directory} ({e.strerror}); give a writable directory"
+        ) from None
     with FileLock(str(directory / ".lock")):
         # A URL is fetched only when no cache of it exists yet; a local source is
         # re-read every time, so an edited file is noticed.
@@ -232,7 +237,14 @@ def prepare_data(
         if _cache_is_current(directory, source, source_sha256, val_fraction):
             return PreparedData(directory, read_meta(directory))
 
-        text = raw.read_text(encoding="utf-8")
+        try:
+            text = raw.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raw.unlink()  # nothing half-made stays in the shared cache
+            raise DataError(
+                f"dataset.source {source} is not UTF-8 text (byte {e.start} cannot be decoded); "
+                "convert it to UTF-8, e.g. with iconv"
+            ) from None
         vocabulary = get_vocabulary(text)
         if len(vocabulary) > np.iinfo(np.uint16).max + 1:
             raise DataError(f"{source} has {len(vocabulary)} distinct characters; at most 65536 fit uint16")

@@ -40,7 +40,10 @@ def read_prompt(cfg: SampleConfig) -> str:
     path = Path(cfg.prompt_file).expanduser()
     if not path.is_file():
         raise DataError(f"prompt_file={path} does not exist")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"prompt_file={path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
 
 
 def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:

@@ -12,6 +12,8 @@ import logging
 import math
 import random
 import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nanogpt import faults, resume
 from nanogpt.checkpoint import BEST, LAST, model_state, save_checkpoint
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import OptimizerConfig, TrainConfig, validate_train_config
@@ -90,8 +93,13 @@ class Trainer:
     save_checkpoints) is a method of its own so it can be read, and changed, alone.
     """
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resolved_config: dict | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resolved_config: dict | None = None,
+                 resume_state: dict | None = None, overrides: list[str] | None = None):
         self.cfg = cfg
+        # A tracker resumes its own run (e.g. W&B by id) from resume_state["training"]["tracker_run_id"].
+        self.resume_state = resume_state
+        self.tracker_run_id: str | None = None
+        self.overrides = list(overrides or [])
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
@@ -138,25 +146,45 @@ class Trainer:
         self.resolved_config = resolved_config or {}
         self.iter_num = 0
         self.best_val_loss = float("inf")
+        self.batch = None  # the next training batch, fetched ahead
+        self.last_eval_iter: int | None = None
+        self.last_saved_iter: int | None = None
+        self.stopped_by: int | None = None  # the signal that stopped the run early, if any
+        if resume_state is not None:
+            self.restore(resume_state)
 
     def run(self) -> float:
         """Train to max_iters, evaluating every eval_interval; return the best validation loss."""
         cfg = self.cfg
-        self.batch = self.sampler.get_batch("train")
+        if self.batch is None:
+            self.batch = self.sampler.get_batch("train")
         self.restart_timer()
-        while True:
-            it = self.iter_num
-            lr = learning_rate_at(it, cfg.optimizer, cfg.max_iters)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-                self.evaluate()
-            if it >= cfg.max_iters:
-                break
-            loss = self.train_step()
-            if it % cfg.log_interval == 0:
-                self.log_progress(loss, lr)
-            self.iter_num += 1
+        with resume.StopSignals() as stop:
+            try:
+                while True:
+                    it = self.iter_num
+                    lr = learning_rate_at(it, cfg.optimizer, cfg.max_iters)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                    # A resumed run has already evaluated at the iteration it was saved at.
+                    if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != self.last_eval_iter:
+                        self.evaluate()
+                    if it >= cfg.max_iters:
+                        break
+                    faults.before_step(it)
+                    loss = self.train_step()
+                    # One host sync per step: a NaN must stop the run before anything saves it.
+                    resume.check_finite(loss.item(), it, "the training loss", self.describe_last_checkpoint())
+                    if it % cfg.log_interval == 0:
+                        self.log_progress(loss, lr)
+                    self.iter_num += 1
+                    if stop.received is not None:
+                        self.stop_early(stop.received)
+                        return self.best_val_loss
+            except KeyboardInterrupt:
+                log.error("aborted at once during iteration %d; %s",
+                          self.iter_num, self.describe_last_checkpoint())
+                raise SystemExit(128 + signal.SIGINT) from None
         self.finish()
         return self.best_val_loss
 
@@ -168,7 +196,7 @@ class Trainer:
             x, y = self.batch
             with self.ctx:
                 _, loss = self.forward(x, y)
-                loss = loss / accumulation
+                loss = faults.poison_loss(loss, self.iter_num) / accumulation
             self.batch = self.sampler.get_batch("train")  # fetch the next batch while the device works
             self.scaler.scale(loss).backward()
         if cfg.optimizer.grad_clip > 0:
@@ -184,6 +212,9 @@ class Trainer:
         """Estimate train and val loss, record them, and checkpoint."""
         losses = estimate_loss(self.forward, self.sampler, self.cfg.eval_iters, self.ctx)
         it = self.iter_num
+        self.last_eval_iter = it
+        for split in ("train", "val"):
+            resume.check_finite(losses[split], it, f"the {split} loss", self.describe_last_checkpoint())
         log.info("eval %d: train loss %.4f, val loss %.4f", it, losses["train"], losses["val"])
         self.metrics.log({"kind": "eval", "iter": it, "tokens": it * self.tokens_per_iter,
                           "train_loss": losses["train"], "val_loss": losses["val"]})
@@ -206,11 +237,65 @@ class Trainer:
         }
 
     def save_checkpoints(self, best: bool) -> None:
-        """Write last.pt (with optimizer state, for resuming) and, if best, best.pt."""
+        """Write last.pt (with everything resuming needs) and, if best, best.pt."""
         state = self.checkpoint_state()
         if best:
             save_checkpoint(self.run_dir / BEST, state)
-        save_checkpoint(self.run_dir / LAST, {**state, "optimizer": self.optimizer.state_dict()})
+        save_checkpoint(self.run_dir / LAST, {**state, "optimizer": self.optimizer.state_dict(),
+                                              "training": self.training_state()})
+        self.last_saved_iter = self.iter_num
+
+    def training_state(self) -> dict:
+        """What resuming needs beyond weights and optimizer: RNGs, next batch, progress markers."""
+        return {
+            "scaler": self.scaler.state_dict(),
+            "rng": resume.capture_rng_state(),
+            "sampler_rng": self.sampler.generator.get_state(),
+            "batch": [t.cpu() for t in self.batch] if self.batch is not None else None,
+            "last_eval_iter": self.last_eval_iter,
+            "overrides": self.overrides,
+            "tracker_run_id": self.tracker_run_id,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from a last.pt exactly where its run was when it was saved."""
+        training = state["training"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(training["scaler"])
+        self.iter_num = state["iter_num"]
+        self.best_val_loss = state["best_val_loss"]
+        self.last_eval_iter = training["last_eval_iter"]
+        self.last_saved_iter = self.iter_num
+        self.tracker_run_id = training.get("tracker_run_id")
+        self.sampler.generator.set_state(training["sampler_rng"])
+        if training["batch"] is not None:
+            self.batch = tuple(t.to(self.device) for t in training["batch"])
+        resume.restore_rng_state(training["rng"])
+        for stale in resume.iter_stale_temporaries(self.run_dir):
+            log.info("removing %s, left by a process killed while saving", stale.name)
+            stale.unlink(missing_ok=True)
+
+    def describe_last_checkpoint(self) -> str:
+        """Where the newest good checkpoint is, for messages about stopping."""
+        if self.last_saved_iter is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is {self.run_dir / LAST} (iteration {self.last_saved_iter})"
+
+    def stop_early(self, signum: int) -> None:
+        """After a stop signal: checkpoint this step, close everything, say how to resume."""
+        self.stopped_by = signum
+        if self.cfg.save_checkpoints:
+            self.save_checkpoints(best=False)
+        self.finish()
+        name = signal.Signals(signum).name
+        if self.cfg.save_checkpoints:
+            log.warning("stopped by %s after iteration %d; checkpoint saved to %s\n"
+                        "resume with: python -m nanogpt.train resume=%s",
+                        name, self.iter_num - 1, self.run_dir / LAST, self.run_dir)
+        else:
+            log.warning("stopped by %s after iteration %d; save_checkpoints=false, so nothing was saved "
+                        "to resume from", name, self.iter_num - 1)
 
     def restart_timer(self) -> None:
         """Start measuring ms/iter afresh."""
@@ -238,16 +323,17 @@ class Trainer:
         """Close the metrics file and show a short sample of what the model learned."""
         self.metrics.close()
         log.info("best val loss %.4f; run directory %s", self.best_val_loss, self.run_dir)
-        if self.cfg.sample_tokens > 0:
+        if self.cfg.sample_tokens > 0 and self.stopped_by is None:
             log.info("sample:\n%s", sample_text(self.model, self.data, self.cfg.sample_tokens, self.device))
 
 
-def train(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None = None) -> float:
+def train(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None = None,
+          resume_state: dict | None = None) -> float:
     """Train a GPT as cfg says, writing into run_dir; return the best validation loss."""
-    return Trainer(cfg, run_dir, resolved_config).run()
+    return Trainer(cfg, run_dir, resolved_config, resume_state).run()
 
 
-@hydra_entry("train")
+@hydra_entry("train", rewrite_arguments=resume.resume_arguments)
 def main(cfg: DictConfig) -> float:
     """Entry point: compose the config, validate it, train in Hydra's run directory."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -255,8 +341,14 @@ def main(cfg: DictConfig) -> float:
         config = to_dataclass(cfg, TrainConfig)
         validate_train_config(config)
         resolved = OmegaConf.to_container(cfg, resolve=True)
+        resume_state = resume.checkpoint_to_resume(config.resume, config.auto_resume, run_dir, resolved)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        return train(config, run_dir, resolved)
+        overrides = list(HydraConfig.get().overrides.task)
+        trainer = Trainer(config, run_dir, resolved, resume_state, overrides)
+        best_val_loss = trainer.run()
+        if trainer.stopped_by is not None:
+            sys.exit(128 + trainer.stopped_by)  # the shell's convention for "ended by a signal"
+        return best_val_loss
     except (UserError, OmegaConfBaseException):
         # Nothing was trained yet: leave no half-made run directory behind.
         if not any(run_dir.glob("*.pt")):

@@ -1,0 +1,245 @@
+"""Stopping and resuming a run exactly: training state, compatibility, signals.
+
+A run's last.pt carries, besides the weights and the optimizer, everything that
+decides what the run does next: the grad scaler, every random generator (Python,
+NumPy, torch on the CPU and on each GPU, and the batch sampler's own), the batch
+already fetched for the next step, the iteration of the last evaluation, and the
+command-line overrides the run was started with. All of it is tensors and plain
+data, so the checkpoint still loads with torch.load(weights_only=True).
+
+``python -m nanogpt.train resume=RUN_DIR_OR_CKPT [safe overrides]`` re-composes
+the run's own overrides, lets the new ones replace theirs, refuses any change to
+what the run means (model, dataset, optimizer, seed, batch) and trains on in the
+same run directory. ``auto_resume=true`` does the same for a run whose (fixed)
+run directory already holds a last.pt, as a preempted cluster job restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanogpt.checkpoint import LAST, load_checkpoint
+from nanogpt.errors import CheckpointError, ConfigError, UserError
+
+log = logging.getLogger("nanogpt.resume")
+
+# Config keys (and groups) that define what a run is; a resumed run must keep them.
+MEANING_KEYS = ("model", "dataset", "optimizer", "seed", "batch_size", "gradient_accumulation_steps")
+SAFE_EXAMPLES = "max_iters, eval_interval, eval_iters, log_interval, sample_tokens, device, logger, data_root"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; training stopped without saving it."""
+
+
+# ---------------------------------------------------------------- where to resume from
+
+
+def resume_checkpoint_path(target: str | Path) -> Path:
+    """The checkpoint to resume from: a run directory's last.pt, or the file given."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / LAST).is_file():
+            raise CheckpointError(
+                f"resume={target}: the directory holds no {LAST}; give a run directory that a "
+                "training run wrote, or its last.pt"
+            )
+        return (path / LAST).resolve()
+    if path.is_file():
+        return path.resolve()
+    raise CheckpointError(f"resume={target} does not exist; give a run directory or its last.pt")
+
+
+def load_resumable(path: Path) -> dict:
+    """Load a checkpoint (never executing code) that holds a full training state."""
+    state = load_checkpoint(path)
+    if "training" not in state or "optimizer" not in state:
+        raise CheckpointError(
+            f"{path} holds weights but no training state (optimizer, random generators); "
+            f"resume from the run's {LAST}"
+        )
+    return state
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as {dotted.key: value}."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_resume_compatible(saved: dict, new: dict) -> None:
+    """Raise ConfigError if new changes a key that defines the saved run."""
+    old_flat, new_flat = flatten(saved), flatten(new)
+    for key in sorted(old_flat.keys() | new_flat.keys()):
+        if key.split(".")[0] not in MEANING_KEYS:
+            continue
+        old, value = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
+        if old != value:
+            raise ConfigError(
+                f"resume: {key}={value} would change the run, which has {key}={old}; a resumed run "
+                f"keeps its model, dataset, optimizer, seed and batch (safe to change: {SAFE_EXAMPLES}); "
+                "start a new run to change it"
+            )
+
+
+def checkpoint_to_resume(resume: str | None, auto_resume: bool, run_dir: Path, config: dict) -> dict | None:
+    """The training state to continue from, checked against config; None to start afresh."""
+    if resume:
+        path = resume_checkpoint_path(resume)
+    elif auto_resume and (run_dir / LAST).is_file():
+        path = run_dir / LAST
+    else:
+        return None
+    state = load_resumable(path)
+    check_resume_compatible(state.get("config", {}), config)
+    log.info("resuming %s from iteration %d (%s)", run_dir, state["iter_num"], path)
+    return state
+
+
+def resume_arguments(argv: list[str]) -> list[str]:
+    """Rewrite the command line of ``train resume=X [overrides]`` before Hydra sees it.
+
+    The run's own overrides (from its checkpoint) come first, the new ones replace
+    any for the same key, and hydra.run.dir points at the run's directory, so the
+    run continues where it lives. An incompatible change is refused here, before
+    Hydra writes anything into the run directory. Other command lines pass as they are.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from nanogpt.cli import to_dataclass
+    from nanogpt.config import CONFIG_DIR, TrainConfig
+
+    if not any(a.startswith("resume=") for a in argv):
+        return argv
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f in ("-m", "--multirun") for f in flags):
+        raise ConfigError("resume= continues one run; it cannot be combined with --multirun")
+    if flags:  # --help, --cfg job, ...: nothing is trained, so the line passes as it is
+        return argv
+    parser = OverridesParser.create()
+    given = parser.parse_overrides(argv)
+    target = next((o.value() for o in given if o.key_or_group == "resume"), None)
+    if target is None:  # resume=null
+        return argv
+    if any(o.key_or_group.startswith("hydra.run") for o in given):
+        raise ConfigError("resume= continues in the run's own directory; drop hydra.run.dir")
+    path = resume_checkpoint_path(str(target))
+    state = load_resumable(path)
+    run_dir = path.parent
+
+    def key(override) -> str:
+        return f"{override.key_or_group}@{override.package}"
+
+    saved = parser.parse_overrides(list(state["training"].get("overrides", [])))
+    new_keys = {key(o) for o in given}
+    kept = [o.input_line for o in saved if key(o) not in new_keys and o.key_or_group != "resume"]
+    overrides = kept + [o.input_line for o in given if o.key_or_group != "resume"]
+    overrides.append(f"resume={quote(str(path))}")
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        composed = compose(config_name="train", overrides=overrides)
+    check_resume_compatible(state.get("config", {}), OmegaConf.to_container(composed, resolve=True))
+    to_dataclass(composed, TrainConfig)  # wrong keys or types fail now, not in the run directory
+    return overrides + [f"hydra.run.dir={quote(str(run_dir))}"]
+
+
+def quote(value: str) -> str:
+    """A string as a single-quoted Hydra override value."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# ---------------------------------------------------------------- the state itself
+
+
+def capture_rng_state() -> dict:
+    """Every random generator's state, as tensors and plain data."""
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put every random generator back where capture_rng_state() found it."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([s.cpu() for s in states])
+
+
+def check_finite(loss: float, iteration: int, what: str, last_checkpoint: str) -> None:
+    """Raise TrainingDiverged naming the iteration if loss is NaN or infinite."""
+    if np.isfinite(loss):
+        return
+    raise TrainingDiverged(
+        f"{what} became {loss} at iteration {iteration}; training stopped and nothing from it was "
+        f"saved; {last_checkpoint}. Try a lower optimizer.lr, a warmup (optimizer.warmup_iters) "
+        "or gradient clipping (optimizer.grad_clip)"
+    )
+
+
+# ---------------------------------------------------------------- signals
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step.
+
+    The first signal only sets `received`; the loop checks it between steps,
+    checkpoints and exits. A second signal raises KeyboardInterrupt at once.
+    Handlers can be installed only from the main thread; elsewhere (some
+    launchers run jobs in threads) signals keep their usual meaning.
+    """
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        """First signal: note it and say what happens; second: abort now."""
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum)
+        log.warning("%s received: finishing this step, then saving a checkpoint "
+                    "(press Ctrl-C again to abort at once)", self.received.name)
+
+
+def iter_stale_temporaries(run_dir: Path) -> Iterator[Path]:
+    """Temporary checkpoint files a killed process left in run_dir."""
+    return Path(run_dir).glob(".*.pt.*.tmp")

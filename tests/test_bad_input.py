@@ -1,0 +1,186 @@
+"""Every kind of bad input, through every entry point, fails the same way.
+
+One table of (area, entry point, arguments, expected words). Each row runs the
+real ``python -m nanogpt.<entry>`` and must end with exit status 2, exactly one
+``error:`` line on stderr naming the key or file and what would work, no
+traceback, no run directory left behind, and never code run from a checkpoint.
+The rows run a few at a time, since each process spends most of its life starting.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import TINY_RUN, run_module
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: where it is given and what the one error line must say."""
+
+    area: str  # config | data | checkpoint | device | prompt
+    entry: str  # train | sample | data
+    args: tuple[str, ...]
+    expected: str
+
+    @property
+    def label(self) -> str:
+        """A readable test id."""
+        return f"{self.area}: {self.entry} {' '.join(self.args)}"
+
+
+# {name} fields are filled in with files the `world` fixture makes.
+CASES = [
+    # config
+    Case("config", "train", ("max_iters=-1",), "max_iters=-1 must be >= 0"),
+    Case("config", "train", ("eval_interval=0",), "eval_interval=0 must be at least 1"),
+    Case("config", "train", ("optimizer=sgd",), "optimizer=sgd is not an option; choose one of: adamw"),
+    Case("config", "train", ("+experiment=nope",), "experiment=nope is not an option"),
+    Case("config", "train", ("model.n_layer=[",), "quote values"),
+    Case("config", "sample", ("ckpt={run}", "nosuch=1"), "unknown key 'nosuch'"),
+    Case("config", "sample", ("ckpt={run}", "top_p=2"), "top_p=2.0 must be in (0, 1]"),
+    Case("config", "sample", ("ckpt={run}", "num_samples=0"), "num_samples >= 1"),
+    Case("config", "data", ("dataset=nope",), "dataset=nope is not an option"),
+    # data
+    Case("data", "train", ("dataset=text", "dataset.source={empty_dir}"), "a directory with no .txt files"),
+    Case("data", "train", ("dataset=text", "dataset.source={corpus}", f"dataset.sha256={'0' * 64}"),
+         "expected 0000"),
+    Case("data", "train", ("dataset=text", "dataset.source={binary}"), "is not UTF-8 text"),
+    Case("data", "train", ("dataset.source={url}/missing.txt",), "(HTTP 404)"),
+    Case("data", "train", ("dataset=text", "dataset.source={corpus}", "data_root={corpus}"),
+         "cannot create"),
+    Case("data", "data", ("dataset=text", "dataset.source=/no/such/corpus.txt"),
+         "dataset.source /no/such/corpus.txt does not exist"),
+    # checkpoint
+    Case("checkpoint", "sample", ("ckpt={evil}",), "was refused (loading it could run code)"),
+    Case("checkpoint", "sample", ("ckpt={truncated}",), "is truncated, corrupted"),
+    Case("checkpoint", "sample", ("ckpt={corpus}",), "is truncated, corrupted or not a torch.save file"),
+    Case("checkpoint", "sample", ("ckpt={plain}",), "is not a nanogpt checkpoint"),
+    Case("checkpoint", "sample", ("ckpt={empty_dir}",), "holds no best.pt or last.pt"),
+    Case("checkpoint", "sample", (), "no checkpoint found under"),
+    Case("checkpoint", "train", ("resume={evil}",), "was refused (loading it could run code)"),
+    Case("checkpoint", "train", ("resume={truncated}",), "is truncated, corrupted"),
+    Case("checkpoint", "train", ("resume={run}/best.pt",), "no training state"),
+    Case("checkpoint", "train", ("resume={empty_dir}",), "holds no last.pt"),
+    Case("checkpoint", "train", ("resume=/no/such/run",), "resume=/no/such/run does not exist"),
+    Case("checkpoint", "train", ("resume={run}", "model.n_embd=64"), "resume: model.n_embd=64 would change"),
+    Case("checkpoint", "train", ("resume={run}", "-m"), "cannot be combined with --multirun"),
+    Case("checkpoint", "train", ("resume={run}", "hydra.run.dir={empty_dir}"), "drop hydra.run.dir"),
+    # device
+    Case("device", "train", ("device.name=tpu",), "device='tpu' is not a device"),
+    Case("device", "train", ("device.name=cuda:99",), "device=cuda"),
+    Case("device", "train", ("device=cpu", "device.dtype=float16"), "float16 is not supported on the CPU"),
+    Case("device", "train", ("device.dtype=float8",), "device.dtype='float8' is not one of"),
+    Case("device", "sample", ("ckpt={run}", "device.name=tpu"), "device='tpu' is not a device"),
+    # prompt
+    Case("prompt", "sample", ("ckpt={run}", "prompt=Q"), "'Q' (U+0051) is not in the vocabulary"),
+    Case("prompt", "sample", ("ckpt={run}", "prompt="), "prompt is empty"),
+    Case("prompt", "sample", ("ckpt={run}", "prompt_file={binary}"), "is not UTF-8 text"),
+]
+
+
+class EvilPayload:
+    """Pickles as a call to os.system: what a crafted checkpoint would run on load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class NotFoundServer:
+    """A loopback HTTP server that answers 404 to everything."""
+
+    def __init__(self, folder: Path):
+        handler = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {
+            "log_message": lambda *args: None,
+            "__init__": lambda self, *a, **k: http.server.SimpleHTTPRequestHandler.__init__(
+                self, *a, directory=str(folder), **k),
+        })
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A trained tiny run and a collection of broken files to feed the entry points."""
+    root = tmp_path_factory.mktemp("bad")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"{n}: I speak of {t}.\n" for n in ("ROMEO", "JULIET")
+                              for t in ("love", "the moon")) * 200)
+    run = root / "run"
+    trained = run_module("nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}",
+                         f"data_root={root / 'data'}", "max_iters=2", "eval_interval=1",
+                         f"hydra.run.dir={run}", cwd=root)
+    assert trained.returncode == 0, trained.stderr
+    files = {"corpus": corpus, "run": run, "evil": root / "evil.pt", "truncated": root / "truncated.pt",
+             "plain": root / "plain.pt", "empty_dir": root / "empty", "binary": root / "binary.txt"}
+    marker = root / "code-ran"
+    torch.save({"model": EvilPayload(marker), "model_config": {}}, files["evil"])
+    last = (run / "last.pt").read_bytes()
+    files["truncated"].write_bytes(last[: len(last) // 2])
+    torch.save({"weights": torch.zeros(3)}, files["plain"])
+    files["empty_dir"].mkdir()
+    files["binary"].write_bytes(bytes(range(128, 256)) * 4)
+    server = NotFoundServer(files["empty_dir"])
+    files["url"] = server.url
+    yield root, files, marker
+    server.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def results(world):
+    """Run every case (three processes at a time); {label: (case dir, completed process)}."""
+    root, files, _ = world
+
+    def run_case(number: int, case: Case):
+        cwd = root / f"case{number}"
+        cwd.mkdir()
+        args = [a.format(**files) for a in case.args]
+        resuming = any(a.startswith("resume=") for a in args)
+        if case.entry == "train" and not resuming:
+            args.append(f"hydra.run.dir={cwd / 'run'}")
+            if not any(a.startswith("max_iters=") for a in args):
+                args.append("max_iters=1")  # a row that wrongly passes must not train for long
+        if case.entry in ("train", "data") and not any(a.startswith("data_root=") for a in args):
+            args.append(f"data_root={cwd / 'data'}")
+        return case.label, (cwd, run_module(f"nanogpt.{case.entry}", *args, cwd=cwd))
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(lambda item: run_case(*item), enumerate(CASES)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+def test_bad_input_fails_with_one_clear_line(case, results, world):
+    cwd, result = results[case.label]
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and case.expected in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (cwd / "run").exists() and not (cwd / "outputs").exists()  # no half-made run
+    assert not world[2].exists()  # the crafted checkpoint never ran its code
+
+
+def test_every_area_and_entry_point_is_covered():
+    assert {c.area for c in CASES} == {"config", "data", "checkpoint", "device", "prompt"}
+    assert {c.entry for c in CASES} == {"train", "sample", "data"}
+
+
+def test_the_crafted_checkpoint_would_run_code_if_unpickled_unsafely(world, tmp_path):
+    """The refusal above means something: loading without weights_only runs the payload."""
+    root, files, _ = world
+    marker = tmp_path / "ran"
+    torch.save({"model": EvilPayload(marker)}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()

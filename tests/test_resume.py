@@ -1,0 +1,157 @@
+"""Stop, crash and resume real training processes; a resumed run must equal an uninterrupted one.
+
+Faults are injected deterministically through NANOGPT_FAULTS (nanogpt/faults.py):
+a real SIGTERM or SIGINT sent by the process to itself before a chosen step, a
+real SIGKILL in the middle of writing a checkpoint, a NaN loss at a chosen step.
+"""
+
+import shutil
+import signal
+
+import pytest
+import torch
+
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.tracking import read_metrics
+
+from .conftest import TINY_RUN, run_module
+
+# Dropout on and a real learning rate, so every RNG and the optimizer state matter.
+RUN = [*TINY_RUN, "model.dropout=0.1", "optimizer.lr=3e-3", "optimizer.warmup_iters=2",
+       "max_iters=12", "eval_interval=4"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A corpus, a data root and the arguments every run here shares."""
+    work = tmp_path_factory.mktemp("resume")
+    corpus = work / "corpus.txt"
+    lines = [f"{n}: I am {n}, and I speak of {t}.\n" for n in ("ROMEO", "JULIET", "NURSE")
+             for t in ("love", "the moon", "swords")]
+    corpus.write_text("".join(lines) * 100)
+    return work, [*RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={work / 'data'}"]
+
+
+def train(work, *args, faults=None):
+    """Run ``python -m nanogpt.train`` in work with the shared arguments."""
+    directory, common = work
+    env = {"NANOGPT_FAULTS": faults} if faults else None
+    return run_module("nanogpt.train", *common, *args, cwd=directory, env=env)
+
+
+def resume(work, run_dir, *args):
+    """Run ``python -m nanogpt.train resume=run_dir`` (no other arguments but args)."""
+    return run_module("nanogpt.train", f"resume={run_dir}", *args, cwd=work[0])
+
+
+@pytest.fixture(scope="module")
+def reference(work):
+    """The uninterrupted run's final last.pt."""
+    run_dir = work[0] / "reference"
+    result = train(work, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return load_checkpoint(run_dir / "last.pt")
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    """The largest |a - b| over every weight of two checkpoints."""
+    assert a["model"].keys() == b["model"].keys()
+    return max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+
+
+def assert_same_as_reference(state: dict, reference: dict, label: str) -> None:
+    """Bitwise equal weights and optimizer moments, and the same progress."""
+    difference = max_weight_difference(state, reference)
+    print(f"{label}: max |weight difference| vs uninterrupted run = {difference}")
+    assert difference == 0.0
+    assert state["iter_num"] == reference["iter_num"] == 12
+    assert state["best_val_loss"] == reference["best_val_loss"]
+    for key, moments in reference["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state["optimizer"]["state"][key][name], moments[name])
+
+
+def test_weights_really_depend_on_the_rng(work, reference):
+    """The comparison can fail: another seed gives different weights."""
+    run_dir = work[0] / "other-seed"
+    assert train(work, f"hydra.run.dir={run_dir}", "seed=7").returncode == 0
+    assert max_weight_difference(load_checkpoint(run_dir / "last.pt"), reference) > 0
+
+
+def test_sigterm_then_resume_is_bitwise_exact(work, reference):
+    run_dir = work[0] / "sigterm"
+    stopped = train(work, f"hydra.run.dir={run_dir}", faults="signal_at_iter=6:SIGTERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert "SIGTERM received: finishing this step" in stopped.stdout
+    assert f"resume with: python -m nanogpt.train resume={run_dir}" in stopped.stdout
+    saved = load_checkpoint(run_dir / "last.pt")
+    assert saved["iter_num"] == 7  # step 6 finished, step 7 is next
+
+    resumed = resume(work, run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run_dir} from iteration 7" in resumed.stdout
+    assert_same_as_reference(load_checkpoint(run_dir / "last.pt"), reference, "SIGTERM at step 6")
+    # Every evaluation happened exactly once across the two processes.
+    assert [r["iter"] for r in read_metrics(run_dir) if r["kind"] == "eval"] == [0, 4, 8, 12]
+    assert not list(run_dir.glob("outputs")) and not (work[0] / "outputs").exists()
+
+
+def test_sigkill_while_saving_keeps_the_previous_checkpoint_then_auto_resume_is_exact(work, reference):
+    run_dir = work[0] / "killed"
+    job = [f"hydra.run.dir={run_dir}", "auto_resume=true"]  # a preempted job restarts as it started
+    killed = train(work, *job, faults="kill_during_save=3")  # last.pt is written at 0, 4, then 8
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = list(run_dir.glob(".last.pt.*.tmp"))
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the half-written file
+    assert load_checkpoint(run_dir / "last.pt")["iter_num"] == 4
+
+    restarted = train(work, *job)
+    assert restarted.returncode == 0, restarted.stderr
+    assert f"resuming {run_dir} from iteration 4" in restarted.stdout
+    assert not list(run_dir.glob(".*.tmp"))
+    assert_same_as_reference(load_checkpoint(run_dir / "last.pt"), reference, "SIGKILL during save")
+
+
+def test_second_ctrl_c_aborts_at_once(work):
+    run_dir = work[0] / "ctrl-c-twice"
+    aborted = train(work, f"hydra.run.dir={run_dir}", faults="signal_at_iter=6:SIGINT*2")
+    assert aborted.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in aborted.stderr
+    assert "aborted at once during iteration 6" in aborted.stdout
+    assert load_checkpoint(run_dir / "last.pt")["iter_num"] == 4  # no checkpoint of the aborted step
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(work):
+    run_dir = work[0] / "nan"
+    result = train(work, f"hydra.run.dir={run_dir}", faults="nan_loss_at_iter=6")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: the training loss became nan at iteration 6")
+    assert f"{run_dir / 'last.pt'} (iteration 4)" in error[0]
+    saved = load_checkpoint(run_dir / "last.pt")
+    assert saved["iter_num"] == 4
+    assert all(torch.isfinite(w).all() for w in saved["model"].values())
+
+
+def test_resume_refuses_changes_of_meaning_and_allows_extending(work, reference):
+    run_dir = work[0] / "extend"
+    shutil.copytree(work[0] / "reference", run_dir)
+    before = (run_dir / ".hydra" / "overrides.yaml").read_bytes()
+    changes = (("model.n_layer=3", "model.n_layer"), ("dataset.val_fraction=0.2", "dataset.val_fraction"),
+               ("optimizer.lr=1e-2", "optimizer.lr"), ("seed=1", "seed"))
+    for change, key in changes:
+        refused = resume(work, run_dir, change)
+        assert refused.returncode == 2, change
+        assert refused.stderr.startswith(f"error: resume: {key}=") and "start a new run" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == before  # refused before Hydra wrote
+
+    extended = resume(work, run_dir, "max_iters=16", "eval_interval=2")
+    assert extended.returncode == 0, extended.stderr
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["iter_num"] == 16
+    assert state["config"]["model"]["n_layer"] == 2  # the run's own overrides still apply
+    assert [r["iter"] for r in read_metrics(run_dir) if r["kind"] == "eval"] == [0, 4, 8, 12, 14, 16]
