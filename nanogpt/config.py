@@ -48,8 +48,12 @@ class DatasetConfig:
     name: str = MISSING  # folder under data_root holding the prepared tokens
     source: str = MISSING  # URL, text file, or directory of .txt files
     sha256: str | None = None  # expected checksum of the source text, if known
-    tokenizer: str = "char"
+    tokenizer: str = "char"  # char: the text's own characters; gpt2: GPT-2 BPE (tiktoken)
     val_fraction: float = 0.1
+    loader: str = "text"  # text: source is text; hf: a Hugging Face dataset or .jsonl/.parquet files
+    subset: str | None = None  # hf: the dataset's configuration, e.g. FineWeb's sample-10BT
+    text_field: str = "text"  # hf: the column holding each document
+    num_proc: int | None = None  # hf: tokenizer processes; None: all cores
 
 
 @dataclass
@@ -179,8 +183,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.log_interval > 0, f"log_interval={cfg.log_interval} must be at least 1"),
         (0 < cfg.dataset.val_fraction < 1,
          f"dataset.val_fraction={cfg.dataset.val_fraction} must be between 0 and 1"),
-        (cfg.dataset.tokenizer == "char",
-         f"dataset.tokenizer={cfg.dataset.tokenizer!r} is not supported; use char"),
+        (cfg.dataset.tokenizer in ("char", "gpt2"),
+         f"dataset.tokenizer={cfg.dataset.tokenizer!r} is not supported; use char or gpt2"),
         (cfg.device.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"device.dtype={cfg.device.dtype!r} is not one of auto, float32, bfloat16, float16"),
     ]

@@ -25,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from nanogpt.checkpoint import BEST, LAST, model_state, save_checkpoint
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import OptimizerConfig, TrainConfig, validate_train_config
-from nanogpt.data import BatchSampler, PreparedData, create_encoder_decoder, prepare_data
+from nanogpt.corpus import prepare_dataset
+from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, tokenizer_codec
 from nanogpt.device import autocast, peak_flops, resolve_device, resolve_dtype, should_compile
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig, configure_optimizer, estimate_mfu
@@ -73,9 +74,11 @@ def estimate_loss(model: torch.nn.Module, sampler: BatchSampler, eval_iters: int
 
 def sample_text(model: GPT, data: PreparedData, num_tokens: int, device: torch.device) -> str:
     """A short greedy-free sample (temperature 1, top_k 200) starting from a newline."""
-    vocabulary = data.meta["tokenizer"]["vocabulary"]
-    encode, decode = create_encoder_decoder(vocabulary)
-    start = encode("\n") if "\n" in vocabulary else [0]
+    encode, decode = tokenizer_codec(data.meta["tokenizer"])
+    try:
+        start = encode("\n")
+    except UnknownTokenError:  # a character vocabulary without newlines
+        start = [0]
     idx = torch.tensor([start], dtype=torch.long, device=device)
     model.eval()
     ids = [int(t) for t in model.generate(idx, num_tokens, temperature=1.0, top_k=200)]
@@ -98,13 +101,7 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.device.dtype, self.device)
         self.ctx = autocast(self.device, self.dtype)
 
-        self.data = prepare_data(
-            cfg.dataset.name,
-            cfg.dataset.source,
-            Path(cfg.data_root),
-            sha256=cfg.dataset.sha256,
-            val_fraction=cfg.dataset.val_fraction,
-        )
+        self.data = prepare_dataset(cfg.dataset, Path(cfg.data_root))
         self.sampler = BatchSampler(self.data, cfg.model.block_size, cfg.batch_size, self.device, cfg.seed)
         meta = self.data.meta
         log.info(
