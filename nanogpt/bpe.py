@@ -82,8 +82,10 @@ def seed_tiktoken_cache(cache_dir: Path | None = None) -> Path:
 @cache
 def gpt2_encoding():
     """The GPT-2 encoding of tiktoken; falls back to the offline files if the download fails."""
-    import tiktoken
-
+    try:
+        import tiktoken
+    except ImportError:
+        raise DataError("GPT-2 BPE needs tiktoken: pip install 'nanogpt[bpe]'") from None
     try:
         return tiktoken.get_encoding(GPT2_ENCODING)
     except Exception as download_error:  # tiktoken raises requests' and its own errors alike

@@ -28,7 +28,8 @@ from nanogpt.config import OptimizerConfig, TrainConfig, validate_train_config
 from nanogpt.corpus import prepare_dataset
 from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, tokenizer_codec
 from nanogpt.device import autocast, peak_flops, resolve_device, resolve_dtype, should_compile
-from nanogpt.errors import UserError
+from nanogpt.errors import ConfigError, UserError
+from nanogpt.hf import load_gpt2_weights
 from nanogpt.model import GPT, GPTConfig, configure_optimizer, estimate_mfu
 from nanogpt.tracking import MetricsLog
 
@@ -110,8 +111,8 @@ class Trainer:
             meta["train_tokens"], meta["val_tokens"],
         )
 
-        self.model_config = GPTConfig(vocab_size=self.data.vocab_size, **asdict(cfg.model))
-        self.model = GPT(self.model_config).to(self.device)
+        self.model = self.build_model().to(self.device)
+        self.model_config = self.model.config
         self.n_params = self.model.num_params()
         log.info("model: %.2fM parameters, %s", self.n_params / 1e6, self.model_config)
         o = cfg.optimizer
@@ -129,6 +130,25 @@ class Trainer:
         self.resolved_config = resolved_config or {}
         self.iter_num = 0
         self.best_val_loss = float("inf")
+
+    def build_model(self) -> GPT:
+        """A fresh GPT of the configured shape, or one loaded from pretrained GPT-2 weights."""
+        m = self.cfg.model
+        if m.init_from is None:
+            shape = {k: v for k, v in asdict(m).items() if k != "init_from"}
+            return GPT(GPTConfig(vocab_size=self.data.vocab_size, **shape))
+        model, tokenizer = load_gpt2_weights(
+            m.init_from, block_size=m.block_size, dropout=m.dropout,
+            vocab_multiple=m.vocab_multiple, gradient_checkpointing=m.gradient_checkpointing,
+        )
+        if tokenizer != self.data.meta["tokenizer"]:
+            raise ConfigError(
+                f"model.init_from={m.init_from} was trained with tokenizer {tokenizer.get('kind')}, "
+                f"but dataset {self.cfg.dataset.name} uses {self.data.meta['tokenizer'].get('kind')}; "
+                "pick a dataset with the same tokenizer (e.g. dataset=shakespeare for GPT-2)"
+            )
+        log.info("model: initialised from %s (shape taken from the weights)", m.init_from)
+        return model
 
     def run(self) -> float:
         """Train to max_iters, evaluating every eval_interval; return the best validation loss."""
