@@ -319,6 +319,9 @@ class BatchSampler:
     Each batch row is block_size + 1 consecutive tokens: the model reads the
     first block_size and predicts the last block_size. The sampler draws from
     its own seeded generator, so its position can be saved and restored.
+    Evaluation batches come from a second generator, so how often and how long
+    a run evaluates does not change which batches it trains on.
+    rank and world_size give a process of a distributed job its share of each batch.
     """
 
     def __init__(
@@ -328,8 +331,11 @@ class BatchSampler:
         batch_size: int,
         device: torch.device,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.block_size = block_size
+        self.rank, self.world_size = rank, world_size
         self.batch_size = batch_size
         self.device = device
         self.splits = {
@@ -343,14 +349,22 @@ class BatchSampler:
                     f"for model.block_size={block_size}; use a smaller block_size or more text"
                 )
         self.generator = torch.Generator().manual_seed(seed)
+        self.eval_generator = torch.Generator().manual_seed(seed + 1)
         self.offsets = np.arange(block_size + 1)
 
-    def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (inputs, targets), each (batch_size, block_size) int64 on the device."""
+    def get_batch(self, split: str, evaluation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (inputs, targets), each (batch_size, block_size) int64 on the device.
+
+        evaluation=True draws from the evaluation generator instead of the training one.
+        """
         tokens = self.splits[split]
+        # In a job of world_size processes, each draws the whole job's batch from
+        # the same generator and keeps its own rows: different data on every
+        # process, and together exactly the batches one process would draw.
         starts = torch.randint(
-            len(tokens) - self.block_size, (self.batch_size,), generator=self.generator
-        ).numpy()
+            len(tokens) - self.block_size, (self.world_size * self.batch_size,),
+            generator=self.eval_generator if evaluation else self.generator,
+        ).numpy()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         windows = torch.from_numpy(tokens[starts[:, None] + self.offsets].astype(np.int64))
         if self.device.type == "cuda":
             # Pinned host memory lets the copy overlap with the GPU's work.
