@@ -93,7 +93,8 @@ def test_sample_config_composes():
 
 
 BAD_TRAIN_INPUTS = [
-    (["model=huge"], "model=huge is not an option; choose one of: medium, small, tiny"),
+    (["model=huge"], "model=huge is not an option; choose one of: "
+                     "gpt2, gpt2-large, gpt2-medium, gpt2-xl, medium, small, tiny"),
     (["model.foo=1"], "unknown key 'model.foo'"),
     (["+foo=1"], "unknown key 'foo'"),
     (["model.n_layer=abc"], "model.n_layer"),
