@@ -83,7 +83,9 @@ def reporting_user_errors(debugging: bool | None = None) -> Iterator[None]:
     except Exception as error:
         if debugging or not is_user_error(error):
             raise
-        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
+        # Under torchrun every process meets the same mistake; rank 0 alone reports it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
 
 

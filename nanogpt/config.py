@@ -39,6 +39,13 @@ class ModelConfig:
     block_size: int = 256
     dropout: float = 0.1
     bias: bool = True
+    vocab_multiple: int = 1  # round the vocabulary up to a multiple of this (64 for GPT-2 BPE on GPUs)
+    gelu_approximate: str = "none"  # none: exact GELU; tanh: GPT-2's approximation
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    # Start from pretrained GPT-2 weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl (from the
+    # Hugging Face Hub) or a directory with config.json + model.safetensors. The shape then comes
+    # from the weights; block_size (crop), dropout and the switches above still apply.
+    init_from: str | None = None
 
 
 @dataclass
@@ -48,8 +55,12 @@ class DatasetConfig:
     name: str = MISSING  # folder under data_root holding the prepared tokens
     source: str = MISSING  # URL, text file, or directory of .txt files
     sha256: str | None = None  # expected checksum of the source text, if known
-    tokenizer: str = "char"
+    tokenizer: str = "char"  # char: the text's own characters; gpt2: GPT-2 BPE (tiktoken)
     val_fraction: float = 0.1
+    loader: str = "text"  # text: source is text; hf: a Hugging Face dataset or .jsonl/.parquet files
+    subset: str | None = None  # hf: the dataset's configuration, e.g. FineWeb's sample-10BT
+    text_field: str = "text"  # hf: the column holding each document
+    num_proc: int | None = None  # hf: tokenizer processes; None: all cores
 
 
 @dataclass
@@ -165,6 +176,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (m.n_head > 0, f"model.n_head={m.n_head} must be at least 1"),
         (m.block_size > 0, f"model.block_size={m.block_size} must be at least 1"),
         (0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)"),
+        (m.vocab_multiple >= 1, f"model.vocab_multiple={m.vocab_multiple} must be at least 1"),
+        (m.gelu_approximate in ("none", "tanh"),
+         f"model.gelu_approximate={m.gelu_approximate!r} must be none or tanh"),
         (o.lr > 0, f"optimizer.lr={o.lr} must be positive"),
         (0 <= o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} must be between 0 and optimizer.lr={o.lr}"),
         (o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0"),
@@ -184,8 +198,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.log_interval > 0, f"log_interval={cfg.log_interval} must be at least 1"),
         (0 < cfg.dataset.val_fraction < 1,
          f"dataset.val_fraction={cfg.dataset.val_fraction} must be between 0 and 1"),
-        (cfg.dataset.tokenizer == "char",
-         f"dataset.tokenizer={cfg.dataset.tokenizer!r} is not supported; use char"),
+        (cfg.dataset.tokenizer in ("char", "gpt2"),
+         f"dataset.tokenizer={cfg.dataset.tokenizer!r} is not supported; use char or gpt2"),
         (cfg.device.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"device.dtype={cfg.device.dtype!r} is not one of auto, float32, bfloat16, float16"),
     ]

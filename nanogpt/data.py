@@ -24,6 +24,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
+from nanogpt.bpe import GPT2_ENCODING, gpt2_encoding
 from nanogpt.errors import DataError
 from nanogpt.fileio import sha256_of_file, write_atomically
 
@@ -186,7 +187,33 @@ def tokenizer_codec(description: dict) -> tuple[Callable[[str], list[int]], Call
     """(encode, decode) for a tokenizer as described in meta.json and in checkpoints."""
     if description.get("kind") == "char":
         return create_encoder_decoder(description["vocabulary"])
-    raise DataError(f"unknown tokenizer kind {description.get('kind')!r}; this version knows: char")
+    if description.get("kind") == "tiktoken" and description.get("encoding") == GPT2_ENCODING:
+        encoding = gpt2_encoding()
+        # Special tokens such as <|endoftext|> in a prompt are read as plain text.
+        return encoding.encode_ordinary, encoding.decode
+    raise DataError(
+        f"unknown tokenizer {description!r}; this version knows char and tiktoken gpt2"
+    )
+
+
+# dataset.tokenizer names -> the description stored in meta.json and checkpoints.
+TOKENIZERS = ("char", "gpt2")
+
+
+def describe_tokenizer(name: str, text: str = "") -> dict:
+    """The stored description of tokenizer name; a char vocabulary is built from text."""
+    if name == "char":
+        return {"kind": "char", "vocabulary": get_vocabulary(text)}
+    if name == "gpt2":
+        return {"kind": "tiktoken", "encoding": GPT2_ENCODING}
+    raise DataError(f"dataset.tokenizer={name!r} is not known; use one of: {', '.join(TOKENIZERS)}")
+
+
+def tokenizer_vocab_size(description: dict) -> int:
+    """How many token ids a tokenizer can produce."""
+    if description["kind"] == "char":
+        return len(description["vocabulary"])
+    return gpt2_encoding().n_vocab
 
 
 @dataclass
@@ -212,12 +239,15 @@ def prepare_data(
     data_root: Path,
     sha256: str | None = None,
     val_fraction: float = 0.1,
+    tokenizer: str = "char",
 ) -> PreparedData:
-    """Prepare a character-level dataset once: raw text -> train.bin, val.bin, meta.json.
+    """Prepare a text dataset once: raw text -> train.bin, val.bin, meta.json.
 
-    The first (1 - val_fraction) of the text is for training, the rest for
-    validation. Concurrent callers wait on a lock; whoever comes second finds
-    the work done. A cache whose source, checksum or settings differ is rebuilt.
+    tokenizer is "char" (a vocabulary of the text's characters) or "gpt2"
+    (GPT-2's BPE via tiktoken). The first (1 - val_fraction) of the text's
+    characters is for training, the rest for validation. Concurrent callers
+    wait on a lock; whoever comes second finds the work done. A cache whose
+    source, checksum or settings differ is rebuilt.
     """
     directory = Path(data_root).expanduser() / name
     try:
@@ -229,12 +259,12 @@ def prepare_data(
     with FileLock(str(directory / ".lock")):
         # A URL is fetched only when no cache of it exists yet; a local source is
         # re-read every time, so an edited file is noticed.
-        if is_url(source) and _cache_is_current(directory, source, sha256, val_fraction):
+        if is_url(source) and _cache_is_current(directory, source, sha256, val_fraction, tokenizer):
             return PreparedData(directory, read_meta(directory))
         raw = directory / "input.txt"
         fetch_text_source(source, raw, sha256)
         source_sha256 = sha256_of_file(raw)
-        if _cache_is_current(directory, source, source_sha256, val_fraction):
+        if _cache_is_current(directory, source, source_sha256, val_fraction, tokenizer):
             return PreparedData(directory, read_meta(directory))
 
         try:
@@ -245,10 +275,11 @@ def prepare_data(
                 f"dataset.source {source} is not UTF-8 text (byte {e.start} cannot be decoded); "
                 "convert it to UTF-8, e.g. with iconv"
             ) from None
-        vocabulary = get_vocabulary(text)
-        if len(vocabulary) > np.iinfo(np.uint16).max + 1:
-            raise DataError(f"{source} has {len(vocabulary)} distinct characters; at most 65536 fit uint16")
-        encode, _ = create_encoder_decoder(vocabulary)
+        description = describe_tokenizer(tokenizer, text)
+        vocab_size = tokenizer_vocab_size(description)
+        if vocab_size > np.iinfo(np.uint16).max + 1:
+            raise DataError(f"{source} has {vocab_size} distinct characters; at most 65536 fit uint16")
+        encode, _ = tokenizer_codec(description)
         n_train = int(len(text) * (1 - val_fraction))
         splits = {"train": text[:n_train], "val": text[n_train:]}
         meta = {
@@ -257,8 +288,8 @@ def prepare_data(
             "source": source,
             "source_sha256": source_sha256,
             "val_fraction": val_fraction,
-            "tokenizer": {"kind": "char", "vocabulary": vocabulary},
-            "vocab_size": len(vocabulary),
+            "tokenizer": description,
+            "vocab_size": vocab_size,
         }
         for split, part in tqdm(splits.items(), desc=f"tokenize {name}", disable=None):
             ids = np.array(encode(part), dtype=np.uint16)
@@ -276,7 +307,9 @@ def read_meta(directory: Path) -> dict:
     return json.loads((directory / "meta.json").read_text())
 
 
-def _cache_is_current(directory: Path, source: str, sha256: str | None, val_fraction: float) -> bool:
+def _cache_is_current(
+    directory: Path, source: str, sha256: str | None, val_fraction: float, tokenizer: str = "char"
+) -> bool:
     """True when directory already holds this source prepared with these settings."""
     try:
         meta = read_meta(directory)
@@ -287,6 +320,7 @@ def _cache_is_current(directory: Path, source: str, sha256: str | None, val_frac
         and meta.get("source") == source
         and (sha256 is None or meta.get("source_sha256") == sha256)
         and meta.get("val_fraction") == val_fraction
+        and meta.get("tokenizer", {}).get("kind") == describe_tokenizer(tokenizer)["kind"]
         and all((directory / f"{s}.bin").exists() for s in ("train", "val"))
     )
 
@@ -297,6 +331,9 @@ class BatchSampler:
     Each batch row is block_size + 1 consecutive tokens: the model reads the
     first block_size and predicts the last block_size. The sampler draws from
     its own seeded generator, so its position can be saved and restored.
+    Evaluation batches come from a second generator, so how often and how long
+    a run evaluates does not change which batches it trains on.
+    rank and world_size give a process of a distributed job its share of each batch.
     """
 
     def __init__(
@@ -306,8 +343,11 @@ class BatchSampler:
         batch_size: int,
         device: torch.device,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.block_size = block_size
+        self.rank, self.world_size = rank, world_size
         self.batch_size = batch_size
         self.device = device
         self.splits = {
@@ -321,14 +361,22 @@ class BatchSampler:
                     f"for model.block_size={block_size}; use a smaller block_size or more text"
                 )
         self.generator = torch.Generator().manual_seed(seed)
+        self.eval_generator = torch.Generator().manual_seed(seed + 1)
         self.offsets = np.arange(block_size + 1)
 
-    def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (inputs, targets), each (batch_size, block_size) int64 on the device."""
+    def get_batch(self, split: str, evaluation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (inputs, targets), each (batch_size, block_size) int64 on the device.
+
+        evaluation=True draws from the evaluation generator instead of the training one.
+        """
         tokens = self.splits[split]
+        # In a job of world_size processes, each draws the whole job's batch from
+        # the same generator and keeps its own rows: different data on every
+        # process, and together exactly the batches one process would draw.
         starts = torch.randint(
-            len(tokens) - self.block_size, (self.batch_size,), generator=self.generator
-        ).numpy()
+            len(tokens) - self.block_size, (self.world_size * self.batch_size,),
+            generator=self.eval_generator if evaluation else self.generator,
+        ).numpy()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         windows = torch.from_numpy(tokens[starts[:, None] + self.offsets].astype(np.int64))
         if self.device.type == "cuda":
             # Pinned host memory lets the copy overlap with the GPU's work.
@@ -345,15 +393,13 @@ def main() -> None:
     """
     from nanogpt.cli import hydra_entry, to_dataclass
     from nanogpt.config import DataConfig
+    from nanogpt.corpus import prepare_dataset
 
     @hydra_entry("data")
     def prepare(cfg) -> None:
         """Prepare the composed dataset and say where it went."""
         config = to_dataclass(cfg, DataConfig)
-        data = prepare_data(
-            config.dataset.name, config.dataset.source, Path(config.data_root),
-            sha256=config.dataset.sha256, val_fraction=config.dataset.val_fraction,
-        )
+        data = prepare_dataset(config.dataset, Path(config.data_root))
         print(
             f"{config.dataset.name}: {data.meta['train_tokens']:,} train and "
             f"{data.meta['val_tokens']:,} val tokens, vocabulary {data.vocab_size}, in {data.directory}"

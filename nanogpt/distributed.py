@@ -1,0 +1,211 @@
+"""Training on many processes with torch.distributed: torchrun, multi-node, SLURM.
+
+One process per GPU (or several on a CPU, with gloo), all running the same
+training loop under DistributedDataParallel. The pieces here:
+
+* DistributedContext: which process this is (rank, local rank, world size),
+  read from the environment torchrun sets, or from SLURM's when Hydra's
+  submitit launcher started one task per GPU (submitit's helper exports the
+  same variables).
+* run_with_shared_run_dir(): Hydra names a run directory after the current
+  time, so processes started a moment apart would each make their own. Rank 0
+  composes the config first and tells the others its directory, which they
+  then use as theirs (``hydra.run.dir=...``, without Hydra's .hydra folder):
+  one run directory per job, no stray ones.
+* all_reduce_mean(): average numbers across processes, so every rank logs,
+  compares and checkpoints the same losses.
+
+Only rank 0 writes (checkpoints, metrics, trackers, the log); the others
+compute and keep quiet. Nothing here imports Hydra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanogpt.errors import ConfigError
+
+# Exit status of the other ranks when rank 0 stopped before training (it reports why).
+EXIT_RANK0_FAILED = 2
+
+
+@dataclass
+class DistributedContext:
+    """Where this process stands in a distributed job; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        """True when more than one process trains together."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process that writes files and logs."""
+        return self.rank == 0
+
+
+def context_from_environment() -> DistributedContext:
+    """Where this process stands, from torchrun's variables or a submitit SLURM task's."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+            and "SUBMITIT_EXECUTOR" in os.environ:
+        # Hydra's submitit launcher starts one SLURM task per GPU; submitit knows
+        # how to turn SLURM's variables into torch.distributed's.
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return DistributedContext(
+        rank=int(os.environ.get("RANK", 0)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def init_process_group(context: DistributedContext) -> bool:
+    """Join the job's process group (once); return True if this call created it.
+
+    NCCL carries CUDA tensors and gloo CPU ones, so a job can reduce both.
+    """
+    if not context.enabled or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(context.local_rank)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group(backend="gloo")
+    return True
+
+
+def device_for(context: DistributedContext, device: torch.device) -> torch.device:
+    """Each process of a job takes its own GPU: cuda:LOCAL_RANK."""
+    if context.enabled and device.type == "cuda":
+        if context.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"process {context.rank} has LOCAL_RANK {context.local_rank} but this node has "
+                f"{torch.cuda.device_count()} GPU(s); use at most that many processes per node"
+            )
+        return torch.device("cuda", context.local_rank)
+    return device
+
+
+def per_rank_accumulation(global_steps: int, context: DistributedContext) -> int:
+    """Micro-batches each process runs so that together they make gradient_accumulation_steps."""
+    if global_steps % context.world_size:
+        raise ConfigError(
+            f"gradient_accumulation_steps={global_steps} must be a multiple of the number of "
+            f"processes ({context.world_size}), so every process runs the same number of micro-batches"
+        )
+    return global_steps // context.world_size
+
+
+def all_reduce_mean(values: dict[str, float], context: DistributedContext, device: torch.device) -> dict:
+    """The mean of each value over all processes (unchanged for a single process)."""
+    if not context.enabled:
+        return values
+    keys = sorted(values)
+    # CUDA tensors go through NCCL; everything else through gloo.
+    where = device if device.type == "cuda" else torch.device("cpu")
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=where)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return {k: v / context.world_size for k, v in zip(keys, tensor.tolist(), strict=True)}
+
+
+def silence_other_ranks(context: DistributedContext) -> None:
+    """Keep the log to rank 0: the others would print every line again."""
+    if not context.is_main:
+        logging.getLogger("nanogpt").setLevel(logging.WARNING)
+
+
+class SilentMetrics:
+    """Stands in for the metrics log on ranks other than 0, which write nothing."""
+
+    def log(self, record: dict) -> None:
+        """Drop the record: rank 0 writes the same one."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+class _RunDirAnnouncement:
+    """Rank 0 tells the other ranks its run directory, exactly once."""
+
+    sent = False
+
+    @classmethod
+    def send(cls, run_dir: str | None) -> None:
+        """Broadcast run_dir (None: rank 0 stopped before training) if not yet done."""
+        if cls.sent or not dist.is_initialized() or dist.get_rank() != 0:
+            return
+        cls.sent = True
+        dist.broadcast_object_list([run_dir], src=0)
+
+    @staticmethod
+    def receive() -> str | None:
+        """Wait for rank 0's run directory."""
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        return message[0]
+
+
+def announce_run_dir(run_dir) -> None:
+    """Called by rank 0's task once Hydra has made its run directory; a no-op elsewhere."""
+    _RunDirAnnouncement.send(str(run_dir))
+
+
+def is_multirun(argv: list[str]) -> bool:
+    """True for ``-m``/``--multirun``: each job then gets its directory from the launcher."""
+    return any(arg in ("-m", "--multirun") for arg in argv[1:])
+
+
+def run_with_shared_run_dir(hydra_main: Callable[[], None]) -> None:
+    """Run a Hydra entry point in every process of a torchrun job, all in rank 0's run directory.
+
+    A single process, or a multirun (where the launcher fixes each job's
+    directory before any process starts), just runs hydra_main.
+    """
+    context = context_from_environment()
+    if not context.enabled or is_multirun(sys.argv):
+        hydra_main()
+        return
+    init_process_group(context)
+    try:
+        if context.is_main:
+            try:
+                hydra_main()
+            finally:
+                _RunDirAnnouncement.send(None)  # unblock the others if no directory was announced
+        else:
+            run_dir = _RunDirAnnouncement.receive()
+            if run_dir is None:
+                sys.exit(EXIT_RANK0_FAILED)
+            # Use rank 0's directory; leave Hydra's own record of the run to rank 0.
+            sys.argv += [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=null"]
+            hydra_main()
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def maybe_no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
+    """Inside, DDP does not all-reduce gradients: they keep accumulating locally.
+
+    During gradient accumulation only the last micro-batch's backward pass
+    needs to synchronise; the earlier ones would only send data to be summed again.
+    """
+    if skip_sync and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield

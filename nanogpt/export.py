@@ -1,0 +1,50 @@
+"""Export a checkpoint as a Hugging Face GPT-2 model: ``python -m nanogpt.export ckpt=RUN out=DIR``.
+
+The directory holds config.json and model.safetensors, so
+``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` loads it and computes the
+same logits as our model. GPT-2 BPE models also get GPT-2's tokenizer files.
+A character-level vocabulary matches no Hugging Face tokenizer: its characters
+are kept in nanogpt_tokenizer.json (``model.init_from=DIR`` reads it back), and
+text must be turned into ids with it by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from nanogpt.cli import hydra_entry, to_dataclass
+from nanogpt.hf import export_checkpoint
+
+
+@dataclass
+class ExportConfig:
+    """What to export and where."""
+
+    ckpt: str = MISSING  # a checkpoint file, or a run directory (its best.pt, else last.pt)
+    out: str = MISSING  # the Hugging Face model directory to write (replaced if it exists)
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+@hydra_entry("export")
+def main(cfg: DictConfig) -> None:
+    """Entry point: export cfg.ckpt to cfg.out and say what was written."""
+    config = to_dataclass(cfg, ExportConfig)
+    out = export_checkpoint(config.ckpt, config.out)
+    tokenizer = (out / "nanogpt_tokenizer.json").read_text()
+    print(f"wrote a Hugging Face GPT-2 model to {out}")
+    if '"char"' in tokenizer:
+        print("note: its character vocabulary matches no Hugging Face tokenizer; "
+              "map text to ids with nanogpt_tokenizer.json")
+    elif (out / "vocab.json").is_file():
+        print("with GPT-2's tokenizer: AutoTokenizer.from_pretrained works on it")
+    else:
+        print("tokenizer: GPT-2's BPE (AutoTokenizer.from_pretrained('gpt2') matches it)")
+
+
+if __name__ == "__main__":
+    main()
