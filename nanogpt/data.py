@@ -27,6 +27,8 @@ from urllib3.util.retry import Retry
 from nanogpt.errors import DataError
 from nanogpt.fileio import sha256_of_file, write_atomically
 
+log = logging.getLogger("nanogpt.data")
+
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
@@ -256,6 +258,7 @@ def prepare_data(
         write_atomically(
             directory / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1))
         )
+        log.info("prepared %s into %s", name, directory)
         return PreparedData(directory, meta)
 
 

@@ -29,7 +29,9 @@ from nanogpt.data import BatchSampler, PreparedData, create_encoder_decoder, pre
 from nanogpt.device import autocast, peak_flops, resolve_device, resolve_dtype, should_compile
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig, configure_optimizer, estimate_mfu
-from nanogpt.tracking import MetricsLog
+from nanogpt.progress import TrainingProgress
+from nanogpt.sweeps import name_tracking_run
+from nanogpt.tracking import RunTracking
 
 log = logging.getLogger("nanogpt.train")
 
@@ -128,8 +130,10 @@ class Trainer:
 
         self.tokens_per_iter = cfg.batch_size * cfg.model.block_size * cfg.gradient_accumulation_steps
         self.peak_flops = peak_flops(self.device, cfg.device.peak_flops)
-        self.metrics = MetricsLog(run_dir)
         self.resolved_config = resolved_config or {}
+        self.metrics = RunTracking(run_dir, cfg.logger, self.resolved_config)
+        self.progress = TrainingProgress(cfg.max_iters)
+        self.grad_norm = torch.zeros(())
         self.iter_num = 0
         self.best_val_loss = float("inf")
 
@@ -165,9 +169,10 @@ class Trainer:
                 loss = loss / accumulation
             self.batch = self.sampler.get_batch("train")  # fetch the next batch while the device works
             self.scaler.scale(loss).backward()
-        if cfg.optimizer.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
+        # The norm is tracked even without clipping (an infinite limit clips nothing).
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -218,7 +223,7 @@ class Trainer:
         tokens_per_sec = self.tokens_per_iter / seconds
         record = {"kind": "train", "iter": it, "tokens": (it + 1) * self.tokens_per_iter,
                   "loss": train_loss, "lr": lr, "ms_per_iter": seconds * 1000,
-                  "tokens_per_sec": tokens_per_sec}
+                  "tokens_per_sec": tokens_per_sec, "grad_norm": self.grad_norm.item()}
         line = (f"iter {it}: loss {train_loss:.4f}, lr {lr:.2e}, {seconds * 1000:.1f} ms/iter, "
                 f"{tokens_per_sec:,.0f} tok/s")
         if self.peak_flops:
@@ -226,14 +231,18 @@ class Trainer:
             line += f", mfu {record['mfu']:.1%}"
         log.info(line)
         self.metrics.log(record)
+        self.progress.update_to(it + 1, train_loss)
         self.restart_timer()
 
     def finish(self) -> None:
-        """Close the metrics file and show a short sample of what the model learned."""
-        self.metrics.close()
+        """Show (and track) a short sample of what the model learned; close the trackers."""
+        self.progress.close()
         log.info("best val loss %.4f; run directory %s", self.best_val_loss, self.run_dir)
         if self.cfg.sample_tokens > 0:
-            log.info("sample:\n%s", sample_text(self.model, self.data, self.cfg.sample_tokens, self.device))
+            text = sample_text(self.model, self.data, self.cfg.sample_tokens, self.device)
+            log.info("sample:\n%s", text)
+            self.metrics.log_sample(text)
+        self.metrics.close()
 
 
 def train(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None = None) -> float:
@@ -248,6 +257,7 @@ def main(cfg: DictConfig) -> float:
     try:
         config = to_dataclass(cfg, TrainConfig)
         validate_train_config(config)
+        config.logger = name_tracking_run(config.logger)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         return train(config, run_dir, resolved)
