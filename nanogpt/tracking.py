@@ -68,13 +68,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def tracker_key(record: dict, field: str) -> str | None:
-    """The tracker's name for one field of a metrics record ("val/loss", "train/lr"), or None to skip."""
+    """The tracker's name for one field of a metrics record ("loss/val", "train/lr"), or None to skip.
+
+    An evaluation's two losses go under loss/ (W&B then charts them side by side);
+    they must not share a name with the batch loss logged at the same iteration,
+    which would overwrite them.
+    """
     if field in ("kind", "iter"):
         return None
     if record.get("kind") == "eval":
-        # An evaluation measures both splits; group them by split so W&B charts pair them.
         split = field.removesuffix("_loss")
-        return f"{split}/loss" if field.endswith("_loss") else f"eval/{field}"
+        return f"loss/{split}" if field.endswith("_loss") else f"eval/{field}"
     if field in ("tokens_per_sec", "ms_per_iter", "mfu"):
         return f"perf/{field}"
     return f"train/{field}"

@@ -57,7 +57,7 @@ def test_wandb_runs_hold_history_summary_and_config(sweep):
         run = read_offline_run(offline_dir)
         assert run.group == sweep_dir.name and run.name == job.name and run.project == "nanogpt"
         assert "model" in run.config and "optimizer" in run.config
-        val_steps = [h["_step"] for h in run.history if "val/loss" in h]
+        val_steps = [h["_step"] for h in run.history if "loss/val" in h and "loss/train" in h]
         assert val_steps == [0, 10, 20, 30]
         train_keys = set().union(*(h.keys() for h in run.history if "train/loss" in h))
         assert {"train/lr", "train/grad_norm", "perf/tokens_per_sec"} <= train_keys

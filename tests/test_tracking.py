@@ -41,7 +41,7 @@ def test_online_mode_without_network_falls_back_to_offline(tmp_path, corpus, dat
     assert len(warnings) == 1 and "logging offline instead" in warnings[0], output
     (offline_dir,) = (run_dir / "wandb").glob("offline-run-*")
     run = read_offline_run(offline_dir)
-    assert [h["_step"] for h in run.history if "val/loss" in h] == [0, 5, 10]
+    assert [h["_step"] for h in run.history if "loss/val" in h] == [0, 5, 10]
     assert "best val loss" in (run_dir / "train.log").read_text()
 
 
@@ -59,7 +59,7 @@ def test_tensorboard_writes_event_files_in_the_run_dir(tmp_path, corpus, data_ro
     _, run_dir = train_once(tmp_path, corpus, data_root, "logger=tensorboard")
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("val/loss")] == [0, 5, 10]
+    assert [e.step for e in events.Scalars("loss/val")] == [0, 5, 10]
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec"} <= scalars
     assert not (run_dir / "wandb").exists()
