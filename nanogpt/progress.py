@@ -17,9 +17,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 class TrainingProgress:
     """A bar over optimizer steps, moved to an absolute iteration at each log interval."""
 
-    def __init__(self, total: int, initial: int = 0):
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="it", disable=None,
-                        dynamic_ncols=True)
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        # disable=None: tqdm draws only when stderr is a terminal.
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="it",
+                        disable=None if enabled else True, dynamic_ncols=True)
         self.redirect = contextlib.ExitStack()
         if not self.bar.disable:
             self.redirect.enter_context(logging_redirect_tqdm())

@@ -132,7 +132,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, cfg.device.peak_flops)
         self.resolved_config = resolved_config or {}
         self.metrics = RunTracking(run_dir, cfg.logger, self.resolved_config)
-        self.progress = TrainingProgress(cfg.max_iters)
+        self.progress = TrainingProgress(cfg.max_iters, enabled=self.metrics.owner)
         self.grad_norm = torch.zeros(())
         self.iter_num = 0
         self.best_val_loss = float("inf")
