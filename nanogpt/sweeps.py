@@ -58,9 +58,21 @@ def job_label(overrides: list[str], keys: list[str] | None) -> str:
             continue
         if keys is None and ("/" in value or os.sep in value):
             continue
-        parts.append(f"{override.key_or_group}={value}")
+        parts.append(f"{override.key_or_group}={short_number(value)}")
     label = re.sub(r"[^\w.,=+-]+", "_", ",".join(parts))
     return label[:MAX_LABEL_LENGTH]
+
+
+def short_number(value: str) -> str:
+    """A long number (as Optuna samples them) cut to 4 significant digits; other text as it is.
+
+    The exact value stays in the job's .hydra/overrides.yaml and in the sweep table.
+    """
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if len(value) <= 8 else f"{number:.4g}"
 
 
 def announced_swept_keys() -> list[str] | None:

@@ -172,3 +172,5 @@ def test_job_labels_keep_swept_keys_and_drop_paths():
     assert swept_keys(["optimizer.lr=1e-3,3e-4", "seed=3"], None) == ["optimizer.lr"]
     assert job_label(overrides, ["optimizer.lr"]) == "optimizer.lr=0.001"
     assert job_label(overrides, None) == "optimizer.lr=0.001,experiment=lr_sweep,seed=3"
+    assert job_label(["optimizer.lr=0.0003342330176505329", "model=tiny"], ["optimizer.lr", "model"]) == \
+        "optimizer.lr=0.0003342,model=tiny"
