@@ -94,9 +94,17 @@ class DeviceConfig:
 
 @dataclass
 class LoggerConfig:
-    """Experiment tracking. metrics.jsonl in the run directory is always written."""
+    """Experiment tracking (nanogpt/tracking.py). metrics.jsonl in the run directory is always written."""
 
-    name: str = "none"
+    name: str = "wandb"  # wandb | tensorboard | none
+    mode: str = "offline"  # W&B: offline | online | disabled (conf/logger/wandb.yaml reads WANDB_MODE)
+    project: str = "nanogpt"  # W&B project (conf/logger/wandb.yaml reads WANDB_PROJECT)
+    entity: str | None = None  # W&B team or user; None: your default entity
+    group: str | None = None  # None: the sweep's name in a multirun, no group otherwise
+    run_name: str | None = None  # None: from the job's overrides
+    tags: list[str] = field(default_factory=list)
+    run_id: str | None = None  # resume this W&B run (by id) instead of starting a new one
+    init_timeout: float = 10.0  # seconds to wait for W&B before falling back to offline
 
 
 @dataclass
@@ -155,6 +163,9 @@ def register_configs() -> None:
     are registered here as the ``experiment`` group; ``+experiment=NAME`` then
     works from any directory and from an installed wheel.
     """
+    from nanogpt.sweeps import register_resolvers  # sweep directory names use a resolver
+
+    register_resolvers()
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="sample_schema", node=SampleConfig)
@@ -200,6 +211,10 @@ def validate_train_config(cfg: TrainConfig) -> None:
          f"dataset.val_fraction={cfg.dataset.val_fraction} must be between 0 and 1"),
         (cfg.dataset.tokenizer in ("char", "gpt2"),
          f"dataset.tokenizer={cfg.dataset.tokenizer!r} is not supported; use char or gpt2"),
+        (cfg.logger.name in ("wandb", "tensorboard", "none"),
+         f"logger.name={cfg.logger.name!r} is not one of wandb, tensorboard, none"),
+        (cfg.logger.mode in ("offline", "online", "disabled", "dryrun", "run"),
+         f"logger.mode={cfg.logger.mode!r} is not one of offline, online, disabled"),
         (cfg.device.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"device.dtype={cfg.device.dtype!r} is not one of auto, float32, bfloat16, float16"),
     ]

@@ -28,6 +28,8 @@ from nanogpt.bpe import GPT2_ENCODING, gpt2_encoding
 from nanogpt.errors import DataError
 from nanogpt.fileio import sha256_of_file, write_atomically
 
+log = logging.getLogger("nanogpt.data")
+
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
@@ -299,6 +301,7 @@ def prepare_data(
         write_atomically(
             directory / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1))
         )
+        log.info("prepared %s into %s", name, directory)
         return PreparedData(directory, meta)
 
 

@@ -18,6 +18,13 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary file beside dest, then rename it into place.
 
@@ -28,6 +35,8 @@ def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp makes owner-only files; give the result the permissions a plain open() would.
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -1,21 +1,53 @@
-"""Recording what a run measures.
+"""Recording what a run measures: metrics.jsonl, a run summary, and W&B or TensorBoard.
 
 metrics.jsonl in the run directory is always written: one JSON object per line,
-easy to read back with pandas or a few lines of Python. Trackers such as
-Weights & Biases receive the same records.
+easy to read back with pandas or a few lines of Python. At the end of a run,
+summary.json holds the figures a sweep table needs (best val loss and its
+iteration, wall time, tokens/s). A tracker chosen by ``logger=`` receives the
+same records:
+
+- ``wandb`` (the default): a real Weights & Biases run whose files live in
+  ``<run dir>/wandb/``. Offline by default, so no account or network is needed
+  (``wandb sync`` uploads it later); ``logger.mode=online`` streams it, and falls
+  back to offline with one warning when W&B cannot be reached or no one is logged in.
+- ``tensorboard``: event files in ``<run dir>/tensorboard/``.
+- ``none``: metrics.jsonl and summary.json only.
+
+Only the process that owns the run records anything (rank 0 under torchrun);
+the others get a RunTracking that drops what it is given.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import logging
+import math
+import os
+import statistics
+import time
 from pathlib import Path
+from typing import Any
+
+from nanogpt.errors import ConfigError
+from nanogpt.fileio import write_atomically
+
+log = logging.getLogger("nanogpt.tracking")
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+LOGGERS = ("wandb", "tensorboard", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+# Older spellings of WANDB_MODE that wandb still accepts.
+WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+DEFAULT_WANDB_URL = "https://api.wandb.ai"
 
 
 class MetricsLog:
     """Appends one JSON record per call to run_dir/metrics.jsonl."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.file = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict) -> None:
@@ -30,6 +62,259 @@ class MetricsLog:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """All records of a run's metrics.jsonl, in order."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def tracker_key(record: dict, field: str) -> str | None:
+    """The tracker's name for one field of a metrics record ("loss/val", "train/lr"), or None to skip.
+
+    An evaluation's two losses go under loss/ (W&B then charts them side by side);
+    they must not share a name with the batch loss logged at the same iteration,
+    which would overwrite them.
+    """
+    if field in ("kind", "iter"):
+        return None
+    if record.get("kind") == "eval":
+        split = field.removesuffix("_loss")
+        return f"loss/{split}" if field.endswith("_loss") else f"eval/{field}"
+    if field in ("tokens_per_sec", "ms_per_iter", "mfu"):
+        return f"perf/{field}"
+    return f"train/{field}"
+
+
+class Tracker:
+    """The interface every tracker offers; this base class records nothing (``logger=none``)."""
+
+    run_id: str | None = None  # an id to resume the same tracker run with (W&B only)
+
+    def log(self, record: dict, step: int) -> None:
+        """Record the numbers of one metrics record at an iteration."""
+
+    def update_summary(self, values: dict) -> None:
+        """Set run-level figures such as the best val loss."""
+
+    def log_sample(self, text: str, step: int) -> None:
+        """Record the text the model wrote at the end of the run."""
+
+    def finish(self) -> None:
+        """Flush and close."""
+
+
+class WandbTracker(Tracker):
+    """A Weights & Biases run stored in the run directory."""
+
+    def __init__(self, run: Any):
+        self.run = run
+        self.run_id = run.id
+
+    def log(self, record: dict, step: int) -> None:
+        """Log the record's numbers under grouped names, at the record's iteration."""
+        values = {key: value for field, value in record.items()
+                  if (key := tracker_key(record, field)) and isinstance(value, (int, float))}
+        self.run.log(values, step=step)
+
+    def update_summary(self, values: dict) -> None:
+        """Write into the run's summary (shown in the W&B runs table)."""
+        self.run.summary.update(values)
+
+    def log_sample(self, text: str, step: int) -> None:
+        """Keep the sample as a preformatted HTML panel and as summary text."""
+        import wandb
+
+        self.run.log({"sample": wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+        self.run.summary["sample_text"] = text
+
+    def finish(self) -> None:
+        """Finish the W&B run (offline: everything is on disk afterwards)."""
+        self.run.finish()
+
+
+class TensorBoardTracker(Tracker):
+    """TensorBoard event files in <run dir>/tensorboard/."""
+
+    def __init__(self, run_dir: Path, resolved_config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        config_text = json.dumps(resolved_config, indent=2)
+        self.writer.add_text("config", f"```\n{config_text}\n```")
+
+    def log(self, record: dict, step: int) -> None:
+        """One scalar per numeric field, at the record's iteration."""
+        for field, value in record.items():
+            key = tracker_key(record, field)
+            if key and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, global_step=step)
+
+    def update_summary(self, values: dict) -> None:
+        """Summary figures as scalars under summary/, at step 0."""
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"summary/{key}", value, global_step=0)
+
+    def log_sample(self, text: str, step: int) -> None:
+        """The sample as a text entry."""
+        self.writer.add_text("sample", f"```\n{text}\n```", global_step=step)
+
+    def finish(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """The W&B mode to use, accepting wandb's older spellings; ConfigError for anything else."""
+    mode = WANDB_MODE_ALIASES.get(mode, mode)
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"logger.mode={mode!r} is not one of {', '.join(WANDB_MODES)}")
+    return mode
+
+
+def why_wandb_is_unreachable(timeout: float) -> str | None:
+    """None when online W&B can work from here; otherwise the reason, in a few words.
+
+    Checked up front, so that a machine without network or login never waits
+    on wandb.init's own (long) timeout.
+    """
+    import requests
+    import wandb
+
+    base_url = os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL)
+    try:
+        # Any HTTP answer, even an error status, means the server can be reached.
+        requests.head(base_url, timeout=timeout)
+    except requests.RequestException as error:
+        return f"cannot reach {base_url} ({type(error).__name__})"
+    try:
+        logged_in = wandb.login(host=base_url, prompt=False, verify=False)
+    except Exception as error:  # noqa: BLE001  (any failure here means: not usable online)
+        return f"login failed ({type(error).__name__})"
+    return None if logged_in else "not logged in (run `wandb login` or set WANDB_API_KEY)"
+
+
+def start_wandb(logger, run_dir: Path, resolved_config: dict) -> WandbTracker | None:
+    """Start a W&B run in run_dir as logger (a LoggerConfig) says; None in disabled mode.
+
+    Online mode that cannot work here falls back to offline with one warning,
+    so a missing network or login never stops or stalls training.
+    """
+    import wandb
+
+    mode = resolve_wandb_mode(logger.mode)
+    if mode == "disabled":
+        return None
+    if mode == "online":
+        reason = why_wandb_is_unreachable(logger.init_timeout)
+        if reason:
+            log.warning("W&B online mode unavailable: %s; logging offline instead (upload later "
+                        "with `wandb sync %s/wandb/offline-run-*`)", reason, run_dir)
+            mode = "offline"
+    arguments = dict(
+        dir=str(run_dir), project=logger.project, entity=logger.entity, group=logger.group,
+        name=logger.run_name, tags=list(logger.tags) or None, config=resolved_config,
+        id=logger.run_id, resume="allow" if logger.run_id else None,
+        settings=wandb.Settings(init_timeout=max(logger.init_timeout, 1.0)),
+    )
+    try:
+        run = wandb.init(mode=mode, **arguments)
+    except Exception as error:  # noqa: BLE001  (wandb raises many kinds; none may stop training)
+        if mode != "online":
+            raise
+        log.warning("W&B online run could not start (%s); logging offline instead", first_line(error))
+        run = wandb.init(mode="offline", **arguments)
+    return WandbTracker(run)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def create_tracker(logger, run_dir: Path, resolved_config: dict) -> Tracker:
+    """The tracker logger.name asks for (a LoggerConfig), started in run_dir."""
+    if logger.name not in LOGGERS:
+        raise ConfigError(f"logger.name={logger.name!r} is not one of {', '.join(LOGGERS)}")
+    if logger.name == "wandb":
+        return start_wandb(logger, run_dir, resolved_config) or Tracker()
+    if logger.name == "tensorboard":
+        return TensorBoardTracker(run_dir, resolved_config)
+    return Tracker()
+
+
+def owns_the_run() -> bool:
+    """True in the process that records the run: rank 0 under torchrun, else always."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class RunTracking:
+    """Everything a training run records: metrics.jsonl, summary.json and the tracker.
+
+    log() takes the train and eval records the trainer makes; eval records also
+    update the best val loss and its iteration in the tracker's summary, so a
+    run that dies early still shows its best. close() writes summary.json.
+    """
+
+    def __init__(self, run_dir: Path, logger, resolved_config: dict | None = None,
+                 owner: bool | None = None):
+        self.run_dir = Path(run_dir)
+        self.owner = owns_the_run() if owner is None else owner
+        self.started = time.time()
+        self.best_val_loss = math.inf
+        self.best_iter: int | None = None
+        self.last_iter = 0
+        self.last_tokens = 0
+        self.tokens_per_sec: list[float] = []
+        if not self.owner:
+            return
+        self.metrics = MetricsLog(self.run_dir)
+        self.tracker = create_tracker(logger, self.run_dir, resolved_config or {})
+
+    def log(self, record: dict) -> None:
+        """Record one train or eval record everywhere."""
+        if not self.owner:
+            return
+        self.metrics.log(record)
+        self.last_iter = record.get("iter", self.last_iter)
+        self.last_tokens = record.get("tokens", self.last_tokens)
+        if "tokens_per_sec" in record:
+            self.tokens_per_sec.append(record["tokens_per_sec"])
+        self.tracker.log(record, step=self.last_iter)
+        val_loss = record.get("val_loss")
+        if val_loss is not None and val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_iter = val_loss, record["iter"]
+            self.tracker.update_summary({"best_val_loss": val_loss, "best_iter": record["iter"]})
+
+    @property
+    def run_id(self) -> str | None:
+        """The tracker run's id (kept in checkpoints so a resumed run continues it)."""
+        return self.tracker.run_id if self.owner else None
+
+    def log_sample(self, text: str) -> None:
+        """Record the end-of-run sample text."""
+        if self.owner:
+            self.tracker.log_sample(text, step=self.last_iter)
+
+    def summary(self) -> dict:
+        """The run's figures as summary.json holds them."""
+        return {
+            "best_val_loss": self.best_val_loss if self.best_iter is not None else None,
+            "best_iter": self.best_iter,
+            "iters": self.last_iter,
+            "tokens": self.last_tokens,
+            "wall_time_s": round(time.time() - self.started, 3),
+            # The median ignores the slow first steps (compilation, warm-up).
+            "tokens_per_sec": statistics.median(self.tokens_per_sec) if self.tokens_per_sec else None,
+        }
+
+    def close(self) -> None:
+        """Write summary.json and close the metrics file and the tracker."""
+        if not self.owner:
+            return
+        summary = self.summary()
+        write_atomically(self.run_dir / SUMMARY_FILE,
+                         lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+        self.tracker.update_summary({"wall_time_s": summary["wall_time_s"]})
+        self.metrics.close()
+        self.tracker.finish()

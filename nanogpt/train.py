@@ -35,7 +35,9 @@ from nanogpt.errors import ConfigError, UserError
 from nanogpt.hf import load_gpt2_weights
 from nanogpt.model import GPT, GPTConfig, configure_optimizer, estimate_mfu
 from nanogpt.optim import configure_muon
-from nanogpt.tracking import MetricsLog
+from nanogpt.progress import TrainingProgress
+from nanogpt.sweeps import name_tracking_run
+from nanogpt.tracking import RunTracking
 
 log = logging.getLogger("nanogpt.train")
 
@@ -100,9 +102,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resolved_config: dict | None = None,
                  resume_state: dict | None = None, overrides: list[str] | None = None):
         self.cfg = cfg
-        # A tracker resumes its own run (e.g. W&B by id) from resume_state["training"]["tracker_run_id"].
         self.resume_state = resume_state
-        self.tracker_run_id: str | None = None
         self.overrides = list(overrides or [])
         self.run_dir = run_dir
         # Under torchrun (or a SLURM job) several processes train together; rank 0 writes.
@@ -154,8 +154,14 @@ class Trainer:
 
         self.tokens_per_iter = cfg.batch_size * cfg.model.block_size * cfg.gradient_accumulation_steps
         self.peak_flops = peak_flops(self.device, cfg.device.peak_flops)
-        self.metrics = MetricsLog(run_dir) if self.dist.is_main else distributed.SilentMetrics()
         self.resolved_config = resolved_config or {}
+        if resume_state is not None and cfg.logger.run_id is None:
+            # Continue the same tracker run (W&B resumes by id) rather than starting another.
+            cfg.logger.run_id = resume_state.get("training", {}).get("tracker_run_id")
+        self.metrics = RunTracking(run_dir, cfg.logger, self.resolved_config)
+        self.tracker_run_id = self.metrics.run_id
+        self.progress = TrainingProgress(cfg.max_iters, enabled=self.metrics.owner)
+        self.grad_norm = torch.zeros(())
         self.iter_num = 0
         self.best_val_loss = float("inf")
         self.batch = None  # the next training batch, fetched ahead
@@ -239,9 +245,10 @@ class Trainer:
                 self.batch = self.sampler.get_batch("train")  # fetch the next batch while the device works
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        if cfg.optimizer.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
+        # The norm is tracked even without clipping (an infinite limit clips nothing).
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -311,7 +318,6 @@ class Trainer:
         self.best_val_loss = state["best_val_loss"]
         self.last_eval_iter = training["last_eval_iter"]
         self.last_saved_iter = self.iter_num
-        self.tracker_run_id = training.get("tracker_run_id")
         self.sampler.generator.set_state(training["sampler_rng"])
         self.sampler.eval_generator.set_state(training["eval_sampler_rng"])
         if training["batch"] is not None:
@@ -355,7 +361,7 @@ class Trainer:
         tokens_per_sec = self.tokens_per_iter / seconds
         record = {"kind": "train", "iter": it, "tokens": (it + 1) * self.tokens_per_iter,
                   "loss": train_loss, "lr": lr, "ms_per_iter": seconds * 1000,
-                  "tokens_per_sec": tokens_per_sec}
+                  "tokens_per_sec": tokens_per_sec, "grad_norm": self.grad_norm.item()}
         line = (f"iter {it}: loss {train_loss:.4f}, lr {lr:.2e}, {seconds * 1000:.1f} ms/iter, "
                 f"{tokens_per_sec:,.0f} tok/s")
         if self.peak_flops:
@@ -363,16 +369,20 @@ class Trainer:
             line += f", mfu {record['mfu']:.1%}"
         log.info(line)
         self.metrics.log(record)
+        self.progress.update_to(it + 1, train_loss)
         self.restart_timer()
 
     def finish(self) -> None:
-        """Close the metrics file and show a short sample of what the model learned."""
-        self.metrics.close()
+        """Show (and track) a short sample of what the model learned; close the trackers."""
+        self.progress.close()
         log.info("best val loss %.4f; run directory %s", self.best_val_loss, self.run_dir)
         if self.owns_process_group:
             torch.distributed.destroy_process_group()
         if self.cfg.sample_tokens > 0 and self.stopped_by is None and self.dist.is_main:
-            log.info("sample:\n%s", sample_text(self.model, self.data, self.cfg.sample_tokens, self.device))
+            text = sample_text(self.model, self.data, self.cfg.sample_tokens, self.device)
+            log.info("sample:\n%s", text)
+            self.metrics.log_sample(text)
+        self.metrics.close()
 
 
 def train(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None = None,
@@ -390,6 +400,7 @@ def train_task(cfg: DictConfig) -> float:
     try:
         config = to_dataclass(cfg, TrainConfig)
         validate_train_config(config)
+        config.logger = name_tracking_run(config.logger)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resume_state = resume.checkpoint_to_resume(config.resume, config.auto_resume, run_dir, resolved)
         if is_main:

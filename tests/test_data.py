@@ -196,3 +196,17 @@ def test_block_size_larger_than_val_split_is_a_clear_error(corpus, data_root):
     data = prepare_data("toy", str(corpus), data_root)
     with pytest.raises(DataError, match="block_size"):
         BatchSampler(data, block_size=data.meta["val_tokens"], batch_size=2, device=torch.device("cpu"))
+
+
+def test_prepared_files_are_readable_by_others(corpus, data_root):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        data = prepare_data("perm", str(corpus), data_root)
+    finally:
+        os.umask(old)
+    for name in ("train.bin", "val.bin", "meta.json"):
+        mode = stat.S_IMODE((data.directory / name).stat().st_mode)
+        assert mode == 0o644, (name, oct(mode))

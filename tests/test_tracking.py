@@ -1,0 +1,83 @@
+"""Trackers through real ``python -m nanogpt.train`` runs: none, TensorBoard, W&B online fallback."""
+
+import socket
+
+from nanogpt.tracking import RunTracking, read_metrics
+
+from .conftest import TINY_RUN, run_module
+from .wandb_records import read_offline_run
+
+QUICK = [*TINY_RUN, "max_iters=10", "eval_interval=5", "sample_tokens=0"]
+
+
+def train_once(tmp_path, corpus, data_root, *args, env=None):
+    """One quick run; returns (process, run directory)."""
+    result = run_module("nanogpt.train", *QUICK, "dataset=text", f"dataset.source={corpus}",
+                        f"data_root={data_root}", *args, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    return result, run_dir
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening on it (connections are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_logger_none_writes_metrics_and_no_wandb_files(tmp_path, corpus, data_root):
+    _, run_dir = train_once(tmp_path, corpus, data_root, "logger=none")
+    assert not list(tmp_path.rglob("wandb")) and not list(tmp_path.rglob("*.wandb"))
+    assert [r["iter"] for r in read_metrics(run_dir) if r["kind"] == "eval"] == [0, 5, 10]
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_online_mode_without_network_falls_back_to_offline(tmp_path, corpus, data_root):
+    env = {"WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}", "WANDB_API_KEY": "x" * 40}
+    result, run_dir = train_once(tmp_path, corpus, data_root, "logger.mode=online", env=env)
+    output = result.stdout + result.stderr
+    warnings = [line for line in output.splitlines() if "W&B online mode unavailable" in line]
+    assert len(warnings) == 1 and "logging offline instead" in warnings[0], output
+    (offline_dir,) = (run_dir / "wandb").glob("offline-run-*")
+    run = read_offline_run(offline_dir)
+    assert [h["_step"] for h in run.history if "loss/val" in h] == [0, 5, 10]
+    assert "best val loss" in (run_dir / "train.log").read_text()
+
+
+def test_wandb_environment_variables_keep_their_meaning(tmp_path, corpus, data_root):
+    env = {"WANDB_MODE": "disabled", "WANDB_PROJECT": "shakespeare-lab"}
+    _, run_dir = train_once(tmp_path, corpus, data_root, env=env)
+    assert not (run_dir / "wandb").exists()  # disabled: no W&B files at all
+    assert "project: shakespeare-lab" in (run_dir / "config.yaml").read_text()
+    assert (run_dir / "metrics.jsonl").is_file()
+
+
+def test_tensorboard_writes_event_files_in_the_run_dir(tmp_path, corpus, data_root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = train_once(tmp_path, corpus, data_root, "logger=tensorboard")
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/val")] == [0, 5, 10]
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec"} <= scalars
+    assert not (run_dir / "wandb").exists()
+
+
+def test_bad_logger_fails_before_any_work(tmp_path, corpus, data_root):
+    result = run_module("nanogpt.train", *QUICK, "dataset=text", f"dataset.source={corpus}",
+                        f"data_root={data_root}", "logger.mode=sometimes", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: logger.mode='sometimes' is not one of offline, online, disabled"]
+    assert not list(data_root.iterdir()) and not list(tmp_path.glob("outputs/*/*"))
+
+
+def test_only_the_owning_process_records(tmp_path):
+    from nanogpt.config import LoggerConfig
+
+    other_rank = RunTracking(tmp_path, LoggerConfig(name="wandb"), {}, owner=False)
+    other_rank.log({"kind": "eval", "iter": 0, "val_loss": 1.0, "train_loss": 1.0})
+    other_rank.close()
+    assert list(tmp_path.iterdir()) == []
