@@ -15,6 +15,7 @@ from nanogpt.checkpoint import load_checkpoint
 from nanogpt.tracking import read_metrics
 
 from .conftest import TINY_RUN, run_module
+from .wandb_records import read_offline_run
 
 # Dropout on and a real learning rate, so every RNG and the optimizer state matter.
 RUN = [*TINY_RUN, "model.dropout=0.1", "optimizer.lr=3e-3", "optimizer.warmup_iters=2",
@@ -95,6 +96,12 @@ def test_sigterm_then_resume_is_bitwise_exact(work, reference):
     # Every evaluation happened exactly once across the two processes.
     assert [r["iter"] for r in read_metrics(run_dir) if r["kind"] == "eval"] == [0, 4, 8, 12]
     assert not list(run_dir.glob("outputs")) and not (work[0] / "outputs").exists()
+    # Both processes wrote to one W&B run: the resumed one continued it by id.
+    run_id = saved["training"]["tracker_run_id"]
+    assert run_id and load_checkpoint(run_dir / "last.pt")["training"]["tracker_run_id"] == run_id
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(d.name.endswith(f"-{run_id}") for d in wandb_runs)
+    assert {read_offline_run(d).run_id for d in wandb_runs} == {run_id}
 
 
 def test_sigkill_while_saving_keeps_the_previous_checkpoint_then_auto_resume_is_exact(work, reference):
