@@ -214,7 +214,8 @@ def start_wandb(logger, run_dir: Path, resolved_config: dict) -> WandbTracker | 
         dir=str(run_dir), project=logger.project, entity=logger.entity, group=logger.group,
         name=logger.run_name, tags=list(logger.tags) or None, config=resolved_config,
         id=logger.run_id, resume="allow" if logger.run_id else None,
-        settings=wandb.Settings(init_timeout=max(logger.init_timeout, 1.0)),
+        # silent: W&B's own banner would break "one line per problem" on stderr; we say where it is.
+        settings=wandb.Settings(init_timeout=max(logger.init_timeout, 1.0), silent=True),
     )
     try:
         run = wandb.init(mode=mode, **arguments)
@@ -223,6 +224,7 @@ def start_wandb(logger, run_dir: Path, resolved_config: dict) -> WandbTracker | 
             raise
         log.warning("W&B online run could not start (%s); logging offline instead", first_line(error))
         run = wandb.init(mode="offline", **arguments)
+    log.info("W&B run %s (%s) in %s", run.id, run.settings.mode, Path(run.dir).parent)
     return WandbTracker(run)
 
 

@@ -422,5 +422,10 @@ def main() -> None:
     """Entry point: ``python -m nanogpt.train`` or ``torchrun ... -m nanogpt.train``."""
     distributed.run_with_shared_run_dir(train_task)
 
+
 if __name__ == "__main__":
-    main()
+    # Run the copy of this module that is importable as nanogpt.train, not __main__, so that
+    # launchers which pickle the task (joblib, submitit) can refer to it by name.
+    from nanogpt.train import main as importable_main
+
+    importable_main()

@@ -50,7 +50,9 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(cor
     assert len(run_dirs) == 1, run_dirs
     run_dir = run_dirs[0]
     assert sorted(p.name for p in run_dir.glob("*.pt")) == ["best.pt", "last.pt"]
-    assert len([p for p in (tmp_path / "outputs").rglob("*") if p.is_dir() and p.name != ".hydra"]) == 2
+    # One run directory and nothing beside it: outputs/<date>/<time>, made by rank 0 only.
+    (date_dir,) = (tmp_path / "outputs").iterdir()
+    assert list(date_dir.iterdir()) == [run_dir]
     log = (run_dir / "train.log").read_text()
     assert log.count("eval 0:") == 1 and log.count("iter 7:") == 1
 
