@@ -142,7 +142,8 @@ def run_benchmark(cfg: BenchConfig, out_dir: Path) -> dict:
     settings = cfg.bench
     if settings.train_steps < 1 or settings.gen_tokens < 1 or settings.warmup_steps < 0:
         raise ConfigError("bench.train_steps and bench.gen_tokens must be >= 1, bench.warmup_steps >= 0")
-    train_cfg = replace(cfg, save_checkpoints=False, sample_tokens=0)
+    # A benchmark leaves nothing behind: no checkpoint, no tracker run.
+    train_cfg = replace(cfg, save_checkpoints=False, sample_tokens=0, logger=replace(cfg.logger, name="none"))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(train_cfg, Path(scratch))
         results = {
