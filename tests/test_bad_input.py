@@ -49,6 +49,10 @@ CASES = [
     Case("config", "sample", ("ckpt={run}", "top_p=2"), "top_p=2.0 must be in (0, 1]"),
     Case("config", "sample", ("ckpt={run}", "num_samples=0"), "num_samples >= 1"),
     Case("config", "data", ("dataset=nope",), "dataset=nope is not an option"),
+    Case("config", "train", ("logger=slack",), "logger=slack is not an option"),
+    Case("config", "train", ("logger.mode=sometimes",), "logger.mode='sometimes' is not one of"),
+    Case("config", "train", ("dataset.tokenizer=bert",), "dataset.tokenizer='bert' is not supported"),
+    Case("config", "train", ("hydra/launcher=nope",), "hydra/launcher=nope is not an option"),
     # data
     Case("data", "train", ("dataset=text", "dataset.source={empty_dir}"), "a directory with no .txt files"),
     Case("data", "train", ("dataset=text", "dataset.source={corpus}", f"dataset.sha256={'0' * 64}"),
@@ -74,6 +78,11 @@ CASES = [
     Case("checkpoint", "train", ("resume={run}", "model.n_embd=64"), "resume: model.n_embd=64 would change"),
     Case("checkpoint", "train", ("resume={run}", "-m"), "cannot be combined with --multirun"),
     Case("checkpoint", "train", ("resume={run}", "hydra.run.dir={empty_dir}"), "drop hydra.run.dir"),
+    Case("checkpoint", "train", ("dataset=text", "dataset.source={corpus}", "model.init_from={empty_dir}"),
+         "must hold config.json and model.safetensors"),
+    Case("checkpoint", "export", ("ckpt=/no/such.pt", "out={empty_dir}/exported"),
+         "ckpt=/no/such.pt does not exist"),
+    Case("checkpoint", "report", ("/no/such/run",), "/no/such/run does not exist"),
     # device
     Case("device", "train", ("device.name=tpu",), "device='tpu' is not a device"),
     Case("device", "train", ("device.name=cuda:99",), "device=cuda"),
@@ -174,7 +183,7 @@ def test_bad_input_fails_with_one_clear_line(case, results, world):
 
 def test_every_area_and_entry_point_is_covered():
     assert {c.area for c in CASES} == {"config", "data", "checkpoint", "device", "prompt"}
-    assert {c.entry for c in CASES} == {"train", "sample", "data"}
+    assert {c.entry for c in CASES} == {"train", "sample", "data", "export", "report"}
 
 
 def test_the_crafted_checkpoint_would_run_code_if_unpickled_unsafely(world, tmp_path):
