@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -80,11 +79,6 @@ def build_model(state: dict) -> GPT:
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model
-
-
-def model_config_dict(config: GPTConfig) -> dict:
-    """GPTConfig as plain data for a checkpoint."""
-    return asdict(config)
 
 
 def find_checkpoint(path: str | Path) -> Path:
