@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from nanogpt.bench import BenchConfig
 from nanogpt.cli import to_dataclass
 from nanogpt.config import (
     CONFIG_DIR,
@@ -21,11 +22,11 @@ from .conftest import run_module
 GROUPS = ["model", "dataset", "optimizer", "device", "logger"]
 
 
-def compose_train(overrides: list[str]) -> TrainConfig:
+def compose_train(overrides: list[str], config_name: str = "train", schema: type = TrainConfig):
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    return to_dataclass(cfg, TrainConfig)
+        cfg = compose(config_name=config_name, overrides=overrides)
+    return to_dataclass(cfg, schema)
 
 
 def group_options(group: str) -> list[str]:
@@ -61,6 +62,12 @@ def test_tiny_is_the_cpu_size():
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
 def test_every_experiment_composes(recipe):
     cfg = compose_train([f"+experiment={recipe}"])
+    validate_train_config(cfg)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
+def test_every_experiment_composes_for_the_benchmark(recipe):
+    cfg = compose_train([f"+experiment={recipe}"], config_name="bench", schema=BenchConfig)
     validate_train_config(cfg)
 
 
