@@ -42,6 +42,11 @@ class ModelConfig:
     vocab_multiple: int = 1  # round the vocabulary up to a multiple of this (64 for GPT-2 BPE on GPUs)
     gelu_approximate: str = "none"  # none: exact GELU; tanh: GPT-2's approximation
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    # Architecture variants, all off by default (GPT-2's architecture); README "Model options":
+    position_encoding: str = "learned"  # learned: GPT-2's position table; rope: rotary positions
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    qk_norm: bool = False  # RMS-normalise queries and keys per head
+    activation: str = "gelu"  # gelu | relu2 (squared ReLU)
     # Start from pretrained GPT-2 weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl (from the
     # Hugging Face Hub) or a directory with config.json + model.safetensors. The shape then comes
     # from the weights; block_size (crop), dropout and the switches above still apply.
@@ -190,6 +195,16 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (m.vocab_multiple >= 1, f"model.vocab_multiple={m.vocab_multiple} must be at least 1"),
         (m.gelu_approximate in ("none", "tanh"),
          f"model.gelu_approximate={m.gelu_approximate!r} must be none or tanh"),
+        (m.position_encoding in ("learned", "rope"),
+         f"model.position_encoding={m.position_encoding!r} must be learned or rope"),
+        (m.position_encoding != "rope" or (m.n_embd // max(m.n_head, 1)) % 2 == 0,
+         f"model.position_encoding=rope needs an even head size, but n_embd/n_head = {m.n_embd}/{m.n_head}"),
+        (m.norm in ("layernorm", "rmsnorm"), f"model.norm={m.norm!r} must be layernorm or rmsnorm"),
+        (m.activation in ("gelu", "relu2"), f"model.activation={m.activation!r} must be gelu or relu2"),
+        (m.init_from is None or (m.position_encoding, m.norm, m.qk_norm, m.activation)
+         == ("learned", "layernorm", False, "gelu"),
+         f"model.init_from={m.init_from} loads GPT-2's architecture; drop the model.position_encoding, "
+         "model.norm, model.qk_norm and model.activation overrides"),
         (o.lr > 0, f"optimizer.lr={o.lr} must be positive"),
         (0 <= o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} must be between 0 and optimizer.lr={o.lr}"),
         (o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0"),

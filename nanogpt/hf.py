@@ -191,6 +191,12 @@ def export_checkpoint(ckpt: str | Path, out: Path) -> Path:
     state = load_checkpoint(ckpt_path)
     model = build_model(state)
     config = model.config
+    if config.variants:
+        settings = " ".join(f"model.{name}={value}" for name, value in config.variants.items())
+        raise CheckpointError(
+            f"{ckpt_path} was trained with {settings}; only GPT-2's own architecture "
+            "(the default model options) can be exported as Hugging Face GPT-2"
+        )
     tokenizer = state.get("tokenizer") or GPT2_TOKENIZER
     eos = 50256 if tokenizer == GPT2_TOKENIZER else None
     hf_config = GPT2Config(

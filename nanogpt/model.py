@@ -7,6 +7,10 @@ a stack of pre-LayerNorm transformer blocks (attention, then an MLP, each added
 back onto a residual stream), a final LayerNorm, and an output layer that shares
 its weights with the token embedding. This file imports no configuration
 machinery: build a GPTConfig, pass it to GPT, and you have a model.
+
+Four later ideas can be switched on in GPTConfig (all off by default, so the
+model stays GPT-2's): rotary positions, RMSNorm, normalised queries and keys,
+and a squared-ReLU MLP. Each is a few lines next to the part it replaces.
 """
 
 from __future__ import annotations
@@ -42,11 +46,30 @@ class GPTConfig:
     # Recompute each block's activations during the backward pass instead of
     # storing them: less memory for more compute, with identical gradients.
     gradient_checkpointing: bool = False
+    # Variants from later models (off by default; see the module docstring):
+    position_encoding: str = "learned"  # "learned" (GPT-2's table) or "rope" (rotate q and k)
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (scale only, no mean)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    activation: str = "gelu"  # "gelu" (GPT-2) or "relu2": relu(x) ** 2
+
+    @property
+    def variants(self) -> dict:
+        """The variant switches set away from GPT-2's architecture (empty for GPT-2 itself)."""
+        return {name: getattr(self, name) for name in VARIANT_SWITCHES
+                if getattr(self, name) != getattr(GPTConfig, name)}
+
+    @property
+    def head_size(self) -> int:
+        """Width of one attention head."""
+        return self.n_embd // self.n_head
 
     @property
     def padded_vocab_size(self) -> int:
         """vocab_size rounded up to a multiple of vocab_multiple."""
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+
+VARIANT_SWITCHES = ("position_encoding", "norm", "qk_norm", "activation")
 
 
 class KVCache:
@@ -72,6 +95,41 @@ class KVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
+def make_norm(config: GPTConfig, width: int) -> nn.Module:
+    """The normalisation layer config.norm asks for, over the last dimension of size width.
+
+    LayerNorm subtracts the mean and divides by the standard deviation, then
+    scales (and shifts, with bias). RMSNorm only divides by the root mean square
+    and scales: one statistic fewer, and in practice as good.
+    """
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(width)
+    return nn.LayerNorm(width, bias=config.bias)
+
+
+def rotary_angles(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cosines and sines of the rotary angles, each of shape (block_size, head_size // 2).
+
+    Pair i of a head's channels turns by position * 10000 ** (-2i / head_size):
+    fast-turning pairs tell near positions apart, slow ones far positions.
+    """
+    half = config.head_size // 2
+    frequencies = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), frequencies)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position encoding: turn each pair of channels of x (..., time, head_size) by its angle.
+
+    The dot product of a rotated query and key then depends only on how far
+    apart their positions are, so attention learns relative positions.
+    """
+    first, second = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which each position sees only itself and the past."""
 
@@ -86,6 +144,14 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        if config.qk_norm:  # unit-scale queries and keys keep attention logits in range
+            self.q_norm = nn.RMSNorm(config.head_size)
+            self.k_norm = nn.RMSNorm(config.head_size)
+        self.rotary = config.position_encoding == "rope"
+        if self.rotary:
+            cos, sin = rotary_angles(config)
+            self.register_buffer("rope_cos", cos, persistent=False)  # recomputed, never saved
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Attend over the sequence x of shape (batch, time, n_embd)."""
@@ -95,6 +161,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary:
+            start = cache.length if cache is not None else 0  # position of the first token in x
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
 
         # Without a cache, or when the cache is empty (the prompt), the causal mask
         # hides the future. A single new token after a filled cache is the last
@@ -114,19 +186,30 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLUSquared(nn.Module):
+    """relu(x) ** 2: as sparse as ReLU but smooth at zero, and cheaper than GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the activation elementwise."""
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
-    """A position-wise feed-forward network: widen 4x, GELU, project back."""
+    """A position-wise feed-forward network: widen 4x, GELU (or relu2), project back."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        if config.activation == "relu2":
+            self.activation = ReLUSquared()
+        else:
+            self.activation = nn.GELU(approximate=config.gelu_approximate)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Transform each position of x on its own."""
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -139,9 +222,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -157,15 +240,13 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned positions
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        self.transformer = nn.ModuleDict()
+        self.transformer.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # token embeddings
+        if config.position_encoding == "learned":  # rope encodes positions inside attention instead
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer.drop = nn.Dropout(config.dropout)
+        self.transformer.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.transformer.ln_f = make_norm(config, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Weight tying: reading a token in and writing it out use the same vectors,
         # which saves parameters and tends to help small models.
@@ -193,7 +274,7 @@ class GPT(nn.Module):
         The token embedding is shared with lm_head, so it counts once and stays in.
         """
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -216,8 +297,10 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
             if recompute and not caches:
@@ -241,7 +324,7 @@ class GPT(nn.Module):
         c = self.config
         like = self.lm_head.weight
         return [
-            KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, like)
+            KVCache(batch_size, c.n_head, c.block_size, c.head_size, like)
             for _ in range(c.n_layer)
         ]
 
@@ -260,7 +343,7 @@ class GPT(nn.Module):
 
         Each yielded tensor has shape (batch, 1), so callers can stream text.
         With use_cache, the prompt is run once and then each new token costs one
-        position. Learned positions stop at block_size, so when the context
+        position. Positions stop at block_size, so when the context
         fills, the cache is rebuilt from the newest half of the window: every
         token still sees at least block_size // 2 tokens of context, at correct
         positions. Up to block_size tokens the output equals use_cache=False,

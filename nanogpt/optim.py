@@ -8,8 +8,80 @@ LayerNorm gains stay with AdamW. MuonWithAdamW steps both as one optimizer.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+
+def orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Push every singular value of a matrix towards 1 (Muon's Newton–Schulz iteration).
+
+    Each step applies the odd polynomial a*X + b*(X X^T) X + c*(X X^T)^2 X, which keeps
+    the singular vectors and maps each singular value s to a*s + b*s^3 + c*s^5. The
+    coefficients are chosen to grow small values fast, so a few steps bring them all
+    roughly into [0.7, 1.2]: the update keeps its directions but loses its scale.
+    """
+    a, b, c = coefficients
+    x = matrix.to(dtype)
+    wide = x.size(0) <= x.size(1)
+    if not wide:
+        x = x.T  # iterate on the smaller Gram matrix
+    x = x / x.norm().clamp(min=eps)  # the Frobenius norm bounds the largest singular value
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x if wide else x.T
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with the Newton–Schulz iteration in a precision of our choice.
+
+    torch.optim.Muon always orthogonalises in bfloat16. That is right on a GPU, but a
+    CPU without bfloat16 matrix units emulates it: for the tiny model on two AVX2
+    cores one step took 743 ms in bfloat16 against 21 ms in float32. ns_dtype=None
+    uses bfloat16 for CUDA parameters and float32 for all others. Everything else
+    (arguments, update rule, state_dict) is torch.optim.Muon's.
+    """
+
+    def __init__(self, params, ns_dtype: torch.dtype | None = None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        """Momentum, then orthogonalise the update, then decoupled weight decay and the step."""
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure")
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buffer.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
+                update = orthogonalize(
+                    update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype
+                )
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * rms_matching_scale(p.shape, group["adjust_lr_fn"]))
+
+
+def rms_matching_scale(shape: torch.Size, rule: str | None) -> float:
+    """Learning-rate multiplier for a matrix of this shape, as torch.optim.Muon defines it.
+
+    "original" (None) is Keller Jordan's sqrt(max(1, rows / cols)); "match_rms_adamw"
+    is Moonshot's 0.2 * sqrt(max(rows, cols)), which makes updates as large as AdamW's.
+    """
+    rows, cols = shape[:2]
+    if rule in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    if rule == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
 
 
 class MuonWithAdamW:
@@ -68,7 +140,7 @@ def configure_muon(
     hidden = [p for name, p in model.named_parameters() if p.dim() == 2 and ".h." in f".{name}"]
     hidden_ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in hidden_ids]
-    muon = torch.optim.Muon(
+    muon = Muon(
         [{"params": hidden, "lr_scale": muon_learning_rate / learning_rate}],
         lr=muon_learning_rate, weight_decay=weight_decay, momentum=momentum,
     )

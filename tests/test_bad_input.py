@@ -53,6 +53,11 @@ CASES = [
     Case("config", "train", ("logger.mode=sometimes",), "logger.mode='sometimes' is not one of"),
     Case("config", "train", ("dataset.tokenizer=bert",), "dataset.tokenizer='bert' is not supported"),
     Case("config", "train", ("hydra/launcher=nope",), "hydra/launcher=nope is not an option"),
+    Case("config", "train", ("model.activation=swish",), "model.activation='swish' must be gelu or relu2"),
+    Case("config", "train", ("model.position_encoding=rope", "model.n_embd=12", "model.n_head=4"),
+         "model.position_encoding=rope needs an even head size"),
+    Case("config", "train", ("model.init_from=gpt2", "model.norm=rmsnorm"),
+         "model.init_from=gpt2 loads GPT-2's architecture"),
     # data
     Case("data", "train", ("dataset=text", "dataset.source={empty_dir}"), "a directory with no .txt files"),
     Case("data", "train", ("dataset=text", "dataset.source={corpus}", f"dataset.sha256={'0' * 64}"),

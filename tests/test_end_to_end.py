@@ -135,3 +135,24 @@ def test_shakespeare_default_dataset_from_local_source(tmp_path, shakespeare, da
     meta = json.loads((data_root / "shakespeare_char" / "meta.json").read_text())
     assert meta["vocab_size"] == 65
     assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)
+
+
+def test_variants_and_muon_train_resume_and_sample(tmp_path, corpus, data_root):
+    """Every architecture variant plus Muon through train, resume and sample."""
+    variants = ["model.position_encoding=rope", "model.norm=rmsnorm", "model.qk_norm=true",
+                "model.activation=relu2", "optimizer=muon", "optimizer.lr=3e-3", "optimizer.warmup_iters=5"]
+    common = [*TINY_RUN, *variants, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}",
+              "eval_interval=15"]
+    first = run_module("nanogpt.train", *common, "max_iters=30", "hydra.run.dir=run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    resumed = run_module("nanogpt.train", *common, "max_iters=45", "resume=run", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["iter_num"] == 45
+    model_config = state["model_config"]
+    assert model_config["position_encoding"] == "rope" and model_config["activation"] == "relu2"
+    evals = [r for r in read_metrics(tmp_path / "run") if r.get("kind") == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    sampled = run_module("nanogpt.sample", "ckpt=run", "num_tokens=80", "seed=3", cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
+    assert len(sampled.stdout) >= 80

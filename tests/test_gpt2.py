@@ -140,6 +140,17 @@ def test_export_char_model_loads_in_transformers_with_equal_logits(tmp_path):
         torch.testing.assert_close(again.eval()(idx, idx)[0], expected, atol=1e-5, rtol=0)
 
 
+def test_export_refuses_an_architecture_variant(tmp_path):
+    config = GPTConfig(vocab_size=65, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0,
+                       position_encoding="rope", activation="relu2")
+    vocabulary = [chr(c) for c in range(65)]
+    train_checkpoint(tmp_path / "best.pt", config, {"kind": "char", "vocabulary": vocabulary})
+    result = run_module("nanogpt.export", f"ckpt={tmp_path}", "out=hf_out", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.position_encoding=rope model.activation=relu2" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "hf_out").exists()
+
+
 def test_export_bpe_model_carries_gpt2_tokenizer(tmp_path, bpe_cache):
     import tiktoken
 

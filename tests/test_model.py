@@ -3,12 +3,24 @@ import math
 import pytest
 import torch
 
-from nanogpt.model import GPT, GPTConfig, configure_optimizer, sample_next_token
+from nanogpt.model import GPT, GPTConfig, configure_optimizer, rotary_angles, rotate, sample_next_token
 
 
 def tiny_config(**overrides) -> GPTConfig:
     base = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
     return GPTConfig(**{**base, **overrides})
+
+
+# GPT-2 itself, then each architecture variant alone, then all of them together.
+VARIANTS = [
+    {},
+    {"position_encoding": "rope"},
+    {"norm": "rmsnorm"},
+    {"qk_norm": True},
+    {"activation": "relu2"},
+    {"position_encoding": "rope", "norm": "rmsnorm", "qk_norm": True, "activation": "relu2"},
+]
+VARIANT_IDS = ["gpt2", "rope", "rmsnorm", "qk_norm", "relu2", "all"]
 
 
 def test_logits_and_loss_shapes():
@@ -29,9 +41,10 @@ def test_initial_loss_is_near_uniform():
     assert abs(loss.item() - math.log(65)) < 0.2
 
 
-def test_causality_later_tokens_never_change_earlier_logits():
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_causality_later_tokens_never_change_earlier_logits(variant):
     torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
+    model = GPT(tiny_config(**variant)).eval()
     idx = torch.randint(0, 11, (1, 12))
     changed = idx.clone()
     changed[0, 8:] = (changed[0, 8:] + 1) % 11
@@ -84,16 +97,18 @@ def generate_tokens(model, prompt, n, use_cache, seed=7):
                                            use_cache=use_cache, generator=gen)]
 
 
-def test_kv_cache_gives_the_same_tokens_as_recomputing():
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_kv_cache_gives_the_same_tokens_as_recomputing(variant):
     torch.manual_seed(0)
-    model = GPT(tiny_config(block_size=32)).eval()
+    model = GPT(tiny_config(block_size=32, **variant)).eval()
     prompt = torch.randint(0, 11, (1, 5))
     assert generate_tokens(model, prompt, 27, True) == generate_tokens(model, prompt, 27, False)
 
 
-def test_kv_cache_logits_match_full_forward():
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_kv_cache_logits_match_full_forward(variant):
     torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
+    model = GPT(tiny_config(**variant)).eval()
     idx = torch.randint(0, 11, (2, 10))
     caches = model.new_caches(2)
     model(idx[:, :6], caches=caches)
@@ -110,6 +125,51 @@ def test_generation_continues_past_block_size():
     for use_cache in (True, False):
         tokens = list(model.generate(prompt, 40, temperature=1.0, use_cache=use_cache))
         assert len(tokens) == 40 and all(t.shape == (2, 1) for t in tokens)
+
+
+def test_rotary_attention_scores_depend_only_on_distance():
+    torch.manual_seed(0)
+    config = tiny_config(block_size=32)
+    cos, sin = rotary_angles(config)
+    q, k = torch.randn(config.head_size), torch.randn(config.head_size)
+
+    def score(query_pos: int, key_pos: int) -> torch.Tensor:
+        rotated_q = rotate(q, cos[query_pos], sin[query_pos])
+        rotated_k = rotate(k, cos[key_pos], sin[key_pos])
+        return rotated_q @ rotated_k
+
+    assert torch.allclose(score(5, 2), score(25, 22), atol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
+    assert torch.allclose(rotate(q, cos[0], sin[0]), q)  # position 0 is not turned
+
+
+def test_variants_change_the_modules():
+    default = GPT(tiny_config())
+    variant = GPT(tiny_config(position_encoding="rope", norm="rmsnorm", qk_norm=True, activation="relu2"))
+    assert default.config.variants == {} and len(variant.config.variants) == 4
+    assert "wpe" in default.transformer and "wpe" not in variant.transformer
+    assert isinstance(variant.transformer.ln_f, torch.nn.RMSNorm)
+    assert isinstance(variant.transformer.h[0].attn.q_norm, torch.nn.RMSNorm)
+    hidden = torch.tensor([-2.0, 0.5, 3.0])
+    assert variant.transformer.h[0].mlp.activation(hidden).tolist() == [0.0, 0.25, 9.0]
+    # The rotary tables are recomputed on construction, never stored in checkpoints.
+    assert not any("rope" in key for key in variant.state_dict())
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:], ids=VARIANT_IDS[1:])
+def test_variants_learn(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**variant))
+    optimizer = configure_optimizer(model, 0.0, 1e-2, (0.9, 0.95))
+    idx = torch.randint(0, 11, (4, 16))
+    losses = []
+    for _ in range(40):
+        _, loss = model(idx, torch.roll(idx, -1, dims=1))
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] - 1.0
 
 
 def test_forward_rejects_sequences_longer_than_block_size():

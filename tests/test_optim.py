@@ -1,7 +1,7 @@
 import torch
 
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.optim import configure_muon
+from nanogpt.optim import Muon, configure_muon, orthogonalize
 
 
 def small_model() -> GPT:
@@ -38,3 +38,33 @@ def test_muon_learns_and_its_state_round_trips():
     fresh = configure_muon(small_model(), 3e-3, 0.02, 0.0, (0.9, 0.95))
     fresh.load_state_dict(state)
     assert fresh.state_dict()["muon"]["state"].keys() == state["muon"]["state"].keys()
+
+
+def test_muon_in_bfloat16_is_torchs_muon():
+    """With ns_dtype=bfloat16 our Muon takes exactly torch.optim.Muon's steps."""
+    ours, theirs = small_model(), small_model()
+    matrices = [[p for p in m.parameters() if p.dim() == 2] for m in (ours, theirs)]
+    opt_ours = Muon(matrices[0], ns_dtype=torch.bfloat16, lr=0.02, weight_decay=0.1)
+    opt_theirs = torch.optim.Muon(matrices[1], lr=0.02, weight_decay=0.1)
+    x = torch.randint(0, 16, (8, 16))
+    for _ in range(3):
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            model(x, torch.roll(x, -1, dims=1))[1].backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_muon_orthogonalises_in_float32_on_cpu():
+    """On CPU the default precision is float32, and the iteration flattens the spectrum."""
+    model = small_model()
+    opt = Muon([model.lm_head.weight], lr=0.02)
+    assert opt.ns_dtype is None  # None: bfloat16 on CUDA, float32 here
+    torch.manual_seed(0)
+    skewed = torch.randn(48, 32) @ torch.diag(torch.logspace(-1, 1, 32))  # spread-out singular values
+    out = orthogonalize(skewed, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == skewed.shape
+    singular = torch.linalg.svdvals(out)
+    assert singular.min() > 0.3 and singular.max() < 1.3
+    assert torch.linalg.svdvals(skewed).max() / torch.linalg.svdvals(skewed).min() > 50
