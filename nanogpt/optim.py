@@ -9,40 +9,51 @@ LayerNorm gains stay with AdamW. MuonWithAdamW steps both as one optimizer.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 from torch import nn
 
 
-def orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+def orthogonalize(matrices: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
                   eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """Push every singular value of a matrix towards 1 (Muon's Newton–Schulz iteration).
+    """Push every singular value of each matrix towards 1 (Muon's Newton–Schulz iteration).
 
-    Each step applies the odd polynomial a*X + b*(X X^T) X + c*(X X^T)^2 X, which keeps
-    the singular vectors and maps each singular value s to a*s + b*s^3 + c*s^5. The
-    coefficients are chosen to grow small values fast, so a few steps bring them all
-    roughly into [0.7, 1.2]: the update keeps its directions but loses its scale.
+    matrices is one matrix (rows, cols) or a stack of them (count, rows, cols);
+    a stack is orthogonalised in one batched call per step, which on a CPU is
+    much faster than one call per matrix. Each step applies the odd polynomial
+    a*X + b*(X X^T) X + c*(X X^T)^2 X, which keeps the singular vectors and maps
+    each singular value s to a*s + b*s^3 + c*s^5. The coefficients grow small
+    values fast, so a few steps bring them all roughly into [0.7, 1.2]: the
+    update keeps its directions but loses its scale.
     """
     a, b, c = coefficients
-    x = matrix.to(dtype)
-    wide = x.size(0) <= x.size(1)
+    x = matrices.to(dtype)
+    single = x.dim() == 2
+    if single:
+        x = x.unsqueeze(0)
+    wide = x.size(1) <= x.size(2)
     if not wide:
-        x = x.T  # iterate on the smaller Gram matrix
-    x = x / x.norm().clamp(min=eps)  # the Frobenius norm bounds the largest singular value
+        x = x.mT  # iterate on the smaller Gram matrix
+    # The Frobenius norm bounds the largest singular value, so this puts them all in [0, 1].
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x if wide else x.T
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if not wide:
+        x = x.mT
+    return x[0] if single else x
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon with the Newton–Schulz iteration in a precision of our choice.
+    """torch.optim.Muon with the Newton–Schulz iteration in a precision of our choice, batched.
 
     torch.optim.Muon always orthogonalises in bfloat16. That is right on a GPU, but a
     CPU without bfloat16 matrix units emulates it: for the tiny model on two AVX2
     cores one step took 743 ms in bfloat16 against 21 ms in float32. ns_dtype=None
-    uses bfloat16 for CUDA parameters and float32 for all others. Everything else
-    (arguments, update rule, state_dict) is torch.optim.Muon's.
+    uses bfloat16 for CUDA parameters and float32 for all others. Matrices of the
+    same shape (the same layer in every block) are orthogonalised as one stack.
+    Everything else (arguments, update rule, state_dict) is torch.optim.Muon's.
     """
 
     def __init__(self, params, ns_dtype: torch.dtype | None = None, **kwargs):
@@ -56,18 +67,22 @@ class Muon(torch.optim.Muon):
             raise ValueError("Muon.step takes no closure")
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
+            same_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buffer.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
-                update = orthogonalize(
-                    update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype
-                )
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * rms_matching_scale(p.shape, group["adjust_lr_fn"]))
+                same_shape[(p.shape, p.device)].append((p, update))
+            for (shape, device), pairs in same_shape.items():
+                dtype = self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+                updates = orthogonalize(torch.stack([update for _, update in pairs]),
+                                        group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+                step_size = lr * rms_matching_scale(shape, group["adjust_lr_fn"])
+                for (p, _), update in zip(pairs, updates, strict=True):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(update.to(p.dtype), alpha=-step_size)
 
 
 def rms_matching_scale(shape: torch.Size, rule: str | None) -> float:

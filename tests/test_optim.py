@@ -68,3 +68,13 @@ def test_muon_orthogonalises_in_float32_on_cpu():
     singular = torch.linalg.svdvals(out)
     assert singular.min() > 0.3 and singular.max() < 1.3
     assert torch.linalg.svdvals(skewed).max() / torch.linalg.svdvals(skewed).min() > 50
+
+
+def test_a_stack_is_orthogonalised_like_its_matrices_one_by_one():
+    torch.manual_seed(0)
+    for shape in ((3, 20, 12), (3, 12, 20)):
+        stack = torch.randn(*shape)
+        together = orthogonalize(stack, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)
+        for matrix, result in zip(stack, together, strict=True):
+            alone = orthogonalize(matrix, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)
+            torch.testing.assert_close(result, alone, rtol=1e-5, atol=1e-5)
