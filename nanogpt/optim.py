@@ -1,7 +1,8 @@
 """Optimizers beyond plain AdamW.
 
-Muon (torch.optim.Muon) orthogonalises each update of a weight matrix, which
-lets hidden layers learn faster per step. It is meant for the 2-D weights inside
+Muon orthogonalises each update of a weight matrix, which lets hidden layers
+learn faster per step (torch.optim.Muon, with the orthogonalisation in float32
+off the GPU and batched over same-shape matrices). It is meant for the 2-D weights inside
 the transformer blocks only; embeddings, the (tied) output layer, biases and
 LayerNorm gains stay with AdamW. MuonWithAdamW steps both as one optimizer.
 """
