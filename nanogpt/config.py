@@ -185,11 +185,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot work."""
     m, o = cfg.model, cfg.optimizer
     checks = [
-        (m.n_embd % m.n_head == 0,
+        (m.n_head > 0, f"model.n_head={m.n_head} must be at least 1"),
+        (m.n_head <= 0 or m.n_embd % m.n_head == 0,
          f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
          "pick n_embd as a multiple of n_head"),
         (m.n_layer > 0, f"model.n_layer={m.n_layer} must be at least 1"),
-        (m.n_head > 0, f"model.n_head={m.n_head} must be at least 1"),
         (m.block_size > 0, f"model.block_size={m.block_size} must be at least 1"),
         (0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)"),
         (m.vocab_multiple >= 1, f"model.vocab_multiple={m.vocab_multiple} must be at least 1"),

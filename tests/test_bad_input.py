@@ -53,6 +53,7 @@ CASES = [
     Case("config", "train", ("logger.mode=sometimes",), "logger.mode='sometimes' is not one of"),
     Case("config", "train", ("dataset.tokenizer=bert",), "dataset.tokenizer='bert' is not supported"),
     Case("config", "train", ("hydra/launcher=nope",), "hydra/launcher=nope is not an option"),
+    Case("config", "train", ("model.n_head=0",), "model.n_head=0 must be at least 1"),
     Case("config", "train", ("model.activation=swish",), "model.activation='swish' must be gelu or relu2"),
     Case("config", "train", ("model.position_encoding=rope", "model.n_embd=12", "model.n_head=4"),
          "model.position_encoding=rope needs an even head size"),
