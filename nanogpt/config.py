@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from nanogpt.errors import ConfigError
+from nanogpt.model import VARIANT_SWITCHES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -184,6 +185,8 @@ def register_configs() -> None:
 def validate_train_config(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot work."""
     m, o = cfg.model, cfg.optimizer
+    variants = [f"model.{name}={getattr(m, name)}" for name in VARIANT_SWITCHES
+                if getattr(m, name) != getattr(ModelConfig, name)]
     checks = [
         (m.n_head > 0, f"model.n_head={m.n_head} must be at least 1"),
         (m.n_head <= 0 or m.n_embd % m.n_head == 0,
@@ -201,10 +204,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
          f"model.position_encoding=rope needs an even head size, but n_embd/n_head = {m.n_embd}/{m.n_head}"),
         (m.norm in ("layernorm", "rmsnorm"), f"model.norm={m.norm!r} must be layernorm or rmsnorm"),
         (m.activation in ("gelu", "relu2"), f"model.activation={m.activation!r} must be gelu or relu2"),
-        (m.init_from is None or (m.position_encoding, m.norm, m.qk_norm, m.activation)
-         == ("learned", "layernorm", False, "gelu"),
-         f"model.init_from={m.init_from} loads GPT-2's architecture; drop the model.position_encoding, "
-         "model.norm, model.qk_norm and model.activation overrides"),
+        (m.init_from is None or not variants,
+         f"model.init_from={m.init_from} loads GPT-2's architecture; drop {' '.join(variants)}"),
         (o.lr > 0, f"optimizer.lr={o.lr} must be positive"),
         (0 <= o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} must be between 0 and optimizer.lr={o.lr}"),
         (o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0"),

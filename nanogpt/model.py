@@ -144,7 +144,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        if config.qk_norm:  # unit-scale queries and keys keep attention logits in range
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:  # unit-scale queries and keys keep attention logits in range
             self.q_norm = nn.RMSNorm(config.head_size)
             self.k_norm = nn.RMSNorm(config.head_size)
         self.rotary = config.position_encoding == "rope"
@@ -161,7 +162,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
             start = cache.length if cache is not None else 0  # position of the first token in x

@@ -58,7 +58,7 @@ CASES = [
     Case("config", "train", ("model.position_encoding=rope", "model.n_embd=12", "model.n_head=4"),
          "model.position_encoding=rope needs an even head size"),
     Case("config", "train", ("model.init_from=gpt2", "model.norm=rmsnorm"),
-         "model.init_from=gpt2 loads GPT-2's architecture"),
+         "model.init_from=gpt2 loads GPT-2's architecture; drop model.norm=rmsnorm"),
     # data
     Case("data", "train", ("dataset=text", "dataset.source={empty_dir}"), "a directory with no .txt files"),
     Case("data", "train", ("dataset=text", "dataset.source={corpus}", f"dataset.sha256={'0' * 64}"),
