@@ -97,11 +97,11 @@ def time_generation(trainer: Trainer, new_tokens: int, use_cache: bool) -> dict:
     model.eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     with trainer.ctx:
-        for _ in model.generate(prompt, 8, use_cache=use_cache):
+        for _ in model.stream(prompt, 8, use_cache=use_cache):
             pass
         synchronize(device)
         start = time.perf_counter()
-        for token in model.generate(prompt, new_tokens, top_k=200, use_cache=use_cache):
+        for token in model.stream(prompt, new_tokens, top_k=200, use_cache=use_cache):
             token.item()  # a streaming caller needs each token on the host
         seconds = time.perf_counter() - start
     model.train()

@@ -16,6 +16,7 @@ and a squared-ReLU MLP. Each is a few lines next to the part it replaces.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -330,25 +331,25 @@ class GPT(nn.Module):
         ]
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ):
-        """Extend idx (batch, time) by max_new_tokens sampled tokens, yielding each step's tokens.
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return idx (batch, time) extended by max_new_tokens sampled tokens, as nanoGPT's does."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator))
+        return torch.cat([idx, *new], dim=1)
 
-        Each yielded tensor has shape (batch, 1), so callers can stream text.
+    @torch.no_grad()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield each new token, shape (batch, 1), as soon as it is sampled, so text can be shown live.
+
         With use_cache, the prompt is run once and then each new token costs one
-        position. Positions stop at block_size, so when the context
-        fills, the cache is rebuilt from the newest half of the window: every
-        token still sees at least block_size // 2 tokens of context, at correct
-        positions. Up to block_size tokens the output equals use_cache=False,
-        which re-runs the last block_size tokens at every step.
+        position. Positions stop at block_size, so when the context fills, the
+        cache is rebuilt from the newest half of the window: every token still
+        sees at least block_size // 2 tokens of context, at correct positions.
+        Up to block_size tokens the output equals use_cache=False, which re-runs
+        the last block_size tokens at every step.
         """
         block_size = self.config.block_size
         caches = None

@@ -76,7 +76,7 @@ def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:
         shown = ""
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         with autocast(device, dtype):
-            steps = model.generate(
+            steps = model.stream(
                 idx, cfg.num_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                 use_cache=cfg.use_cache, generator=generator,
             )

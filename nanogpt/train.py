@@ -88,7 +88,7 @@ def sample_text(model: GPT, data: PreparedData, num_tokens: int, device: torch.d
         start = [0]
     idx = torch.tensor([start], dtype=torch.long, device=device)
     model.eval()
-    ids = [int(t) for t in model.generate(idx, num_tokens, temperature=1.0, top_k=200)]
+    ids = model.generate(idx, num_tokens, temperature=1.0, top_k=200)[0, len(start):].tolist()
     return decode(start + ids)
 
 

@@ -59,7 +59,7 @@ def test_padded_vocabulary_changes_neither_logits_nor_loss():
     # Even when the padded rows would win, they cannot be sampled.
     with torch.no_grad():
         padded.lm_head.weight[101:] = 10.0
-    tokens = list(padded.generate(idx[:, :2], 20, temperature=1.0))
+    tokens = list(padded.stream(idx[:, :2], 20, temperature=1.0))
     assert max(int(t.max()) for t in tokens) < 101
 
 

@@ -93,7 +93,7 @@ def test_optimizer_decays_only_matrices():
 
 def generate_tokens(model, prompt, n, use_cache, seed=7):
     gen = torch.Generator().manual_seed(seed)
-    return [int(t) for t in model.generate(prompt, n, temperature=1.0, top_k=5,
+    return [int(t) for t in model.stream(prompt, n, temperature=1.0, top_k=5,
                                            use_cache=use_cache, generator=gen)]
 
 
@@ -123,7 +123,7 @@ def test_generation_continues_past_block_size():
     model = GPT(tiny_config(block_size=8)).eval()
     prompt = torch.randint(0, 11, (2, 3))
     for use_cache in (True, False):
-        tokens = list(model.generate(prompt, 40, temperature=1.0, use_cache=use_cache))
+        tokens = list(model.stream(prompt, 40, temperature=1.0, use_cache=use_cache))
         assert len(tokens) == 40 and all(t.shape == (2, 1) for t in tokens)
 
 
@@ -189,3 +189,15 @@ def test_sampling_filters():
     assert drawn == {2, 3}
     drawn = {sample_next_token(logits, 1.0, top_p=0.5, generator=gen).item() for _ in range(50)}
     assert drawn == {3}
+
+
+def test_generate_returns_the_extended_tensor_like_nanogpt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = model.generate(prompt, 5, temperature=0)
+    assert out.shape == (2, 8) and out.dtype == torch.long
+    assert torch.equal(out[:, :3], prompt)
+    streamed = torch.cat(list(model.stream(prompt, 5, temperature=0)), dim=1)
+    assert torch.equal(out[:, 3:], streamed)
+    assert len(model.generate(prompt[:1], 4, temperature=0)[0].tolist()) == 7
