@@ -16,41 +16,40 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from nanogpt.cli import hydra_entry, to_dataclass
-from nanogpt.config import TrainConfig, validate_train_config
-from nanogpt.errors import ConfigError
-from nanogpt.model import estimate_mfu
-from nanogpt.train import Trainer
+from nanogpt.config import TrainConfig
+from nanogpt.options import option, require
+from nanogpt.train import Trainer, build_trainer
 
 
 @dataclass
 class BenchSettings:
     """How much to measure."""
 
-    warmup_steps: int = 5  # training steps run before timing (compile, allocator, caches)
-    train_steps: int = 30  # training steps timed
-    gen_tokens: int = 1000  # new tokens generated per timed generation
-    gen_uncached: bool = True  # also time generation without the KV cache
-    output: str = "bench.json"  # written inside the bench's run directory
+    warmup_steps: int = option(5, "training steps run before timing (compile, allocator, caches)")
+    train_steps: int = option(30, "training steps timed")
+    gen_tokens: int = option(1000, "new tokens generated per timed generation")
+    gen_uncached: bool = option(True, "also time generation without the KV cache")
+    output: str = option("bench.json", "written inside the bench's run directory")
+
+    def __post_init__(self):
+        require(self.train_steps >= 1 and self.gen_tokens >= 1 and self.warmup_steps >= 0,
+                "train_steps and gen_tokens must be >= 1, warmup_steps >= 0")
 
 
 @dataclass
 class BenchConfig(TrainConfig):
     """A training config plus what to measure."""
 
-    bench: BenchSettings = field(default_factory=BenchSettings)
-
-
-ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+    bench: BenchSettings = option(default_factory=BenchSettings)
 
 
 def synchronize(device: torch.device) -> None:
@@ -62,38 +61,26 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_training(trainer: Trainer, settings: BenchSettings) -> dict:
-    """ms/iter, tokens/s, MFU and peak memory of trainer.train_step()."""
-    device = trainer.device
-    trainer.batch = trainer.sampler.get_batch("train")
-    trainer.restart_timer()
+    """ms/iter, tokens/s, MFU and peak memory of trainer.train_step(), as training measures them."""
+    device = trainer.runtime.device
     for _ in range(settings.warmup_steps):
         trainer.train_step()
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    trainer.throughput.restart()
     for _ in range(settings.train_steps):
         loss = trainer.train_step()
     loss.item()
     synchronize(device)
-    seconds = (time.perf_counter() - start) / settings.train_steps
-    tokens_per_sec = trainer.tokens_per_iter / seconds
-    result = {
-        "train_ms_per_iter": seconds * 1000,
-        "train_tokens_per_sec": tokens_per_sec,
-        "mfu": None,
-        "peak_memory_mb": peak_memory_mb(device),
-    }
-    if trainer.peak_flops:
-        result["mfu"] = estimate_mfu(
-            trainer.model_config, trainer.n_params, tokens_per_sec, trainer.peak_flops
-        )
-    return result
+    speed = trainer.throughput.measure()
+    return {"train_ms_per_iter": speed["ms_per_iter"], "train_tokens_per_sec": speed["tokens_per_sec"],
+            "mfu": speed.get("mfu"), "peak_memory_mb": peak_memory_mb(device)}
 
 
 def time_generation(trainer: Trainer, new_tokens: int, use_cache: bool) -> dict:
     """Milliseconds per generated token from a one-token prompt, after a short warm-up."""
-    model, device = trainer.model, trainer.device
+    model, device = trainer.model, trainer.runtime.device
     model.eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     with trainer.ctx:
@@ -140,22 +127,20 @@ def describe_machine(device: torch.device) -> dict:
 def run_benchmark(cfg: BenchConfig, out_dir: Path) -> dict:
     """Time training and generation as cfg says; return the results (also written as JSON)."""
     settings = cfg.bench
-    if settings.train_steps < 1 or settings.gen_tokens < 1 or settings.warmup_steps < 0:
-        raise ConfigError("bench.train_steps and bench.gen_tokens must be >= 1, bench.warmup_steps >= 0")
     # A benchmark leaves nothing behind: no checkpoint, no tracker run.
     train_cfg = replace(cfg, save_checkpoints=False, sample_tokens=0, logger=replace(cfg.logger, name="none"))
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = Trainer(train_cfg, Path(scratch))
+        trainer = build_trainer(train_cfg, Path(scratch))
         results = {
-            "machine": describe_machine(trainer.device),
+            "machine": describe_machine(trainer.runtime.device),
             "settings": {
                 "model": f"{cfg.model.n_layer}/{cfg.model.n_head}/{cfg.model.n_embd}",
                 "block_size": cfg.model.block_size,
                 "batch_size": cfg.batch_size,
                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                "dtype": str(trainer.dtype).removeprefix("torch."),
-                "compile": trainer.forward is not trainer.model,
-                "params_m": trainer.n_params / 1e6,
+                "dtype": str(trainer.runtime.dtype).removeprefix("torch."),
+                "compile": trainer.runtime.compile,
+                "params_m": trainer.model.num_params() / 1e6,
             },
             "train": time_training(trainer, settings),
             "generate_cached": time_generation(trainer, settings.gen_tokens, use_cache=True),
@@ -165,7 +150,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: Path) -> dict:
             results["cache_speedup"] = (
                 results["generate_cached"]["tokens_per_sec"] / results["generate_uncached"]["tokens_per_sec"]
             )
-        trainer.metrics.close()
+        trainer.records.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / settings.output).write_text(json.dumps(results, indent=2))
     return results
@@ -198,11 +183,10 @@ def format_table(results: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-@hydra_entry("bench")
+@hydra_entry("bench", schema=BenchConfig)
 def main(cfg: DictConfig) -> None:
     """Entry point: compose bench.yaml (train.yaml plus bench settings), measure, print."""
     config = to_dataclass(cfg, BenchConfig)
-    validate_train_config(config)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     results = run_benchmark(config, out_dir)
     print(format_table(results))

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from nanogpt import faults
 from nanogpt.errors import CheckpointError
 from nanogpt.fileio import write_atomically
 from nanogpt.model import GPT, GPTConfig
@@ -30,7 +29,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
     def write(tmp: Path) -> None:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-        faults.during_checkpoint_write(path, tmp)  # a no-op unless a test injects a crash here
 
     write_atomically(path, write)
 
@@ -67,13 +65,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def model_state(model: torch.nn.Module) -> dict:
-    """The weights of model, unwrapped from torch.compile or DDP if needed."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return model.state_dict()
-
-
 def build_model(state: dict) -> GPT:
     """Recreate the GPT a checkpoint describes, with its weights loaded."""
     model = GPT(GPTConfig(**state["model_config"]))
@@ -104,3 +95,9 @@ def newest_checkpoint(outputs: str | Path) -> Path:
         )
     newest_run = max(found, key=lambda p: p.stat().st_mtime).parent
     return find_checkpoint(newest_run)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary checkpoint files a process killed while saving left in run_dir."""
+    for stale in Path(run_dir).glob(".*.pt.*.tmp"):
+        stale.unlink(missing_ok=True)

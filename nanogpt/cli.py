@@ -1,9 +1,10 @@
-"""The edge where Hydra meets the program: composing config and reporting user errors.
+"""The edge where Hydra meets the program: composing config, --help, and reporting user errors.
 
-Every entry point (train, sample, data) is a function of a DictConfig wrapped
-by hydra_entry(). A mistake the user can fix (a bad override, an unknown key, a
-missing file, an absent device) is printed as one ``error:`` line and the
-process exits with status 2. Set HYDRA_FULL_ERROR=1 to see the full traceback.
+Every entry point (train, sample, data, bench, eval, export) is a function of a
+DictConfig wrapped by hydra_entry(). A mistake the user can fix (a bad override,
+an unknown key, a missing file, an absent device) is printed as one ``error:``
+line and the process exits with status 2. Set HYDRA_FULL_ERROR=1 to see the
+full traceback.
 """
 
 from __future__ import annotations
@@ -17,29 +18,51 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from nanogpt.config import CONFIG_DIR, register_configs
-from nanogpt.errors import UserError
+from nanogpt.config import CONFIG_DIR, EXPERIMENTS_DIR, DataConfig, SampleConfig, TrainConfig
+from nanogpt.distributed import context_from_environment
+from nanogpt.errors import ConfigError, UserError, exit_with_error, first_line
+from nanogpt.options import describe
+from nanogpt.sweeps import register_resolvers
 
-EXIT_USER_ERROR = 2
 T = TypeVar("T")
+
+# Each entry point's conf/<name>.yaml starts from its schema, stored under <name>_schema.
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "sample": SampleConfig, "data": DataConfig}
+
+
+def register_configs() -> None:
+    """Register the schemas and the experiment recipes with Hydra's ConfigStore.
+
+    Recipes live in the top-level experiments/ folder rather than conf/, so they
+    are registered here as the ``experiment`` group; ``+experiment=NAME`` then
+    works from any directory and from an installed wheel.
+    """
+    register_resolvers()
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(name=f"{name}_schema", node=schema)
+    for recipe in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+        store.store(group="experiment", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
 
 
 def hydra_entry(
-    config_name: str, rewrite_arguments: Callable[[list[str]], list[str]] | None = None
+    config_name: str, schema: type | None = None,
+    rewrite_arguments: Callable[[list[str]], list[str]] | None = None,
 ) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
-    """Decorate task(cfg) into a main() that composes conf/<config_name>.yaml.
+    """Decorate task(cfg) into a main() that composes conf/<config_name>.yaml over schema.
 
     rewrite_arguments, if given, may rewrite the command line before Hydra parses
     it (train uses it to continue a run in its own directory: resume=RUN_DIR).
     """
+    if schema is not None:
+        SCHEMAS[config_name] = schema
 
     def decorate(task: Callable[[DictConfig], object]) -> Callable[[], None]:
-        register_configs()
-
         @functools.wraps(task)
         def reported_task(cfg: DictConfig) -> object:
             """The task, with user errors reported before Hydra adds its own lines."""
@@ -53,8 +76,13 @@ def hydra_entry(
         @functools.wraps(task)
         def main() -> None:
             """Compose the config and run the task; user errors exit with one line."""
-            debugging = bool(os.environ.get("HYDRA_FULL_ERROR"))
+            register_configs()
+            if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+                print(help_text(config_name, SCHEMAS[config_name]))
+                return
+            debugging = os.environ.get("HYDRA_FULL_ERROR") == "1"  # Hydra's own meaning
             # Let composition errors reach us rather than Hydra's multi-line report.
+            previous = os.environ.get("HYDRA_FULL_ERROR")
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
                 with reporting_user_errors(debugging):
@@ -62,12 +90,38 @@ def hydra_entry(
                         sys.argv[1:] = rewrite_arguments(sys.argv[1:])
                     hydra_main()
             finally:
-                if not debugging:
+                if previous is None:
                     os.environ.pop("HYDRA_FULL_ERROR", None)
+                else:
+                    os.environ["HYDRA_FULL_ERROR"] = previous
 
         return main
 
     return decorate
+
+
+def help_text(config_name: str, schema: type) -> str:
+    """--help: the groups this entry point composes, with their options, and every key's meaning."""
+    lines = [f"python -m nanogpt.{config_name} [group=option ...] [key=value ...]", ""]
+    groups = [name for name in (f.name for f in dataclasses.fields(schema))
+              if (CONFIG_DIR / name).is_dir()]
+    if groups:
+        lines.append("Config groups (choose one option each):")
+        for group in groups:
+            options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+            lines.append(f"  {group}: {', '.join(options)}")
+        if config_name in ("train", "bench"):
+            recipes = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+            lines.append(f"  +experiment: {', '.join(recipes)}")
+        lines.append("")
+    lines.append("Keys (key=value; defaults from the schema, before conf/ YAML):")
+    for key, kind, default, meaning in describe(schema):
+        lines.append(f"  {key}: {kind} = {default!r}")
+        if meaning:
+            lines.append(f"      {meaning}")
+    lines += ["", "Hydra: --cfg job (print the composed config), -m (sweep), --hydra-help, "
+              "--shell-completion install=bash"]
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -84,19 +138,31 @@ def reporting_user_errors(debugging: bool | None = None) -> Iterator[None]:
         if debugging or not is_user_error(error):
             raise
         # Under torchrun every process meets the same mistake; rank 0 alone reports it.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        if context_from_environment().is_main:
+            exit_with_error(describe_error(error))
+        sys.exit(2)
 
 
 def to_dataclass(cfg: DictConfig, schema: type[T]) -> T:
-    """The composed config as an instance of its schema dataclass.
+    """The composed config as an instance of its schema dataclass, validated.
 
     Merging onto the schema rejects keys the schema does not have, at any depth,
-    including ones added with ``+key=value``.
+    including ones added with ``+key=value``. Each section's own checks run as it
+    is built; their messages then get the section's name (model.n_head=...).
     """
     plain = OmegaConf.create(OmegaConf.to_container(cfg))  # drop the type Hydra gave it
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+    merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
+    values = {}
+    for f in dataclasses.fields(schema):
+        node = merged[f.name]
+        if not isinstance(node, (DictConfig, ListConfig)):
+            values[f.name] = node
+            continue
+        try:
+            values[f.name] = OmegaConf.to_object(node)
+        except ConfigError as error:
+            raise ConfigError(f"{f.name}.{error}") from None
+    return schema(**values)
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -133,8 +199,3 @@ def known_keys_hint(error: OmegaConfBaseException) -> str:
     if schema is None or not dataclasses.is_dataclass(schema):
         return ""
     return "; valid keys here: " + ", ".join(f.name for f in dataclasses.fields(schema))
-
-
-def first_line(text: str) -> str:
-    """The first non-empty line of text."""
-    return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())

@@ -27,6 +27,7 @@ from urllib3.util.retry import Retry
 from nanogpt.bpe import GPT2_ENCODING, gpt2_encoding
 from nanogpt.errors import DataError
 from nanogpt.fileio import sha256_of_file, write_atomically
+from nanogpt.options import check_choices, option, require
 
 log = logging.getLogger("nanogpt.data")
 
@@ -36,6 +37,27 @@ SHAKESPEARE_URL = (
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 # Bumped whenever the prepared format changes, so old caches are rebuilt.
 PREPARED_FORMAT = 1
+
+
+@dataclass
+class DatasetConfig:
+    """Where the text comes from, how it is tokenized and split."""
+
+    name: str = option("???", "folder under data_root holding the prepared tokens")
+    source: str = option("???", "URL, text file, or directory of .txt files (hf: a dataset name or folder)")
+    sha256: str | None = option(None, "expected checksum of the source text, if known")
+    tokenizer: str = option("char", "char: the text's own characters; gpt2: GPT-2 BPE (tiktoken)",
+                            choices=("char", "gpt2"))
+    val_fraction: float = option(0.1, "the last this fraction of the text is the validation split")
+    loader: str = option("text", "text: source is text; hf: a Hugging Face dataset or .jsonl/.parquet files",
+                         choices=("text", "hf"))
+    subset: str | None = option(None, "hf: the dataset's configuration, e.g. FineWeb's sample-10BT")
+    text_field: str = option("text", "hf: the column holding each document")
+    num_proc: int | None = option(None, "hf: tokenizer processes; null: all cores")
+
+    def __post_init__(self):
+        check_choices(self)
+        require(0 < self.val_fraction < 1, f"val_fraction={self.val_fraction} must be between 0 and 1")
 
 
 def is_url(source: str) -> bool:

@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from nanogpt.errors import DeviceError
+from nanogpt.options import check_choices, option
+
+# device.dtype names; auto picks per device (resolve_dtype).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DeviceConfig:
+    """Which device to run on and how: precision and compilation."""
+
+    name: str = option("auto", "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
+    dtype: str = option("auto", "compute precision; auto: bf16 (else fp16) on CUDA, float32 elsewhere",
+                        choices=("auto", *DTYPES))
+    compile: bool | None = option(None, "torch.compile the model; null: on CUDA only")
+    peak_flops: float | None = option(None, "peak FLOP/s for MFU; null: looked up from the GPU's name")
+
+    def __post_init__(self):
+        check_choices(self)
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s), for MFU. Matched against the GPU's name.
 GPU_PEAK_FLOPS = {
@@ -60,7 +79,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    dtype = DTYPES[name]
     if dtype == torch.float16 and device.type == "cpu":
         raise DeviceError("device.dtype=float16 is not supported on the CPU; use float32 or bfloat16")
     return dtype

@@ -127,16 +127,6 @@ def silence_other_ranks(context: DistributedContext) -> None:
         logging.getLogger("nanogpt").setLevel(logging.WARNING)
 
 
-class SilentMetrics:
-    """Stands in for the metrics log on ranks other than 0, which write nothing."""
-
-    def log(self, record: dict) -> None:
-        """Drop the record: rank 0 writes the same one."""
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
 class _RunDirAnnouncement:
     """Rank 0 tells the other ranks its run directory, exactly once."""
 

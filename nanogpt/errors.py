@@ -4,6 +4,11 @@ Entry points print a UserError as one line and exit non-zero, without a
 traceback; anything else is a bug and keeps its traceback.
 """
 
+import sys
+from typing import NoReturn
+
+EXIT_USER_ERROR = 2
+
 
 class UserError(Exception):
     """A mistake in input the user controls: config, files, devices, prompts."""
@@ -23,3 +28,14 @@ class CheckpointError(UserError):
 
 class DeviceError(UserError):
     """A device that was asked for but is not available here."""
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line of text: what a one-line error report shows."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())
+
+
+def exit_with_error(message: str) -> NoReturn:
+    """Print the one ``error:`` line a user error gets and exit with EXIT_USER_ERROR."""
+    print(f"error: {first_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)

@@ -10,7 +10,8 @@ machinery: build a GPTConfig, pass it to GPT, and you have a model.
 
 Four later ideas can be switched on in GPTConfig (all off by default, so the
 model stays GPT-2's): rotary positions, RMSNorm, normalised queries and keys,
-and a squared-ReLU MLP. Each is a few lines next to the part it replaces.
+and a squared-ReLU MLP. Each is a few lines next to the part it replaces. The
+other switches change how the same model is computed or stored, not what it is.
 """
 
 from __future__ import annotations
@@ -24,40 +25,56 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanogpt.options import check_choices, option, require
+
 
 @dataclass
 class GPTConfig:
-    """The shape of a GPT. The defaults are the small character-level model."""
+    """The shape of a GPT. The defaults are the small character-level model.
 
-    vocab_size: int = 65  # number of distinct tokens (65 characters in Tiny Shakespeare)
-    block_size: int = 256  # the longest context the model can look at
-    n_layer: int = 6  # transformer blocks stacked on top of each other
-    n_head: int = 6  # attention heads per block; n_embd must divide evenly among them
-    n_embd: int = 384  # width of the residual stream
-    dropout: float = 0.1  # dropout probability during training (0 disables it)
-    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
-    # The embedding and output layer get vocab_size rounded up to a multiple of this:
+    Each field is declared once, with its meaning and allowed values; the
+    command line (model.KEY=VALUE), its --help and its checks all read them.
+    """
+
+    vocab_size: int = option(65, "number of distinct tokens (65 characters in Tiny Shakespeare)")
+    block_size: int = option(256, "the longest context the model can look at")
+    n_layer: int = option(6, "transformer blocks stacked on top of each other")
+    n_head: int = option(6, "attention heads per block; n_embd must divide evenly among them")
+    n_embd: int = option(384, "width of the residual stream")
+    dropout: float = option(0.1, "dropout probability during training (0 disables it)")
+    bias: bool = option(True, "biases in Linear and LayerNorm layers, as in GPT-2")
     # GPU matrix multiplies are faster on round sizes (GPT-2: 50257 -> 50304). The
     # extra rows are never looked up and their logits are cut off, so the model
     # and its loss are exactly those of the unpadded vocabulary.
-    vocab_multiple: int = 1
-    # "tanh" is the approximation GPT-2 was trained with (needed for its weights);
-    # "none" is the exact GELU.
-    gelu_approximate: str = "none"
-    # Recompute each block's activations during the backward pass instead of
-    # storing them: less memory for more compute, with identical gradients.
-    gradient_checkpointing: bool = False
+    vocab_multiple: int = option(1, "round the vocabulary up to a multiple of this (64 for GPT-2 on GPUs)")
+    gelu_approximate: str = option("none", "tanh: the GELU GPT-2 was trained with; none: exact",
+                                   choices=("none", "tanh"))
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in the backward pass: less memory, same gradients")
     # Variants from later models (off by default; see the module docstring):
-    position_encoding: str = "learned"  # "learned" (GPT-2's table) or "rope" (rotate q and k)
-    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (scale only, no mean)
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
-    activation: str = "gelu"  # "gelu" (GPT-2) or "relu2": relu(x) ** 2
+    position_encoding: str = option("learned", "learned: GPT-2's position table; rope: rotate q and k",
+                                    choices=("learned", "rope"))
+    norm: str = option("layernorm", "rmsnorm: scale only, no mean", choices=("layernorm", "rmsnorm"))
+    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys before attention")
+    activation: str = option("gelu", "relu2: relu(x) ** 2 in the MLP", choices=("gelu", "relu2"))
+
+    def __post_init__(self):
+        check_choices(self)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
+        require(self.n_embd % self.n_head == 0,
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "pick n_embd as a multiple of n_head")
+        require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        require(self.position_encoding != "rope" or self.head_size % 2 == 0,
+                f"position_encoding=rope needs an even head size, but n_embd/n_head = {self.head_size}")
 
     @property
     def variants(self) -> dict:
-        """The variant switches set away from GPT-2's architecture (empty for GPT-2 itself)."""
-        return {name: getattr(self, name) for name in VARIANT_SWITCHES
-                if getattr(self, name) != getattr(GPTConfig, name)}
+        """The architecture switches set away from GPT-2's (empty for GPT-2 itself)."""
+        gpt2 = GPTConfig()
+        return {name: getattr(self, name) for name in ("position_encoding", "norm", "qk_norm", "activation")
+                if getattr(self, name) != getattr(gpt2, name)}
 
     @property
     def head_size(self) -> int:
@@ -68,9 +85,6 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         """vocab_size rounded up to a multiple of vocab_multiple."""
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-
-
-VARIANT_SWITCHES = ("position_encoding", "norm", "qk_norm", "activation")
 
 
 class KVCache:
@@ -136,7 +150,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         # One matrix computes queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # The heads' outputs are mixed back into the residual stream.
@@ -395,36 +408,3 @@ def sample_next_token(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-def configure_optimizer(
-    model: nn.Module,
-    weight_decay: float,
-    learning_rate: float,
-    betas: tuple[float, float],
-    eps: float = 1e-8,
-    fused: bool | None = None,
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (>= 2-D) only, never on biases or LayerNorm gains.
-
-    fused=None uses the fused CUDA kernel when the parameters live on a GPU.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    if fused is None:
-        fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
-
-
-def flops_per_token(config: GPTConfig, n_params: int) -> float:
-    """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
-    head_size = config.n_embd // config.n_head
-    return 6 * n_params + 12 * config.n_layer * config.n_head * head_size * config.block_size
-
-
-def estimate_mfu(config: GPTConfig, n_params: int, tokens_per_second: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device's peak."""
-    return flops_per_token(config, n_params) * tokens_per_second / peak_flops

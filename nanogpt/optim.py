@@ -1,4 +1,8 @@
-"""Optimizers beyond plain AdamW.
+"""The optimizer and its learning-rate schedule: AdamW, and Muon for the blocks' matrices.
+
+optimizer.name picks a builder from OPTIMIZERS; OptimizerConfig declares every
+optimizer.KEY once. Both optimizers decay only matrices (>= 2-D): biases and
+LayerNorm gains have nothing to gain from being pulled towards zero.
 
 Muon orthogonalises each update of a weight matrix, which lets hidden layers
 learn faster per step (torch.optim.Muon, with the orthogonalisation in float32
@@ -11,9 +15,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from nanogpt.options import check_choices, option, require
 
 
 def orthogonalize(matrices: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
@@ -143,28 +150,88 @@ class MuonWithAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
-def configure_muon(
-    model: nn.Module,
-    learning_rate: float,
-    muon_learning_rate: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float = 1e-8,
-    momentum: float = 0.95,
-) -> MuonWithAdamW:
-    """Muon on the transformer blocks' matrices, AdamW (decay on matrices only) on the rest."""
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, betas: tuple[float, float],
+          eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (>= 2-D) only, never on biases or norm gains.
+
+    fused=None uses the fused CUDA kernel when the parameters live on a GPU.
+    """
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if fused is None:
+        fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def configure_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW on every trainable parameter (optimizer=adamw)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return adamw(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+
+
+def configure_muon(model: nn.Module, cfg: OptimizerConfig) -> MuonWithAdamW:
+    """Muon on the transformer blocks' matrices, AdamW on the rest (optimizer=muon)."""
     hidden = [p for name, p in model.named_parameters() if p.dim() == 2 and ".h." in f".{name}"]
     hidden_ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in hidden_ids]
     muon = Muon(
-        [{"params": hidden, "lr_scale": muon_learning_rate / learning_rate}],
-        lr=muon_learning_rate, weight_decay=weight_decay, momentum=momentum,
+        [{"params": hidden, "lr_scale": cfg.muon_lr / cfg.lr}],
+        lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
     )
-    adamw = torch.optim.AdamW(
-        [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=learning_rate, betas=betas, eps=eps,
-    )
-    return MuonWithAdamW(muon, adamw)
+    rest_optimizer = adamw(rest, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, fused=False)
+    return MuonWithAdamW(muon, rest_optimizer)
+
+
+OPTIMIZERS = {"adamw": configure_optimizer, "muon": configure_muon}
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer and its schedule: linear warmup, then cosine decay to min_lr."""
+
+    name: str = option("adamw", "adamw; muon: Muon on the blocks' matrices + AdamW for the rest",
+                       choices=tuple(OPTIMIZERS))
+    lr: float = option(3e-4, "peak learning rate (AdamW's, under muon too)")
+    min_lr: float = option(3e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = option(0.1, "decoupled weight decay, on matrices only")
+    beta1: float = option(0.9, "AdamW's first-moment decay")
+    beta2: float = option(0.95, "AdamW's second-moment decay")
+    eps: float = option(1e-8, "AdamW's denominator guard")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    warmup_iters: int = option(100, "steps of linear warmup")
+    decay_lr: bool = option(True, "cosine decay after warmup; false: constant lr")
+    lr_decay_iters: int | None = option(None, "where the cosine reaches min_lr; null: max_iters")
+    muon_lr: float = option(0.02, "optimizer=muon: peak learning rate of the blocks' matrices")
+    muon_momentum: float = option(0.95, "optimizer=muon: Nesterov momentum of Muon")
+
+    def __post_init__(self):
+        check_choices(self)
+        require(self.lr > 0, f"lr={self.lr} must be positive")
+        require(0 <= self.min_lr <= self.lr, f"min_lr={self.min_lr} must be between 0 and lr={self.lr}")
+        require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        require(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        require(self.warmup_iters >= 0, f"warmup_iters={self.warmup_iters} must be >= 0")
+        require(self.lr_decay_iters is None or self.lr_decay_iters > self.warmup_iters,
+                f"lr_decay_iters={self.lr_decay_iters} must be larger than warmup_iters")
+        require(self.muon_lr > 0, f"muon_lr={self.muon_lr} must be positive")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer cfg.name asks for, over model's parameters."""
+    return OPTIMIZERS[cfg.name](model, cfg)
+
+
+def learning_rate_at(it: int, cfg: OptimizerConfig, max_iters: int) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at lr_decay_iters, then flat."""
+    if not cfg.decay_lr:
+        return cfg.lr
+    decay_iters = cfg.lr_decay_iters or max_iters
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, exit_with_error
 from nanogpt.fileio import write_atomically
 from nanogpt.tracking import METRICS_FILE, SUMMARY_FILE, read_metrics
 
@@ -267,8 +267,6 @@ def report(paths: list[Path], out_dir: Path | None = None) -> tuple[str, list[Pa
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: parse the paths, report, print the table and the files written."""
-    from nanogpt.cli import reporting_user_errors
-
     parser = argparse.ArgumentParser(
         prog="python -m nanogpt.report",
         description="Loss curves for a run; a table and plot comparing the runs of a sweep "
@@ -279,8 +277,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="where to write (default: in the run or sweep directory; for several "
                              "paths outputs/reports/<date>_<time>)")
     args = parser.parse_args(argv)
-    with reporting_user_errors():
+    try:
         text, written = report(args.paths, args.out)
+    except UserError as error:
+        exit_with_error(str(error))
     print(text)
     print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
 

@@ -1,4 +1,4 @@
-"""Stopping and resuming a run exactly: training state, compatibility, signals.
+"""Resuming a run exactly: where from, what may change, and the random state to restore.
 
 A run's last.pt carries, besides the weights and the optimizer, everything that
 decides what the run does next: the grad scaler, every random generator (Python,
@@ -18,27 +18,24 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from nanogpt.checkpoint import LAST, load_checkpoint
-from nanogpt.errors import CheckpointError, ConfigError, UserError
+from nanogpt.cli import to_dataclass
+from nanogpt.config import CONFIG_DIR, TrainConfig
+from nanogpt.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("nanogpt.resume")
 
 # Config keys (and groups) that define what a run is; a resumed run must keep them.
 MEANING_KEYS = ("model", "dataset", "optimizer", "seed", "batch_size", "gradient_accumulation_steps")
 SAFE_EXAMPLES = "max_iters, eval_interval, eval_iters, log_interval, sample_tokens, device, logger, data_root"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; training stopped without saving it."""
 
 
 # ---------------------------------------------------------------- where to resume from
@@ -119,13 +116,6 @@ def resume_arguments(argv: list[str]) -> list[str]:
     run continues where it lives. An incompatible change is refused here, before
     Hydra writes anything into the run directory. Other command lines pass as they are.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    from nanogpt.cli import to_dataclass
-    from nanogpt.config import CONFIG_DIR, TrainConfig
-
     if not any(a.startswith("resume=") for a in argv):
         return argv
     flags = [a for a in argv if a.startswith("-")]
@@ -168,6 +158,13 @@ def quote(value: str) -> str:
 # ---------------------------------------------------------------- the state itself
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def capture_rng_state() -> dict:
     """Every random generator's state, as tensors and plain data."""
     _, keys, position, has_gauss, cached_gauss = np.random.get_state()
@@ -192,54 +189,3 @@ def restore_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         states = state["cuda"][: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all([s.cpu() for s in states])
-
-
-def check_finite(loss: float, iteration: int, what: str, last_checkpoint: str) -> None:
-    """Raise TrainingDiverged naming the iteration if loss is NaN or infinite."""
-    if np.isfinite(loss):
-        return
-    raise TrainingDiverged(
-        f"{what} became {loss} at iteration {iteration}; training stopped and nothing from it was "
-        f"saved; {last_checkpoint}. Try a lower optimizer.lr, a warmup (optimizer.warmup_iters) "
-        "or gradient clipping (optimizer.grad_clip)"
-    )
-
-
-# ---------------------------------------------------------------- signals
-
-
-class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to stop after the current step.
-
-    The first signal only sets `received`; the loop checks it between steps,
-    checkpoints and exits. A second signal raises KeyboardInterrupt at once.
-    Handlers can be installed only from the main thread; elsewhere (some
-    launchers run jobs in threads) signals keep their usual meaning.
-    """
-
-    def __init__(self) -> None:
-        self.received: signal.Signals | None = None
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def handle(self, signum: int, frame) -> None:
-        """First signal: note it and say what happens; second: abort now."""
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum)
-        log.warning("%s received: finishing this step, then saving a checkpoint "
-                    "(press Ctrl-C again to abort at once)", self.received.name)
-
-
-def iter_stale_temporaries(run_dir: Path) -> Iterator[Path]:
-    """Temporary checkpoint files a killed process left in run_dir."""
-    return Path(run_dir).glob(".*.pt.*.tmp")

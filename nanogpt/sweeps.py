@@ -27,6 +27,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from nanogpt.report import report_sweep
+
 log = logging.getLogger("nanogpt.sweeps")
 
 SWEPT_KEYS_ENV = "NANOGPT_SWEPT_KEYS"
@@ -123,8 +125,6 @@ class SweepReportCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write summary.md, summary.csv and val_loss.png into the sweep directory; print the table."""
-        from nanogpt.report import report_sweep
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             table, written = report_sweep(sweep_dir)

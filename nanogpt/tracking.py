@@ -26,18 +26,20 @@ import math
 import os
 import statistics
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nanogpt.errors import ConfigError
+from nanogpt.distributed import context_from_environment
+from nanogpt.errors import first_line
 from nanogpt.fileio import write_atomically
+from nanogpt.options import check_choices, option
+from nanogpt.progress import TrainingProgress
 
 log = logging.getLogger("nanogpt.tracking")
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-LOGGERS = ("wandb", "tensorboard", "none")
-WANDB_MODES = ("offline", "online", "disabled")
 # Older spellings of WANDB_MODE that wandb still accepts.
 WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 DEFAULT_WANDB_URL = "https://api.wandb.ai"
@@ -163,14 +165,6 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    """The W&B mode to use, accepting wandb's older spellings; ConfigError for anything else."""
-    mode = WANDB_MODE_ALIASES.get(mode, mode)
-    if mode not in WANDB_MODES:
-        raise ConfigError(f"logger.mode={mode!r} is not one of {', '.join(WANDB_MODES)}")
-    return mode
-
-
 def why_wandb_is_unreachable(timeout: float) -> str | None:
     """None when online W&B can work from here; otherwise the reason, in a few words.
 
@@ -201,7 +195,7 @@ def start_wandb(logger, run_dir: Path, resolved_config: dict) -> WandbTracker | 
     """
     import wandb
 
-    mode = resolve_wandb_mode(logger.mode)
+    mode = logger.mode
     if mode == "disabled":
         return None
     if mode == "online":
@@ -222,59 +216,87 @@ def start_wandb(logger, run_dir: Path, resolved_config: dict) -> WandbTracker | 
     except Exception as error:  # noqa: BLE001  (wandb raises many kinds; none may stop training)
         if mode != "online":
             raise
-        log.warning("W&B online run could not start (%s); logging offline instead", first_line(error))
+        log.warning("W&B online run could not start (%s); logging offline instead",
+                    first_line(str(error)) or type(error).__name__)
         run = wandb.init(mode="offline", **arguments)
     log.info("W&B run %s (%s) in %s", run.id, run.settings.mode, Path(run.dir).parent)
     return WandbTracker(run)
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, or its type name."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+# logger.name -> how to start that tracker in a run directory. A new tracker is a
+# Tracker subclass and one entry here (plus conf/logger/NAME.yaml).
+TRACKERS = {
+    "wandb": lambda logger, run_dir, config: start_wandb(logger, run_dir, config) or Tracker(),
+    "tensorboard": lambda logger, run_dir, config: TensorBoardTracker(run_dir, config),
+    "none": lambda logger, run_dir, config: Tracker(),
+}
 
 
-def create_tracker(logger, run_dir: Path, resolved_config: dict) -> Tracker:
-    """The tracker logger.name asks for (a LoggerConfig), started in run_dir."""
-    if logger.name not in LOGGERS:
-        raise ConfigError(f"logger.name={logger.name!r} is not one of {', '.join(LOGGERS)}")
-    if logger.name == "wandb":
-        return start_wandb(logger, run_dir, resolved_config) or Tracker()
-    if logger.name == "tensorboard":
-        return TensorBoardTracker(run_dir, resolved_config)
-    return Tracker()
+@dataclass
+class LoggerConfig:
+    """Experiment tracking. metrics.jsonl in the run directory is always written."""
+
+    name: str = option("wandb", "the tracker that receives the run's records", choices=tuple(TRACKERS))
+    mode: str = option("offline", "W&B mode (env WANDB_MODE)", choices=("offline", "online", "disabled"))
+    project: str = option("nanogpt", "W&B project (env WANDB_PROJECT)")
+    entity: str | None = option(None, "W&B team or user; null: your default entity")
+    group: str | None = option(None, "null: the sweep's name in a multirun, no group otherwise")
+    run_name: str | None = option(None, "null: from the job's overrides")
+    tags: list[str] = option(default_factory=list, help="W&B tags")
+    run_id: str | None = option(None, "resume this W&B run (by id) instead of starting a new one")
+    init_timeout: float = option(10.0, "seconds to wait for W&B before falling back to offline")
+
+    def __post_init__(self):
+        self.mode = WANDB_MODE_ALIASES.get(self.mode, self.mode)
+        check_choices(self)
 
 
-def owns_the_run() -> bool:
-    """True in the process that records the run: rank 0 under torchrun, else always."""
-    return int(os.environ.get("RANK", "0")) == 0
+def create_tracker(logger: LoggerConfig, run_dir: Path, resolved_config: dict) -> Tracker:
+    """The tracker logger.name asks for, started in run_dir."""
+    return TRACKERS[logger.name](logger, run_dir, resolved_config)
+
+
+def describe_record(record: dict) -> str:
+    """The log line of a train or eval record."""
+    if record["kind"] == "eval":
+        return (f"eval {record['iter']}: train loss {record['train_loss']:.4f}, "
+                f"val loss {record['val_loss']:.4f}")
+    line = (f"iter {record['iter']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+            f"{record['ms_per_iter']:.1f} ms/iter, {record['tokens_per_sec']:,.0f} tok/s")
+    return line + (f", mfu {record['mfu']:.1%}" if "mfu" in record else "")
 
 
 class RunTracking:
-    """Everything a training run records: metrics.jsonl, summary.json and the tracker.
+    """Everything a training run records: the log line, progress bar, metrics.jsonl, summary and tracker.
 
     log() takes the train and eval records the trainer makes; eval records also
     update the best val loss and its iteration in the tracker's summary, so a
     run that dies early still shows its best. close() writes summary.json.
     """
 
-    def __init__(self, run_dir: Path, logger, resolved_config: dict | None = None,
-                 owner: bool | None = None):
+    def __init__(self, run_dir: Path, logger: LoggerConfig, resolved_config: dict | None = None,
+                 owner: bool | None = None, run_id: str | None = None, max_iters: int = 0):
         self.run_dir = Path(run_dir)
-        self.owner = owns_the_run() if owner is None else owner
+        self.owner = context_from_environment().is_main if owner is None else owner
         self.started = time.time()
         self.best_val_loss = math.inf
         self.best_iter: int | None = None
         self.last_iter = 0
         self.last_tokens = 0
         self.tokens_per_sec: list[float] = []
+        self.progress = TrainingProgress(max_iters, enabled=self.owner)
         if not self.owner:
             return
         self.metrics = MetricsLog(self.run_dir)
+        # A resumed run passes its tracker run's id, so W&B continues that run rather than starting another.
+        logger = replace(logger, run_id=run_id or logger.run_id)
         self.tracker = create_tracker(logger, self.run_dir, resolved_config or {})
 
     def log(self, record: dict) -> None:
-        """Record one train or eval record everywhere."""
+        """Record one train or eval record everywhere, and say it in the log."""
+        log.info(describe_record(record))
+        if record["kind"] == "train":
+            self.progress.update_to(record["iter"] + 1, record["loss"])
         if not self.owner:
             return
         self.metrics.log(record)
@@ -312,6 +334,7 @@ class RunTracking:
 
     def close(self) -> None:
         """Write summary.json and close the metrics file and the tracker."""
+        self.progress.close()
         if not self.owner:
             return
         summary = self.summary()

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from nanogpt.model import GPT, GPTConfig, configure_optimizer, rotary_angles, rotate, sample_next_token
+from nanogpt.model import GPT, GPTConfig, rotary_angles, rotate, sample_next_token
+from nanogpt.optim import OptimizerConfig, configure_optimizer
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -83,7 +84,7 @@ def test_residual_projections_use_scaled_init():
 
 def test_optimizer_decays_only_matrices():
     model = GPT(tiny_config())
-    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95))
+    opt = configure_optimizer(model, OptimizerConfig(weight_decay=0.1, lr=1e-3))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"])
@@ -160,7 +161,7 @@ def test_variants_change_the_modules():
 def test_variants_learn(variant):
     torch.manual_seed(0)
     model = GPT(tiny_config(**variant))
-    optimizer = configure_optimizer(model, 0.0, 1e-2, (0.9, 0.95))
+    optimizer = configure_optimizer(model, OptimizerConfig(weight_decay=0.0, lr=1e-2))
     idx = torch.randint(0, 11, (4, 16))
     losses = []
     for _ in range(40):

@@ -1,6 +1,6 @@
 """Stop, crash and resume real training processes; a resumed run must equal an uninterrupted one.
 
-Faults are injected deterministically through NANOGPT_FAULTS (nanogpt/faults.py):
+Faults are injected deterministically by tests/faults.py, which patches them into a real run:
 a real SIGTERM or SIGINT sent by the process to itself before a chosen step, a
 real SIGKILL in the middle of writing a checkpoint, a NaN loss at a chosen step.
 """
@@ -14,7 +14,7 @@ import torch
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.tracking import read_metrics
 
-from .conftest import TINY_RUN, run_module
+from .conftest import REPO, TINY_RUN, run_module
 from .wandb_records import read_offline_run
 
 # Dropout on and a real learning rate, so every RNG and the optimizer state matter.
@@ -36,8 +36,9 @@ def work(tmp_path_factory):
 def train(work, *args, faults=None):
     """Run ``python -m nanogpt.train`` in work with the shared arguments."""
     directory, common = work
-    env = {"NANOGPT_FAULTS": faults} if faults else None
-    return run_module("nanogpt.train", *common, *args, cwd=directory, env=env)
+    if faults:
+        return run_module("tests.faults", faults, *common, *args, cwd=directory, env={"PYTHONPATH": str(REPO)})
+    return run_module("nanogpt.train", *common, *args, cwd=directory)
 
 
 def resume(work, run_dir, *args):

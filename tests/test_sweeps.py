@@ -157,7 +157,8 @@ def test_optuna_search_minimises_the_best_val_loss(tmp_path, corpus, data_root):
 def test_lr_sweep_recipe_composes_three_jobs_on_the_cpu_recipe():
     from hydra import compose, initialize_config_dir
 
-    from nanogpt.config import CONFIG_DIR, register_configs
+    from nanogpt.cli import register_configs
+    from nanogpt.config import CONFIG_DIR
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

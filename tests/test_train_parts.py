@@ -6,7 +6,7 @@ import torch
 from nanogpt.config import OptimizerConfig
 from nanogpt.device import resolve_device, resolve_dtype, should_compile
 from nanogpt.errors import DeviceError
-from nanogpt.train import learning_rate_at
+from nanogpt.optim import learning_rate_at
 
 
 def test_schedule_warmup_peak_and_end():

@@ -1,0 +1,57 @@
+"""Where and how a run computes: its process in the job, its device, precision and compilation.
+
+Runtime.start() turns a DeviceConfig into the settled facts (the CUDA device
+this rank owns, bf16 or fp32, compile or not) and joins the torchrun job, if
+any; wrap() gives the model the form the training step calls (DDP across
+processes, then torch.compile). Training and the benchmark share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from nanogpt import distributed
+from nanogpt.device import DeviceConfig, autocast, peak_flops, resolve_device, resolve_dtype, should_compile
+
+
+@dataclass
+class Runtime:
+    """The settled device facts of one training process."""
+
+    dist: distributed.DistributedContext
+    device: torch.device
+    dtype: torch.dtype
+    compile: bool
+    peak_flops: float | None  # for MFU; None where the device's peak is unknown
+    owns_process_group: bool = False
+
+    @classmethod
+    def start(cls, cfg: DeviceConfig) -> Runtime:
+        """Join the torchrun job (if any) and settle the device, precision and compilation."""
+        context = distributed.context_from_environment()
+        owns_group = distributed.init_process_group(context)
+        distributed.silence_other_ranks(context)
+        device = distributed.device_for(context, resolve_device(cfg.name))
+        return cls(context, device, resolve_dtype(cfg.dtype, device), should_compile(cfg.compile, device),
+                   peak_flops(device, cfg.peak_flops), owns_group)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context forward passes run in."""
+        return autocast(self.device, self.dtype)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as the training step calls it: under DDP across processes, then compiled."""
+        forward = model
+        if self.dist.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return torch.compile(forward) if self.compile else forward
+
+    def close(self) -> None:
+        """Leave the torchrun job, if this runtime joined it."""
+        if self.owns_process_group:
+            torch.distributed.destroy_process_group()
+            self.owns_process_group = False

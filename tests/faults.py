@@ -1,0 +1,67 @@
+"""Run ``python -m nanogpt.train`` with deterministic faults patched in, to test recovery for real.
+
+Usage: ``python -m tests.faults SPEC [train overrides]``; SPEC is a comma-separated list of:
+
+- ``signal_at_iter=K:SIGTERM`` sends the process SIGTERM (or SIGINT) just
+  before optimizer step K, as a cluster scheduler or a Ctrl-C would;
+  ``signal_at_iter=K:SIGINT*2`` sends it twice in a row (an impatient Ctrl-C).
+- ``nan_loss_at_iter=K`` makes step K diverge: its loss and the weights become NaN.
+- ``kill_during_save=N`` kills the process with SIGKILL in the middle of writing
+  the N-th last.pt: half of the file is on disk and nothing is renamed yet.
+
+The product has no hooks for this: the functions are replaced here, in the test process only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from nanogpt import checkpoint, train
+
+
+def parse(spec: str) -> dict[str, str]:
+    """SPEC as {name: value}."""
+    items = (item.partition("=") for item in spec.split(",") if item.strip())
+    return {name.strip(): value.strip() for name, _, value in items}
+
+
+def install(faults: dict[str, str]) -> None:
+    """Patch the training step and checkpoint writing as the faults ask."""
+    original_step = train.Trainer.train_step
+    original_write = checkpoint.write_atomically
+    saves = {"count": 0}
+
+    def train_step(self):
+        if "signal_at_iter" in faults:
+            at, _, name = faults["signal_at_iter"].partition(":")
+            name, _, times = name.partition("*")
+            if int(at) == self.iter_num:
+                for _ in range(int(times or 1)):
+                    os.kill(os.getpid(), getattr(signal, name or "SIGTERM"))
+        loss = original_step(self)
+        if int(faults.get("nan_loss_at_iter", -1)) == self.iter_num:
+            for p in self.model.parameters():  # diverged weights, which must never be saved
+                p.data.fill_(float("nan"))
+            loss = loss * float("nan")
+        return loss
+
+    def write_atomically(dest, write):
+        def cut_short(tmp):
+            write(tmp)
+            if dest.name == checkpoint.LAST:
+                saves["count"] += 1
+                if saves["count"] == int(faults.get("kill_during_save", 0)):
+                    with open(tmp, "r+b") as f:
+                        f.truncate(tmp.stat().st_size // 2)
+                    os.kill(os.getpid(), signal.SIGKILL)
+        return original_write(dest, cut_short)
+
+    train.Trainer.train_step = train_step
+    checkpoint.write_atomically = write_atomically
+
+
+if __name__ == "__main__":
+    install(parse(sys.argv.pop(1)))
+    train.main()
