@@ -33,12 +33,14 @@ class StopSignals:
     """While active, SIGINT and SIGTERM ask the loop to stop after the current step.
 
     The first signal only sets `received`; the loop checks it between steps,
-    checkpoints and exits. A second signal raises KeyboardInterrupt at once.
+    checkpoints and exits. A second signal aborts at once (exit 130), logging
+    what on_abort() says about where the run stood.
     Handlers can be installed only from the main thread; elsewhere (some
     launchers run jobs in threads) signals keep their usual meaning.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_abort=lambda: "") -> None:
+        self.on_abort = on_abort
         self.received: signal.Signals | None = None
         self.previous: dict[int, object] = {}
 
@@ -55,7 +57,8 @@ class StopSignals:
     def handle(self, signum: int, frame) -> None:
         """First signal: note it and say what happens; second: abort now."""
         if self.received is not None:
-            raise KeyboardInterrupt
+            log.error("aborted at once %s", self.on_abort())
+            raise SystemExit(128 + signal.SIGINT)
         self.received = signal.Signals(signum)
         log.warning("%s received: finishing this step, then saving a checkpoint "
                     "(press Ctrl-C again to abort at once)", self.received.name)

@@ -5,38 +5,30 @@ rate, evaluate and checkpoint every eval_interval, take a step, log every
 log_interval. What surrounds it sits behind small named calls into modules of
 its own: the device and torchrun job (runtime.py), the run's records
 (tracking.py), checkpoints and resuming (checkpoint.py, resume.py), early stops
-(stops.py), speed (speed.py). train_task() is the only function that sees Hydra.
+(stops.py), speed (speed.py). Nothing here sees Hydra: ``python -m nanogpt.train``
+goes through nanogpt/launch.py, which turns the command line into a TrainConfig.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
-import signal
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from nanogpt import distributed, resume
 from nanogpt.checkpoint import BEST, LAST, remove_stale_temporaries, save_checkpoint
-from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.corpus import prepare_dataset
 from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, tokenizer_codec
-from nanogpt.errors import ConfigError, UserError
-from nanogpt.hf import load_gpt2_weights
+from nanogpt.hf import load_pretrained
 from nanogpt.model import GPT
 from nanogpt.optim import build_optimizer, learning_rate_at
 from nanogpt.runtime import Runtime
 from nanogpt.speed import Throughput, flops_per_token
 from nanogpt.stops import StopSignals, check_finite
-from nanogpt.sweeps import name_tracking_run
 from nanogpt.tracking import RunTracking
 
 log = logging.getLogger("nanogpt.train")
@@ -72,20 +64,11 @@ def sample_text(model: GPT, tokenizer: dict, num_tokens: int, device: torch.devi
 
 
 def build_model(cfg: ModelConfig, data: PreparedData) -> GPT:
-    """A fresh GPT of the configured shape, or one loaded from pretrained GPT-2 weights."""
+    """A fresh GPT of the configured shape, or pretrained weights (model.init_from) for this data."""
     if cfg.init_from is None:
         return GPT(cfg.gpt_config(vocab_size=data.vocab_size))
-    model, tokenizer = load_gpt2_weights(
-        cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout,
-        vocab_multiple=cfg.vocab_multiple, gradient_checkpointing=cfg.gradient_checkpointing,
-    )
-    if tokenizer != data.meta["tokenizer"]:
-        raise ConfigError(
-            f"model.init_from={cfg.init_from} was trained with tokenizer {tokenizer.get('kind')}, but "
-            f"dataset {data.meta['name']} uses {data.meta['tokenizer'].get('kind')}; pick a dataset "
-            "with the same tokenizer (e.g. dataset=shakespeare for GPT-2)")
     log.info("model: initialised from %s (shape taken from the weights)", cfg.init_from)
-    return model
+    return load_pretrained(cfg, data.meta["tokenizer"])
 
 
 class Trainer:
@@ -121,30 +104,26 @@ class Trainer:
         """Train to max_iters, evaluating every eval_interval; return the best validation loss."""
         cfg = self.cfg
         self.throughput.restart()
-        with StopSignals() as stop:
-            try:
-                while True:
-                    lr = learning_rate_at(self.iter_num, cfg.optimizer, cfg.max_iters)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)
-                    it = self.iter_num
-                    # A resumed run has already evaluated at the iteration it was saved at.
-                    if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != self.last_eval_iter:
-                        self.evaluate()
-                    if it >= cfg.max_iters:
-                        break
-                    loss = self.train_step()
-                    # One host sync per step: a NaN must stop the run before anything saves it.
-                    check_finite(loss.item(), it, "the training loss", self.describe_last_checkpoint())
-                    if it % cfg.log_interval == 0:
-                        self.log_progress(loss, lr)
-                    self.iter_num += 1
-                    if stop.received is not None:
-                        return self.stop_early(stop.received)
-            except KeyboardInterrupt:
-                log.error("aborted at once during iteration %d; %s",
-                          self.iter_num, self.describe_last_checkpoint())
-                raise SystemExit(128 + signal.SIGINT) from None
+        with StopSignals(on_abort=lambda: f"during iteration {self.iter_num}; "
+                                          f"{self.describe_last_checkpoint()}") as stop:
+            while True:
+                lr = learning_rate_at(self.iter_num, cfg.optimizer, cfg.max_iters)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                it = self.iter_num
+                # A resumed run has already evaluated at the iteration it was saved at.
+                if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != self.last_eval_iter:
+                    self.evaluate()
+                if it >= cfg.max_iters:
+                    break
+                loss = self.train_step()
+                # One host sync per step: a NaN must stop the run before anything saves it.
+                check_finite(loss.item(), it, "the training loss", self.describe_last_checkpoint())
+                if it % cfg.log_interval == 0:
+                    self.log_progress(loss, lr)
+                self.iter_num += 1
+                if stop.received is not None:
+                    return self.stop_early(stop.received)
         self.finish()
         return self.best_val_loss
 
@@ -249,10 +228,8 @@ class Trainer:
             self.save_checkpoints(best=False)
         self.finish()
         saved = (f"checkpoint saved to {self.run_dir / LAST}\nresume with: python -m nanogpt.train "
-                 f"resume={self.run_dir}" if self.cfg.save_checkpoints
-                 else "save_checkpoints=false, so nothing was saved to resume from")
-        log.warning("stopped by %s after iteration %d; %s", signal.Signals(signum).name,
-                    self.iter_num - 1, saved)
+                 f"resume={self.run_dir}") if self.cfg.save_checkpoints else "save_checkpoints=false: none saved"
+        log.warning("stopped by %s after iteration %d; %s", signum.name, self.iter_num - 1, saved)
         return self.best_val_loss
 
     def finish(self) -> None:
@@ -288,40 +265,10 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
     return trainer
 
 
-@hydra_entry("train", rewrite_arguments=resume.resume_arguments)
-def train_task(cfg: DictConfig) -> float:
-    """Compose the config, validate it, train (or resume) in Hydra's run directory."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    distributed.announce_run_dir(run_dir)  # under torchrun, the other ranks use rank 0's directory
-    is_main = distributed.context_from_environment().is_main
-    try:
-        config = to_dataclass(cfg, TrainConfig)
-        config.logger = name_tracking_run(config.logger)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        resume_state = resume.checkpoint_to_resume(config.resume, config.auto_resume, run_dir, resolved)
-        if is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        overrides = list(HydraConfig.get().overrides.task)
-        trainer = build_trainer(config, run_dir, resolved, resume_state, overrides)
-        best_val_loss = trainer.run()
-        if trainer.stopped_by is not None:
-            sys.exit(128 + trainer.stopped_by)  # the shell's convention for "ended by a signal"
-        return best_val_loss
-    except (UserError, OmegaConfBaseException):
-        # Nothing was trained yet: leave no half-made run directory behind.
-        if is_main and not any(run_dir.glob("*.pt")):
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-
-
-def main() -> None:
-    """Entry point: ``python -m nanogpt.train`` or ``torchrun ... -m nanogpt.train``."""
-    distributed.run_with_shared_run_dir(train_task)
-
-
 if __name__ == "__main__":
-    # Run the copy of this module that is importable as nanogpt.train, not __main__, so that
-    # launchers which pickle the task (joblib, submitit) can refer to it by name.
-    from nanogpt.train import main as importable_main
+    # The command line (Hydra, resume=, torchrun's shared run directory) lives in nanogpt/launch.py,
+    # which runs the importable nanogpt.train, not this __main__ copy, so launchers that pickle
+    # the task (joblib, submitit) can refer to it by name.
+    from nanogpt.launch import main
 
-    importable_main()
+    main()

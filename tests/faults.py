@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 
-from nanogpt import checkpoint, train
+from nanogpt import checkpoint, launch, train
 
 
 def parse(spec: str) -> dict[str, str]:
@@ -64,4 +64,4 @@ def install(faults: dict[str, str]) -> None:
 
 if __name__ == "__main__":
     install(parse(sys.argv.pop(1)))
-    train.main()
+    launch.main()

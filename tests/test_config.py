@@ -53,12 +53,12 @@ def test_tiny_is_the_cpu_size():
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
 def test_every_experiment_composes(recipe):
-    cfg = compose_train([f"+experiment={recipe}"])
+    compose_train([f"+experiment={recipe}"])
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
 def test_every_experiment_composes_for_the_benchmark(recipe):
-    cfg = compose_train([f"+experiment={recipe}"], config_name="bench", schema=BenchConfig)
+    compose_train([f"+experiment={recipe}"], config_name="bench", schema=BenchConfig)
 
 
 def test_cpu_recipe_is_nanogpts():

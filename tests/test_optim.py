@@ -4,6 +4,10 @@ from nanogpt.model import GPT, GPTConfig
 from nanogpt.optim import Muon, OptimizerConfig, configure_muon, orthogonalize
 
 
+def muon(lr: float, weight_decay: float) -> OptimizerConfig:
+    return OptimizerConfig(name="muon", lr=lr, min_lr=0.0, muon_lr=0.02, weight_decay=weight_decay)
+
+
 def small_model() -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=16, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
@@ -11,7 +15,7 @@ def small_model() -> GPT:
 
 def test_muon_takes_block_matrices_and_adamw_the_rest():
     model = small_model()
-    opt = configure_muon(model, OptimizerConfig(name="muon", lr=1e-3, min_lr=0.0, muon_lr=0.02, weight_decay=0.1))
+    opt = configure_muon(model, muon(lr=1e-3, weight_decay=0.1))
     muon_params = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         in_block_matrix = p.dim() == 2 and name.startswith("transformer.h.")
@@ -23,7 +27,7 @@ def test_muon_takes_block_matrices_and_adamw_the_rest():
 
 def test_muon_learns_and_its_state_round_trips():
     model = small_model()
-    opt = configure_muon(model, OptimizerConfig(name="muon", lr=3e-3, min_lr=0.0, muon_lr=0.02, weight_decay=0.0))
+    opt = configure_muon(model, muon(lr=3e-3, weight_decay=0.0))
     x = torch.randint(0, 16, (8, 16))
     y = torch.roll(x, -1, dims=1)
     first = None
@@ -35,7 +39,7 @@ def test_muon_learns_and_its_state_round_trips():
         opt.zero_grad()
     assert loss.item() < first - 1.0
     state = opt.state_dict()
-    fresh = configure_muon(small_model(), OptimizerConfig(name="muon", lr=3e-3, min_lr=0.0, muon_lr=0.02, weight_decay=0.0))
+    fresh = configure_muon(small_model(), muon(lr=3e-3, weight_decay=0.0))
     fresh.load_state_dict(state)
     assert fresh.state_dict()["muon"]["state"].keys() == state["muon"]["state"].keys()
 

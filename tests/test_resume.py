@@ -37,7 +37,8 @@ def train(work, *args, faults=None):
     """Run ``python -m nanogpt.train`` in work with the shared arguments."""
     directory, common = work
     if faults:
-        return run_module("tests.faults", faults, *common, *args, cwd=directory, env={"PYTHONPATH": str(REPO)})
+        env = {"PYTHONPATH": str(REPO)}  # tests/faults.py patches the faults into the real entry point
+        return run_module("tests.faults", faults, *common, *args, cwd=directory, env=env)
     return run_module("nanogpt.train", *common, *args, cwd=directory)
 
 

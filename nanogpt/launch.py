@@ -1,0 +1,55 @@
+"""The command line of training: ``python -m nanogpt.train [overrides]`` (or torchrun ... -m nanogpt.train).
+
+Hydra composes the config into Hydra's run directory; this module turns it into
+a TrainConfig, works out whether the run continues an earlier one (resume=,
+auto_resume), records the resolved config, and hands over to nanogpt.train,
+which is plain Python. Under torchrun every rank runs here, in rank 0's directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nanogpt import distributed, resume
+from nanogpt.cli import hydra_entry, to_dataclass
+from nanogpt.config import TrainConfig
+from nanogpt.errors import UserError
+from nanogpt.sweeps import name_tracking_run
+from nanogpt.train import build_trainer
+
+
+@hydra_entry("train", rewrite_arguments=resume.resume_arguments)
+def train_task(cfg: DictConfig) -> float:
+    """Compose the config, validate it, train (or resume) in Hydra's run directory."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    distributed.announce_run_dir(run_dir)  # under torchrun, the other ranks use rank 0's directory
+    is_main = distributed.context_from_environment().is_main
+    try:
+        config = to_dataclass(cfg, TrainConfig)
+        config.logger = name_tracking_run(config.logger)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resume_state = resume.checkpoint_to_resume(config.resume, config.auto_resume, run_dir, resolved)
+        if is_main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        overrides = list(HydraConfig.get().overrides.task)
+        trainer = build_trainer(config, run_dir, resolved, resume_state, overrides)
+        best_val_loss = trainer.run()
+        if trainer.stopped_by is not None:
+            sys.exit(128 + trainer.stopped_by)  # the shell's convention for "ended by a signal"
+        return best_val_loss
+    except (UserError, OmegaConfBaseException):
+        # Nothing was trained yet: leave no half-made run directory behind.
+        if is_main and not any(run_dir.glob("*.pt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def main() -> None:
+    """Entry point: ``python -m nanogpt.train`` or ``torchrun ... -m nanogpt.train``."""
+    distributed.run_with_shared_run_dir(train_task)
