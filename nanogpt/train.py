@@ -227,8 +227,9 @@ class Trainer:
         if self.cfg.save_checkpoints:
             self.save_checkpoints(best=False)
         self.finish()
-        saved = (f"checkpoint saved to {self.run_dir / LAST}\nresume with: python -m nanogpt.train "
-                 f"resume={self.run_dir}") if self.cfg.save_checkpoints else "save_checkpoints=false: none saved"
+        saved = "save_checkpoints=false: none saved"
+        if self.cfg.save_checkpoints:
+            saved = f"checkpoint saved to {self.run_dir / LAST}\nresume with: python -m nanogpt.train resume={self.run_dir}"
         log.warning("stopped by %s after iteration %d; %s", signum.name, self.iter_num - 1, saved)
         return self.best_val_loss
 
