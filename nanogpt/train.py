@@ -229,7 +229,8 @@ class Trainer:
         self.finish()
         saved = "save_checkpoints=false: none saved"
         if self.cfg.save_checkpoints:
-            saved = f"checkpoint saved to {self.run_dir / LAST}\nresume with: python -m nanogpt.train resume={self.run_dir}"
+            saved = (f"checkpoint saved to {self.run_dir / LAST}\n"
+                     f"resume with: python -m nanogpt.train resume={self.run_dir}")
         log.warning("stopped by %s after iteration %d; %s", signum.name, self.iter_num - 1, saved)
         return self.best_val_loss
 
