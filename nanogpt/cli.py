@@ -78,7 +78,8 @@ def hydra_entry(
             """Compose the config and run the task; user errors exit with one line."""
             register_configs()
             if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
-                print(help_text(config_name, SCHEMAS[config_name]))
+                overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
+                print(help_text(config_name, SCHEMAS[config_name], overrides))
                 return
             debugging = os.environ.get("HYDRA_FULL_ERROR") == "1"  # Hydra's own meaning
             # Let composition errors reach us rather than Hydra's multi-line report.
@@ -100,28 +101,53 @@ def hydra_entry(
     return decorate
 
 
-def help_text(config_name: str, schema: type) -> str:
-    """--help: the groups this entry point composes, with their options, and every key's meaning."""
+def help_text(config_name: str, schema: type, overrides: list[str]) -> str:
+    """--help: the groups this entry point composes, with their options, and every key's meaning.
+
+    Values are those the command line would run with (its overrides composed), so
+    ``model=tiny --help`` shows tiny's shape.
+    """
     lines = [f"python -m nanogpt.{config_name} [group=option ...] [key=value ...]", ""]
-    groups = [name for name in (f.name for f in dataclasses.fields(schema))
-              if (CONFIG_DIR / name).is_dir()]
+    groups = [f.name for f in dataclasses.fields(schema) if (CONFIG_DIR / f.name).is_dir()]
     if groups:
         lines.append("Config groups (choose one option each):")
-        for group in groups:
-            options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-            lines.append(f"  {group}: {', '.join(options)}")
-        if config_name in ("train", "bench"):
+        lines += [f"  {group}: {', '.join(sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml')))}"
+                  for group in groups]
+        if "model" in groups:
             recipes = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
             lines.append(f"  +experiment: {', '.join(recipes)}")
         lines.append("")
-    lines.append("Keys (key=value; defaults from the schema, before conf/ YAML):")
+    values = composed_values(config_name, overrides)
+    lines.append("Keys (key=value), with the values this command line would use:")
     for key, kind, default, meaning in describe(schema):
-        lines.append(f"  {key}: {kind} = {default!r}")
+        value = values.get(key, default)
+        lines.append(f"  {key}: {kind} = {'(required)' if value == '???' else repr(value)}")
         if meaning:
             lines.append(f"      {meaning}")
     lines += ["", "Hydra: --cfg job (print the composed config), -m (sweep), --hydra-help, "
               "--shell-completion install=bash"]
     return "\n".join(lines)
+
+
+def composed_values(config_name: str, overrides: list[str]) -> dict:
+    """{dotted.key: value} of conf/<config_name>.yaml with overrides; {} if they do not compose."""
+    try:
+        with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra.compose(config_name=config_name, overrides=overrides)
+    except Exception:  # noqa: BLE001 (help still shows the schema's defaults for a bad command line)
+        return {}
+
+    def flatten(node: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    try:
+        return dict(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    except OmegaConfBaseException:  # an interpolation that cannot resolve yet: show it as written
+        return dict(flatten(OmegaConf.to_container(cfg, resolve=False)))
 
 
 @contextlib.contextmanager

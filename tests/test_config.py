@@ -148,3 +148,29 @@ def test_experiment_found_from_any_directory(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "batch_size: 12" in result.stdout
     assert Path(CONFIG_DIR).is_dir()
+
+
+def test_help_explains_every_key_with_the_values_the_command_line_would_use(tmp_path):
+    result = run_module("nanogpt.train", "model=tiny", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "model: gpt2, gpt2-large" in text and "+experiment: " in text
+    assert "model.n_layer: int = 4" in text  # tiny's value, not the schema default
+    assert "width of the residual stream" in text  # GPTConfig's own words
+    assert "[learned | rope]" in text and "optimizer.muon_lr" in text
+
+
+def test_sample_help_lists_only_the_groups_sampling_uses(tmp_path):
+    result = run_module("nanogpt.sample", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    groups = result.stdout.split("Keys")[0]
+    assert "device: auto" in groups and "optimizer" not in groups and "dataset" not in groups
+    assert "temperature: float = 0.8" in result.stdout
+
+
+def test_every_option_has_a_meaning():
+    from nanogpt.options import describe
+
+    for schema in (TrainConfig, SampleConfig, BenchConfig):
+        missing = [key for key, _, _, meaning in describe(schema) if not meaning]
+        assert not missing, missing

@@ -202,3 +202,18 @@ def test_generate_returns_the_extended_tensor_like_nanogpt():
     streamed = torch.cat(list(model.stream(prompt, 5, temperature=0)), dim=1)
     assert torch.equal(out[:, 3:], streamed)
     assert len(model.generate(prompt[:1], 4, temperature=0)[0].tolist()) == 7
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"position_encoding": "rotary"}, "position_encoding='rotary' is not one of learned, rope"),
+    ({"n_embd": 10, "n_head": 3}, "n_embd=10 is not divisible by n_head=3"),
+    ({"n_head": 0}, "n_head=0 must be at least 1"),
+    ({"norm": "batchnorm"}, "norm='batchnorm' is not one of layernorm, rmsnorm"),
+    ({"dropout": 1.0}, "dropout=1.0 must be in [0, 1)"),
+])
+def test_gptconfig_refuses_what_cannot_work_even_from_python(bad, message):
+    from nanogpt.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        GPTConfig(**bad)
+    assert str(error.value).startswith(message)
