@@ -63,7 +63,7 @@ def resolve_pretrained(name_or_path: str) -> Path:
         files = ["config.json", "*.safetensors"]
         return Path(snapshot_download(PRETRAINED[name_or_path], allow_patterns=files))
     except ImportError:
-        raise ConfigError("model.init_from needs huggingface_hub: pip install 'nanogpt[hf]'") from None
+        raise ConfigError('model.init_from needs huggingface_hub: pip install -e ".[hf]"') from None
     except Exception as e:  # the Hub raises many kinds: offline, not found, rate-limited
         raise ConfigError(
             f"could not download {PRETRAINED[name_or_path]} from the Hugging Face Hub "
@@ -111,7 +111,7 @@ def load_gpt2_weights(
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise ConfigError("model.init_from needs safetensors: pip install 'nanogpt[hf]'") from None
+        raise ConfigError('model.init_from needs safetensors: pip install -e ".[hf]"') from None
     directory = resolve_pretrained(name_or_path)
     weights_file = directory / "model.safetensors"
     if not (directory / "config.json").is_file() or not weights_file.is_file():
@@ -186,7 +186,7 @@ def export_checkpoint(ckpt: str | Path, out: Path) -> Path:
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
-        raise ConfigError("export needs transformers: pip install 'nanogpt[hf]'") from None
+        raise ConfigError('export needs transformers: pip install -e ".[hf]"') from None
     ckpt_path = find_checkpoint(ckpt)
     state = load_checkpoint(ckpt_path)
     model = build_model(state)
