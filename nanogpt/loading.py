@@ -85,8 +85,8 @@ def resolve_source(source: str | Path, key: str = "ckpt", meta: str | Path | Non
             loaded = read_hf_directory(path)
         else:
             raise CheckpointError(
-                f"{key}={text} is a directory holding no {BEST}/{LAST} (our runs), {NANOGPT_CKPT} "
-                "(nanoGPT's out_dir) or config.json + model.safetensors (Hugging Face)"
+                f"{key}={text} holds no {BEST} or {LAST} (our runs), no {NANOGPT_CKPT} (nanoGPT's "
+                "out_dir) and no config.json + model.safetensors (Hugging Face)"
             )
     elif path.is_file():
         loaded = read_file(path, key, meta)
@@ -112,7 +112,7 @@ def read_file(path: Path, key: str, meta: str | Path | None) -> LoadedSource:
     if isinstance(state, dict) and "model" in state and "model_args" in state:
         return read_nanogpt_checkpoint(state, path, meta)
     raise CheckpointError(
-        f"{key}={path} is neither our checkpoint nor nanoGPT's (it has no model_config or model_args)"
+        f"{key}={path} is not a nanogpt checkpoint (no model_config) nor karpathy/nanoGPT's (no model_args)"
     )
 
 
