@@ -85,7 +85,7 @@ def gpt2_encoding():
     try:
         import tiktoken
     except ImportError:
-        raise DataError("GPT-2 BPE needs tiktoken: pip install 'nanogpt[bpe]'") from None
+        raise DataError('GPT-2 BPE needs tiktoken: pip install -e ".[bpe]"') from None
     try:
         return tiktoken.get_encoding(GPT2_ENCODING)
     except Exception as download_error:  # tiktoken raises requests' and its own errors alike

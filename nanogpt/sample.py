@@ -1,24 +1,42 @@
 """Generate text from a checkpoint: ``python -m nanogpt.sample [ckpt=...] [prompt=...]``.
 
 Text streams to stdout as it is generated; notes about what is loaded go to
-stderr, so ``> out.txt`` captures only the samples.
+stderr, so ``> out.txt`` captures only the samples. ckpt= takes every source
+nanogpt.loading knows (our runs, karpathy/nanoGPT's out_dir, Hugging Face
+directories and GPT-2 names), and the text is what ``nanogpt.load(ckpt)
+.generate(prompt, ...)`` returns for the same settings: both go through
+LanguageModel.stream.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from nanogpt.checkpoint import build_model, find_checkpoint, load_checkpoint, newest_checkpoint
+from nanogpt.checkpoint import newest_checkpoint
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import SampleConfig
-from nanogpt.data import UnknownTokenError, tokenizer_codec
-from nanogpt.device import autocast, resolve_device, resolve_dtype
+from nanogpt.device import resolve_device, resolve_dtype
 from nanogpt.errors import ConfigError, DataError
+from nanogpt.loading import LanguageModel, resolve_source
+from nanogpt.options import option
+
+
+@dataclass
+class SampleSettings(SampleConfig):
+    """SampleConfig plus where a karpathy/nanoGPT checkpoint's vocabulary is (until config.py has it)."""
+
+    meta: str | None = option(None, help="karpathy/nanoGPT checkpoints: their meta.pkl, when it is not "
+                              "data/<dataset>/meta.pkl under the current directory")
+
+
+ConfigStore.instance().store(name="sample_settings_schema", node=SampleSettings)
 
 
 def validate_sample_config(cfg: SampleConfig) -> None:
@@ -46,57 +64,42 @@ def read_prompt(cfg: SampleConfig) -> str:
         raise DataError(f"prompt_file={path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
 
 
-def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:
+def generate_samples(cfg: SampleSettings, out: TextIO = sys.stdout) -> list[str]:
     """Write cfg.num_samples samples to out as they are generated; return them."""
     validate_sample_config(cfg)
-    ckpt_path = find_checkpoint(cfg.ckpt) if cfg.ckpt else newest_checkpoint(cfg.outputs)
+    source = cfg.ckpt or newest_checkpoint(cfg.outputs)
     if not cfg.ckpt:
-        print(f"sampling from the newest run's checkpoint: {ckpt_path}", file=sys.stderr)
+        print(f"sampling from the newest run's checkpoint: {source}", file=sys.stderr)
     device = resolve_device(cfg.device.name)
     dtype = resolve_dtype(cfg.device.dtype, device)
-    state = load_checkpoint(ckpt_path, map_location=device)
-    model = build_model(state).to(device).eval()
-    encode, decode = tokenizer_codec(state["tokenizer"])
-
+    lm = LanguageModel(resolve_source(source, key="ckpt", meta=cfg.meta), device, dtype)
     prompt = read_prompt(cfg)
     if not prompt:
         raise ConfigError("prompt is empty; give prompt=TEXT or prompt_file=PATH")
-    try:
-        prompt_ids = encode(prompt)
-    except UnknownTokenError as e:
-        raise DataError(f"prompt: {e} of checkpoint {ckpt_path}") from None
 
+    # One generator for all samples, so each sample differs and the set is reproducible.
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     samples = []
     for n in range(cfg.num_samples):
         if n:
             out.write("\n---------------\n")
-        out.write(prompt)
-        ids: list[int] = []
-        shown = ""
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        with autocast(device, dtype):
-            steps = model.stream(
-                idx, cfg.num_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                use_cache=cfg.use_cache, generator=generator,
-            )
-            for token in steps:
-                ids.append(int(token))
-                # Decode everything so far and print what is new, so multi-token
-                # characters appear only once they are complete.
-                text = decode(ids)
-                out.write(text[len(shown):])
-                out.flush()
-                shown = text
+        pieces = lm.stream(prompt, cfg.num_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                           use_cache=cfg.use_cache, generator=generator)
+        text = next(pieces, "")  # the prompt is checked before anything is written
+        out.write(prompt + text)
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+            text += piece
         out.write("\n")
-        samples.append(prompt + shown)
+        samples.append(prompt + text)
     return samples
 
 
 @hydra_entry("sample")
 def main(cfg: DictConfig) -> None:
     """Entry point: compose sample.yaml and generate."""
-    generate_samples(to_dataclass(cfg, SampleConfig))
+    generate_samples(to_dataclass(cfg, SampleSettings))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,11 @@ CASES = [
     Case("checkpoint", "train", ("resume={run}", "-m"), "cannot be combined with --multirun"),
     Case("checkpoint", "train", ("resume={run}", "hydra.run.dir={empty_dir}"), "drop hydra.run.dir"),
     Case("checkpoint", "train", ("dataset=text", "dataset.source={corpus}", "model.init_from={empty_dir}"),
-         "must hold config.json and model.safetensors"),
+         "holds no best.pt or last.pt (our runs), no ckpt.pt (nanoGPT's out_dir) and no config.json"),
+    Case("checkpoint", "sample", ("ckpt=gpt3",), "ckpt=gpt3 does not exist and is no known model name"),
+    Case("checkpoint", "eval", ("ckpt={evil}",), "was refused (loading it could run code)"),
+    Case("checkpoint", "eval", ("ckpt={empty_dir}",), "holds no best.pt or last.pt"),
+    Case("config", "eval", ("ckpt={run}", "split=test"), "split='test' is not one of val, train"),
     Case("checkpoint", "export", ("ckpt=/no/such.pt", "out={empty_dir}/exported"),
          "ckpt=/no/such.pt does not exist"),
     Case("checkpoint", "report", ("/no/such/run",), "/no/such/run does not exist"),
@@ -190,7 +194,7 @@ def test_bad_input_fails_with_one_clear_line(case, results, world):
 
 def test_every_area_and_entry_point_is_covered():
     assert {c.area for c in CASES} == {"config", "data", "checkpoint", "device", "prompt"}
-    assert {c.entry for c in CASES} == {"train", "sample", "data", "export", "report"}
+    assert {c.entry for c in CASES} == {"train", "sample", "data", "export", "report", "eval"}
 
 
 def test_the_crafted_checkpoint_would_run_code_if_unpickled_unsafely(world, tmp_path):

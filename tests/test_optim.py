@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from nanogpt.model import GPT, GPTConfig
@@ -44,6 +45,7 @@ def test_muon_learns_and_its_state_round_trips():
     assert fresh.state_dict()["muon"]["state"].keys() == state["muon"]["state"].keys()
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon")
 def test_muon_in_bfloat16_is_torchs_muon():
     """With ns_dtype=bfloat16 our Muon takes exactly torch.optim.Muon's steps."""
     ours, theirs = small_model(), small_model()
@@ -82,3 +84,15 @@ def test_a_stack_is_orthogonalised_like_its_matrices_one_by_one():
         for matrix, result in zip(stack, together, strict=True):
             alone = orthogonalize(matrix, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)
             torch.testing.assert_close(result, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_muon_stands_alone_and_refuses_what_torchs_refuses():
+    """Our Muon is a plain torch Optimizer: it must not depend on torch.optim.Muon existing."""
+    assert Muon.__mro__[1] is torch.optim.Optimizer
+    model = small_model()
+    opt = Muon([model.lm_head.weight], lr=0.02)
+    assert opt.param_groups[0]["ns_steps"] == 5 and opt.param_groups[0]["nesterov"] is True
+    with pytest.raises(ValueError, match="matrices only"):
+        Muon([model.transformer.ln_f.weight])
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        Muon([model.lm_head.weight], adjust_lr_fn="huge")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -18,8 +20,7 @@ def composed(overrides: list[str], hydra_config: bool = False):
         return compose("train", overrides=overrides, return_hydra_config=hydra_config)
 
 
-@pytest.mark.parametrize("recipe", ["finetune_shakespeare", "gpt2_124m", "eval_gpt2", "eval_gpt2_medium",
-                                    "eval_gpt2_large", "eval_gpt2_xl"])
+@pytest.mark.parametrize("recipe", ["finetune_shakespeare", "gpt2_124m"])
 def test_gpt2_recipes_compose_and_validate(recipe):
     config = to_dataclass(composed([f"+experiment={recipe}"]), TrainConfig)
     assert config.dataset.tokenizer == "gpt2"
@@ -54,16 +55,27 @@ def test_slurm_ddp_launcher_resolves_from_the_command_line(tmp_path):
     assert "SlurmLauncher" in result.stdout and "partition: gpu" in result.stdout
 
 
-def test_eval_recipe_evaluates_pretrained_weights_without_training(
-    tmp_path, shakespeare, data_root, bpe_cache
-):
+@pytest.mark.parametrize("size", ["", "-medium", "-large", "-xl"])
+def test_eval_recipes_compose_for_the_eval_entry_point(size):
+    from nanogpt.eval import EvalConfig
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"+experiment=eval_gpt2{size.replace('-', '_')}"])
+    config = to_dataclass(cfg, EvalConfig)
+    assert (config.ckpt, config.dataset.name) == (f"gpt2{size}", "openwebtext")
+    assert config.dataset.tokenizer == "gpt2"
+
+
+def test_eval_recipe_scores_pretrained_weights(tmp_path, corpus, data_root, bpe_cache):
+    """The recipe with a local GPT-2-shaped directory in place of the Hub and a small BPE text."""
     random_hf_model(tmp_path / "hf", vocab_size=50257)
     result = run_module(
-        "nanogpt.train", "+experiment=eval_gpt2", "device=cpu", f"model.init_from={tmp_path / 'hf'}",
-        "model.block_size=16", "dataset=shakespeare", f"dataset.source={shakespeare}",
-        f"data_root={data_root}", "batch_size=2", "eval_iters=2", "hydra.run.dir=run", cwd=tmp_path,
+        "nanogpt.eval", "+experiment=eval_gpt2", "device=cpu", f"ckpt={tmp_path / 'hf'}", "dataset=text",
+        f"dataset.source={corpus}", "dataset.name=toy_bpe", "dataset.tokenizer=gpt2",
+        f"data_root={data_root}", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "eval 0: train loss" in result.stdout
-    assert "iter 0:" not in result.stdout
-    assert not list((tmp_path / "run").glob("*.pt"))
+    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scored["windows"] > 5 and scored["tokens"] == 64 * scored["windows"] and scored["loss"] > 0
+    assert "bits_per_char" not in scored  # a BPE token is not one character

@@ -1,0 +1,53 @@
+"""Reading karpathy/nanoGPT's ``meta.pkl`` without letting it run anything.
+
+nanoGPT stores a character vocabulary as a pickle: ``{"vocab_size": 65,
+"stoi": {"a": 39, ...}, "itos": {39: "a", ...}}``. Unpickling an arbitrary file
+can call any importable function (``os.system`` is the classic), and a
+downloaded checkpoint folder is exactly the kind of file a user should not have
+to trust. A vocabulary needs only dicts, lists, tuples, strings and numbers, so
+this reader accepts those and refuses every instruction that would look up a
+class or function by name: nothing in the file is ever called.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+from nanogpt.errors import CheckpointError
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """An unpickler for plain data only: any reference to a class or function is refused.
+
+    Dicts, lists, tuples, str, int, float, bool and None have opcodes of their
+    own; everything else reaches find_class (GLOBAL / STACK_GLOBAL) or
+    persistent_load, and both refuse.
+    """
+
+    def find_class(self, module: str, name: str):
+        """Refuse: loading a plain vocabulary never needs to name a class or function."""
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, and only plain data is accepted")
+
+    def persistent_load(self, pid):
+        """Refuse persistent ids as well: they are another way to reach outside the file."""
+        raise pickle.UnpicklingError("it uses a persistent id, and only plain data is accepted")
+
+
+def read_nanogpt_meta_pkl(path: str | Path) -> dict:
+    """The dict in nanoGPT's meta.pkl at path, read so that nothing in the file can run."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror})") from None
+    try:
+        meta = PlainDataUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} was refused, nothing in it was run: {e}") from None
+    except Exception as e:  # noqa: BLE001 (a damaged pickle fails in many ways)
+        raise CheckpointError(f"{path} is not a readable pickle ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds a {type(meta).__name__}, not nanoGPT's vocabulary dict")
+    return meta
