@@ -1,4 +1,4 @@
-"""Our GPT out to Hugging Face GPT-2, and the name train.py imports GPT-2 weights by.
+"""Our GPT out to Hugging Face GPT-2.
 
 Our GPT has GPT-2's architecture, so a Hugging Face ``GPT2LMHeadModel``
 checkpoint maps onto it name for name, with two differences:
@@ -26,24 +26,9 @@ import torch
 
 from nanogpt.errors import CheckpointError, ConfigError
 from nanogpt.loading import CONV1D_WEIGHTS, GPT2_TOKENIZER, PRETRAINED, TOKENIZER_FILE, resolve_source
-from nanogpt.loading import load_pretrained as load_gpt2_weights
 from nanogpt.model import GPT
 
-__all__ = ["PRETRAINED", "export_checkpoint", "hf_state_dict", "load_gpt2_weights", "write_gpt2_tokenizer"]
-
-
-def load_pretrained(model_cfg, tokenizer: dict) -> GPT:
-    """model.init_from's weights, set up as model_cfg says, for data in the given tokenizer."""
-    model, trained_with = load_gpt2_weights(
-        model_cfg.init_from, block_size=model_cfg.block_size, dropout=model_cfg.dropout,
-        vocab_multiple=model_cfg.vocab_multiple, gradient_checkpointing=model_cfg.gradient_checkpointing,
-    )
-    if trained_with != tokenizer:
-        raise ConfigError(
-            f"model.init_from={model_cfg.init_from} was trained with tokenizer {trained_with.get('kind')}, "
-            f"but the dataset uses {tokenizer.get('kind')}; pick a dataset with the same tokenizer "
-            "(e.g. dataset=shakespeare for GPT-2)")
-    return model
+__all__ = ["PRETRAINED", "export_checkpoint", "hf_state_dict", "write_gpt2_tokenizer"]
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:

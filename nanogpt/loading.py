@@ -300,6 +300,20 @@ def load_pretrained(
     return model, loaded.tokenizer
 
 
+def initial_model(model_cfg, tokenizer: dict) -> GPT:
+    """model.init_from's weights, set up as model_cfg (a ModelConfig) says, for data in tokenizer."""
+    model, trained_with = load_pretrained(
+        model_cfg.init_from, block_size=model_cfg.block_size, dropout=model_cfg.dropout,
+        vocab_multiple=model_cfg.vocab_multiple, gradient_checkpointing=model_cfg.gradient_checkpointing,
+    )
+    if trained_with != tokenizer:
+        raise ConfigError(
+            f"model.init_from={model_cfg.init_from} was trained with tokenizer {trained_with.get('kind')}, "
+            f"but the dataset uses {tokenizer.get('kind')}; pick a dataset with the same tokenizer "
+            "(e.g. dataset=shakespeare for GPT-2)")
+    return model
+
+
 # The Python face -------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from nanogpt.checkpoint import BEST, LAST, remove_stale_temporaries, save_checkp
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.corpus import prepare_dataset
 from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, tokenizer_codec
-from nanogpt.hf import load_pretrained
+from nanogpt.loading import initial_model
 from nanogpt.model import GPT
 from nanogpt.optim import build_optimizer, learning_rate_at
 from nanogpt.runtime import Runtime
@@ -68,7 +68,7 @@ def build_model(cfg: ModelConfig, data: PreparedData) -> GPT:
     if cfg.init_from is None:
         return GPT(cfg.gpt_config(vocab_size=data.vocab_size))
     log.info("model: initialised from %s (shape taken from the weights)", cfg.init_from)
-    return load_pretrained(cfg, data.meta["tokenizer"])
+    return initial_model(cfg, data.meta["tokenizer"])
 
 
 class Trainer:

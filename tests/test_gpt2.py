@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from nanogpt.checkpoint import save_checkpoint
 from nanogpt.cli import register_configs
 from nanogpt.config import CONFIG_DIR
-from nanogpt.hf import load_gpt2_weights
+from nanogpt.loading import load_pretrained as load_gpt2_weights
 from nanogpt.model import GPT, GPTConfig
 from tests.conftest import TINY_RUN, run_module
 
