@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
+from nanogpt.data import DatasetConfig
 from nanogpt.errors import ConfigError
 from nanogpt.model import VARIANT_SWITCHES
 
@@ -52,21 +53,6 @@ class ModelConfig:
     # Hugging Face Hub) or a directory with config.json + model.safetensors. The shape then comes
     # from the weights; block_size (crop), dropout and the switches above still apply.
     init_from: str | None = None
-
-
-@dataclass
-class DatasetConfig:
-    """Where the text comes from and how it is split."""
-
-    name: str = MISSING  # folder under data_root holding the prepared tokens
-    source: str = MISSING  # URL, text file, or directory of .txt files
-    sha256: str | None = None  # expected checksum of the source text, if known
-    tokenizer: str = "char"  # char: the text's own characters; gpt2: GPT-2 BPE (tiktoken)
-    val_fraction: float = 0.1
-    loader: str = "text"  # text: source is text; hf: a Hugging Face dataset or .jsonl/.parquet files
-    subset: str | None = None  # hf: the dataset's configuration, e.g. FineWeb's sample-10BT
-    text_field: str = "text"  # hf: the column holding each document
-    num_proc: int | None = None  # hf: tokenizer processes; None: all cores
 
 
 @dataclass
@@ -223,10 +209,6 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.eval_interval > 0, f"eval_interval={cfg.eval_interval} must be at least 1"),
         (cfg.eval_iters > 0, f"eval_iters={cfg.eval_iters} must be at least 1"),
         (cfg.log_interval > 0, f"log_interval={cfg.log_interval} must be at least 1"),
-        (0 < cfg.dataset.val_fraction < 1,
-         f"dataset.val_fraction={cfg.dataset.val_fraction} must be between 0 and 1"),
-        (cfg.dataset.tokenizer in ("char", "gpt2"),
-         f"dataset.tokenizer={cfg.dataset.tokenizer!r} is not supported; use char or gpt2"),
         (cfg.logger.name in ("wandb", "tensorboard", "none"),
          f"logger.name={cfg.logger.name!r} is not one of wandb, tensorboard, none"),
         (cfg.logger.mode in ("offline", "online", "disabled", "dryrun", "run"),

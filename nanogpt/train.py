@@ -28,8 +28,7 @@ from nanogpt import distributed, faults, resume
 from nanogpt.checkpoint import BEST, LAST, model_state, save_checkpoint
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import OptimizerConfig, TrainConfig, validate_train_config
-from nanogpt.corpus import prepare_dataset
-from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, tokenizer_codec
+from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, prepare_dataset, tokenizer_codec
 from nanogpt.device import autocast, peak_flops, resolve_device, resolve_dtype, should_compile
 from nanogpt.errors import ConfigError, UserError
 from nanogpt.hf import load_gpt2_weights

@@ -51,7 +51,7 @@ CASES = [
     Case("config", "data", ("dataset=nope",), "dataset=nope is not an option"),
     Case("config", "train", ("logger=slack",), "logger=slack is not an option"),
     Case("config", "train", ("logger.mode=sometimes",), "logger.mode='sometimes' is not one of"),
-    Case("config", "train", ("dataset.tokenizer=bert",), "dataset.tokenizer='bert' is not supported"),
+    Case("config", "train", ("dataset.tokenizer=bert",), "tokenizer='bert' is not one of char, bpe, gpt2"),
     Case("config", "train", ("hydra/launcher=nope",), "hydra/launcher=nope is not an option"),
     Case("config", "train", ("model.n_head=0",), "model.n_head=0 must be at least 1"),
     Case("config", "train", ("model.activation=swish",), "model.activation='swish' must be gelu or relu2"),
