@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.bpe import GPT2_ENCODING
 from nanogpt.checkpoint import build_model, find_checkpoint, load_checkpoint
 from nanogpt.errors import CheckpointError, ConfigError
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.tokenizer import GPT2_TOKENIZER, write_hf_tokenizer
 
 # OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
 PRETRAINED = {
@@ -45,7 +45,6 @@ HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Written beside an export: the tokenizer the weights were trained with.
 TOKENIZER_FILE = "nanogpt_tokenizer.json"
-GPT2_TOKENIZER = {"kind": "tiktoken", "encoding": GPT2_ENCODING}
 
 
 def resolve_pretrained(name_or_path: str) -> Path:
@@ -221,6 +220,7 @@ def export_checkpoint(ckpt: str | Path, out: Path) -> Path:
     (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer))
     if tokenizer == GPT2_TOKENIZER:
         write_gpt2_tokenizer(tmp)
+    write_hf_tokenizer(tokenizer, tmp)  # bpe and tokenizer.json models: AutoTokenizer loads them
     # Replace the destination only once the export is complete.
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

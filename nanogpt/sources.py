@@ -186,13 +186,14 @@ class TextSource:
         return self.source, offset
 
 
-def text_ranges(path: Path, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int]]:
+def text_ranges(path: Path, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
     """Byte ranges of about chunk_bytes covering the file, each cut at a clean place.
 
     A clean cut (see CLEAN_CUT) keeps every tokenizer's ids identical to
     encoding the text whole; where none is near, the cut falls on the next
     character boundary so no UTF-8 character is split.
     """
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     size = path.stat().st_size
     bounds = [0]
     with open(path, "rb") as f:
