@@ -19,6 +19,7 @@ import logging
 import math
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ from nanogpt.sources import (
     link_or_copy,
     scan_task,
     start_worker,
+    stop_worker,
     text_ranges,
 )
 from nanogpt.tokenizer import (
@@ -291,6 +293,7 @@ def workers(reader, tokenizer: dict | None, processes: int) -> Iterator[Callable
         if pool is not None:
             pool.terminate()
             pool.join()
+        stop_worker()  # let go of the reader (a memory-mapped corpus) this process held
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
@@ -315,10 +318,10 @@ def tokenize_source(config: DatasetConfig, source, directory: Path, tokenizer_fi
         pieces = text_ranges(raw)
         with workers(reader, None, processes) as run:
             scanned = list(run(scan_task, pieces, f"scan {config.name}"))
-        characters = sum(count for count, _ in scanned)
+        made["characters"] = sum(count for count, _ in scanned)
         splits = split_text(reader, pieces, [count for count, _ in scanned],
-                            int(characters * (1 - config.val_fraction)))
-        made["characters"] = characters
+                            int(made["characters"] * (1 - config.val_fraction)))
+        empty = made["characters"] == 0
     else:
         documents = source.fetch(directory, processes)
         reader = DocumentReader(documents, config.text_field)
@@ -330,8 +333,8 @@ def tokenize_source(config: DatasetConfig, source, directory: Path, tokenizer_fi
         if config.tokenizer == "char":
             with workers(reader, None, processes) as run:
                 scanned = list(run(scan_task, splits["train"] + splits["val"], f"scan {config.name}"))
-        characters = total
-    if characters == 0:
+        empty = total == 0
+    if empty:
         raise DataError(f"dataset.source {config.source} is empty; give it some text")
 
     if config.tokenizer == "char":
@@ -514,11 +517,12 @@ def main() -> None:
     def prepare(cfg) -> None:
         """Prepare the composed dataset and say where it went."""
         config = to_dataclass(cfg, DataConfig)
+        started = time.perf_counter()
         data = prepare_dataset(config.dataset, Path(config.data_root))
         print(
             f"{config.dataset.name}: {data.meta['train_tokens']:,} train and "
             f"{data.meta['val_tokens']:,} val tokens, vocabulary {data.vocab_size} "
-            f"({data.meta['dtype']}), in {data.directory}"
+            f"({data.meta['dtype']}), in {data.directory} ({time.perf_counter() - started:.1f} s)"
         )
 
     prepare()

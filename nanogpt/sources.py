@@ -37,6 +37,7 @@ from urllib3.util.retry import Retry
 
 from nanogpt.errors import DataError
 from nanogpt.fileio import sha256_of_file, write_atomically
+from nanogpt.tokenizer import CLEAN_CUT as CLEAN_CUT_TEXT
 from nanogpt.tokenizer import code_points, load_tokenizer
 
 CHUNK_BYTES = 4 << 20  # a piece of text per task: large enough to amortise, small enough for memory
@@ -44,10 +45,8 @@ CUT_WINDOW = 1 << 16  # how far past a nominal chunk end to look for a clean pla
 DOCUMENTS_PER_TASK = 1024
 # File extensions of document corpora and the ``datasets`` builder that reads each.
 DOCUMENT_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-# A newline between two visible ASCII characters: every tiktoken pattern and byte-level BPE
-# pre-tokenizer makes that newline a token of its own, so text cut just after it encodes to
-# exactly the ids the uncut text would.
-CLEAN_CUT = re.compile(rb"[\x21-\x7e]\n(?=[\x21-\x7e])")
+# tokenizer.CLEAN_CUT for bytes: where a piece of text may end without changing any ids.
+CLEAN_CUT = re.compile(CLEAN_CUT_TEXT.pattern.encode())
 
 
 # --- fetching: downloads and local copies ---------------------------------------------------
@@ -358,6 +357,11 @@ def start_worker(reader, tokenizer_json: str | None) -> None:
     _worker["reader"] = reader
     _worker["tokenizer"] = load_tokenizer(tokenizer_json) if tokenizer_json else None
     _worker["documents"] = isinstance(reader, DocumentReader)
+
+
+def stop_worker() -> None:
+    """Forget the reader and tokenizer, so a finished preparation holds no files open."""
+    _worker.clear()
 
 
 def scan_task(task: tuple[int, int]) -> tuple[int, np.ndarray]:
