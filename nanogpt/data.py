@@ -44,6 +44,7 @@ from nanogpt.sources import (
     TextSource,
     description_json,
     download,
+    encode_into_task,
     encode_task,
     is_document_corpus,
     link_or_copy,
@@ -319,8 +320,8 @@ def tokenize_source(config: DatasetConfig, source, directory: Path, tokenizer_fi
         with workers(reader, None, processes) as run:
             scanned = list(run(scan_task, pieces, f"scan {config.name}"))
         made["characters"] = sum(count for count, _ in scanned)
-        splits = split_text(reader, pieces, [count for count, _ in scanned],
-                            int(made["characters"] * (1 - config.val_fraction)))
+        splits, piece_chars = split_text(reader, pieces, [count for count, _ in scanned],
+                                         int(made["characters"] * (1 - config.val_fraction)))
         empty = made["characters"] == 0
     else:
         documents = source.fetch(directory, processes)
@@ -329,7 +330,7 @@ def tokenize_source(config: DatasetConfig, source, directory: Path, tokenizer_fi
         n_val = math.ceil(total * config.val_fraction)
         splits = {"train": document_ranges(0, total - n_val), "val": document_ranges(total - n_val, total)}
         made["documents"] = {"train": total - n_val, "val": n_val}
-        scanned = None
+        scanned, piece_chars = None, None
         if config.tokenizer == "char":
             with workers(reader, None, processes) as run:
                 scanned = list(run(scan_task, splits["train"] + splits["val"], f"scan {config.name}"))
@@ -354,8 +355,12 @@ def tokenize_source(config: DatasetConfig, source, directory: Path, tokenizer_fi
 
     with workers(reader, description, processes) as run:
         for split, pieces in splits.items():
-            made[f"{split}_tokens"] = write_tokens(
-                directory / f"{split}.bin", run(encode_task, pieces, f"tokenize {split}"))
+            path, desc = directory / f"{split}.bin", f"tokenize {split}"
+            if config.tokenizer == "char" and piece_chars is not None:
+                made[f"{split}_tokens"] = write_tokens_in_place(path, run, pieces, piece_chars[split],
+                                                                np.dtype(tokenizer.dtype), desc)
+            else:
+                made[f"{split}_tokens"] = write_tokens(path, run(encode_task, pieces, desc))
             if made[f"{split}_tokens"] == 0:
                 raise DataError(
                     f"dataset.source {config.source} leaves the {split} split empty; give more text "
@@ -364,8 +369,8 @@ def tokenize_source(config: DatasetConfig, source, directory: Path, tokenizer_fi
 
 
 def split_text(reader: TextReader, pieces: list[tuple[int, int]], counts: list[int],
-               n_train: int) -> dict[str, list[tuple[int, int]]]:
-    """Byte ranges for train (the first n_train characters) and val (the rest).
+               n_train: int) -> tuple[dict[str, list[tuple[int, int]]], dict[str, list[int]]]:
+    """Byte ranges for train (the first n_train characters) and val (the rest), and their characters.
 
     Only the piece holding the split point is read again, to find the byte
     where character n_train starts.
@@ -375,11 +380,14 @@ def split_text(reader: TextReader, pieces: list[tuple[int, int]], counts: list[i
         if before + count >= n_train:
             text = reader.texts((start, end))[0]
             cut = start + len(text[: n_train - before].encode("utf-8"))
-            train = pieces[:i] + ([(start, cut)] if cut > start else [])
-            val = ([(cut, end)] if end > cut else []) + pieces[i + 1:]
-            return {"train": train, "val": val}
+            head, tail = n_train - before, count - (n_train - before)
+            splits = {"train": pieces[:i] + [(start, cut)], "val": [(cut, end)] + pieces[i + 1:]}
+            chars = {"train": counts[:i] + [head], "val": [tail] + counts[i + 1:]}
+            return ({split: [p for p, c in zip(splits[split], chars[split], strict=True) if c]
+                     for split in splits},
+                    {split: [c for c in chars[split] if c] for split in chars})
         before += count
-    return {"train": pieces, "val": []}
+    return {"train": pieces, "val": []}, {"train": counts, "val": []}
 
 
 def document_ranges(start: int, end: int) -> list[tuple[int, int]]:
@@ -400,6 +408,29 @@ def write_tokens(path: Path, arrays: Iterable[np.ndarray]) -> int:
 
     write_atomically(path, write)
     return written
+
+
+def write_tokens_in_place(path: Path, run: Callable, pieces: list[tuple[int, int]], counts: list[int],
+                          dtype: np.dtype, desc: str) -> int:
+    """Let the workers write each piece's ids at its own place in path; return how many there are.
+
+    One id per character makes every piece's place known from the scan, so the
+    ids need not travel back through a pipe to be written by this process (for
+    400 MB of text that is 800 MB less to copy between processes).
+    """
+    total = sum(counts)
+    places = np.cumsum([0, *counts[:-1]]) * dtype.itemsize
+
+    def fill(tmp: Path) -> None:
+        os.truncate(tmp, total * dtype.itemsize)
+        tasks = [(start, end, str(tmp), int(place))
+                 for (start, end), place in zip(pieces, places, strict=True)]
+        written = list(run(encode_into_task, tasks, desc))
+        if written != counts:  # a bug, not a user error: the scan and the encoding disagree
+            raise RuntimeError(f"pieces of {path.name} gave {sum(written)} ids for {total} characters")
+
+    write_atomically(path, fill)
+    return total
 
 
 def copy_bins(config: DatasetConfig, source: BinSource, directory: Path) -> dict:

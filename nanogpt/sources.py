@@ -385,6 +385,16 @@ def encode_task(task: tuple[int, int]) -> np.ndarray:
     return ids.astype(tokenizer.dtype)
 
 
+def encode_into_task(task: tuple[int, int, str, int]) -> int:
+    """Encode the byte range start..end and write its ids at byte `place` of the file `out`."""
+    start, end, out, place = task
+    ids = encode_task((start, end))
+    with open(out, "r+b") as f:
+        f.seek(place)
+        ids.tofile(f)
+    return int(ids.size)
+
+
 def description_json(description: dict) -> str:
     """The form a tokenizer description travels to workers in (and load_tokenizer caches by)."""
     return json.dumps(description, sort_keys=True)
