@@ -55,15 +55,13 @@ from nanogpt.sources import (
 )
 from nanogpt.tokenizer import (
     BYTE_ALPHABET,
-    GPT2_TOKENIZER,
     OWN_TOKENIZERS,
     UnknownTokenError,
     create_encoder_decoder,
+    describe_tokenizer,
     get_vocabulary,
     is_tokenizer_file,
     load_tokenizer,
-    read_tokenizer_file,
-    tiktoken_encoding,
     tiktoken_names,
     tokenizer_codec,
     train_bpe,
@@ -115,7 +113,10 @@ class DatasetConfig:
             t in OWN_TOKENIZERS or t in tiktoken_names() or is_tokenizer_file(t),
             f"tokenizer={t!r} is not one of {', '.join((*OWN_TOKENIZERS, *tiktoken_names()))}, "
             "nor a path to a tokenizer.json")
-        options.require(t != "bpe" or self.loader == "bin" or v is not None,
+        options.require(t != "bpe" or self.loader != "bin",
+                        "tokenizer=bpe is trained on text; with loader=bin name the tokenizer the .bin files "
+                        "were made with (or give vocab_size)")
+        options.require(t != "bpe" or v is not None,
                         "vocab_size is needed for tokenizer=bpe; e.g. dataset.vocab_size=8192")
         options.require(
             t != "bpe" or v is None or v > BYTE_ALPHABET,
@@ -210,12 +211,13 @@ def prepare_dataset(config: DatasetConfig, data_root: Path | str) -> PreparedDat
     preparation that fails leaves none of its files behind.
     """
     source = open_source(config)
-    tokenizer_file = read_tokenizer_file(config.tokenizer) if is_tokenizer_file(config.tokenizer) else None
+    # A tokenizer that needs no training is checked (file parses, encoding loads) before any work.
+    named = None if config.tokenizer in OWN_TOKENIZERS else describe_tokenizer(config.tokenizer)
     settings = {**asdict(config), "format": PREPARED_FORMAT, "source": source.fingerprint()}
     settings.pop("num_proc")  # how many processes worked changes nothing in the result
-    if tokenizer_file is not None:
+    if named is not None and named["kind"] == "hf":
         # The file's content, not its path, decides the ids: an edited tokenizer.json rebuilds.
-        settings["tokenizer_sha256"] = hashlib.sha256(tokenizer_file["json"].encode()).hexdigest()
+        settings["tokenizer_sha256"] = hashlib.sha256(named["json"].encode()).hexdigest()
     directory = Path(data_root).expanduser() / config.name
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -230,9 +232,9 @@ def prepare_dataset(config: DatasetConfig, data_root: Path | str) -> PreparedDat
         (directory / "meta.json").unlink(missing_ok=True)  # from here on the cache is incomplete
         try:
             if isinstance(source, BinSource):
-                made = copy_bins(config, source, directory)
+                made = copy_bins(config, source, directory, named)
             else:
-                made = tokenize_source(config, source, directory, tokenizer_file)
+                made = tokenize_source(config, source, directory, named)
         except BaseException:
             for name in PRODUCTS:  # nothing half-made stays in the shared cache
                 (directory / name).unlink(missing_ok=True)
@@ -301,7 +303,7 @@ def workers(reader, tokenizer: dict | None, processes: int) -> Iterator[Callable
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def tokenize_source(config: DatasetConfig, source, directory: Path, tokenizer_file: dict | None) -> dict:
+def tokenize_source(config: DatasetConfig, source, directory: Path, named: dict | None) -> dict:
     """Read, split and tokenize a text or document source into train.bin and val.bin.
 
     Text: the first (1 - val_fraction) of its characters train, the rest validate.
@@ -309,8 +311,6 @@ def tokenize_source(config: DatasetConfig, source, directory: Path, tokenizer_fi
     tokenizer's end-of-text token where it has one.
     """
     processes = config.num_proc or os.cpu_count() or 1
-    if config.tokenizer not in OWN_TOKENIZERS and tokenizer_file is None:
-        tiktoken_encoding(config.tokenizer)  # fail here, before any work, if it cannot be had
     made: dict = {}
     if isinstance(source, TextSource):
         raw = directory / "input.txt"
@@ -344,12 +344,8 @@ def tokenize_source(config: DatasetConfig, source, directory: Path, tokenizer_fi
     elif config.tokenizer == "bpe":
         training = (text for piece in splits["train"] for text in reader.texts(piece))
         description = train_bpe(training, config.vocab_size)
-    elif tokenizer_file is not None:
-        description = tokenizer_file
-    elif config.tokenizer == GPT2_TOKENIZER["encoding"]:
-        description = GPT2_TOKENIZER
     else:
-        description = {"kind": "tiktoken", "encoding": config.tokenizer}
+        description = named
     tokenizer = load_tokenizer(description_json(description))
     made.update(tokenizer=description, vocab_size=tokenizer.vocab_size, dtype=tokenizer.dtype)
 
@@ -433,7 +429,7 @@ def write_tokens_in_place(path: Path, run: Callable, pieces: list[tuple[int, int
     return total
 
 
-def copy_bins(config: DatasetConfig, source: BinSource, directory: Path) -> dict:
+def copy_bins(config: DatasetConfig, source: BinSource, directory: Path, named: dict | None) -> dict:
     """Take nanoGPT's train.bin/val.bin as they are; the tokenizer comes from meta.pkl or the config.
 
     A char meta.pkl gives the vocabulary (nanoGPT's ``itos``); otherwise
@@ -454,11 +450,8 @@ def copy_bins(config: DatasetConfig, source: BinSource, directory: Path) -> dict
                         "(dataset.tokenizer=gpt2 for nanoGPT's BPE data) or give dataset.vocab_size")
     elif config.tokenizer == "char":
         description = {"kind": "ids", "vocab_size": config.vocab_size}
-    elif is_tokenizer_file(config.tokenizer):
-        description = read_tokenizer_file(config.tokenizer)
     else:
-        tiktoken_encoding(config.tokenizer)
-        description = {"kind": "tiktoken", "encoding": config.tokenizer}
+        description = named
     vocab_size = load_tokenizer(description_json(description)).vocab_size
     made = {"tokenizer": description, "vocab_size": vocab_size, "dtype": "uint16"}
     for split in ("train", "val"):

@@ -238,6 +238,18 @@ def read_tokenizer_file(path: str) -> dict:
     return {"kind": "hf", "origin": str(file.resolve()), "json": text}
 
 
+def describe_tokenizer(name: str) -> dict:
+    """The description of a tokenizer given by name (a tiktoken encoding) or path (a tokenizer.json).
+
+    Loading it here is the check: a missing or broken file, or an encoding whose
+    files cannot be had offline, fails before any data is touched.
+    """
+    if is_tokenizer_file(name):
+        return read_tokenizer_file(name)
+    tiktoken_encoding(name)
+    return GPT2_TOKENIZER if name == GPT2_ENCODING else {"kind": "tiktoken", "encoding": name}
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> dict:
     """A byte-level BPE of vocab_size ids trained on texts, with <|endoftext|> as id 0.
 
