@@ -40,8 +40,8 @@ def main(cfg: DictConfig) -> None:
     if '"char"' in tokenizer:
         print("note: its character vocabulary matches no Hugging Face tokenizer; "
               "map text to ids with nanogpt_tokenizer.json")
-    elif (out / "vocab.json").is_file():
-        print("with GPT-2's tokenizer: AutoTokenizer.from_pretrained works on it")
+    elif (out / "vocab.json").is_file() or (out / "tokenizer.json").is_file():
+        print("with its tokenizer: AutoTokenizer.from_pretrained works on it")
     else:
         print("tokenizer: GPT-2's BPE (AutoTokenizer.from_pretrained('gpt2') matches it)")
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from nanogpt.errors import CheckpointError, ConfigError
-from nanogpt.loading import CONV1D_WEIGHTS, GPT2_TOKENIZER, PRETRAINED, TOKENIZER_FILE, resolve_source
+from nanogpt.loading import CONV1D_WEIGHTS, PRETRAINED, TOKENIZER_FILE, resolve_source
 from nanogpt.model import GPT
+from nanogpt.tokenizer import GPT2_TOKENIZER, write_hf_tokenizer
 
 __all__ = ["PRETRAINED", "export_checkpoint", "hf_state_dict", "write_gpt2_tokenizer"]
 
@@ -101,6 +102,7 @@ def export_checkpoint(ckpt: str | Path, out: Path) -> Path:
     (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer))
     if tokenizer == GPT2_TOKENIZER:
         write_gpt2_tokenizer(tmp)
+    write_hf_tokenizer(tokenizer, tmp)  # bpe and tokenizer.json models: AutoTokenizer loads them
     # Replace the destination only once the export is complete.
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

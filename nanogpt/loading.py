@@ -24,15 +24,14 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.bpe import GPT2_ENCODING
 from nanogpt.checkpoint import BEST, LAST, build_model, find_checkpoint, is_our_checkpoint, read_torch_file
 from nanogpt.data import UnknownTokenError, tokenizer_codec
 from nanogpt.device import autocast, resolve_device, resolve_dtype
 from nanogpt.errors import CheckpointError, ConfigError, DataError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.pickles import read_nanogpt_meta_pkl
+from nanogpt.tokenizer import GPT2_TOKENIZER
 
-GPT2_TOKENIZER = {"kind": "tiktoken", "encoding": GPT2_ENCODING}
 # OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
 PRETRAINED = {
     "gpt2": "openai-community/gpt2",

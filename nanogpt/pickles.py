@@ -15,7 +15,14 @@ import io
 import pickle
 from pathlib import Path
 
-from nanogpt.errors import CheckpointError
+from nanogpt.errors import CheckpointError, DataError
+
+# The only values a nanoGPT meta.pkl needs: the types pickle builds without naming a global.
+PLAIN_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
+
+
+class MetaPickleError(CheckpointError, DataError):
+    """A meta.pkl that cannot be read as plain data: beside a checkpoint or beside .bin files alike."""
 
 
 class PlainDataUnpickler(pickle.Unpickler):
@@ -35,19 +42,28 @@ class PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("it uses a persistent id, and only plain data is accepted")
 
 
+def is_plain(value) -> bool:
+    """True when value is built only of PLAIN_TYPES, at any depth."""
+    if isinstance(value, dict):
+        return all(is_plain(k) and is_plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    return isinstance(value, PLAIN_TYPES)
+
+
 def read_nanogpt_meta_pkl(path: str | Path) -> dict:
     """The dict in nanoGPT's meta.pkl at path, read so that nothing in the file can run."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise CheckpointError(f"cannot read {path} ({e.strerror})") from None
+        raise MetaPickleError(f"cannot read {path} ({e.strerror})") from None
     try:
         meta = PlainDataUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} was refused, nothing in it was run: {e}") from None
+        raise MetaPickleError(f"{path} was refused, nothing in it was run: {e}") from None
     except Exception as e:  # noqa: BLE001 (a damaged pickle fails in many ways)
-        raise CheckpointError(f"{path} is not a readable pickle ({type(e).__name__})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} holds a {type(meta).__name__}, not nanoGPT's vocabulary dict")
+        raise MetaPickleError(f"{path} is not a readable pickle ({type(e).__name__})") from None
+    if not isinstance(meta, dict) or not is_plain(meta):
+        raise MetaPickleError(f"{path} holds a {type(meta).__name__}, not nanoGPT's plain vocabulary dict")
     return meta

@@ -21,8 +21,7 @@ import torch
 from nanogpt import distributed, resume
 from nanogpt.checkpoint import BEST, LAST, remove_stale_temporaries, save_checkpoint
 from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.corpus import prepare_dataset
-from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, tokenizer_codec
+from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, prepare_dataset, tokenizer_codec
 from nanogpt.loading import initial_model
 from nanogpt.model import GPT
 from nanogpt.optim import build_optimizer, learning_rate_at

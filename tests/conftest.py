@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+# The offline copy sits beside the checkout (../shared), or two levels up from a git worktree.
+SHAKESPEARE = next((p for p in (REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
+                                REPO.parent.parent / "shared" / "data" / "tinyshakespeare.txt")
+                    if p.is_file()), REPO.parent / "shared" / "data" / "tinyshakespeare.txt")
 
 # A few fast settings for end-to-end runs on the CPU.
 TINY_RUN = [

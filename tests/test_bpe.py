@@ -13,7 +13,6 @@ import pytest
 import tiktoken
 
 from nanogpt.bpe import GPT2_FILES, seed_tiktoken_cache
-from nanogpt.corpus import CorpusSource, prepare_corpus
 from nanogpt.data import prepare_data, tokenizer_codec
 from tests.conftest import REPO, TINY_RUN, run_module
 
@@ -116,7 +115,8 @@ def test_corpus_prep_writes_every_document_once_in_bpe(kind, tmp_path, data_root
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table({"text": DOCUMENTS, "id": list(range(len(DOCUMENTS)))}), path)
-    data = prepare_corpus("owt", CorpusSource(str(path)), data_root, val_fraction=0.05, num_proc=2)
+    data = prepare_data("owt", str(path), data_root, val_fraction=0.05, tokenizer="gpt2", loader="hf",
+                        num_proc=2)
     train, val = split_documents(data.split_path("train")), split_documents(data.split_path("val"))
     assert len(val) == 10 and len(train) == 190
     assert sorted(train + val) == sorted(DOCUMENTS)
@@ -126,7 +126,8 @@ def test_corpus_prep_writes_every_document_once_in_bpe(kind, tmp_path, data_root
     assert data.meta["documents"] == {"train": 190, "val": 10}
     # Prepared once: a second call reuses the files.
     before = os.stat(data.split_path("train")).st_mtime_ns
-    again = prepare_corpus("owt", CorpusSource(str(path)), data_root, val_fraction=0.05, num_proc=2)
+    again = prepare_data("owt", str(path), data_root, val_fraction=0.05, tokenizer="gpt2", loader="hf",
+                        num_proc=2)
     assert os.stat(again.split_path("train")).st_mtime_ns == before
 
 

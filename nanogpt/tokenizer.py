@@ -1,0 +1,310 @@
+"""Tokenizers, each stored as a small JSON-able description that is enough to rebuild it.
+
+The description goes into a prepared dataset's meta.json and from there into
+every checkpoint, so sampling, eval, export and ``nanogpt.load`` need nothing
+but the checkpoint to turn text into ids and back. Kinds:
+
+* ``{"kind": "char", "vocabulary": [...]}``: a text's own characters, id = position.
+* ``{"kind": "tiktoken", "encoding": NAME}``: GPT-2's BPE or any tiktoken encoding.
+* ``{"kind": "hf", "json": TOKENIZER_JSON, "origin": ...}``: a Hugging Face
+  ``tokenizers`` tokenizer (a BPE trained here on the corpus, or a user's
+  tokenizer.json). The whole JSON is kept, not a path to it, because a path
+  stops meaning anything once the checkpoint leaves the machine.
+* ``{"kind": "ids", "vocab_size": N}``: pre-tokenized data whose tokenizer is
+  unknown; text is written as space-separated ids.
+
+``tiktoken`` and ``tokenizers`` are optional and imported where first used, so
+that a character-level user needs neither. Nothing here imports Hydra or torch
+(worker processes import this module and should start quickly).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from nanogpt.bpe import GPT2_ENCODING, gpt2_encoding, tiktoken_cache_dir
+from nanogpt.errors import DataError
+
+GPT2_TOKENIZER = {"kind": "tiktoken", "encoding": GPT2_ENCODING}
+END_OF_TEXT = "<|endoftext|>"
+BYTE_ALPHABET = 256  # a byte-level BPE starts from every byte value
+UINT16_IDS = 1 << 16  # vocabularies up to this size are stored as uint16, larger ones as uint32
+# dataset.tokenizer values that are not tiktoken encodings or tokenizer.json paths.
+OWN_TOKENIZERS = ("char", "bpe")
+
+
+class UnknownTokenError(DataError):
+    """Text contains a character the vocabulary does not have."""
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned integer type that holds every id: what train.bin/val.bin use."""
+    return "uint16" if vocab_size <= UINT16_IDS else "uint32"
+
+
+def get_vocabulary(text: str) -> list[str]:
+    """The sorted list of distinct characters in text: a character-level vocabulary."""
+    return sorted(set(text))
+
+
+def create_encoder_decoder(
+    vocabulary: list[str],
+) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """Return (encode, decode) between strings and ids for a character vocabulary."""
+    stoi = {ch: i for i, ch in enumerate(vocabulary)}
+
+    def encode(text: str) -> list[int]:
+        try:
+            return [stoi[ch] for ch in text]
+        except KeyError as e:
+            ch = e.args[0]
+            raise UnknownTokenError(
+                f"character {ch!r} (U+{ord(ch):04X}) is not in the vocabulary of "
+                f"{len(vocabulary)} characters; use only characters from the training text"
+            ) from None
+
+    def decode(ids: list[int]) -> str:
+        return "".join(vocabulary[i] for i in ids)
+
+    return encode, decode
+
+
+def code_points(text: str) -> np.ndarray:
+    """The text's characters as an array of code points, without a Python loop."""
+    if text.isascii():  # most text: one byte per character, a quarter of the memory traffic
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def char_lookup(vocabulary: list[str]) -> np.ndarray:
+    """A table from code point to id (-1 for characters outside the vocabulary)."""
+    points = np.array([ord(ch) for ch in vocabulary], dtype=np.int64)
+    table = np.full(max(int(points.max(initial=0)) + 1, 256), -1, dtype=np.int32)
+    table[points] = np.arange(len(vocabulary))
+    return table
+
+
+class Tokenizer:
+    """encode/decode for one description; encode_array is the fast path data preparation uses.
+
+    eot is the end-of-text id put after each document of a document corpus (None: no such token).
+    """
+
+    def __init__(self, description: dict):
+        self.description = description
+        kind = description.get("kind")
+        if kind == "char":
+            self._init_char(description["vocabulary"])
+        elif kind == "tiktoken":
+            self._init_tiktoken(tiktoken_encoding(description["encoding"]))
+        elif kind == "hf":
+            self._init_hf(description["json"])
+        elif kind == "ids":
+            self.vocab_size, self.eot = int(description["vocab_size"]), None
+            self.encode = lambda text: [int(t) for t in text.split()]
+            self.decode = lambda ids: " ".join(str(i) for i in ids)
+            self.encode_array = lambda text: np.array(self.encode(text), dtype=np.int64)
+        else:
+            raise DataError(f"unknown tokenizer {str(description)[:80]}; this version knows "
+                            "char, tiktoken, hf (tokenizer.json) and ids")
+        self.dtype = token_dtype(self.vocab_size)
+
+    def _init_char(self, vocabulary: list[str]) -> None:
+        self.vocab_size, self.eot = len(vocabulary), None
+        self.encode, self.decode = create_encoder_decoder(vocabulary)
+        table = char_lookup(vocabulary)
+
+        def encode_array(text: str) -> np.ndarray:
+            points = code_points(text)
+            if points.dtype != np.uint8 and points.size and int(points.max()) >= len(table):
+                self.encode(chr(int(points.max())))  # raises the one-line error
+            ids = table[points]
+            if ids.size and ids.min() < 0:
+                self.encode(text[int(np.argmax(ids < 0))])  # raises the one-line error
+            return ids
+
+        self.encode_array = encode_array
+
+    def _init_tiktoken(self, encoding) -> None:
+        self.vocab_size, self.eot = encoding.n_vocab, encoding.eot_token
+        # Special tokens such as <|endoftext|> inside a text are read as plain text.
+        self.encode, self.decode = encoding.encode_ordinary, encoding.decode
+        self.encode_array = lambda text: np.array(encoding.encode_ordinary(text), dtype=np.int64)
+
+    def _init_hf(self, tokenizer_json: str) -> None:
+        hf = hf_tokenizer(tokenizer_json)
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        self.eot = hf.token_to_id(END_OF_TEXT)
+        self.encode = lambda text: hf.encode(text, add_special_tokens=False).ids
+        self.decode = lambda ids: hf.decode(list(ids), skip_special_tokens=False)
+        # An Encoding keeps strings and offsets for every token: encode a long text in parts.
+        self.encode_array = lambda text: np.concatenate(
+            [np.array(self.encode(part), dtype=np.int64) for part in slices(text)] or [np.zeros(0, np.int64)])
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(description_json: str) -> Tokenizer:
+    """A Tokenizer for a description given as JSON text (hashable, so each is built once per process)."""
+    return Tokenizer(json.loads(description_json))
+
+
+def tokenizer_codec(description: dict) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """(encode, decode) for a tokenizer as described in meta.json and in checkpoints."""
+    tokenizer = load_tokenizer(json.dumps(description, sort_keys=True))
+    return tokenizer.encode, tokenizer.decode
+
+
+def hf_tokenizer(tokenizer_json: str):
+    """A Hugging Face tokenizers.Tokenizer from its JSON text; special tokens in text stay text."""
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError:
+        raise DataError("dataset.tokenizer=bpe or a tokenizer.json needs Hugging Face tokenizers: "
+                        "pip install tokenizers") from None
+    tokenizer = HFTokenizer.from_str(tokenizer_json)
+    # A corpus or a prompt that contains "<|endoftext|>" is text, as with tiktoken's encode_ordinary.
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def tiktoken_encoding(name: str):
+    """A tiktoken encoding by name; offline, one line naming the missing file and where it goes."""
+    if name == GPT2_ENCODING:
+        return gpt2_encoding()
+    try:
+        import tiktoken
+    except ImportError:
+        raise DataError(f"dataset.tokenizer={name} needs tiktoken: pip install tiktoken") from None
+    try:
+        return tiktoken.get_encoding(name)
+    except ValueError:
+        raise DataError(
+            f"dataset.tokenizer={name!r} is not a tiktoken encoding; use char, bpe, a path to a "
+            f"tokenizer.json or one of: {', '.join(tiktoken.list_encoding_names())}"
+        ) from None
+    except Exception as error:  # tiktoken's download raises requests' errors and its own
+        raise DataError(missing_tiktoken_file(name, error)) from None
+
+
+@functools.cache
+def tiktoken_names() -> tuple[str, ...]:
+    """The encodings tiktoken knows by name (just gpt2 if tiktoken is not installed)."""
+    try:
+        import tiktoken
+    except ImportError:
+        return (GPT2_ENCODING,)
+    return tuple(tiktoken.list_encoding_names())
+
+
+def missing_tiktoken_file(name: str, error: Exception) -> str:
+    """What to download and where to save it, read off the failed request's message."""
+    found = re.search(r"host='([^']+)'.*?url: (\S+)", str(error))
+    if not found:
+        return f"could not load tiktoken encoding {name} ({type(error).__name__}); allow network access"
+    url = f"https://{found.group(1)}{found.group(2)}"
+    target = tiktoken_cache_dir() / hashlib.sha1(url.encode()).hexdigest()
+    return (f"dataset.tokenizer={name}: tiktoken could not download {url}; offline, fetch that file "
+            f"elsewhere and save it as {target} (the folder is $TIKTOKEN_CACHE_DIR)")
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """True when dataset.tokenizer names a Hugging Face tokenizer.json rather than a built-in."""
+    return name.endswith(".json") or os.sep in name
+
+
+def read_tokenizer_file(path: str) -> dict:
+    """The description of a user's tokenizer.json, checked to load before any work starts."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"dataset.tokenizer={path} does not exist; give the path of a Hugging Face "
+                        "tokenizer.json (as tokenizer.save() writes it)")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    try:
+        hf_tokenizer(text)
+    except DataError:
+        raise
+    except Exception as e:  # tokenizers raises its own Exception subclass for unparsable JSON
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise DataError(f"dataset.tokenizer={path} is not a Hugging Face tokenizer.json ({reason}); "
+                        "give a file written by tokenizers' Tokenizer.save()") from None
+    return {"kind": "hf", "origin": str(file.resolve()), "json": text}
+
+
+def describe_tokenizer(name: str) -> dict:
+    """The description of a tokenizer given by name (a tiktoken encoding) or path (a tokenizer.json).
+
+    Loading it here is the check: a missing or broken file, or an encoding whose
+    files cannot be had offline, fails before any data is touched.
+    """
+    if is_tokenizer_file(name):
+        return read_tokenizer_file(name)
+    tiktoken_encoding(name)
+    return GPT2_TOKENIZER if name == GPT2_ENCODING else {"kind": "tiktoken", "encoding": name}
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> dict:
+    """A byte-level BPE of vocab_size ids trained on texts, with <|endoftext|> as id 0.
+
+    Byte-level (GPT-2's pre-tokenizer and byte alphabet) so that any text can be
+    encoded; training sees texts in a fixed order, so one corpus and size always
+    give the same merges.
+    """
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        raise DataError("dataset.tokenizer=bpe needs Hugging Face tokenizers: "
+                        "pip install tokenizers") from None
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator((part for text in texts for part in slices(text)), trainer=trainer)
+    return {"kind": "hf", "origin": f"bpe trained here, vocab_size={vocab_size}", "json": tokenizer.to_str()}
+
+
+# A newline between two visible ASCII characters: every tiktoken pattern and byte-level BPE
+# pre-tokenizer makes such a newline a token of its own, so text cut just after it encodes to
+# exactly the ids the uncut text would.
+CLEAN_CUT = re.compile(r"[\x21-\x7e]\n(?=[\x21-\x7e])")
+
+
+def slices(text: str, size: int = 1 << 16) -> Iterator[str]:
+    """Text in parts of about size characters, each cut at a CLEAN_CUT (the rest in one part if none).
+
+    Hugging Face tokenizers need memory in proportion to the text given in one
+    call (measured: training on 25 MB given as 4 MB strings peaked at 823 MB,
+    as 64 kB parts at 85 MB), so they are given small parts.
+    """
+    start = 0
+    while start < len(text):
+        found = CLEAN_CUT.search(text, start + size)
+        end = found.start() + 2 if found else len(text)
+        yield text[start:end]
+        start = end
+
+
+def write_hf_tokenizer(description: dict, directory: Path) -> bool:
+    """Write tokenizer.json and tokenizer_config.json for an hf-kind tokenizer; False for other kinds.
+
+    AutoTokenizer.from_pretrained(directory) then encodes text to the ids our model was trained on.
+    """
+    if description.get("kind") != "hf":
+        return False
+    (directory / "tokenizer.json").write_text(description["json"], encoding="utf-8")
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if hf_tokenizer(description["json"]).token_to_id(END_OF_TEXT) is not None:
+        settings.update(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT)
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
+    return True
