@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import DatasetConfig, DeviceConfig
-from nanogpt.corpus import prepare_dataset
+from nanogpt.data import prepare_dataset
 from nanogpt.device import autocast, resolve_device, resolve_dtype
 from nanogpt.errors import ConfigError, DataError
 from nanogpt.loading import LoadedSource, resolve_source
@@ -70,7 +70,7 @@ ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 class TokenSplit:
     """A split's token ids and where they came from."""
 
-    tokens: np.ndarray  # uint16, memory-mapped
+    tokens: np.ndarray  # memory-mapped, uint16 or uint32 as the vocabulary needs
     tokenizer: dict  # the description of the tokenizer that made them
     where: Path
 
@@ -99,8 +99,7 @@ def dataset_tokens(cfg: EvalConfig, loaded: LoadedSource) -> TokenSplit:
 def prepared_split(dataset: DatasetConfig, data_root: str, split: str) -> TokenSplit:
     """A split of a dataset prepared (once, into the shared cache) as training prepares it."""
     data = prepare_dataset(dataset, Path(data_root).expanduser())
-    path = data.split_path(split)
-    return TokenSplit(np.memmap(path, dtype=np.uint16, mode="r"), data.meta["tokenizer"], path)
+    return TokenSplit(data.tokens(split), data.meta["tokenizer"], data.split_path(split))
 
 
 @torch.no_grad()
