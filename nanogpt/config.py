@@ -99,7 +99,10 @@ class TrainConfig:
 class SampleConfig:
     """Generation from a checkpoint."""
 
-    ckpt: str | None = option(None, "checkpoint file or run directory; null: newest run under `outputs`")
+    ckpt: str | None = option(None, "run dir, .pt file, nanoGPT out_dir/ckpt.pt, Hugging Face dir or "
+                                    "gpt2 | gpt2-medium | ...; null: newest run under `outputs`")
+    meta: str | None = option(None, "karpathy/nanoGPT checkpoints: their meta.pkl, when it is not "
+                                    "data/<dataset>/meta.pkl under the current directory")
     outputs: str = option("outputs", "where to look for the newest run")
     prompt: str = option("\n", "text the samples continue")
     prompt_file: str | None = option(None, "read the prompt from this file instead")
@@ -111,6 +114,16 @@ class SampleConfig:
     seed: int = option(1337, "seeds the sampling")
     use_cache: bool = option(True, "KV cache: each new token costs one position, not the whole context")
     device: DeviceConfig = option(default_factory=DeviceConfig)
+
+    def __post_init__(self):
+        require(self.temperature >= 0,
+                f"temperature={self.temperature} must be >= 0 (0 picks the likeliest token)")
+        require(self.top_k is None or self.top_k >= 1,
+                f"top_k={self.top_k} must be at least 1, or null for no top-k filter")
+        require(self.top_p is None or 0 < self.top_p <= 1,
+                f"top_p={self.top_p} must be in (0, 1], or null for no nucleus filter")
+        require(self.num_tokens >= 0 and self.num_samples >= 1,
+                "num_tokens must be >= 0 and num_samples >= 1")
 
 
 @dataclass

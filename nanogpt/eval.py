@@ -20,12 +20,11 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -56,14 +55,11 @@ class EvalConfig:
                                    "own, else $NANOGPT_DATA_ROOT or ~/.cache/nanogpt")
     split: str = option("val", help="which split to score", choices=SPLITS)
     batch_size: int = option(8, help="windows per forward pass (memory, not the result)")
-    device: DeviceConfig = field(default_factory=DeviceConfig)
+    device: DeviceConfig = option(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
         check_choices(self)
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
-
-
-ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 
 @dataclass
@@ -155,7 +151,7 @@ def describe(tokenizer: dict) -> str:
     return f"{tokenizer.get('kind')} {tokenizer.get('encoding', '')}".strip()
 
 
-@hydra_entry("eval")
+@hydra_entry("eval", schema=EvalConfig)
 def main(cfg: DictConfig) -> None:
     """Entry point: score the checkpoint and print the result, JSON on the last line."""
     result = evaluate(to_dataclass(cfg, EvalConfig))

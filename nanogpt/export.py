@@ -12,25 +12,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.hf import export_checkpoint
+from nanogpt.options import option
 
 
 @dataclass
 class ExportConfig:
     """What to export and where."""
 
-    ckpt: str = MISSING  # a checkpoint file, or a run directory (its best.pt, else last.pt)
-    out: str = MISSING  # the Hugging Face model directory to write (replaced if it exists)
+    ckpt: str = option(MISSING, "any source sample takes: a run dir (its best.pt, else last.pt), a .pt "
+                             "file, nanoGPT's out_dir, a Hugging Face dir")
+    out: str = option(MISSING, "the Hugging Face model directory to write (replaced if it exists)")
 
 
-ConfigStore.instance().store(name="export_schema", node=ExportConfig)
-
-
-@hydra_entry("export")
+@hydra_entry("export", schema=ExportConfig)
 def main(cfg: DictConfig) -> None:
     """Entry point: export cfg.ckpt to cfg.out and say what was written."""
     config = to_dataclass(cfg, ExportConfig)

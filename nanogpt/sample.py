@@ -11,12 +11,10 @@ LanguageModel.stream.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from nanogpt.checkpoint import newest_checkpoint
@@ -25,30 +23,6 @@ from nanogpt.config import SampleConfig
 from nanogpt.device import resolve_device, resolve_dtype
 from nanogpt.errors import ConfigError, DataError
 from nanogpt.loading import LanguageModel, resolve_source
-from nanogpt.options import option
-
-
-@dataclass
-class SampleSettings(SampleConfig):
-    """SampleConfig plus where a karpathy/nanoGPT checkpoint's vocabulary is (until config.py has it)."""
-
-    meta: str | None = option(None, help="karpathy/nanoGPT checkpoints: their meta.pkl, when it is not "
-                              "data/<dataset>/meta.pkl under the current directory")
-
-
-ConfigStore.instance().store(name="sample_settings_schema", node=SampleSettings)
-
-
-def validate_sample_config(cfg: SampleConfig) -> None:
-    """Raise ConfigError naming the first sampling setting that cannot work."""
-    if cfg.temperature < 0:
-        raise ConfigError(f"temperature={cfg.temperature} must be >= 0 (0 picks the likeliest token)")
-    if cfg.top_k is not None and cfg.top_k < 1:
-        raise ConfigError(f"top_k={cfg.top_k} must be at least 1, or null for no top-k filter")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1], or null for no nucleus filter")
-    if cfg.num_tokens < 0 or cfg.num_samples < 1:
-        raise ConfigError("num_tokens must be >= 0 and num_samples >= 1")
 
 
 def read_prompt(cfg: SampleConfig) -> str:
@@ -64,9 +38,8 @@ def read_prompt(cfg: SampleConfig) -> str:
         raise DataError(f"prompt_file={path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
 
 
-def generate_samples(cfg: SampleSettings, out: TextIO = sys.stdout) -> list[str]:
+def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:
     """Write cfg.num_samples samples to out as they are generated; return them."""
-    validate_sample_config(cfg)
     source = cfg.ckpt or newest_checkpoint(cfg.outputs)
     if not cfg.ckpt:
         print(f"sampling from the newest run's checkpoint: {source}", file=sys.stderr)
@@ -99,7 +72,7 @@ def generate_samples(cfg: SampleSettings, out: TextIO = sys.stdout) -> list[str]
 @hydra_entry("sample")
 def main(cfg: DictConfig) -> None:
     """Entry point: compose sample.yaml and generate."""
-    generate_samples(to_dataclass(cfg, SampleSettings))
+    generate_samples(to_dataclass(cfg, SampleConfig))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from nanogpt.bench import BenchConfig
 from nanogpt.cli import register_configs, to_dataclass
 from nanogpt.config import CONFIG_DIR, EXPERIMENTS_DIR, SampleConfig, TrainConfig
 from nanogpt.errors import ConfigError
-from nanogpt.sample import SampleSettings
 
 from .conftest import run_module
 
@@ -88,7 +87,7 @@ def test_sample_config_composes():
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="sample", overrides=["prompt=ROMEO:", "top_p=0.9"])
-    sample = to_dataclass(cfg, SampleSettings)
+    sample = to_dataclass(cfg, SampleConfig)
     assert isinstance(sample, SampleConfig) and sample.meta is None
     assert sample.prompt == "ROMEO:" and sample.top_p == 0.9 and sample.ckpt is None
 
@@ -165,6 +164,14 @@ def test_help_explains_every_key_with_the_values_the_command_line_would_use(tmp_
     assert "[learned | rope]" in text and "optimizer.muon_lr" in text
 
 
+@pytest.mark.parametrize("entry", ["sample", "eval", "export", "data", "bench"])
+def test_every_entry_point_explains_its_keys(entry, tmp_path):
+    result = run_module(f"nanogpt.{entry}", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith(f"python -m nanogpt.{entry}"), result.stderr
+    keys = result.stdout.split("Keys")[1].splitlines()[1:]
+    assert keys and all(line.startswith("      ") for line in keys[1:-3:2])  # each key has its meaning
+
+
 def test_sample_help_lists_only_the_groups_sampling_uses(tmp_path):
     result = run_module("nanogpt.sample", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -174,8 +181,10 @@ def test_sample_help_lists_only_the_groups_sampling_uses(tmp_path):
 
 
 def test_every_option_has_a_meaning():
+    from nanogpt.eval import EvalConfig
+    from nanogpt.export import ExportConfig
     from nanogpt.options import describe
 
-    for schema in (TrainConfig, SampleConfig, BenchConfig):
+    for schema in (TrainConfig, SampleConfig, BenchConfig, EvalConfig, ExportConfig):
         missing = [key for key, _, _, meaning in describe(schema) if not meaning]
         assert not missing, missing
