@@ -1,11 +1,29 @@
-"""How a run stops early: a stop signal (Ctrl-C, SIGTERM) or a loss that is no longer finite."""
+"""How a run stops early: a stop signal (Ctrl-C, SIGTERM) or a loss that is no longer finite.
+
+A stop must be prompt (a scheduler's grace period is short, and a person at a
+terminal will not wait minutes) and must never cost exactness: what is saved is
+always the state after a completed step, so resuming gives the same weights as a
+run that was never interrupted. Two ways to get there:
+
+* Between steps, a signal only sets a flag; the loop checks it after each step
+  and saves.
+* Inside an interruptible() block (the forward/backward part of a step, an
+  evaluation, the end-of-run sample), a signal interrupts at once by raising
+  Interrupted; the block's owner puts back what it had changed, so the state
+  is again that of the last completed step. Only a process that trains alone
+  does this: under torchrun a rank that left a step half-way would leave its
+  peers waiting in a collective, so ranks instead agree, through
+  nanogpt.distributed.StopVote, on a step after which all of them stop.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import threading
+from collections.abc import Callable, Iterator
 
 from nanogpt.errors import UserError
 
@@ -16,6 +34,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; training stopped without saving it."""
+
+
+class Interrupted(BaseException):  # noqa: N818  (like KeyboardInterrupt, which no `except Exception` swallows)
+    """A stop signal ended an interruptible() block half-way."""
+
+    def __init__(self, signum: signal.Signals):
+        super().__init__(signum.name)
+        self.signum = signum
 
 
 def check_finite(loss: float, iteration: int, what: str, last_checkpoint: str) -> None:
@@ -30,18 +56,23 @@ def check_finite(loss: float, iteration: int, what: str, last_checkpoint: str) -
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to stop after the current step.
+    """While active, SIGINT and SIGTERM ask the run to stop; a second one aborts at once.
 
-    The first signal only sets `received`; the loop checks it between steps,
-    checkpoints and exits. A second signal aborts at once (exit 130), logging
-    what on_abort() says about where the run stood.
+    received is this process's own signal; agreed is the one the whole job stops
+    for, set when should_stop() returns True. agree(local) turns this process's
+    wish (0, or a signal number) into the job's decision: the identity for a
+    single process, StopVote.poll under torchrun. alone says whether
+    interruptible() blocks may really be interrupted (a single process).
     Handlers can be installed only from the main thread; elsewhere (some
     launchers run jobs in threads) signals keep their usual meaning.
     """
 
-    def __init__(self, on_abort=lambda: "") -> None:
-        self.on_abort = on_abort
+    def __init__(self, on_abort: Callable[[], str] = lambda: "",
+                 agree: Callable[[int], int] = lambda local: local, alone: bool = True) -> None:
+        self.on_abort, self.agree, self.alone = on_abort, agree, alone
         self.received: signal.Signals | None = None
+        self.agreed: signal.Signals | None = None
+        self.interruptible_depth = 0
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -55,10 +86,58 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def handle(self, signum: int, frame) -> None:
-        """First signal: note it and say what happens; second: abort now."""
+        """First signal: note it (and interrupt an interruptible block); second: abort now."""
         if self.received is not None:
             log.error("aborted at once %s", self.on_abort())
             raise SystemExit(128 + signal.SIGINT)
         self.received = signal.Signals(signum)
-        log.warning("%s received: finishing this step, then saving a checkpoint "
+        log.warning("%s received: stopping after this step, then saving a checkpoint "
                     "(press Ctrl-C again to abort at once)", self.received.name)
+        if self.interruptible_depth and self.alone:
+            raise Interrupted(self.received)
+
+    def should_stop(self) -> bool:
+        """True once a stop signal reached this process or (under torchrun) any process of the job.
+
+        Every process of a job gets True at the same call, so all stop after the same step.
+        """
+        decision = self.agree(int(self.received or 0))
+        if decision:
+            self.agreed = signal.Signals(decision)
+        return self.agreed is not None
+
+    def stop_here(self) -> None:
+        """Raise Interrupted if the job agrees to stop now (see should_stop)."""
+        if self.should_stop():
+            raise Interrupted(self.agreed)
+
+    @property
+    def signum(self) -> signal.Signals | None:
+        """The signal the run stops for: the job's agreed one, else this process's own."""
+        return self.agreed or self.received
+
+    @contextlib.contextmanager
+    def interruptible(self, rewind: Callable[[], Callable[[], None]] | None = None,
+                      alone: bool | None = None) -> Iterator[None]:
+        """Inside, a stop signal raises Interrupted at once, where the process is alone (see class doc).
+
+        rewind() is called on entry and returns what puts back the state of that
+        moment; it runs if the block ends with Interrupted (however raised), so the
+        state is again that of the last completed step. A signal that came before
+        the block raises at its start, so no work is begun in vain.
+        """
+        alone = self.alone if alone is None else alone
+        if alone and self.received is not None:
+            raise Interrupted(self.received)
+        restore = rewind() if rewind is not None else None
+        previous_alone, self.alone = self.alone, alone
+        self.interruptible_depth += alone
+        try:
+            yield
+        except Interrupted:
+            if restore is not None:
+                restore()
+            raise
+        finally:
+            self.interruptible_depth -= alone
+            self.alone = previous_alone

@@ -5,6 +5,10 @@ Usage: ``python -m tests.faults SPEC [train overrides]``; SPEC is a comma-separa
 - ``signal_at_iter=K:SIGTERM`` sends the process SIGTERM (or SIGINT) just
   before optimizer step K, as a cluster scheduler or a Ctrl-C would;
   ``signal_at_iter=K:SIGINT*2`` sends it twice in a row (an impatient Ctrl-C).
+- ``signal_in_eval=K:SIGTERM`` sends it in the middle of the evaluation at iteration K
+  (after its second batch); ``signal_in_eval=K:SIGTERM@R`` only on rank R of a torchrun job.
+- ``kill_at_iter=K`` kills the process with SIGKILL just before step K, as an
+  out-of-memory killer or a lost node would, with nothing saved since the last evaluation.
 - ``nan_loss_at_iter=K`` makes step K diverge: its loss and the weights become NaN.
 - ``kill_during_save=N`` kills the process with SIGKILL in the middle of writing
   the N-th last.pt: half of the file is on disk and nothing is renamed yet.
@@ -27,19 +31,28 @@ def parse(spec: str) -> dict[str, str]:
     return {name.strip(): value.strip() for name, _, value in items}
 
 
+def send_signal(spec: str, iteration: int) -> None:
+    """Send the signal "K:NAME[*TIMES][@RANK]" asks for, if iteration is K (and this is rank RANK)."""
+    spec, _, rank = spec.partition("@")
+    at, _, name = spec.partition(":")
+    name, _, times = name.partition("*")
+    if int(at) == iteration and (not rank or int(rank) == int(os.environ.get("RANK", 0))):
+        for _ in range(int(times or 1)):
+            os.kill(os.getpid(), getattr(signal, name or "SIGTERM"))
+
+
 def install(faults: dict[str, str]) -> None:
-    """Patch the training step and checkpoint writing as the faults ask."""
+    """Patch the training step, evaluation and checkpoint writing as the faults ask."""
     original_step = train.Trainer.train_step
+    original_eval_batch_done = train.Trainer.eval_batch_done
     original_write = checkpoint.write_atomically
     saves = {"count": 0}
 
     def train_step(self):
+        if int(faults.get("kill_at_iter", -1)) == self.iter_num:
+            os.kill(os.getpid(), signal.SIGKILL)
         if "signal_at_iter" in faults:
-            at, _, name = faults["signal_at_iter"].partition(":")
-            name, _, times = name.partition("*")
-            if int(at) == self.iter_num:
-                for _ in range(int(times or 1)):
-                    os.kill(os.getpid(), getattr(signal, name or "SIGTERM"))
+            send_signal(faults["signal_at_iter"], self.iter_num)
         loss = original_step(self)
         if int(faults.get("nan_loss_at_iter", -1)) == self.iter_num:
             for p in self.model.parameters():  # diverged weights, which must never be saved
@@ -58,7 +71,13 @@ def install(faults: dict[str, str]) -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
         return original_write(dest, cut_short)
 
+    def eval_batch_done(self, done, total):
+        if "signal_in_eval" in faults and done == 2:
+            send_signal(faults["signal_in_eval"], self.iter_num)
+        original_eval_batch_done(self, done, total)
+
     train.Trainer.train_step = train_step
+    train.Trainer.eval_batch_done = eval_batch_done
     checkpoint.write_atomically = write_atomically
 
 

@@ -86,14 +86,14 @@ def test_sigterm_then_resume_is_bitwise_exact(work, reference):
     stopped = train(work, f"hydra.run.dir={run_dir}", faults="signal_at_iter=6:SIGTERM")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     assert "Traceback" not in stopped.stderr
-    assert "SIGTERM received: finishing this step" in stopped.stdout
+    assert "SIGTERM received: stopping" in stopped.stdout
     assert f"resume with: python -m nanogpt.train resume={run_dir}" in stopped.stdout
     saved = load_checkpoint(run_dir / "last.pt")
-    assert saved["iter_num"] == 7  # step 6 finished, step 7 is next
+    assert saved["iter_num"] == 6  # the signal came before step 6: it was not begun, and is next
 
     resumed = resume(work, run_dir)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {run_dir} from iteration 7" in resumed.stdout
+    assert f"resuming {run_dir} from iteration 6" in resumed.stdout
     assert_same_as_reference(load_checkpoint(run_dir / "last.pt"), reference, "SIGTERM at step 6")
     # Every evaluation happened exactly once across the two processes.
     assert [r["iter"] for r in read_metrics(run_dir) if r["kind"] == "eval"] == [0, 4, 8, 12]
