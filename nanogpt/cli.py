@@ -31,7 +31,7 @@ from nanogpt.config import CONFIG_DIR, EXPERIMENTS_DIR, DataConfig, SampleConfig
 from nanogpt.distributed import context_from_environment
 from nanogpt.errors import ConfigError, UserError, exit_with_error, first_line
 from nanogpt.options import describe
-from nanogpt.stops import STOP_SIGNALS, Interrupted
+from nanogpt.stops import STOP_SIGNALS, STOPPED_STATUSES, Interrupted, exit_at_once
 from nanogpt.sweeps import register_resolvers
 
 T = TypeVar("T")
@@ -177,7 +177,11 @@ def stopping_with_one_line(what: str) -> Iterator[None]:
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
         print(f"stopped by {signum.name}: {what} did not finish; nothing half-written was left "
               "(files are renamed into place only once complete)", file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
+        exit_at_once(128 + signum)
+    except SystemExit as done:
+        if done.code in STOPPED_STATUSES:  # a training run that stopped, saved and said so
+            exit_at_once(done.code)
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -21,15 +21,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 from nanogpt.errors import UserError
 
 log = logging.getLogger("nanogpt.stops")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOPPED_STATUSES = {128 + signum for signum in STOP_SIGNALS}  # the shell's "ended by a signal"
 
 
 class TrainingDiverged(UserError):
@@ -42,6 +46,21 @@ class Interrupted(BaseException):  # noqa: N818  (like KeyboardInterrupt, which 
     def __init__(self, signum: signal.Signals):
         super().__init__(signum.name)
         self.signum = signum
+
+
+def exit_at_once(status: int) -> NoReturn:
+    """Exit with status now, without the interpreter's teardown.
+
+    Called once a stopped process has saved, closed and said everything. What
+    remains is Python freeing torch's objects one by one, which takes a second or
+    more on a busy machine: time that a scheduler's grace period, the other ranks
+    waiting on this one, or a person at the terminal should not have to spend.
+    """
+    logging.shutdown()  # flushes and closes the log files
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def check_finite(loss: float, iteration: int, what: str, last_checkpoint: str) -> None:

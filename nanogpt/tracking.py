@@ -178,7 +178,7 @@ class RunForecast:
 def duration(seconds: float) -> str:
     """A duration as people say it: 40 s, 12 min, 3.5 h, 2.1 days."""
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
     if seconds < 48 * 3600:
