@@ -226,7 +226,8 @@ class Trainer:
         if self.cfg.save_checkpoints:
             again = resume.command(self.run_dir, self.runtime.dist)
             saved = f"saved {self.run_dir / LAST}; resume with: {again}"
-        log.warning("stopped by %s before iteration %d: %s", signum.name, self.iter_num, saved)
+        if self.runtime.dist.is_main:
+            log.warning("stopped by %s before iteration %d: %s", signum.name, self.iter_num, saved)
         return self.best_val_loss
 
     def finish(self) -> None:
