@@ -149,7 +149,7 @@ def test_torchrun_stops_together_and_resumes_bitwise_exact(corpus, tmp_path, dat
         assert resumed.returncode == 0, resumed.stderr
         final = weights(run_dir)
         worst = max((final["model"][k] - expected["model"][k]).abs().max().item() for k in expected["model"])
-        print(f"{faults}: stopped before {stop_iter}, resumed under torchrun: max |weight difference| {worst}")
+        print(f"{faults}: stopped before {stop_iter}, resumed under torchrun: max |weight diff| {worst}")
         assert worst == 0.0 and final["iter_num"] == 8
         keys = [(r["kind"], r["iter"]) for r in read_metrics(run_dir)]
         assert len(keys) == len(set(keys)) and ("eval", 8) in keys
@@ -169,7 +169,8 @@ def test_resume_with_another_number_of_processes_is_one_line(corpus, tmp_path, d
 
 
 @pytest.mark.parametrize("target", ["agent", "every rank"])
-def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(target, corpus, tmp_path, data_root):
+def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(target, corpus, tmp_path,
+                                                                              data_root):
     run_dir = tmp_path / "run"
     args = [*STOP_RUN, "max_iters=100000", "eval_interval=100000", "dataset=text", f"dataset.source={corpus}",
             f"data_root={data_root}", f"hydra.run.dir={run_dir}"]
@@ -182,7 +183,7 @@ def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(tar
     else:  # as SLURM does on preemption: every process of the step at nearly the same moment
         os.kill(workers[1], signal.SIGTERM)
         latency = job.stop(signal.SIGTERM, pid=workers[0])
-    print(f"SIGTERM to {target} of a 2-process torchrun job: torchrun exited {latency:.2f} s after the signal")
+    print(f"SIGTERM to {target} of a 2-process torchrun job: torchrun exited {latency:.2f} s later")
     assert job.process.returncode != 0
     stops = [line for line in job.stdout if line.startswith("stopped by")]
     assert len(stops) == 1 and stops[0].startswith("stopped by SIGTERM before iteration ")
@@ -191,6 +192,7 @@ def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(tar
     assert saved["iter_num"] > 10 and saved["training"]["world_size"] == 2
     assert f"before iteration {saved['iter_num']}:" in stops[0]
 
-    resumed = torchrun("nanogpt.train", f"resume={run_dir}", f"max_iters={saved['iter_num'] + 3}", cwd=tmp_path)
+    more = f"max_iters={saved['iter_num'] + 3}"
+    resumed = torchrun("nanogpt.train", f"resume={run_dir}", more, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert weights(run_dir)["iter_num"] == saved["iter_num"] + 3

@@ -144,8 +144,8 @@ def test_sigint_during_the_end_of_run_sample(tmp_path, corpus, data_root):
     print(f"SIGINT during the end-of-run sample: exited {latency:.2f} s after the signal")
     assert run.process.returncode == 130
     no_traceback(run)
-    assert run.stdout[-1] == ("stopped by SIGINT during the end-of-run sample; training had finished: the last "
-                              f"good checkpoint is {run_dir / 'last.pt'} (iteration 2)")
+    assert run.stdout[-1] == ("stopped by SIGINT during the end-of-run sample; training had finished: "
+                              f"the last good checkpoint is {run_dir / 'last.pt'} (iteration 2)")
     assert (run_dir / "summary.json").is_file()  # the run's records were closed properly
 
 
