@@ -94,6 +94,7 @@ def hydra_entry(
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
                 with stopping_with_one_line(config_name), reporting_user_errors(debugging):
+                    check_hydra_flags(sys.argv[1:])
                     if rewrite_arguments is not None:
                         sys.argv[1:] = rewrite_arguments(sys.argv[1:])
                     hydra_main()
@@ -106,6 +107,16 @@ def hydra_entry(
         return main
 
     return decorate
+
+
+def check_hydra_flags(argv: list[str]) -> None:
+    """Refuse, in one line, flag combinations that Hydra rejects with a traceback (a ValueError)."""
+    modes = [a for a in argv if a in ("-m", "--multirun", "-c", "--cfg", "--info", "-i", "--run", "-r")]
+    if len({m.lstrip("-")[0] for m in modes}) > 1:
+        raise ConfigError(
+            f"{' and '.join(modes)} cannot be combined (Hydra takes one of -m, --cfg, --info); to see the "
+            "config of one job of a sweep, drop -m and give one value per key, e.g. optimizer.lr=1e-3"
+        )
 
 
 def help_text(config_name: str, schema: type) -> str:

@@ -9,6 +9,8 @@ Usage: ``python -m tests.faults SPEC [train overrides]``; SPEC is a comma-separa
   (after its second batch); ``signal_in_eval=K:SIGTERM@R`` only on rank R of a torchrun job.
 - ``kill_at_iter=K`` kills the process with SIGKILL just before step K, as an
   out-of-memory killer or a lost node would, with nothing saved since the last evaluation.
+- ``data_error_on_rank=R`` makes data preparation fail on rank R alone, as a
+  file missing on one node would.
 - ``nan_loss_at_iter=K`` makes step K diverge: its loss and the weights become NaN.
 - ``kill_during_save=N`` kills the process with SIGKILL in the middle of writing
   the N-th last.pt: half of the file is on disk and nothing is renamed yet.
@@ -23,6 +25,7 @@ import signal
 import sys
 
 from nanogpt import checkpoint, launch, train
+from nanogpt.errors import DataError
 
 
 def parse(spec: str) -> dict[str, str]:
@@ -76,6 +79,13 @@ def install(faults: dict[str, str]) -> None:
             send_signal(faults["signal_in_eval"], self.iter_num)
         original_eval_batch_done(self, done, total)
 
+    def prepare_dataset(dataset, data_root):
+        if int(faults.get("data_error_on_rank", -1)) == int(os.environ.get("RANK", 0)):
+            raise DataError(f"dataset.source={dataset.source} does not exist on this node")
+        return original_prepare(dataset, data_root)
+
+    original_prepare = train.prepare_dataset
+    train.prepare_dataset = prepare_dataset
     train.Trainer.train_step = train_step
     train.Trainer.eval_batch_done = eval_batch_done
     checkpoint.write_atomically = write_atomically
