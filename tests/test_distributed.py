@@ -200,7 +200,8 @@ def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(tar
 
 def test_a_user_error_on_one_rank_reaches_the_user(corpus, tmp_path, data_root):
     result = torchrun("nanogpt.train", *STOP_RUN, "dataset=text", f"dataset.source={corpus}",
-                      f"data_root={data_root}", "hydra.run.dir=run", cwd=tmp_path, faults="data_error_on_rank=1")
+                      f"data_root={data_root}", "hydra.run.dir=run", cwd=tmp_path,
+                      faults="data_error_on_rank=1")
     assert result.returncode != 0
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         f"error: rank 1: dataset.source={corpus} does not exist on this node"]
