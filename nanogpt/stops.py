@@ -33,7 +33,11 @@ from nanogpt.errors import UserError
 log = logging.getLogger("nanogpt.stops")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-STOPPED_STATUSES = {128 + signum for signum in STOP_SIGNALS}  # the shell's "ended by a signal"
+# A scheduler's warning that the job is about to be preempted or time out: submitit (Hydra's SLURM
+# launcher) listens for it to requeue the job. Training takes it too where someone listens for it,
+# saves, and then passes it on (see StopSignals.__exit__).
+WARNING_SIGNAL = signal.SIGUSR2
+STOPPED_STATUSES = {128 + signum for signum in (*STOP_SIGNALS, signal.SIGUSR2)}  # "ended by a signal"
 
 
 class TrainingDiverged(UserError):
@@ -82,6 +86,9 @@ class StopSignals:
     wish (0, or a signal number) into the job's decision: the identity for a
     single process, StopVote.poll under torchrun. alone says whether
     interruptible() blocks may really be interrupted (a single process).
+    WARNING_SIGNAL counts as a stop signal where a Python handler for it is
+    already installed (submitit's); once the run has stopped and saved, that
+    handler gets the signal (it requeues the job and exits).
     Handlers can be installed only from the main thread; elsewhere (some
     launchers run jobs in threads) signals keep their usual meaning.
     """
@@ -96,13 +103,16 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
+            listened = callable(signal.getsignal(WARNING_SIGNAL))
+            for signum in STOP_SIGNALS + ((WARNING_SIGNAL,) if listened else ()):
                 self.previous[signum] = signal.signal(signum, self.handle)
         return self
 
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+        if self.signum == WARNING_SIGNAL and exc_info[0] is None and WARNING_SIGNAL in self.previous:
+            self.previous[WARNING_SIGNAL](WARNING_SIGNAL, None)  # saved: now submitit may requeue
 
     def handle(self, signum: int, frame) -> None:
         """First signal: note it (and interrupt an interruptible block); second: abort now."""

@@ -140,7 +140,7 @@ class RunForecast:
     pace. On a GPU the clock is read after a synchronize, twice per run.
     """
 
-    TIMED = 3
+    TIMED = 2
 
     def __init__(self, plan: RunPlan | None):
         self.plan, self.started, self.done = plan, None, plan is None
