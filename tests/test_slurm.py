@@ -24,7 +24,8 @@ from nanogpt.tracking import read_metrics
 from .conftest import REPO, TINY_RUN
 
 # Long enough that the job meets its time-out warning at least once on this machine.
-RUN = [*TINY_RUN, "log_interval=500", "max_iters=5000", "eval_interval=1000", "sample_tokens=0", "logger=none"]
+RUN = [*TINY_RUN, "log_interval=500", "max_iters=5000", "eval_interval=1000", "sample_tokens=0",
+       "logger=none"]
 
 
 def run(args: list[str], cwd) -> subprocess.CompletedProcess:
