@@ -207,17 +207,23 @@ def rewind_point(trainer) -> Callable[[], None]:
     """What puts trainer back where it stands now, should a stop abandon the step or evaluation it begins.
 
     Until the optimizer updates the weights, a step changes only the batch fetched
-    ahead, the random generators (dropout, the samplers) and the gradients, and an
-    evaluation only its sampler's generator and the model's train/eval mode; put
+    ahead, torch's random generators (dropout, the samplers) and the gradients, and
+    an evaluation only its sampler's generator and the model's train/eval mode; put
     back, the state is that of the last completed step, which is what a stop saves.
+    Called before every step of a single process, so it copies only those few
+    kilobytes (Python's and NumPy's generators, untouched by a step, cost 10x more).
     """
-    batch, rng = trainer.batch, capture_rng_state()
-    sampler = trainer.sampler
+    batch, sampler = trainer.batch, trainer.sampler
+    rng = torch.get_rng_state()
+    on_gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = torch.cuda.get_rng_state_all() if on_gpu else None
     generators = sampler.generator.get_state(), sampler.eval_generator.get_state()
 
     def rewind() -> None:
         trainer.batch = batch
-        restore_rng_state(rng)
+        torch.set_rng_state(rng)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
         sampler.generator.set_state(generators[0])
         sampler.eval_generator.set_state(generators[1])
         trainer.optimizer.zero_grad(set_to_none=True)
