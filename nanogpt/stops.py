@@ -146,27 +146,33 @@ class StopSignals:
         return self.agreed or self.received
 
     @contextlib.contextmanager
-    def interruptible(self, rewind: Callable[[], Callable[[], None]] | None = None,
+    def interruptible(self, undo: Callable[[], None] | None = None,
                       alone: bool | None = None) -> Iterator[None]:
         """Inside, a stop signal raises Interrupted at once, where the process is alone (see class doc).
 
-        rewind() is called on entry and returns what puts back the state of that
-        moment; it runs if the block ends with Interrupted (however raised), so the
-        state is again that of the last completed step. A signal that came before
-        the block raises at its start, so no work is begun in vain.
+        undo() runs if the block ends with Interrupted (however raised): it puts back
+        what the block changed, so the state is again that of the last completed step.
+        A signal that came before the block raises at its start, so no work is begun in vain.
         """
         alone = self.alone if alone is None else alone
-        if alone and self.received is not None:
-            raise Interrupted(self.received)
-        restore = rewind() if rewind is not None else None
         previous_alone, self.alone = self.alone, alone
         self.interruptible_depth += alone
         try:
+            if alone and self.received is not None:
+                raise Interrupted(self.received)
             yield
         except Interrupted:
-            if restore is not None:
-                restore()
+            if undo is not None:
+                undo()
             raise
         finally:
             self.interruptible_depth -= alone
             self.alone = previous_alone
+
+    @contextlib.contextmanager
+    def stopping_early(self, stop_early: Callable[[signal.Signals], object]) -> Iterator[None]:
+        """Inside, Interrupted (the state is that of the last completed step) ends in stop_early(signal)."""
+        try:
+            yield
+        except Interrupted:
+            stop_early(self.signum)

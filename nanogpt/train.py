@@ -107,29 +107,27 @@ class Trainer:
         """Train to max_iters, evaluating every eval_interval; return the best validation loss."""
         cfg = self.cfg
         self.throughput.restart()
-        with StopSignals(on_abort=lambda: f"during iteration {self.iter_num}; "
-                                          f"{self.describe_last_checkpoint()}",
-                         agree=self.runtime.vote.poll, alone=not self.runtime.dist.enabled) as self.stop:
-            try:
-                while True:
-                    lr = learning_rate_at(self.iter_num, cfg.optimizer, cfg.max_iters)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)
-                    it = self.iter_num
-                    # A resumed run has already evaluated at the iteration it was saved at.
-                    if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != self.last_eval_iter:
-                        self.evaluate()
-                    if it >= cfg.max_iters:
-                        break
-                    loss = self.train_step()
-                    # One host sync per step: a NaN must stop the run before anything saves it.
-                    check_finite(loss.item(), it, "the training loss", self.describe_last_checkpoint())
-                    if it % cfg.log_interval == 0:
-                        self.log_progress(loss, lr)
-                    self.iter_num += 1
-                    self.stop.stop_here()  # every process of the job stops after the same step
-            except Interrupted:  # the state is that of the last completed step (see nanogpt/stops.py)
-                return self.stop_early(self.stop.signum)
+        self.stop = StopSignals(on_abort=lambda: f"during iteration {self.iter_num}; "
+                                                 f"{self.describe_last_checkpoint()}",
+                                agree=self.runtime.vote.poll, alone=not self.runtime.dist.enabled)
+        with self.stop, self.stop.stopping_early(self.stop_early):
+            while True:
+                lr = learning_rate_at(self.iter_num, cfg.optimizer, cfg.max_iters)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                it = self.iter_num
+                # A resumed run has already evaluated at the iteration it was saved at.
+                if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != self.last_eval_iter:
+                    self.evaluate()
+                if it >= cfg.max_iters:
+                    break
+                loss = self.train_step()
+                # One host sync per step: a NaN must stop the run before anything saves it.
+                check_finite(loss.item(), it, "the training loss", self.describe_last_checkpoint())
+                if it % cfg.log_interval == 0:
+                    self.log_progress(loss, lr)
+                self.iter_num += 1
+                self.stop.stop_here()  # every process of the job stops after the same step
             self.finish()
         return self.best_val_loss
 
@@ -138,17 +136,18 @@ class Trainer:
         if self.batch is None:
             self.batch = self.sampler.get_batch("train")
         total = torch.zeros((), device=self.runtime.device)
-        with self.stop.interruptible(rewind=lambda: resume.rewind_point(self)):  # until the update
-            for micro_step in range(self.accumulation):  # this process's share of the accumulation
-                x, y = self.batch
-                # Across processes, gradients are averaged once, after the last micro-batch.
-                with distributed.maybe_no_sync(self.forward, skip_sync=micro_step < self.accumulation - 1):
-                    with self.ctx:
-                        _, loss = self.forward(x, y)
-                        loss = loss / self.accumulation
-                    self.batch = self.sampler.get_batch("train")  # fetch ahead while the device works
-                    self.scaler.scale(loss).backward()
-                total += loss.detach()
+        rewind = resume.rewind_point(self)  # until the update, a stop may abandon the step (stops.py)
+        for micro_step in range(self.accumulation):  # this process's share of the accumulation
+            x, y = self.batch
+            # Across processes, gradients are averaged once, after the last micro-batch.
+            with self.stop.interruptible(rewind), \
+                    distributed.maybe_no_sync(self.forward, skip_sync=micro_step < self.accumulation - 1):
+                with self.ctx:
+                    _, loss = self.forward(x, y)
+                    loss = loss / self.accumulation
+                self.batch = self.sampler.get_batch("train")  # fetch the next batch while the device works
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
         # The norm is tracked even without clipping (an infinite limit clips nothing).
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optimizer.grad_clip or math.inf
@@ -162,7 +161,7 @@ class Trainer:
     def evaluate(self) -> None:
         """Estimate train and val loss on every process's share of batches, record them, checkpoint."""
         eval_iters = -(-self.cfg.eval_iters // self.runtime.dist.world_size)
-        with self.stop.interruptible(rewind=lambda: resume.rewind_point(self)):  # a stop abandons it
+        with self.stop.interruptible(resume.rewind_point(self)):  # a stop abandons it (stops.py)
             losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx, self.eval_batch_done)
         losses = distributed.all_reduce_mean(losses, self.runtime.dist, self.runtime.device)
         it = self.last_eval_iter = self.iter_num

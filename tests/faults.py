@@ -7,6 +7,8 @@ Usage: ``python -m tests.faults SPEC [train overrides]``; SPEC is a comma-separa
   ``signal_at_iter=K:SIGINT*2`` sends it twice in a row (an impatient Ctrl-C).
 - ``signal_in_eval=K:SIGTERM`` sends it in the middle of the evaluation at iteration K
   (after its second batch); ``signal_in_eval=K:SIGTERM@R`` only on rank R of a torchrun job.
+- ``signal_mid_step=K:SIGTERM`` sends it in the middle of step K: after its forward
+  pass has drawn the next batch from the sampler, before the backward pass.
 - ``kill_at_iter=K`` kills the process with SIGKILL just before step K, as an
   out-of-memory killer or a lost node would, with nothing saved since the last evaluation.
 - ``data_error_on_rank=R`` makes data preparation fail on rank R alone, as a
@@ -24,7 +26,7 @@ import os
 import signal
 import sys
 
-from nanogpt import checkpoint, launch, train
+from nanogpt import checkpoint, data, launch, train
 from nanogpt.errors import DataError
 
 
@@ -49,9 +51,18 @@ def install(faults: dict[str, str]) -> None:
     original_step = train.Trainer.train_step
     original_eval_batch_done = train.Trainer.eval_batch_done
     original_write = checkpoint.write_atomically
+    original_get_batch = data.BatchSampler.get_batch
     saves = {"count": 0}
+    in_step = {"iter": None}
+
+    def get_batch(self, split, evaluation=False):
+        batch = original_get_batch(self, split, evaluation)
+        if "signal_mid_step" in faults and not evaluation and in_step["iter"] is not None:
+            send_signal(faults["signal_mid_step"], in_step["iter"])
+        return batch
 
     def train_step(self):
+        in_step["iter"] = self.iter_num
         if int(faults.get("kill_at_iter", -1)) == self.iter_num:
             os.kill(os.getpid(), signal.SIGKILL)
         if "signal_at_iter" in faults:
@@ -87,6 +98,7 @@ def install(faults: dict[str, str]) -> None:
     original_prepare = train.prepare_dataset
     train.prepare_dataset = prepare_dataset
     train.Trainer.train_step = train_step
+    data.BatchSampler.get_batch = get_batch
     train.Trainer.eval_batch_done = eval_batch_done
     checkpoint.write_atomically = write_atomically
 

@@ -184,6 +184,18 @@ def test_signal_during_evaluation_abandons_it_and_resume_is_bitwise_exact(work, 
     assert [r["iter"] for r in read_metrics(run_dir) if r["kind"] == "eval"] == [0, 4, 8, 12]
 
 
+def test_signal_in_the_middle_of_a_step_abandons_it_and_resume_is_bitwise_exact(work, reference):
+    run_dir = work[0] / "stop-mid-step"
+    stopped = train(work, f"hydra.run.dir={run_dir}", faults="signal_mid_step=6:SIGTERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    # Step 6 had run its forward pass and drawn the next batch: all of it was put back.
+    assert load_checkpoint(run_dir / "last.pt")["iter_num"] == 6
+    resumed = resume(work, run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_as_reference(load_checkpoint(run_dir / "last.pt"), reference, "SIGTERM mid-step")
+
+
 def test_sigkill_then_auto_resume_records_every_metric_once(work, reference):
     run_dir = work[0] / "killed-metrics"
     job = [f"hydra.run.dir={run_dir}", "auto_resume=true", "log_interval=1", "logger=tensorboard"]
