@@ -4,7 +4,9 @@ Every entry point (train, sample, data, bench, eval, export) is a function of a
 DictConfig wrapped by hydra_entry(). A mistake the user can fix (a bad override,
 an unknown key, a missing file, an absent device) is printed as one ``error:``
 line and the process exits with status 2. Set HYDRA_FULL_ERROR=1 to see the
-full traceback.
+full traceback (only "1" means on, as in Hydra). Ctrl-C or SIGTERM outside a
+training loop (which has its own, see nanogpt/stops.py) ends the process with
+one line and status 130 or 143, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import contextlib
 import dataclasses
 import functools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -27,6 +31,7 @@ from nanogpt.config import CONFIG_DIR, EXPERIMENTS_DIR, DataConfig, SampleConfig
 from nanogpt.distributed import context_from_environment
 from nanogpt.errors import ConfigError, UserError, exit_with_error, first_line
 from nanogpt.options import describe
+from nanogpt.stops import STOP_SIGNALS, STOPPED_STATUSES, Interrupted, exit_at_once
 from nanogpt.sweeps import register_resolvers
 
 T = TypeVar("T")
@@ -63,10 +68,12 @@ def hydra_entry(
         SCHEMAS[config_name] = schema
 
     def decorate(task: Callable[[DictConfig], object]) -> Callable[[], None]:
+        debugging = False  # set by main() from the user's HYDRA_FULL_ERROR
+
         @functools.wraps(task)
         def reported_task(cfg: DictConfig) -> object:
             """The task, with user errors reported before Hydra adds its own lines."""
-            with reporting_user_errors():
+            with reporting_user_errors(debugging, in_task=True):
                 return task(cfg)
 
         hydra_main = hydra.main(
@@ -76,17 +83,19 @@ def hydra_entry(
         @functools.wraps(task)
         def main() -> None:
             """Compose the config and run the task; user errors exit with one line."""
+            nonlocal debugging
             register_configs()
             if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
                 overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
                 print(help_text(config_name, SCHEMAS[config_name], overrides))
                 return
-            debugging = os.environ.get("HYDRA_FULL_ERROR") == "1"  # Hydra's own meaning
+            debugging = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("NANOGPT_DEBUG") == "1"
             # Let composition errors reach us rather than Hydra's multi-line report.
             previous = os.environ.get("HYDRA_FULL_ERROR")
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
-                with reporting_user_errors(debugging):
+                with stopping_with_one_line(config_name), reporting_user_errors(debugging):
+                    check_hydra_flags(sys.argv[1:])
                     if rewrite_arguments is not None:
                         sys.argv[1:] = rewrite_arguments(sys.argv[1:])
                     hydra_main()
@@ -99,6 +108,16 @@ def hydra_entry(
         return main
 
     return decorate
+
+
+def check_hydra_flags(argv: list[str]) -> None:
+    """Refuse, in one line, flag combinations that Hydra rejects with a traceback (a ValueError)."""
+    modes = [a for a in argv if a in ("-m", "--multirun", "-c", "--cfg", "--info", "-i", "--run", "-r")]
+    if len({m.lstrip("-")[0] for m in modes}) > 1:
+        raise ConfigError(
+            f"{' and '.join(modes)} cannot be combined (Hydra takes one of -m, --cfg, --info); to see the "
+            "config of one job of a sweep, drop -m and give one value per key, e.g. optimizer.lr=1e-3"
+        )
 
 
 def help_text(config_name: str, schema: type, overrides: list[str]) -> str:
@@ -151,10 +170,14 @@ def composed_values(config_name: str, overrides: list[str]) -> dict:
 
 
 @contextlib.contextmanager
-def reporting_user_errors(debugging: bool | None = None) -> Iterator[None]:
+def reporting_user_errors(debugging: bool | None = None, in_task: bool = False) -> Iterator[None]:
     """Turn a user error into one ``error:`` line on stderr and exit status 2.
 
     Bugs, and every error while debugging (HYDRA_FULL_ERROR=1), keep their traceback.
+    Under torchrun, a mistake in the config (in_task: the config every rank
+    composed alike) is met by every rank at once and reported by rank 0 alone;
+    anything else may be one rank's own (a file missing on its node, a GPU it
+    lacks, a command line only it was given), so that rank reports it, naming itself.
     """
     if debugging is None:
         debugging = os.environ.get("NANOGPT_DEBUG") == "1"
@@ -163,10 +186,42 @@ def reporting_user_errors(debugging: bool | None = None) -> Iterator[None]:
     except Exception as error:
         if debugging or not is_user_error(error):
             raise
-        # Under torchrun every process meets the same mistake; rank 0 alone reports it.
-        if context_from_environment().is_main:
+        context = context_from_environment()
+        if context.is_main:
             exit_with_error(describe_error(error))
+        if not (in_task and is_config_error(error)):
+            exit_with_error(f"rank {context.rank}: {describe_error(error)}")
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def stopping_with_one_line(what: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM: one line and exit 128 + the signal, instead of a traceback or a silent death.
+
+    SIGTERM's default would kill the process between two writes; raising instead
+    lets every ``with`` and ``finally`` on the way out run (temporary files are
+    removed, locks released), so the data cache and run directories stay as they were.
+    """
+    def interrupt(signum: int, frame) -> None:
+        raise Interrupted(signal.Signals(signum))
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        print(f"stopped by {signum.name}: {what} did not finish; nothing half-written was left "
+              "(files are renamed into place only once complete)", file=sys.stderr, flush=True)
+        exit_at_once(128 + signum)
+    except SystemExit as done:
+        if done.code in STOPPED_STATUSES:  # a training run that stopped, saved and said so
+            exit_at_once(done.code)
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def to_dataclass(cfg: DictConfig, schema: type[T]) -> T:
@@ -189,6 +244,11 @@ def to_dataclass(cfg: DictConfig, schema: type[T]) -> T:
         except ConfigError as error:
             raise ConfigError(f"{f.name}.{error}") from None
     return schema(**values)
+
+
+def is_config_error(error: BaseException) -> bool:
+    """True for a mistake in the composed config, which every process of a job meets alike."""
+    return isinstance(error, (ConfigError, HydraException, OmegaConfBaseException))
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -14,6 +14,9 @@ training loop under DistributedDataParallel. The pieces here:
   one run directory per job, no stray ones.
 * all_reduce_mean(): average numbers across processes, so every rank logs,
   compares and checkpoints the same losses.
+* StopVote, gather_to_main(), barrier(): the job's control traffic (stopping
+  together, every rank's random state into rank 0's checkpoint) on a gloo
+  group of its own, with small CPU tensors that never wait on a GPU.
 
 Only rank 0 writes (checkpoints, metrics, trackers, the log); the others
 compute and keep quiet. Nothing here imports Hydra.
@@ -25,6 +28,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -84,7 +88,77 @@ def init_process_group(context: DistributedContext) -> bool:
         dist.init_process_group(backend="cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group(backend="gloo")
+    _Control.group = dist.new_group(backend="gloo")  # every rank, at the same point: a collective
     return True
+
+
+class _Control:
+    """The gloo group that carries the job's control traffic (see the module doc)."""
+
+    group = None
+
+
+class StopVote:
+    """Agree across ranks on whether to stop, once per call, without a host sync on the GPU.
+
+    Each poll(local) starts an all-reduce (MAX) of a one-number CPU tensor, local
+    being 0 or the signal this rank received, on the gloo control group, and
+    returns a finished round's result: every rank gets the same answer from the
+    same call, so all stop after the same step, for the same signal (exit status).
+
+    Where the job computes on the CPU, poll waits for its own round: a few tens
+    of microseconds beside a step that already all-reduces its gradients through
+    gloo, and the stop comes right after the step the signal arrived in. On GPUs
+    a step is queued ahead of the device, and waiting for a vote would be cheap
+    (gloo never touches the GPU stream) but still a network round trip on the
+    critical path; there poll returns the previous round, whose result is long in,
+    so the stop comes one step later and no step waits. Unlike an all-reduce of a
+    CUDA tensor read with .item(), this never synchronises the host with the GPU.
+    """
+
+    def __init__(self, context: DistributedContext, device: torch.device):
+        self.enabled = context.enabled and _Control.group is not None
+        self.lag = 1 if device.type == "cuda" else 0
+        self.pending: deque = deque()
+
+    def poll(self, local: int) -> int:
+        """Vote local (0: go on, or a signal number); return the job's decision (0 or a signal)."""
+        if not self.enabled:
+            return local
+        tensor = torch.tensor([local], dtype=torch.int32)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_Control.group, async_op=True)
+        self.pending.append((tensor, work))
+        decision = 0
+        while len(self.pending) > self.lag:
+            tensor, work = self.pending.popleft()
+            work.wait()
+            decision = max(decision, int(tensor.item()))
+        return decision
+
+    def close(self) -> None:
+        """Finish the rounds still in flight (before the process group goes away)."""
+        while self.pending:
+            self.pending.popleft()[1].wait()
+
+
+def gather_to_main(value: object, context: DistributedContext) -> list | None:
+    """Every rank's value, in rank order, on rank 0 (None elsewhere); [value] for a single process."""
+    if not context.enabled:
+        return [value]
+    values = [None] * context.world_size if context.is_main else None
+    dist.gather_object(value, values, dst=0, group=_Control.group)
+    return values
+
+
+def barrier(context: DistributedContext) -> None:
+    """Wait for every rank: e.g. for rank 0 to finish saving before anyone exits.
+
+    torchrun stops the whole job as soon as one process exits with a failure
+    status (a stopped run exits 130/143), so a rank that left early would have
+    rank 0 killed in the middle of writing its checkpoint.
+    """
+    if context.enabled:
+        dist.barrier(group=_Control.group)
 
 
 def device_for(context: DistributedContext, device: torch.device) -> torch.device:

@@ -9,6 +9,7 @@ log file keeps its one clean line per log interval either way.
 from __future__ import annotations
 
 import contextlib
+import time
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -22,6 +23,7 @@ class TrainingProgress:
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="it",
                         disable=None if enabled else True, dynamic_ncols=True)
         self.redirect = contextlib.ExitStack()
+        self.last_drawn = 0.0
         if not self.bar.disable:
             self.redirect.enter_context(logging_redirect_tqdm())
 
@@ -32,6 +34,15 @@ class TrainingProgress:
         if loss is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         self.bar.update(iteration - self.bar.n)
+
+    def evaluating(self, done: int, total: int, iteration: int) -> None:
+        """Show how far the evaluation at iteration has come (on a CPU it can take minutes)."""
+        if self.bar.disable:
+            return
+        now = time.monotonic()
+        if done == total or now - self.last_drawn > 0.5:  # a GPU evaluates faster than a terminal draws
+            self.bar.set_postfix_str(f"eval at {iteration}: {done}/{total}" if done < total else "")
+            self.last_drawn = now
 
     def close(self) -> None:
         """Remove the bar and give console logging back its own handlers."""

@@ -27,6 +27,10 @@ class Runtime:
     compile: bool
     peak_flops: float | None  # for MFU; None where the device's peak is unknown
     owns_process_group: bool = False
+    vote: distributed.StopVote | None = None  # how the job's processes agree to stop
+
+    def __post_init__(self):
+        self.vote = self.vote or distributed.StopVote(self.dist, self.device)
 
     @classmethod
     def start(cls, cfg: DeviceConfig) -> Runtime:
@@ -52,6 +56,7 @@ class Runtime:
 
     def close(self) -> None:
         """Leave the torchrun job, if this runtime joined it."""
+        self.vote.close()
         if self.owns_process_group:
             torch.distributed.destroy_process_group()
             self.owns_process_group = False

@@ -15,6 +15,10 @@ same records:
 
 Only the process that owns the run records anything (rank 0 under torchrun);
 the others get a RunTracking that drops what it is given.
+
+A resumed run records each (kind, iteration) once: the records a crashed or
+stopped process made after its last checkpoint are dropped from metrics.jsonl
+(and TensorBoard's), because the resumed run makes them again.
 """
 
 from __future__ import annotations
@@ -67,6 +71,119 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run's checkpoint left off: next step to take, and the last evaluation done."""
+
+    iter_num: int
+    last_eval_iter: int | None
+
+    def already_made(self, record: dict) -> bool:
+        """True for a record the checkpointed run had made; the resumed run will make the others again."""
+        if record.get("kind") == "eval":
+            return self.last_eval_iter is not None and record["iter"] <= self.last_eval_iter
+        return record.get("iter", 0) < self.iter_num
+
+
+def keep_records_before(run_dir: Path, resumed: Resumed) -> list[dict]:
+    """Rewrite metrics.jsonl (atomically) with only the records made before the checkpoint; return them.
+
+    A process killed mid-write may leave a torn last line; it is dropped too.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if resumed.already_made(record):
+            kept.append(record)
+    write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept),
+                                                      encoding="utf-8"))
+    return kept
+
+
+# A first run that will take longer than this on its device is told so, with a quicker recipe.
+LONG_RUN_S = 15 * 60
+QUICKER_RECIPES = {"cpu": "+experiment=shakespeare_char_cpu", "mps": "+experiment=shakespeare_char_cpu"}
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, for the duration forecast: steps, evaluations, work per step, device."""
+
+    max_iters: int
+    eval_interval: int
+    micro_batches: int  # forward/backward passes per step, all processes together
+    device: str
+
+    def forecast(self, seconds_per_eval_batch: float, eval_batches: int) -> tuple[float, float]:
+        """(whole run, one evaluation) in seconds, from the time of one evaluation batch.
+
+        A training micro-batch (forward and backward) costs about three forward passes.
+        """
+        evals = self.max_iters // self.eval_interval + 1 + (self.max_iters % self.eval_interval > 0)
+        per_eval = eval_batches * seconds_per_eval_batch
+        per_step = 3 * self.micro_batches / context_from_environment().world_size * seconds_per_eval_batch
+        return self.max_iters * per_step + evals * per_eval, per_eval
+
+
+class RunForecast:
+    """Times the first evaluation's batches and, if the run will take long, says so once, early.
+
+    The first batch is left out (warm-up, compilation); the next few give the
+    pace. On a GPU the clock is read after a synchronize, twice per run.
+    """
+
+    TIMED = 2
+
+    def __init__(self, plan: RunPlan | None):
+        self.plan, self.started, self.done = plan, None, plan is None
+
+    def eval_batch_done(self, done: int, total: int) -> None:
+        """Note an evaluation batch; after the timed ones, forecast (once)."""
+        if self.done or total <= self.TIMED + 1:
+            return
+        if done == 1:
+            self.started = self.clock()
+        elif done == 1 + self.TIMED and self.started is not None:
+            self.done = True
+            self.say((self.clock() - self.started) / self.TIMED, total)
+
+    def clock(self) -> float:
+        """Seconds, with a GPU's queued work done."""
+        if self.plan.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def say(self, seconds_per_batch: float, eval_batches: int) -> None:
+        """One line if the run will take longer than LONG_RUN_S."""
+        total, per_eval = self.plan.forecast(seconds_per_batch, eval_batches)
+        if total <= LONG_RUN_S:
+            return
+        quicker = QUICKER_RECIPES.get(self.plan.device)
+        advice = (f"for a first run on this {self.plan.device}, try {quicker} (minutes)" if quicker else
+                  "lower max_iters, eval_iters or the model's size for a quicker run")
+        log.warning("this run will take about %s on %s (%s per evaluation); %s",
+                    duration(total), self.plan.device, duration(per_eval), advice)
+
+
+def duration(seconds: float) -> str:
+    """A duration as people say it: 40 s, 12 min, 3.5 h, 2.1 days."""
+    if seconds < 90:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def tracker_key(record: dict, field: str) -> str | None:
@@ -136,10 +253,12 @@ class WandbTracker(Tracker):
 class TensorBoardTracker(Tracker):
     """TensorBoard event files in <run dir>/tensorboard/."""
 
-    def __init__(self, run_dir: Path, resolved_config: dict):
+    def __init__(self, run_dir: Path, resolved_config: dict, purge_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        # purge_step: TensorBoard hides what an earlier process logged from this step on.
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                    purge_step=purge_step or None)
         config_text = json.dumps(resolved_config, indent=2)
         self.writer.add_text("config", f"```\n{config_text}\n```")
 
@@ -226,9 +345,10 @@ def start_wandb(logger, run_dir: Path, resolved_config: dict) -> WandbTracker | 
 # logger.name -> how to start that tracker in a run directory. A new tracker is a
 # Tracker subclass and one entry here (plus conf/logger/NAME.yaml).
 TRACKERS = {
-    "wandb": lambda logger, run_dir, config: start_wandb(logger, run_dir, config) or Tracker(),
-    "tensorboard": lambda logger, run_dir, config: TensorBoardTracker(run_dir, config),
-    "none": lambda logger, run_dir, config: Tracker(),
+    "wandb": lambda logger, run_dir, config, purge_step: start_wandb(logger, run_dir, config) or Tracker(),
+    "tensorboard": lambda logger, run_dir, config, purge_step: TensorBoardTracker(run_dir, config,
+                                                                                  purge_step),
+    "none": lambda logger, run_dir, config, purge_step: Tracker(),
 }
 
 
@@ -251,9 +371,10 @@ class LoggerConfig:
         check_choices(self)
 
 
-def create_tracker(logger: LoggerConfig, run_dir: Path, resolved_config: dict) -> Tracker:
-    """The tracker logger.name asks for, started in run_dir."""
-    return TRACKERS[logger.name](logger, run_dir, resolved_config)
+def create_tracker(logger: LoggerConfig, run_dir: Path, resolved_config: dict,
+                   purge_step: int = 0) -> Tracker:
+    """The tracker logger.name asks for, started in run_dir (purge_step: where a resumed run goes on)."""
+    return TRACKERS[logger.name](logger, run_dir, resolved_config, purge_step)
 
 
 def describe_record(record: dict) -> str:
@@ -275,7 +396,8 @@ class RunTracking:
     """
 
     def __init__(self, run_dir: Path, logger: LoggerConfig, resolved_config: dict | None = None,
-                 owner: bool | None = None, run_id: str | None = None, max_iters: int = 0):
+                 owner: bool | None = None, run_id: str | None = None, plan: RunPlan | None = None,
+                 resumed: Resumed | None = None):
         self.run_dir = Path(run_dir)
         self.owner = context_from_environment().is_main if owner is None else owner
         self.started = time.time()
@@ -284,13 +406,18 @@ class RunTracking:
         self.last_iter = 0
         self.last_tokens = 0
         self.tokens_per_sec: list[float] = []
-        self.progress = TrainingProgress(max_iters, enabled=self.owner)
+        start = resumed.iter_num if resumed else 0
+        self.progress = TrainingProgress(plan.max_iters if plan else 0, initial=start, enabled=self.owner)
+        # A resumed run was told already (and its first evaluation may be long past).
+        self.forecast = RunForecast(plan if self.owner and resumed is None else None)
         if not self.owner:
             return
+        for record in keep_records_before(self.run_dir, resumed) if resumed else []:
+            self.note(record)
         self.metrics = MetricsLog(self.run_dir)
         # A resumed run passes its tracker run's id, so W&B continues that run rather than starting another.
         logger = replace(logger, run_id=run_id or logger.run_id)
-        self.tracker = create_tracker(logger, self.run_dir, resolved_config or {})
+        self.tracker = create_tracker(logger, self.run_dir, resolved_config or {}, purge_step=start)
 
     def log(self, record: dict) -> None:
         """Record one train or eval record everywhere, and say it in the log."""
@@ -300,15 +427,27 @@ class RunTracking:
         if not self.owner:
             return
         self.metrics.log(record)
+        improved = self.note(record)
+        self.tracker.log(record, step=self.last_iter)
+        if improved:
+            self.tracker.update_summary({"best_val_loss": self.best_val_loss, "best_iter": self.best_iter})
+
+    def note(self, record: dict) -> bool:
+        """Count a record in the run's figures (also a resumed run's kept ones); True if val improved."""
         self.last_iter = record.get("iter", self.last_iter)
         self.last_tokens = record.get("tokens", self.last_tokens)
         if "tokens_per_sec" in record:
             self.tokens_per_sec.append(record["tokens_per_sec"])
-        self.tracker.log(record, step=self.last_iter)
         val_loss = record.get("val_loss")
         if val_loss is not None and val_loss < self.best_val_loss:
             self.best_val_loss, self.best_iter = val_loss, record["iter"]
-            self.tracker.update_summary({"best_val_loss": val_loss, "best_iter": record["iter"]})
+            return True
+        return False
+
+    def eval_progress(self, done: int, total: int, iteration: int) -> None:
+        """Show an evaluation's progress in the bar; time its first batches for the forecast."""
+        self.progress.evaluating(done, total, iteration)
+        self.forecast.eval_batch_done(done, total)
 
     @property
     def run_id(self) -> str | None:

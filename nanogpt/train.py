@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from nanogpt import distributed, resume
-from nanogpt.checkpoint import BEST, LAST, remove_stale_temporaries, save_checkpoint
+from nanogpt.checkpoint import BEST, LAST, save_checkpoint
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, prepare_dataset, tokenizer_codec
 from nanogpt.loading import initial_model
@@ -27,24 +27,26 @@ from nanogpt.model import GPT
 from nanogpt.optim import build_optimizer, learning_rate_at
 from nanogpt.runtime import Runtime
 from nanogpt.speed import Throughput, flops_per_token
-from nanogpt.stops import StopSignals, check_finite
-from nanogpt.tracking import RunTracking
+from nanogpt.stops import Interrupted, StopSignals, check_finite
+from nanogpt.tracking import RunPlan, RunTracking
 
 log = logging.getLogger("nanogpt.train")
 
 
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, sampler: BatchSampler, eval_iters: int, ctx) -> dict:
-    """Mean loss over eval_iters random batches of each split, in eval mode."""
+def estimate_loss(model: torch.nn.Module, sampler: BatchSampler, eval_iters: int, ctx,
+                  batch_done=lambda done, total: None) -> dict:
+    """Mean loss over eval_iters random batches of each split, batch_done(n, of) after each."""
     model.eval()
     losses = {}
-    for split in ("train", "val"):
+    for s, split in enumerate(("train", "val")):
         total = torch.zeros((), device=sampler.device)
-        for _ in range(eval_iters):
+        for i in range(eval_iters):
             x, y = sampler.get_batch(split, evaluation=True)
             with ctx:
                 _, loss = model(x, y)
             total += loss.float()
+            batch_done(s * eval_iters + i + 1, 2 * eval_iters)
         losses[split] = (total / eval_iters).item()
     model.train()
     return losses
@@ -98,13 +100,16 @@ class Trainer:
         self.last_eval_iter: int | None = None
         self.last_saved_iter: int | None = None
         self.stopped_by: int | None = None  # the signal that stopped the run early, if any
+        self.stop = StopSignals()  # replaced by the active one while run() runs
 
     def run(self) -> float:
         """Train to max_iters, evaluating every eval_interval; return the best validation loss."""
         cfg = self.cfg
         self.throughput.restart()
-        with StopSignals(on_abort=lambda: f"during iteration {self.iter_num}; "
-                                          f"{self.describe_last_checkpoint()}") as stop:
+        self.stop = StopSignals(on_abort=lambda: f"during iteration {self.iter_num}; "
+                                                 f"{self.describe_last_checkpoint()}",
+                                agree=self.runtime.vote.poll, alone=not self.runtime.dist.enabled)
+        with self.stop, self.stop.stopping_early(self.stop_early):
             while True:
                 lr = learning_rate_at(self.iter_num, cfg.optimizer, cfg.max_iters)
                 for group in self.optimizer.param_groups:
@@ -121,9 +126,8 @@ class Trainer:
                 if it % cfg.log_interval == 0:
                     self.log_progress(loss, lr)
                 self.iter_num += 1
-                if stop.received is not None:
-                    return self.stop_early(stop.received)
-        self.finish()
+                self.stop.stop_here()  # every process of the job stops after the same step
+            self.finish()
         return self.best_val_loss
 
     def train_step(self) -> torch.Tensor:
@@ -131,10 +135,12 @@ class Trainer:
         if self.batch is None:
             self.batch = self.sampler.get_batch("train")
         total = torch.zeros((), device=self.runtime.device)
+        rewind = resume.rewind_point(self)  # until the update, a stop may abandon the step (stops.py)
         for micro_step in range(self.accumulation):  # this process's share of the accumulation
             x, y = self.batch
             # Across processes, gradients are averaged once, after the last micro-batch.
-            with distributed.maybe_no_sync(self.forward, skip_sync=micro_step < self.accumulation - 1):
+            with self.stop.interruptible(rewind), \
+                    distributed.maybe_no_sync(self.forward, skip_sync=micro_step < self.accumulation - 1):
                 with self.ctx:
                     _, loss = self.forward(x, y)
                     loss = loss / self.accumulation
@@ -154,7 +160,8 @@ class Trainer:
     def evaluate(self) -> None:
         """Estimate train and val loss on every process's share of batches, record them, checkpoint."""
         eval_iters = -(-self.cfg.eval_iters // self.runtime.dist.world_size)
-        losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx)
+        with self.stop.interruptible(resume.rewind_point(self)):  # a stop abandons it (stops.py)
+            losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx, self.eval_batch_done)
         losses = distributed.all_reduce_mean(losses, self.runtime.dist, self.runtime.device)
         it = self.last_eval_iter = self.iter_num
         for split in ("train", "val"):
@@ -163,9 +170,14 @@ class Trainer:
                           "train_loss": losses["train"], "val_loss": losses["val"]})
         improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
-        if self.cfg.save_checkpoints and self.runtime.dist.is_main:
+        if self.cfg.save_checkpoints:
             self.save_checkpoints(best=improved)
         self.throughput.restart()  # keep evaluation out of ms/iter
+
+    def eval_batch_done(self, done: int, total: int) -> None:
+        """Show evaluation's progress; stop it where the whole job agrees to (under torchrun)."""
+        self.records.eval_progress(done, total, self.iter_num)
+        self.stop.stop_here()
 
     def log_progress(self, loss: torch.Tensor, lr: float) -> None:
         """Log loss, lr and speed for the latest step (.item() waits for the device: only here)."""
@@ -178,41 +190,21 @@ class Trainer:
         self.throughput.restart()
 
     def save_checkpoints(self, best: bool) -> None:
-        """Write last.pt (with everything resuming needs) and, if best, best.pt (what sampling needs)."""
+        """Write last.pt (with everything resuming needs) and, if best, best.pt (what sampling needs).
+
+        Every process calls this: each rank's random state and next batch go into rank 0's file.
+        """
+        ranks = distributed.gather_to_main(resume.rank_state(self.batch), self.runtime.dist)
+        if not self.runtime.dist.is_main:
+            return
         state = {"model_config": asdict(self.model.config), "model": self.model.state_dict(),
                  "tokenizer": self.data.meta["tokenizer"], "iter_num": self.iter_num,
                  "best_val_loss": self.best_val_loss, "config": self.resolved_config}
         if best:
             save_checkpoint(self.run_dir / BEST, state)
         save_checkpoint(self.run_dir / LAST, {**state, "optimizer": self.optimizer.state_dict(),
-                                              "training": self.training_state()})
+                                              "training": resume.training_state(self, ranks)})
         self.last_saved_iter = self.iter_num
-
-    def training_state(self) -> dict:
-        """What resuming needs beyond weights and optimizer: RNGs, next batch, progress markers."""
-        return {
-            "scaler": self.scaler.state_dict(), "rng": resume.capture_rng_state(),
-            "sampler_rng": self.sampler.generator.get_state(),
-            "eval_sampler_rng": self.sampler.eval_generator.get_state(),
-            "batch": [t.cpu() for t in self.batch] if self.batch is not None else None,
-            "last_eval_iter": self.last_eval_iter, "overrides": self.overrides,
-            "tracker_run_id": self.records.run_id,
-        }
-
-    def restore(self, state: dict) -> None:
-        """Continue from a last.pt exactly where its run was when it was saved."""
-        training = state["training"]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(training["scaler"])
-        self.iter_num = self.last_saved_iter = state["iter_num"]
-        self.best_val_loss, self.last_eval_iter = state["best_val_loss"], training["last_eval_iter"]
-        self.sampler.generator.set_state(training["sampler_rng"])
-        self.sampler.eval_generator.set_state(training["eval_sampler_rng"])
-        if training["batch"] is not None:
-            self.batch = tuple(t.to(self.runtime.device) for t in training["batch"])
-        resume.restore_rng_state(training["rng"])
-        remove_stale_temporaries(self.run_dir)  # left by a process killed while saving
 
     def describe_last_checkpoint(self) -> str:
         """Where the newest good checkpoint is, for messages about stopping."""
@@ -221,27 +213,36 @@ class Trainer:
         return f"the last good checkpoint is {self.run_dir / LAST} (iteration {self.last_saved_iter})"
 
     def stop_early(self, signum: int) -> float:
-        """After a stop signal: checkpoint this step, close everything, say how to resume."""
+        """After a stop signal: save the last completed step, close everything, say how to resume."""
         self.stopped_by = signum
         if self.cfg.save_checkpoints:
             self.save_checkpoints(best=False)
-        self.finish()
-        saved = "save_checkpoints=false: none saved"
+        self.records.close()
+        distributed.barrier(self.runtime.dist)  # nobody exits, tearing the job down, before rank 0 saved
+        self.runtime.close()
+        saved = "save_checkpoints=false: nothing saved"
         if self.cfg.save_checkpoints:
-            saved = (f"checkpoint saved to {self.run_dir / LAST}\n"
-                     f"resume with: python -m nanogpt.train resume={self.run_dir}")
-        log.warning("stopped by %s after iteration %d; %s", signum.name, self.iter_num - 1, saved)
+            again = resume.command(self.run_dir, self.runtime.dist)
+            saved = f"saved {self.run_dir / LAST}; resume with: {again}"
+        if self.runtime.dist.is_main:
+            log.warning("stopped by %s before iteration %d: %s", signum.name, self.iter_num, saved)
         return self.best_val_loss
 
     def finish(self) -> None:
         """Show (and track) a short sample of what the model learned; close the trackers."""
         log.info("best val loss %.4f; run directory %s", self.best_val_loss, self.run_dir)
         self.runtime.close()
-        if self.cfg.sample_tokens > 0 and self.stopped_by is None and self.runtime.dist.is_main:
-            text = sample_text(self.model, self.data.meta["tokenizer"], self.cfg.sample_tokens,
-                               self.runtime.device)
-            log.info("sample:\n%s", text)
-            self.records.log_sample(text)
+        try:
+            with self.stop.interruptible(alone=True):  # no collectives left: a signal ends it at once
+                if self.cfg.sample_tokens > 0 and self.runtime.dist.is_main:
+                    text = sample_text(self.model, self.data.meta["tokenizer"], self.cfg.sample_tokens,
+                                       self.runtime.device)
+                    log.info("sample:\n%s", text)
+                    self.records.log_sample(text)
+        except Interrupted as stop:
+            self.stopped_by = stop.signum
+            log.warning("stopped by %s during the end-of-run sample; training had finished: %s",
+                        stop.signum.name, self.describe_last_checkpoint())
         self.records.close()
 
 
@@ -259,10 +260,12 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
     log.info("device: %s, dtype %s, compile %s", runtime.device, str(runtime.dtype).removeprefix("torch."),
              runtime.compile)
     run_id = cfg.logger.run_id or (resume_state or {}).get("training", {}).get("tracker_run_id")
-    records = RunTracking(run_dir, cfg.logger, resolved_config or {}, run_id=run_id, max_iters=cfg.max_iters)
+    plan = RunPlan(cfg.max_iters, cfg.eval_interval, cfg.gradient_accumulation_steps, runtime.device.type)
+    records = RunTracking(run_dir, cfg.logger, resolved_config or {}, run_id=run_id, plan=plan,
+                          resumed=resume.progress(resume_state))
     trainer = Trainer(cfg, run_dir, runtime, data, model, records, resolved_config, overrides)
     if resume_state is not None:
-        trainer.restore(resume_state)
+        resume.restore_training_state(trainer, resume_state)
     return trainer
 
 

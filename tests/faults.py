@@ -5,6 +5,14 @@ Usage: ``python -m tests.faults SPEC [train overrides]``; SPEC is a comma-separa
 - ``signal_at_iter=K:SIGTERM`` sends the process SIGTERM (or SIGINT) just
   before optimizer step K, as a cluster scheduler or a Ctrl-C would;
   ``signal_at_iter=K:SIGINT*2`` sends it twice in a row (an impatient Ctrl-C).
+- ``signal_in_eval=K:SIGTERM`` sends it in the middle of the evaluation at iteration K
+  (after its second batch); ``signal_in_eval=K:SIGTERM@R`` only on rank R of a torchrun job.
+- ``signal_mid_step=K:SIGTERM`` sends it in the middle of step K: after its forward
+  pass has drawn the next batch from the sampler, before the backward pass.
+- ``kill_at_iter=K`` kills the process with SIGKILL just before step K, as an
+  out-of-memory killer or a lost node would, with nothing saved since the last evaluation.
+- ``data_error_on_rank=R`` makes data preparation fail on rank R alone, as a
+  file missing on one node would.
 - ``nan_loss_at_iter=K`` makes step K diverge: its loss and the weights become NaN.
 - ``kill_during_save=N`` kills the process with SIGKILL in the middle of writing
   the N-th last.pt: half of the file is on disk and nothing is renamed yet.
@@ -18,7 +26,8 @@ import os
 import signal
 import sys
 
-from nanogpt import checkpoint, launch, train
+from nanogpt import checkpoint, data, launch, train
+from nanogpt.errors import DataError
 
 
 def parse(spec: str) -> dict[str, str]:
@@ -27,19 +36,37 @@ def parse(spec: str) -> dict[str, str]:
     return {name.strip(): value.strip() for name, _, value in items}
 
 
+def send_signal(spec: str, iteration: int) -> None:
+    """Send the signal "K:NAME[*TIMES][@RANK]" asks for, if iteration is K (and this is rank RANK)."""
+    spec, _, rank = spec.partition("@")
+    at, _, name = spec.partition(":")
+    name, _, times = name.partition("*")
+    if int(at) == iteration and (not rank or int(rank) == int(os.environ.get("RANK", 0))):
+        for _ in range(int(times or 1)):
+            os.kill(os.getpid(), getattr(signal, name or "SIGTERM"))
+
+
 def install(faults: dict[str, str]) -> None:
-    """Patch the training step and checkpoint writing as the faults ask."""
+    """Patch the training step, evaluation and checkpoint writing as the faults ask."""
     original_step = train.Trainer.train_step
+    original_eval_batch_done = train.Trainer.eval_batch_done
     original_write = checkpoint.write_atomically
+    original_get_batch = data.BatchSampler.get_batch
     saves = {"count": 0}
+    in_step = {"iter": None}
+
+    def get_batch(self, split, evaluation=False):
+        batch = original_get_batch(self, split, evaluation)
+        if "signal_mid_step" in faults and not evaluation and in_step["iter"] is not None:
+            send_signal(faults["signal_mid_step"], in_step["iter"])
+        return batch
 
     def train_step(self):
+        in_step["iter"] = self.iter_num
+        if int(faults.get("kill_at_iter", -1)) == self.iter_num:
+            os.kill(os.getpid(), signal.SIGKILL)
         if "signal_at_iter" in faults:
-            at, _, name = faults["signal_at_iter"].partition(":")
-            name, _, times = name.partition("*")
-            if int(at) == self.iter_num:
-                for _ in range(int(times or 1)):
-                    os.kill(os.getpid(), getattr(signal, name or "SIGTERM"))
+            send_signal(faults["signal_at_iter"], self.iter_num)
         loss = original_step(self)
         if int(faults.get("nan_loss_at_iter", -1)) == self.iter_num:
             for p in self.model.parameters():  # diverged weights, which must never be saved
@@ -58,7 +85,21 @@ def install(faults: dict[str, str]) -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
         return original_write(dest, cut_short)
 
+    def eval_batch_done(self, done, total):
+        if "signal_in_eval" in faults and done == 2:
+            send_signal(faults["signal_in_eval"], self.iter_num)
+        original_eval_batch_done(self, done, total)
+
+    def prepare_dataset(dataset, data_root):
+        if int(faults.get("data_error_on_rank", -1)) == int(os.environ.get("RANK", 0)):
+            raise DataError(f"dataset.source={dataset.source} does not exist on this node")
+        return original_prepare(dataset, data_root)
+
+    original_prepare = train.prepare_dataset
+    train.prepare_dataset = prepare_dataset
     train.Trainer.train_step = train_step
+    data.BatchSampler.get_batch = get_batch
+    train.Trainer.eval_batch_done = eval_batch_done
     checkpoint.write_atomically = write_atomically
 
 

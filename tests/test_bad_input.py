@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import http.server
 import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +56,8 @@ CASES = [
     Case("config", "train", ("dataset.tokenizer=bert",),
          "dataset.tokenizer='bert' is not one of char, bpe, gpt2"),
     Case("config", "train", ("hydra/launcher=nope",), "hydra/launcher=nope is not an option"),
+    Case("config", "train", ("-m", "--cfg", "job", "optimizer.lr=1e-3,1e-4"),
+         "-m and --cfg cannot be combined (Hydra takes one of -m, --cfg, --info)"),
     Case("config", "train", ("model.n_head=0",), "model.n_head=0 must be at least 1"),
     Case("config", "train", ("model.activation=swish",),
          "model.activation='swish' is not one of gelu, relu2"),
@@ -205,3 +209,18 @@ def test_the_crafted_checkpoint_would_run_code_if_unpickled_unsafely(world, tmp_
     torch.save({"model": EvilPayload(marker)}, tmp_path / "evil.pt")
     torch.load(tmp_path / "evil.pt", weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "yes", "", "1"])
+def test_hydra_full_error_is_on_only_for_1_as_in_hydra(value, tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": value, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    result = subprocess.run([sys.executable, "-m", "nanogpt.train", "model=huge"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    if value == "1":  # the full report, for debugging
+        assert "Traceback" in result.stderr
+    else:
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "error: model=huge is not an option; choose one of: " + ", ".join(sorted(
+                p.stem for p in (Path(__file__).parent.parent / "conf" / "model").glob("*.yaml")))]

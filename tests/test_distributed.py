@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from nanogpt.data import BatchSampler, prepare_data
 from nanogpt.tracking import read_metrics
-from tests.conftest import TINY_RUN
+from tests.conftest import REPO, TINY_RUN
+from tests.test_stops import Running
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # Learning fast enough that the weights really move, so the curves could really differ.
@@ -95,3 +98,112 @@ def test_gloo_rank_failure_before_training_does_not_hang(tmp_path):
             p.stem for p in (Path(__file__).parent.parent / "conf" / "model").glob("*.yaml")))
     ]
     assert not (tmp_path / "outputs").exists()
+
+
+# Dropout on: every rank's random state must be saved and restored for the runs to match.
+STOP_RUN = [*DDP_RUN, "model.dropout=0.1", "logger=none"]
+
+
+def torchrun(module: str, *args: str, cwd: Path, faults: str | None = None) -> subprocess.CompletedProcess:
+    """Torchrun 2 gloo processes of module (tests.faults with faults patched in, if given)."""
+    env_module = ["-m", "tests.faults", faults] if faults else ["-m", module]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([*TORCHRUN, *env_module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def stopped_ranks(result: subprocess.CompletedProcess) -> list[int]:
+    """The exit codes torchrun reports for its failed workers."""
+    return [int(line.split(":")[1].split()[0]) for line in result.stderr.splitlines()
+            if line.strip().startswith("exitcode")]
+
+
+def weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.pt", weights_only=True)
+
+
+def test_torchrun_stops_together_and_resumes_bitwise_exact(corpus, tmp_path, data_root):
+    common = [*STOP_RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}"]
+    reference = torchrun("nanogpt.train", *common, "hydra.run.dir=reference", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    expected = weights(tmp_path / "reference")
+
+    # SIGTERM to rank 1 alone, during training; then SIGTERM to rank 0 alone, in the middle of an evaluation.
+    for faults, stop_iter in (("signal_at_iter=5:SIGTERM@1", 6), ("signal_in_eval=4:SIGTERM@0", 4)):
+        run_dir = tmp_path / faults.partition("=")[0]
+        stopped = torchrun("nanogpt.train", *common, f"hydra.run.dir={run_dir}", cwd=tmp_path, faults=faults)
+        assert stopped_ranks(stopped) == [143, 143], stopped.stderr  # every process, the same status
+        assert "Traceback" not in stopped.stdout and stopped.stderr.count("Traceback") == 1  # torchrun's own
+        assert stopped.stdout.count("stopped by SIGTERM") == 1
+        assert f"resume with: torchrun --standalone --nproc_per_node=2 -m nanogpt.train resume={run_dir}" \
+            in stopped.stdout
+        assert sorted(p.name for p in run_dir.glob("*.pt*")) == ["best.pt", "last.pt"]
+        saved = weights(run_dir)
+        assert saved["iter_num"] == stop_iter and saved["training"]["world_size"] == 2
+        ranks = saved["training"]["ranks"]
+        assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])  # dropout differs per rank
+
+        resumed = torchrun("nanogpt.train", f"resume={run_dir}", cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        final = weights(run_dir)
+        worst = max((final["model"][k] - expected["model"][k]).abs().max().item() for k in expected["model"])
+        print(f"{faults}: stopped before {stop_iter}, resumed under torchrun: max |weight diff| {worst}")
+        assert worst == 0.0 and final["iter_num"] == 8
+        keys = [(r["kind"], r["iter"]) for r in read_metrics(run_dir)]
+        assert len(keys) == len(set(keys)) and ("eval", 8) in keys
+
+
+def test_resume_with_another_number_of_processes_is_one_line(corpus, tmp_path, data_root):
+    run_dir = tmp_path / "one"
+    single = run([sys.executable, "-m", "nanogpt.train", *STOP_RUN, "max_iters=2", "dataset=text",
+                  f"dataset.source={corpus}", f"data_root={data_root}", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert single.returncode == 0, single.stderr
+    result = torchrun("nanogpt.train", f"resume={run_dir}", "max_iters=4", cwd=tmp_path)
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: resume: the run was saved by 1 process(es) and this job has 2; resume it with as many "
+        "(python -m nanogpt.train resume=...), or start a new run from its weights (model.init_from=RUN_DIR)"]
+    assert weights(run_dir)["iter_num"] == 2  # untouched
+
+
+@pytest.mark.parametrize("target", ["agent", "every rank"])
+def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(target, corpus, tmp_path,
+                                                                              data_root):
+    run_dir = tmp_path / "run"
+    args = [*STOP_RUN, "max_iters=100000", "eval_interval=100000", "dataset=text", f"dataset.source={corpus}",
+            f"data_root={data_root}", f"hydra.run.dir={run_dir}"]
+    job = Running([*TORCHRUN, "-m", "nanogpt.train", *args], tmp_path)
+    job.wait_for("iter 10:")
+    workers = job.children()
+    assert len(workers) == 2
+    if target == "agent":
+        latency = job.stop(signal.SIGTERM)  # torchrun passes it on to every worker
+    else:  # as SLURM does on preemption: every process of the step at nearly the same moment
+        os.kill(workers[1], signal.SIGTERM)
+        latency = job.stop(signal.SIGTERM, pid=workers[0])
+    print(f"SIGTERM to {target} of a 2-process torchrun job: torchrun exited {latency:.2f} s later")
+    assert job.process.returncode != 0
+    stops = [line for line in job.stdout if line.startswith("stopped by")]
+    assert len(stops) == 1 and stops[0].startswith("stopped by SIGTERM before iteration ")
+    assert sorted(p.name for p in run_dir.glob("*.pt*")) == ["best.pt", "last.pt"]
+    saved = weights(run_dir)
+    assert saved["iter_num"] > 10 and saved["training"]["world_size"] == 2
+    assert f"before iteration {saved['iter_num']}:" in stops[0]
+
+    more = f"max_iters={saved['iter_num'] + 3}"
+    resumed = torchrun("nanogpt.train", f"resume={run_dir}", more, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert weights(run_dir)["iter_num"] == saved["iter_num"] + 3
+
+
+def test_a_user_error_on_one_rank_reaches_the_user(corpus, tmp_path, data_root):
+    result = torchrun("nanogpt.train", *STOP_RUN, "dataset=text", f"dataset.source={corpus}",
+                      f"data_root={data_root}", "hydra.run.dir=run", cwd=tmp_path,
+                      faults="data_error_on_rank=1")
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: rank 1: dataset.source={corpus} does not exist on this node"]
+    assert 2 in stopped_ranks(result)
+    assert "Traceback" not in result.stdout and result.stderr.count("Traceback") == 1  # torchrun's own

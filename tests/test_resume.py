@@ -86,14 +86,14 @@ def test_sigterm_then_resume_is_bitwise_exact(work, reference):
     stopped = train(work, f"hydra.run.dir={run_dir}", faults="signal_at_iter=6:SIGTERM")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     assert "Traceback" not in stopped.stderr
-    assert "SIGTERM received: finishing this step" in stopped.stdout
+    assert "SIGTERM received: stopping" in stopped.stdout
     assert f"resume with: python -m nanogpt.train resume={run_dir}" in stopped.stdout
     saved = load_checkpoint(run_dir / "last.pt")
-    assert saved["iter_num"] == 7  # step 6 finished, step 7 is next
+    assert saved["iter_num"] == 6  # the signal came before step 6: it was not begun, and is next
 
     resumed = resume(work, run_dir)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {run_dir} from iteration 7" in resumed.stdout
+    assert f"resuming {run_dir} from iteration 6" in resumed.stdout
     assert_same_as_reference(load_checkpoint(run_dir / "last.pt"), reference, "SIGTERM at step 6")
     # Every evaluation happened exactly once across the two processes.
     assert [r["iter"] for r in read_metrics(run_dir) if r["kind"] == "eval"] == [0, 4, 8, 12]
@@ -164,3 +164,55 @@ def test_resume_refuses_changes_of_meaning_and_allows_extending(work, reference)
     assert state["iter_num"] == 16
     assert state["config"]["model"]["n_layer"] == 2  # the run's own overrides still apply
     assert [r["iter"] for r in read_metrics(run_dir) if r["kind"] == "eval"] == [0, 4, 8, 12, 14, 16]
+
+
+def test_signal_during_evaluation_abandons_it_and_resume_is_bitwise_exact(work, reference):
+    run_dir = work[0] / "stop-in-eval"
+    stopped = train(work, f"hydra.run.dir={run_dir}", faults="signal_in_eval=8:SIGTERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert "eval 8:" not in stopped.stdout  # abandoned, not finished
+    saved = load_checkpoint(run_dir / "last.pt")
+    assert saved["iter_num"] == 8 and saved["training"]["last_eval_iter"] == 4  # 8 steps done, eval 8 not
+    last_line = stopped.stdout.strip().splitlines()[-1]
+    assert last_line == (f"stopped by SIGTERM before iteration 8: saved {run_dir / 'last.pt'}; "
+                         f"resume with: python -m nanogpt.train resume={run_dir}")
+
+    resumed = resume(work, run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_as_reference(load_checkpoint(run_dir / "last.pt"), reference, "SIGTERM during evaluation")
+    assert [r["iter"] for r in read_metrics(run_dir) if r["kind"] == "eval"] == [0, 4, 8, 12]
+
+
+def test_signal_in_the_middle_of_a_step_abandons_it_and_resume_is_bitwise_exact(work, reference):
+    run_dir = work[0] / "stop-mid-step"
+    stopped = train(work, f"hydra.run.dir={run_dir}", faults="signal_mid_step=6:SIGTERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    # Step 6 had run its forward pass and drawn the next batch: all of it was put back.
+    assert load_checkpoint(run_dir / "last.pt")["iter_num"] == 6
+    resumed = resume(work, run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_as_reference(load_checkpoint(run_dir / "last.pt"), reference, "SIGTERM mid-step")
+
+
+def test_sigkill_then_auto_resume_records_every_metric_once(work, reference):
+    run_dir = work[0] / "killed-metrics"
+    job = [f"hydra.run.dir={run_dir}", "auto_resume=true", "log_interval=1", "logger=tensorboard"]
+    killed = train(work, *job, faults="kill_at_iter=11")
+    assert killed.returncode == -signal.SIGKILL
+    before = read_metrics(run_dir)
+    assert [r["iter"] for r in before if r["kind"] == "train"] == list(range(11))  # 8, 9, 10 unsaved
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "it')  # a line torn by the kill
+
+    restarted = train(work, *job)
+    assert restarted.returncode == 0, restarted.stderr
+    records = read_metrics(run_dir)
+    keys = [(r["kind"], r["iter"]) for r in records]
+    assert len(keys) == len(set(keys)), "a (kind, iter) recorded twice"
+    assert [r["iter"] for r in records if r["kind"] == "train"] == list(range(12))
+    assert [r["iter"] for r in records if r["kind"] == "eval"] == [0, 4, 8, 12]
+    # The records before the checkpoint are the killed process's own, untouched.
+    assert records[:len(before) - 3] == before[:-3] and before[-3]["iter"] == 8
+    assert_same_as_reference(load_checkpoint(run_dir / "last.pt"), reference, "SIGKILL, auto_resume")
