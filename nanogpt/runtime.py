@@ -32,6 +32,8 @@ class Runtime:
     def start(cls, cfg: DeviceConfig) -> Runtime:
         """Join the torchrun job (if any) and settle the device, precision and compilation."""
         context = distributed.context_from_environment()
+        if cfg.threads is not None:  # else torch's default: every core
+            torch.set_num_threads(cfg.threads)
         owns_group = distributed.init_process_group(context)
         distributed.silence_other_ranks(context)
         device = distributed.device_for(context, resolve_device(cfg.name))

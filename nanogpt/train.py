@@ -23,6 +23,7 @@ from nanogpt.checkpoint import BEST, LAST, remove_stale_temporaries, save_checkp
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.corpus import prepare_dataset
 from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, tokenizer_codec
+from nanogpt.divergence import LossWatch
 from nanogpt.hf import load_pretrained
 from nanogpt.model import GPT
 from nanogpt.optim import build_optimizer, learning_rate_at
@@ -95,6 +96,7 @@ class Trainer:
         self.throughput = Throughput(tokens_per_iter, flops_per_token(model.config, model.num_params()),
                                      runtime.peak_flops)
         self.iter_num, self.best_val_loss, self.grad_norm = 0, math.inf, torch.zeros(())
+        self.loss_watch = LossWatch(runtime.device)
         self.batch = None  # the next training batch, fetched ahead
         self.last_eval_iter: int | None = None
         self.last_saved_iter: int | None = None
@@ -117,8 +119,7 @@ class Trainer:
                 if it >= cfg.max_iters:
                     break
                 loss = self.train_step()
-                # One host sync per step: a NaN must stop the run before anything saves it.
-                check_finite(loss.item(), it, "the training loss", self.describe_last_checkpoint())
+                self.loss_watch.watch(loss, it)  # on the device; checked where a loss is logged or saved
                 if it % cfg.log_interval == 0:
                     self.log_progress(loss, lr)
                 self.iter_num += 1
@@ -154,6 +155,7 @@ class Trainer:
 
     def evaluate(self) -> None:
         """Estimate train and val loss on every process's share of batches, record them, checkpoint."""
+        self.loss_watch.check(self.describe_last_checkpoint())
         eval_iters = -(-self.cfg.eval_iters // self.runtime.dist.world_size)
         losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx)
         losses = distributed.all_reduce_mean(losses, self.runtime.dist, self.runtime.device)
@@ -170,6 +172,7 @@ class Trainer:
 
     def log_progress(self, loss: torch.Tensor, lr: float) -> None:
         """Log loss, lr and speed for the latest step (.item() waits for the device: only here)."""
+        self.loss_watch.check(self.describe_last_checkpoint())
         it = self.iter_num
         train_loss = distributed.all_reduce_mean({"loss": loss.item()}, self.runtime.dist,
                                                  self.runtime.device)["loss"]
@@ -180,6 +183,7 @@ class Trainer:
 
     def save_checkpoints(self, best: bool) -> None:
         """Write last.pt (with everything resuming needs) and, if best, best.pt (what sampling needs)."""
+        self.loss_watch.check(self.describe_last_checkpoint())  # a diverged model is never saved
         state = {"model_config": asdict(self.model.config), "model": self.model.state_dict(),
                  "tokenizer": self.data.meta["tokenizer"], "iter_num": self.iter_num,
                  "best_val_loss": self.best_val_loss, "config": self.resolved_config}
@@ -257,8 +261,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
              data.vocab_size, data.meta["train_tokens"], data.meta["val_tokens"])
     model = build_model(cfg.model, data)
     log.info("model: %.2fM parameters, %s", model.num_params() / 1e6, model.config)
-    log.info("device: %s, dtype %s, compile %s", runtime.device, str(runtime.dtype).removeprefix("torch."),
-             runtime.compile)
+    log.info("device: %s, dtype %s, compile %s, %d threads", runtime.device,
+             str(runtime.dtype).removeprefix("torch."), runtime.compile, torch.get_num_threads())
     run_id = cfg.logger.run_id or (resume_state or {}).get("training", {}).get("tracker_run_id")
     records = RunTracking(run_dir, cfg.logger, resolved_config or {}, run_id=run_id, max_iters=cfg.max_iters)
     trainer = Trainer(cfg, run_dir, runtime, data, model, records, resolved_config, overrides)
