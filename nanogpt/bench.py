@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import TrainConfig
 from nanogpt.options import option, require
+from nanogpt.suite import SUITE_RUNS, run_suite
 from nanogpt.suite import format_report as format_suite_report
-from nanogpt.suite import run_suite
 from nanogpt.train import Trainer, build_trainer
 
 
@@ -45,8 +45,12 @@ class BenchSettings:
     output: str = option("bench.json", "written inside the bench's run directory")
     nanogpt_dir: str | None = option(None, "suite=gpu: a karpathy/nanoGPT checkout to run beside ours")
     nanogpt_args: list[str] = option(default_factory=list, help="suite=gpu: more arguments for its train.py")
+    suite_runs: list[str] = option(default_factory=lambda: list(SUITE_RUNS),
+                                   help="suite=gpu: which of its runs to make (nanogpt needs nanogpt_dir)")
 
     def __post_init__(self):
+        unknown = set(self.suite_runs) - set(SUITE_RUNS)
+        require(not unknown, f"bench.suite_runs: {sorted(unknown)} unknown; choose among {list(SUITE_RUNS)}")
         require(self.train_steps >= 1 and self.gen_tokens >= 1 and self.warmup_steps >= 0,
                 "train_steps and gen_tokens must be >= 1, warmup_steps >= 0")
 
@@ -200,8 +204,8 @@ def main(cfg: DictConfig) -> None:
     config = to_dataclass(cfg, BenchConfig)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if config.suite == "gpu":
-        report = run_suite(list(HydraConfig.get().overrides.task), out_dir, config.bench.nanogpt_dir,
-                           config.bench.nanogpt_args, config.dataset.source)
+        report = run_suite(list(HydraConfig.get().overrides.task), out_dir, config.bench.suite_runs,
+                           config.bench.nanogpt_dir, config.bench.nanogpt_args, config.dataset.source)
         print(format_suite_report(report))
         print(f"written to {out_dir / 'suite.md'} and suite.json", file=sys.stderr)
         return

@@ -57,10 +57,11 @@ def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, corpus, da
     out = tmp_path / "suite"
     result = run_module("nanogpt.bench", "suite=gpu", *TINY, "dataset=text", f"dataset.source={corpus}",
                         f"data_root={data_root}", f"bench.nanogpt_dir={tmp_path / 'absent'}",
-                        f"hydra.run.dir={out}", cwd=tmp_path)
+                        "bench.suite_runs=[prd,nanogpt]", f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     runs = json.loads((out / "suite.json").read_text())["runs"]
-    assert "error" in runs["nanogpt"] and "iters_per_sec" in runs["prd"] and "val_loss" in runs["recipe"]
+    assert set(runs) == {"prd", "nanogpt"}  # only the runs asked for (a suite split over commands)
+    assert "not a karpathy/nanoGPT checkout" in runs["nanogpt"]["error"] and "iters_per_sec" in runs["prd"]
     assert "| nanogpt | failed: " in result.stdout
 
 
@@ -87,3 +88,5 @@ def test_nanogpt_output_is_parsed_and_targets_are_judged():
 def test_unknown_suite_is_refused(tmp_path):
     result = run_module("nanogpt.bench", "suite=tpu", cwd=tmp_path)
     assert result.returncode == 2 and "suite=tpu is unknown" in result.stderr
+    result = run_module("nanogpt.bench", "suite=gpu", "bench.suite_runs=[prd,mfu]", cwd=tmp_path)
+    assert result.returncode == 2 and "['mfu'] unknown" in result.stderr
