@@ -102,6 +102,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def set_threads(threads: int | None) -> None:
+    """Compute with this many CPU threads; None keeps torch's default (one per core)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute precision: auto is bf16 on GPUs that have it, else fp16 on CUDA, else fp32."""
     if name == "auto":

@@ -17,7 +17,7 @@ from nanogpt.checkpoint import build_model, find_checkpoint, load_checkpoint, ne
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import SampleConfig
 from nanogpt.data import UnknownTokenError, tokenizer_codec
-from nanogpt.device import autocast, resolve_device, resolve_dtype
+from nanogpt.device import autocast, resolve_device, resolve_dtype, set_threads
 from nanogpt.errors import ConfigError, DataError
 
 
@@ -53,6 +53,7 @@ def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:
     if not cfg.ckpt:
         print(f"sampling from the newest run's checkpoint: {ckpt_path}", file=sys.stderr)
     device = resolve_device(cfg.device.name)
+    set_threads(cfg.device.threads)
     dtype = resolve_dtype(cfg.device.dtype, device)
     state = load_checkpoint(ckpt_path, map_location=device)
     model = build_model(state).to(device).eval()
