@@ -3,11 +3,12 @@
 import os
 
 import pytest
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from nanogpt.device import DeviceConfig, gpu_peak_flops
+from nanogpt.device import DeviceConfig, gpu_peak_flops, set_threads
 from nanogpt.errors import ConfigError
 from nanogpt.launch import share_cores
 
@@ -73,3 +74,14 @@ def test_threads_stay_torch_default_outside_parallel_sweeps_and_when_set(in_hydr
 def test_threads_must_be_positive():
     with pytest.raises(ConfigError, match="device.threads=0"):
         DeviceConfig(threads=0)
+
+
+def test_set_threads_sets_torch_threads_and_none_keeps_them():
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
