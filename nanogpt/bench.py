@@ -4,7 +4,9 @@ Composes the same config as training (so ``model=tiny device=cpu batch_size=12``
 mean what they mean there), then times the real training step and generation
 with and without the KV cache, after warm-up steps that are not counted.
 Writes no checkpoint and logs to no tracker; prints one table and writes it as
-JSON. A benchmark, not a test: nothing here asserts on time.
+JSON. A benchmark, not a test: nothing here asserts on time. ``suite=gpu`` runs
+the GPU suite instead (nanogpt/suite.py): several such measurements and a
+training run, each in its own process, reported against the PRD's targets.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from omegaconf import DictConfig
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import TrainConfig
 from nanogpt.options import option, require
+from nanogpt.suite import SUITE_RUNS, run_suite
+from nanogpt.suite import format_report as format_suite_report
 from nanogpt.train import Trainer, build_trainer
 
 
@@ -39,8 +43,14 @@ class BenchSettings:
     gen_tokens: int = option(1000, "new tokens generated per timed generation")
     gen_uncached: bool = option(True, "also time generation without the KV cache")
     output: str = option("bench.json", "written inside the bench's run directory")
+    nanogpt_dir: str | None = option(None, "suite=gpu: a karpathy/nanoGPT checkout to run beside ours")
+    nanogpt_args: list[str] = option(default_factory=list, help="suite=gpu: more arguments for its train.py")
+    suite_runs: list[str] = option(default_factory=lambda: list(SUITE_RUNS),
+                                   help="suite=gpu: which of its runs to make (nanogpt needs nanogpt_dir)")
 
     def __post_init__(self):
+        unknown = set(self.suite_runs) - set(SUITE_RUNS)
+        require(not unknown, f"bench.suite_runs: {sorted(unknown)} unknown; choose among {list(SUITE_RUNS)}")
         require(self.train_steps >= 1 and self.gen_tokens >= 1 and self.warmup_steps >= 0,
                 "train_steps and gen_tokens must be >= 1, warmup_steps >= 0")
 
@@ -50,6 +60,11 @@ class BenchConfig(TrainConfig):
     """A training config plus what to measure."""
 
     bench: BenchSettings = option(default_factory=BenchSettings)
+    suite: str | None = option(None, "gpu: instead of one benchmark, the GPU suite (nanogpt/suite.py)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.suite in (None, "gpu"), f"suite={self.suite} is unknown; use suite=gpu or leave it out")
 
 
 def synchronize(device: torch.device) -> None:
@@ -188,6 +203,12 @@ def main(cfg: DictConfig) -> None:
     """Entry point: compose bench.yaml (train.yaml plus bench settings), measure, print."""
     config = to_dataclass(cfg, BenchConfig)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if config.suite == "gpu":
+        report = run_suite(list(HydraConfig.get().overrides.task), out_dir, config.bench.suite_runs,
+                           config.bench.nanogpt_dir, config.bench.nanogpt_args, config.dataset.source)
+        print(format_suite_report(report))
+        print(f"written to {out_dir / 'suite.md'} and suite.json", file=sys.stderr)
+        return
     results = run_benchmark(config, out_dir)
     print(format_table(results))
     print(f"written to {out_dir / config.bench.output}", file=sys.stderr)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 import torch
 
 from nanogpt.errors import DeviceError
-from nanogpt.options import check_choices, option
+from nanogpt.options import check_choices, option, require
 
 # device.dtype names; auto picks per device (resolve_dtype).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,23 +24,51 @@ class DeviceConfig:
                         choices=("auto", *DTYPES))
     compile: bool | None = option(None, "torch.compile the model; null: on CUDA only")
     peak_flops: float | None = option(None, "peak FLOP/s for MFU; null: looked up from the GPU's name")
+    threads: int | None = option(None, "CPU threads torch computes with; null: all cores, "
+                                       "shared out among the jobs a sweep runs side by side")
 
     def __post_init__(self):
         check_choices(self)
+        require(self.threads is None or self.threads >= 1, f"device.threads={self.threads} must be >= 1")
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s), for MFU. Matched against the GPU's name.
+# Dense (not 2:4-sparse) bf16/fp16 tensor-core peaks in FLOP/s, from NVIDIA's datasheets, for MFU.
+# Variants of one chip differ by up to a quarter (an H100 PCIe runs at 756 TFLOP/s, the SXM at
+# 989), so a name is matched by whole words and the longest matching key wins: "H100 PCIe"
+# before "H100", "L40S" and "L40" never taken for "L4", "A100" never for "A10".
 GPU_PEAK_FLOPS = {
+    "B200": 2250e12,
     "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
+    "H200 NVL": 835e12,
+    "GH200": 989e12,
+    "H100": 989e12,  # the SXM board, which CUDA names "H100 80GB HBM3"
+    "H100 PCIE": 756e12,
+    "H100 NVL": 835e12,
+    "H800": 989e12,
+    "H800 PCIE": 756e12,
+    "A100": 312e12,  # SXM and PCIe alike
+    "A800": 312e12,
     "L40S": 362e12,
-    "A10G": 125e12,
+    "L40": 181e12,
     "L4": 121e12,
-    "4090": 165e12,
-    "3090": 71e12,
-    "V100": 125e12,
+    "A10": 125e12,
+    "A10G": 125e12,  # AWS's A10 variant; NVIDIA publishes no figure of its own for it
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,  # SXM2; fp16 (the V100 has no bf16)
+    "V100 PCIE": 112e12,
     "T4": 65e12,
 }
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """The peak for a CUDA device name (e.g. "NVIDIA H100 PCIe"), or None for a GPU not in the table.
+
+    Dashes and underscores count as spaces ("A100-SXM4-80GB"), case is ignored,
+    and a key matches only as whole words, so "L4" is not found in "L40S".
+    """
+    words = " " + re.sub(r"[-_\s]+", " ", name.upper()) + " "
+    matches = [key for key in GPU_PEAK_FLOPS if f" {key} " in words]
+    return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,6 +102,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def set_threads(threads: int | None) -> None:
+    """Compute with this many CPU threads; None keeps torch's default (one per core)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute precision: auto is bf16 on GPUs that have it, else fp16 on CUDA, else fp32."""
     if name == "auto":
@@ -103,5 +138,4 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
         return configured
     if device.type != "cuda":
         return None
-    gpu = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in gpu), None)
+    return gpu_peak_flops(torch.cuda.get_device_name(device))

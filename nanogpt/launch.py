@@ -8,17 +8,21 @@ which is plain Python. Under torchrun every rank runs here, in rank 0's director
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nanogpt import distributed, resume
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import TrainConfig
+from nanogpt.device import DeviceConfig
 from nanogpt.errors import UserError
 from nanogpt.sweeps import name_tracking_run
 from nanogpt.train import build_trainer
@@ -33,6 +37,7 @@ def train_task(cfg: DictConfig) -> float:
     try:
         config = to_dataclass(cfg, TrainConfig)
         config.logger = name_tracking_run(config.logger)
+        config.device = share_cores(config.device)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resume_state = resume.checkpoint_to_resume(config.resume, config.auto_resume, run_dir, resolved)
         if is_main:
@@ -48,6 +53,25 @@ def train_task(cfg: DictConfig) -> float:
         if is_main and not any(run_dir.glob("*.pt")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def share_cores(device: DeviceConfig) -> DeviceConfig:
+    """The device config with threads set to this machine's cores / the jobs a sweep runs side by side.
+
+    torch gives every process one thread per core, so n jobs that the joblib
+    launcher runs at once on one machine would each start that many threads and
+    fight over the cores (a 2-job sweep then takes nearly as long as running the
+    jobs one after the other). A device.threads the user set is kept; a single
+    run, a sequential sweep and a launcher that sends jobs to other machines
+    (SLURM) keep torch's default.
+    """
+    hydra_config = HydraConfig.get()
+    n_jobs = OmegaConf.select(hydra_config, "launcher.n_jobs", default=None)
+    if device.threads is not None or hydra_config.mode != RunMode.MULTIRUN or not n_jobs:
+        return device
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 is one job per core
+    return replace(device, threads=max(1, cores // jobs))
 
 
 def main() -> None:

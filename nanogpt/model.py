@@ -10,8 +10,10 @@ machinery: build a GPTConfig, pass it to GPT, and you have a model.
 
 Four later ideas can be switched on in GPTConfig (all off by default, so the
 model stays GPT-2's): rotary positions, RMSNorm, normalised queries and keys,
-and a squared-ReLU MLP. Each is a few lines next to the part it replaces. The
-other switches change how the same model is computed or stored, not what it is.
+and a squared-ReLU MLP; and two tricks from the modded-nanogpt speedruns:
+zero-initialised output projections and soft-capped logits. Each is a few
+lines next to the part it changes. The other switches change how the same
+model is computed or stored, not what it is.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanogpt.options import check_choices, option, require
+from nanogpt.sampling import sample_next_token
 
 
 @dataclass
@@ -57,6 +60,9 @@ class GPTConfig:
     norm: str = option("layernorm", "rmsnorm: scale only, no mean", choices=("layernorm", "rmsnorm"))
     qk_norm: bool = option(False, "RMS-normalise each head's queries and keys before attention")
     activation: str = option("gelu", "relu2: relu(x) ** 2 in the MLP", choices=("gelu", "relu2"))
+    # Tricks from the modded-nanogpt speedruns (off by default; each is explained where it acts):
+    zero_init_proj: bool = option(False, "start the blocks' output projections at zero (see GPT.__init__)")
+    logit_softcap: float = option(0.0, "bound the logits smoothly to +-this (see GPT.forward); 0: off")
 
     def __post_init__(self):
         check_choices(self)
@@ -66,6 +72,7 @@ class GPTConfig:
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                 "pick n_embd as a multiple of n_head")
         require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        require(self.logit_softcap >= 0, f"logit_softcap={self.logit_softcap} must be >= 0 (0: off)")
         require(self.position_encoding != "rope" or self.head_size % 2 == 0,
                 f"position_encoding=rope needs an even head size, but n_embd/n_head = {self.head_size}")
 
@@ -73,8 +80,8 @@ class GPTConfig:
     def variants(self) -> dict:
         """The architecture switches set away from GPT-2's (empty for GPT-2 itself)."""
         gpt2 = GPTConfig()
-        return {name: getattr(self, name) for name in ("position_encoding", "norm", "qk_norm", "activation")
-                if getattr(self, name) != getattr(gpt2, name)}
+        switches = ("position_encoding", "norm", "qk_norm", "activation", "logit_softcap")
+        return {name: getattr(self, name) for name in switches if getattr(self, name) != getattr(gpt2, name)}
 
     @property
     def head_size(self) -> int:
@@ -270,9 +277,13 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # GPT-2's scaled init: every block adds two projections onto the residual
         # stream, so shrink them to keep its variance from growing with depth.
+        # zero_init_proj (modded-nanogpt) goes all the way: each block starts as the
+        # identity, and the stream carries the embeddings untouched until training
+        # grows the projections; the first steps then shape the blocks' inputs freely.
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                std = 0.0 if config.zero_init_proj else 0.02 / math.sqrt(2 * config.n_layer)
+                nn.init.normal_(param, mean=0.0, std=std)
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2's initialisation: small normal weights, zero biases."""
@@ -327,10 +338,12 @@ class GPT(nn.Module):
 
         # Cutting off the padded vocabulary's logits means they are never sampled
         # and never enter the softmax of the loss.
-        vocab_size = self.config.vocab_size
+        vocab_size, cap = self.config.vocab_size, self.config.logit_softcap
+        logits = self.lm_head(x if targets is not None else x[:, [-1], :])[..., :vocab_size]
+        if cap:  # modded-nanogpt: cap * tanh(logits / cap) keeps confident logits from running away
+            logits = cap * torch.tanh(logits / cap)
         if targets is None:
-            return self.lm_head(x[:, [-1], :])[..., :vocab_size], None
-        logits = self.lm_head(x)[..., :vocab_size]
+            return logits, None
         loss = F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -380,31 +393,3 @@ class GPT(nn.Module):
             idx = torch.cat((idx, next_token), dim=1)
             yield next_token
 
-
-def sample_next_token(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token per row of logits (batch, vocab); temperature 0 means greedy.
-
-    top_k keeps only the k likeliest tokens; top_p keeps the smallest set of
-    likeliest tokens whose probabilities add up to at least top_p.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p.
-        drop = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)

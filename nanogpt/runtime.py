@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from nanogpt import distributed
-from nanogpt.device import DeviceConfig, autocast, peak_flops, resolve_device, resolve_dtype, should_compile
+from nanogpt.device import (
+    DeviceConfig,
+    autocast,
+    peak_flops,
+    resolve_device,
+    resolve_dtype,
+    set_threads,
+    should_compile,
+)
 
 
 @dataclass
@@ -36,6 +44,7 @@ class Runtime:
     def start(cls, cfg: DeviceConfig) -> Runtime:
         """Join the torchrun job (if any) and settle the device, precision and compilation."""
         context = distributed.context_from_environment()
+        set_threads(cfg.threads)  # None: torch's default, one thread per core
         owns_group = distributed.init_process_group(context)
         distributed.silence_other_ranks(context)
         device = distributed.device_for(context, resolve_device(cfg.name))

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from nanogpt.checkpoint import newest_checkpoint
 from nanogpt.cli import hydra_entry, to_dataclass
 from nanogpt.config import SampleConfig
-from nanogpt.device import resolve_device, resolve_dtype
+from nanogpt.device import resolve_device, resolve_dtype, set_threads
 from nanogpt.errors import ConfigError, DataError
 from nanogpt.loading import LanguageModel, resolve_source
 
@@ -44,6 +44,7 @@ def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:
     if not cfg.ckpt:
         print(f"sampling from the newest run's checkpoint: {source}", file=sys.stderr)
     device = resolve_device(cfg.device.name)
+    set_threads(cfg.device.threads)
     dtype = resolve_dtype(cfg.device.dtype, device)
     lm = LanguageModel(resolve_source(source, key="ckpt", meta=cfg.meta), device, dtype)
     prompt = read_prompt(cfg)

@@ -22,6 +22,7 @@ from nanogpt import distributed, resume
 from nanogpt.checkpoint import BEST, LAST, save_checkpoint
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.data import BatchSampler, PreparedData, UnknownTokenError, prepare_dataset, tokenizer_codec
+from nanogpt.divergence import LossWatch
 from nanogpt.loading import initial_model
 from nanogpt.model import GPT
 from nanogpt.optim import build_optimizer, learning_rate_at
@@ -96,6 +97,7 @@ class Trainer:
         self.throughput = Throughput(tokens_per_iter, flops_per_token(model.config, model.num_params()),
                                      runtime.peak_flops)
         self.iter_num, self.best_val_loss, self.grad_norm = 0, math.inf, torch.zeros(())
+        self.loss_watch = LossWatch(runtime.device)
         self.batch = None  # the next training batch, fetched ahead
         self.last_eval_iter: int | None = None
         self.last_saved_iter: int | None = None
@@ -121,8 +123,7 @@ class Trainer:
                 if it >= cfg.max_iters:
                     break
                 loss = self.train_step()
-                # One host sync per step: a NaN must stop the run before anything saves it.
-                check_finite(loss.item(), it, "the training loss", self.describe_last_checkpoint())
+                self.loss_watch.watch(loss, it)  # on the device; checked where a loss is logged or saved
                 if it % cfg.log_interval == 0:
                     self.log_progress(loss, lr)
                 self.iter_num += 1
@@ -159,6 +160,7 @@ class Trainer:
 
     def evaluate(self) -> None:
         """Estimate train and val loss on every process's share of batches, record them, checkpoint."""
+        self.loss_watch.check(self.describe_last_checkpoint())
         eval_iters = -(-self.cfg.eval_iters // self.runtime.dist.world_size)
         with self.stop.interruptible(resume.rewind_point(self)):  # a stop abandons it (stops.py)
             losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx, self.eval_batch_done)
@@ -181,6 +183,7 @@ class Trainer:
 
     def log_progress(self, loss: torch.Tensor, lr: float) -> None:
         """Log loss, lr and speed for the latest step (.item() waits for the device: only here)."""
+        self.loss_watch.check(self.describe_last_checkpoint())
         it = self.iter_num
         train_loss = distributed.all_reduce_mean({"loss": loss.item()}, self.runtime.dist,
                                                  self.runtime.device)["loss"]
@@ -194,6 +197,7 @@ class Trainer:
 
         Every process calls this: each rank's random state and next batch go into rank 0's file.
         """
+        self.loss_watch.check(self.describe_last_checkpoint())  # a diverged model is never saved
         ranks = distributed.gather_to_main(resume.rank_state(self.batch), self.runtime.dist)
         if not self.runtime.dist.is_main:
             return
@@ -257,8 +261,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
              data.vocab_size, data.meta["train_tokens"], data.meta["val_tokens"])
     model = build_model(cfg.model, data)
     log.info("model: %.2fM parameters, %s", model.num_params() / 1e6, model.config)
-    log.info("device: %s, dtype %s, compile %s", runtime.device, str(runtime.dtype).removeprefix("torch."),
-             runtime.compile)
+    log.info("device: %s, dtype %s, compile %s, %d threads", runtime.device,
+             str(runtime.dtype).removeprefix("torch."), runtime.compile, torch.get_num_threads())
     run_id = cfg.logger.run_id or (resume_state or {}).get("training", {}).get("tracker_run_id")
     plan = RunPlan(cfg.max_iters, cfg.eval_interval, cfg.gradient_accumulation_steps, runtime.device.type)
     records = RunTracking(run_dir, cfg.logger, resolved_config or {}, run_id=run_id, plan=plan,

@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 
-from nanogpt.model import GPT, GPTConfig, rotary_angles, rotate, sample_next_token
+from nanogpt.errors import ConfigError
+from nanogpt.model import GPT, GPTConfig, rotary_angles, rotate
 from nanogpt.optim import OptimizerConfig, configure_optimizer
+from nanogpt.sampling import sample_next_token
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -217,3 +219,36 @@ def test_gptconfig_refuses_what_cannot_work_even_from_python(bad, message):
     with pytest.raises(ConfigError) as error:
         GPTConfig(**bad)
     assert str(error.value).startswith(message)
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=20, dropout=0.0,
+                          zero_init_proj=True))
+    x = torch.randn(2, 8, 32)
+    for block in model.transformer.h:
+        assert torch.equal(block.attn.c_proj.weight, torch.zeros_like(block.attn.c_proj.weight))
+        torch.testing.assert_close(block(x), x + block.attn.c_proj.bias + block.mlp.c_proj.bias)
+    plain = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=20))
+    assert plain.transformer.h[0].mlp.c_proj.weight.abs().sum() > 0  # off by default
+
+
+def test_logit_softcap_bounds_the_logits_smoothly():
+    torch.manual_seed(0)
+    shape = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=20, dropout=0.0)
+    capped = GPT(GPTConfig(**shape, logit_softcap=2.0))
+    plain = GPT(GPTConfig(**shape))
+    plain.load_state_dict(capped.state_dict())
+    with torch.no_grad():
+        capped.lm_head.weight.mul_(50)  # make raw logits large; shared with wte, so copy both ways
+        plain.lm_head.weight.copy_(capped.lm_head.weight)
+    idx = torch.randint(0, 20, (2, 8))
+    raw, _ = plain(idx, idx)
+    logits, loss = capped(idx, idx)
+    assert raw.abs().max() > 10 and logits.abs().max() <= 2
+    torch.testing.assert_close(logits, 2.0 * torch.tanh(raw / 2.0))
+    last, _ = capped(idx)  # generation's path is capped too
+    torch.testing.assert_close(last, logits[:, [-1], :])
+    assert GPTConfig(logit_softcap=30.0).variants == {"logit_softcap": 30.0}  # GPT-2 export refuses it
+    with pytest.raises(ConfigError, match="logit_softcap=-1"):
+        GPTConfig(logit_softcap=-1.0)

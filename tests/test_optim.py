@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from nanogpt.errors import ConfigError
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.optim import Muon, OptimizerConfig, configure_muon, orthogonalize
+from nanogpt.optim import Muon, OptimizerConfig, build_optimizer, configure_muon, orthogonalize
 
 
 def muon(lr: float, weight_decay: float) -> OptimizerConfig:
@@ -96,3 +97,21 @@ def test_muon_stands_alone_and_refuses_what_torchs_refuses():
         Muon([model.transformer.ln_f.weight])
     with pytest.raises(ValueError, match="adjust_lr_fn"):
         Muon([model.lm_head.weight], adjust_lr_fn="huge")
+
+
+def test_muon_ns_steps_reaches_the_iteration_and_changes_the_update():
+    updates = {}
+    for steps in (2, 5):
+        torch.manual_seed(0)  # the same model and batch for both
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=10))
+        torch.manual_seed(1)
+        optimizer = build_optimizer(model, OptimizerConfig(name="muon", muon_ns_steps=steps))
+        assert optimizer.muon.param_groups[0]["ns_steps"] == steps
+        idx = torch.randint(0, 10, (2, 8))
+        before = model.transformer.h[0].mlp.c_fc.weight.clone()
+        model(idx, idx)[1].backward()
+        optimizer.step()
+        updates[steps] = model.transformer.h[0].mlp.c_fc.weight - before
+    assert not torch.allclose(updates[2], updates[5])
+    with pytest.raises(ConfigError, match="muon_ns_steps=0"):
+        OptimizerConfig(name="muon", muon_ns_steps=0)

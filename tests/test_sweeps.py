@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -134,6 +135,7 @@ def test_joblib_runs_jobs_in_parallel_and_prepares_data_once(tmp_path, corpus, d
     assert sum("prepared toy" in log for log in logs) == 1  # one job prepared, the other reused
     for log, job in zip(logs, jobs, strict=True):
         assert "best val loss" in log and (job / "best.pt").is_file()
+        assert f"{max(1, len(os.sched_getaffinity(0)) // 2)} threads" in log  # the cores are shared out
 
 
 def test_optuna_search_minimises_the_best_val_loss(tmp_path, corpus, data_root):

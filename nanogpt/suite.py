@@ -1,0 +1,224 @@
+"""The GPU suite: ``python -m nanogpt.bench suite=gpu [bench.nanogpt_dir=PATH] [overrides]``.
+
+One command that measures, on whatever GPU it finds, what the PRD and the
+README promise for GPUs, and writes one report (suite.json, suite.md):
+
+- prd: the default config (6/6/384, block 256, batch 64) through nanogpt.bench:
+  iterations per second, peak GPU memory, and ms per generated token (KV cache),
+  each set against the PRD's target (> 100 iter/s, < 8 GB, < 10 ms/token);
+- gpt2: GPT-2 124M (model=gpt2 on GPT-2 BPE) training in bf16 with torch.compile
+  and scaled_dot_product_attention (flash attention where the GPU has it):
+  tokens/s and MFU against the GPU's dense bf16 peak (goal: >= 50% on an H100);
+- recipe: ``python -m nanogpt.train +experiment=shakespeare_char`` (val loss at
+  5000 iterations, wall time) and, if bench.nanogpt_dir names a karpathy/nanoGPT
+  checkout, nanoGPT's own ``train.py config/train_shakespeare_char.py`` beside it.
+
+Each measurement is its own process, so one run's compiled graphs and GPU
+memory never colour another's figures, and a run that fails is reported as
+failed while the others still run. Overrides given to the suite reach every run
+(after the run's own, so they win): that is how the tests run the whole suite on
+a CPU with a tiny model. Like the benchmark, it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The PRD's GPU targets: (what, the figure's key in a run's results, comparison, bound).
+PRD_TARGETS = (
+    ("default config > 100 iter/s", ("prd", "iters_per_sec"), ">", 100.0),
+    ("default config fits in 8 GB", ("prd", "peak_memory_mb"), "<", 8192.0),
+    ("generation < 10 ms/token", ("prd", "ms_per_token"), "<", 10.0),
+    ("GPT-2 124M MFU >= 50% (H100 goal)", ("gpt2", "mfu"), ">=", 0.5),
+    ("shakespeare_char val < 1.5 at 5000 iters", ("recipe", "val_loss"), "<", 1.5),
+)
+
+# What each of our runs is, before the suite's own overrides are laid over it.
+RUNS = {
+    "prd": ("nanogpt.bench", ["bench.gen_tokens=1000", "bench.gen_uncached=false"]),
+    "gpt2": ("nanogpt.bench", ["model=gpt2", "dataset=shakespeare", "batch_size=16",
+                               "device.dtype=bfloat16", "device.compile=true",
+                               "bench.warmup_steps=10", "bench.train_steps=50",
+                               "bench.gen_tokens=200", "bench.gen_uncached=false"]),
+    "recipe": ("nanogpt.train", ["+experiment=shakespeare_char", "logger=none", "sample_tokens=0",
+                                 "save_checkpoints=false"]),
+}
+SUITE_RUNS = (*RUNS, "nanogpt")
+# Keys only the suite itself reads; never passed on.
+SUITE_KEYS = ("suite", "bench.nanogpt_dir", "bench.nanogpt_args", "bench.suite_runs", "hydra.")
+
+
+def key_of(override: str) -> str:
+    """The key an override sets: 'model.n_layer' for 'model.n_layer=2', 'experiment' for '+experiment=x'."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(own: list[str], given: list[str], module: str) -> list[str]:
+    """A run's own overrides with the suite's laid over them (same key: the suite's wins).
+
+    bench.* settings mean nothing to training, so they reach only benchmark runs.
+    """
+    merged = {key_of(o): o for o in own}
+    for override in given:
+        key = key_of(override)
+        if key.startswith(SUITE_KEYS) or (key.startswith("bench.") and module != "nanogpt.bench"):
+            continue
+        merged[key] = override
+    return list(merged.values())
+
+
+def run_logged(command: list[str], log_file: Path, cwd: Path | None = None) -> tuple[int, float]:
+    """Run command with its output in log_file; return its exit status and wall seconds."""
+    start = time.perf_counter()
+    with open(log_file, "w") as log:
+        status = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT).returncode
+    return status, time.perf_counter() - start
+
+
+def failure(status: int, log_file: Path) -> dict:
+    """A failed run's entry: its status and its last line of output."""
+    lines = log_file.read_text(errors="replace").strip().splitlines()
+    return {"error": f"exit status {status}: {lines[-1] if lines else 'no output'}", "log": str(log_file)}
+
+
+def bench_figures(results: dict) -> dict:
+    """The figures the suite reports from one bench.json."""
+    train, generation = results["train"], results["generate_cached"]
+    return {"device": results["machine"]["device"], "settings": results["settings"],
+            "ms_per_iter": train["train_ms_per_iter"], "iters_per_sec": 1000 / train["train_ms_per_iter"],
+            "tokens_per_sec": train["train_tokens_per_sec"], "mfu": train["mfu"],
+            "peak_memory_mb": train["peak_memory_mb"], "ms_per_token": generation["ms_per_token"]}
+
+
+def recipe_figures(run_dir: Path) -> dict:
+    """The last evaluation of a training run (its metrics.jsonl): iteration and losses."""
+    evals = [record for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if record.get("kind") == "eval"]
+    last = evals[-1]
+    return {"iter": last["iter"], "val_loss": last["val_loss"], "train_loss": last["train_loss"],
+            "best_val_loss": min(record["val_loss"] for record in evals)}
+
+
+NANOGPT_EVAL = re.compile(r"step (\d+): train loss ([\d.]+|nan), val loss ([\d.]+|nan)")
+
+
+def nanogpt_figures(output: str) -> dict:
+    """The last evaluation nanoGPT's train.py printed ('step N: train loss X, val loss Y')."""
+    evals = NANOGPT_EVAL.findall(output)
+    if not evals:
+        raise ValueError("nanoGPT printed no 'step N: train loss X, val loss Y' line")
+    step, train_loss, val_loss = evals[-1]
+    return {"iter": int(step), "val_loss": float(val_loss), "train_loss": float(train_loss),
+            "best_val_loss": min(float(v) for _, _, v in evals)}
+
+
+def run_ours(name: str, given: list[str], out_dir: Path) -> dict:
+    """Run one of RUNS in its own process and collect its figures (or why it failed)."""
+    module, own = RUNS[name]
+    run_dir = out_dir / name
+    command = [sys.executable, "-m", module, *merge_overrides(own, given, module), f"hydra.run.dir={run_dir}"]
+    status, seconds = run_logged(command, out_dir / f"{name}.log")
+    if status != 0:
+        return failure(status, out_dir / f"{name}.log")
+    if module == "nanogpt.bench":
+        figures = bench_figures(json.loads((run_dir / "bench.json").read_text()))
+    else:
+        figures = recipe_figures(run_dir)
+    return {**figures, "wall_s": seconds, "command": " ".join(command[1:])}
+
+
+def run_nanogpt(checkout: Path, extra_args: list[str], dataset_source: str | None, out_dir: Path) -> dict:
+    """Run karpathy/nanoGPT's own shakespeare_char GPU recipe from its checkout, timed as a whole command.
+
+    Its prepare.py downloads the text unless data/shakespeare_char/input.txt is
+    there, so a local dataset_source is copied in first (the machine may be offline).
+    """
+    data = checkout / "data" / "shakespeare_char"
+    log_file = out_dir / "nanogpt.log"
+    if not (checkout / "train.py").is_file() or not (data / "prepare.py").is_file():
+        return {"error": f"{checkout} is not a karpathy/nanoGPT checkout (no train.py or "
+                         "data/shakespeare_char/prepare.py)", "log": str(log_file)}
+    if not (data / "train.bin").is_file():
+        if dataset_source and Path(dataset_source).is_file() and not (data / "input.txt").is_file():
+            shutil.copyfile(dataset_source, data / "input.txt")
+        status, _ = run_logged([sys.executable, "prepare.py"], out_dir / "nanogpt_prepare.log", cwd=data)
+        if status != 0:
+            return failure(status, out_dir / "nanogpt_prepare.log")
+    command = [sys.executable, "train.py", "config/train_shakespeare_char.py",
+               f"--out_dir={out_dir / 'nanogpt_out'}", *extra_args]
+    status, seconds = run_logged(command, log_file, cwd=checkout)
+    if status != 0:
+        return failure(status, log_file)
+    try:
+        figures = nanogpt_figures(log_file.read_text(errors="replace"))
+    except ValueError as error:
+        return {"error": str(error), "log": str(log_file)}
+    return {**figures, "wall_s": seconds, "command": " ".join(command[1:])}
+
+
+def check_targets(runs: dict) -> list[dict]:
+    """Each PRD target with the measured figure and whether it is met (None where not measured)."""
+    compare = {">": float.__gt__, "<": float.__lt__, ">=": float.__ge__}
+    rows = []
+    for what, (run, key), op, bound in PRD_TARGETS:
+        value = runs.get(run, {}).get(key)
+        met = None if value is None else compare[op](float(value), bound)
+        rows.append({"target": what, "measured": value, "met": met})
+    return rows
+
+
+def format_report(report: dict) -> str:
+    """The report as Markdown: the runs, then the targets."""
+    runs = report["runs"]
+    lines = [f"GPU suite, {report['date']}, {report.get('device', 'device unknown')}", "",
+             "| run | figures | wall s |", "| --- | --- | --- |"]
+    for name, run in runs.items():
+        if "error" in run:
+            lines.append(f"| {name} | failed: {run['error']} (log: {run['log']}) | |")
+            continue
+        if "iters_per_sec" in run:
+            s, mfu = run["settings"], "n/a" if run["mfu"] is None else f"{run['mfu']:.1%}"
+            figures = (f"{s['model']}, block {s['block_size']} x batch {s['batch_size']}, {s['dtype']}, "
+                       f"compile {s['compile']}: {run['iters_per_sec']:.1f} iter/s, "
+                       f"{run['tokens_per_sec']:,.0f} tok/s, MFU {mfu}, {run['peak_memory_mb']:,.0f} MB, "
+                       f"{run['ms_per_token']:.2f} ms/token")
+        else:
+            figures = f"val {run['val_loss']:.4f} at iter {run['iter']} (best {run['best_val_loss']:.4f})"
+            if "wall_ratio_to_nanogpt" in run:
+                figures += f"; wall time {run['wall_ratio_to_nanogpt']:.2f}x nanoGPT's"
+        lines.append(f"| {name} | {figures} | {run['wall_s']:.1f} |")
+    lines += ["", "| PRD target | measured | met |", "| --- | --- | --- |"]
+    for row in report["targets"]:
+        value = row["measured"]
+        shown = "not measured" if value is None else f"{value:.4g}"
+        met = {None: "—", True: "yes", False: "**no**"}[row["met"]]
+        lines.append(f"| {row['target']} | {shown} | {met} |")
+    return "\n".join(lines)
+
+
+def run_suite(given: list[str], out_dir: Path, names: list[str] = SUITE_RUNS, nanogpt_dir: str | None = None,
+              nanogpt_args: list[str] | None = None, dataset_source: str | None = None) -> dict:
+    """Run the measurements named, write suite.json and suite.md into out_dir, return the report.
+
+    A subset (names) lets the suite be split over several commands where each
+    may run only so long (the lent GPU machine allows 10 minutes a command).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = {name: run_ours(name, given, out_dir) for name in RUNS if name in names}
+    if nanogpt_dir and "nanogpt" in names:
+        runs["nanogpt"] = run_nanogpt(Path(nanogpt_dir).expanduser().resolve(), list(nanogpt_args or []),
+                                      dataset_source, out_dir)
+        if "wall_s" in runs["nanogpt"] and "wall_s" in runs.get("recipe", {}):
+            runs["recipe"]["wall_ratio_to_nanogpt"] = runs["recipe"]["wall_s"] / runs["nanogpt"]["wall_s"]
+    device = next((run["device"] for run in runs.values() if "device" in run), None)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
+              "runs": runs, "targets": check_targets(runs)}
+    (out_dir / "suite.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "suite.md").write_text(format_report(report) + "\n")
+    return report
