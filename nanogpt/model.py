@@ -85,12 +85,10 @@ class GPTConfig:
 
     @property
     def head_size(self) -> int:
-        """Width of one attention head."""
         return self.n_embd // self.n_head
 
     @property
     def padded_vocab_size(self) -> int:
-        """vocab_size rounded up to a multiple of vocab_multiple."""
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
@@ -212,7 +210,6 @@ class ReLUSquared(nn.Module):
     """relu(x) ** 2: as sparse as ReLU but smooth at zero, and cheaper than GELU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the activation elementwise."""
         return F.relu(x).square()
 
 

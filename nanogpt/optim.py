@@ -157,12 +157,10 @@ class MuonWithAdamW:
         return {**self.muon.state, **self.adamw.state}
 
     def step(self, closure=None) -> None:
-        """Update every parameter once."""
         self.muon.step()
         self.adamw.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of every parameter."""
         self.muon.zero_grad(set_to_none=set_to_none)
         self.adamw.zero_grad(set_to_none=set_to_none)
 
@@ -171,7 +169,6 @@ class MuonWithAdamW:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned."""
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
 

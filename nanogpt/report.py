@@ -50,12 +50,10 @@ class RunResult:
 
     @property
     def evals(self) -> list[dict]:
-        """The evaluation records, in order."""
         return [r for r in self.records if r.get("kind") == "eval"]
 
     @property
     def train_steps(self) -> list[dict]:
-        """The training-step records, in order."""
         return [r for r in self.records if r.get("kind") == "train"]
 
     @property

@@ -52,7 +52,6 @@ class Runtime:
                    peak_flops(device, cfg.peak_flops), owns_group)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The mixed-precision context forward passes run in."""
         return autocast(self.device, self.dtype)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -30,7 +30,6 @@ class Throughput:
         self.start, self.steps = time.perf_counter(), 0
 
     def step_done(self) -> None:
-        """Count one optimizer step."""
         self.steps += 1
 
     def measure(self) -> dict:
