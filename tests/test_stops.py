@@ -120,9 +120,10 @@ def test_ctrl_c_during_training_stops_within_a_step(tmp_path, slow_run):
 
 def test_sigterm_during_a_long_evaluation_abandons_it_at_once(tmp_path, slow_run):
     run_dir = tmp_path / "run"
-    # eval_iters=100000: the first evaluation alone would take minutes.
-    run = Running([sys.executable, "-m", "nanogpt.train", *slow_run, "eval_iters=100000",
-                   f"hydra.run.dir={run_dir}"], tmp_path)
+    # 2 million evaluation batches: the first evaluation alone would take half an hour, so the
+    # run is long by any measure and says so (the line this waits for) after timing a few batches.
+    run = Running([sys.executable, "-m", "nanogpt.train", *slow_run, "eval_iters=1000000",
+                   "max_iters=1000000", f"hydra.run.dir={run_dir}"], tmp_path)
     run.wait_for("this run will take about")  # said after timing a few evaluation batches
     latency = run.stop(signal.SIGTERM)
     print(f"SIGTERM during evaluation: exited {latency:.2f} s after the signal")
