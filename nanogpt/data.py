@@ -49,6 +49,7 @@ from nanogpt.sources import (
     is_document_corpus,
     link_or_copy,
     scan_task,
+    start_pool_worker,
     start_worker,
     stop_worker,
     text_ranges,
@@ -286,7 +287,7 @@ def workers(reader, tokenizer: dict | None, processes: int) -> Iterator[Callable
             if pool is None and processes > 1 and len(tasks) > 1:
                 method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
                 pool = multiprocessing.get_context(method).Pool(
-                    processes, initializer=start_worker, initargs=(reader, tokenizer_json))
+                    processes, initializer=start_pool_worker, initargs=(reader, tokenizer_json))
             parallel = pool is not None and len(tasks) > 1
             results = pool.imap(function, tasks) if parallel else map(function, tasks)
             yield from tqdm(results, total=len(tasks), desc=desc, unit="piece", disable=None)

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,6 +358,18 @@ def start_worker(reader, tokenizer_json: str | None) -> None:
     _worker["reader"] = reader
     _worker["tokenizer"] = load_tokenizer(tokenizer_json) if tokenizer_json else None
     _worker["documents"] = isinstance(reader, DocumentReader)
+
+
+def start_pool_worker(reader, tokenizer_json: str | None) -> None:
+    """Pool initializer: a worker leaves stop signals to the parent, then starts as start_worker does.
+
+    A forked worker inherits the parent's handlers, which turn SIGTERM into an exception: each
+    worker would print its own traceback when the parent stops the pool. The parent takes
+    Ctrl-C and terminates the pool (SIGTERM, now simply the end of a worker).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    start_worker(reader, tokenizer_json)
 
 
 def stop_worker() -> None:
