@@ -141,6 +141,29 @@ class StopVote:
             self.pending.popleft()[1].wait()
 
 
+@contextlib.contextmanager
+def set_up_together(context: DistributedContext) -> Iterator[None]:
+    """Run a rank's setup (data, model), then agree across ranks that every one succeeded.
+
+    A rank whose setup fails (a file missing on its node) says so in the vote and
+    raises its own error, which it reports; the others leave quietly with
+    EXIT_RANK0_FAILED instead of meeting a dead peer in DDP's first collective
+    and printing that collective's traceback.
+    """
+    if not context.enabled or _Control.group is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        dist.all_reduce(torch.ones(1), op=dist.ReduceOp.MAX, group=_Control.group)
+        raise
+    failed = torch.zeros(1)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=_Control.group)
+    if failed.item():
+        sys.exit(EXIT_RANK0_FAILED)
+
+
 def gather_to_main(value: object, context: DistributedContext) -> list | None:
     """Every rank's value, in rank order, on rank 0 (None elsewhere); [value] for a single process."""
     if not context.enabled:

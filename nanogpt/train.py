@@ -256,10 +256,11 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
     run_dir.mkdir(parents=True, exist_ok=True)
     resume.seed_everything(cfg.seed)
     runtime = Runtime.start(cfg.device)
-    data = prepare_dataset(cfg.dataset, Path(cfg.data_root))
+    with distributed.set_up_together(runtime.dist):  # a rank that fails here stops the others quietly
+        data = prepare_dataset(cfg.dataset, Path(cfg.data_root))
+        model = build_model(cfg.model, data)
     log.info("data: %s in %s, vocab %d, %d train / %d val tokens", cfg.dataset.name, data.directory,
              data.vocab_size, data.meta["train_tokens"], data.meta["val_tokens"])
-    model = build_model(cfg.model, data)
     log.info("model: %.2fM parameters, %s", model.num_params() / 1e6, model.config)
     log.info("device: %s, dtype %s, compile %s, %d threads", runtime.device,
              str(runtime.dtype).removeprefix("torch."), runtime.compile, torch.get_num_threads())
