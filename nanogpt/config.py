@@ -18,7 +18,8 @@ from nanogpt.data import DatasetConfig
 from nanogpt.device import DeviceConfig
 from nanogpt.model import GPTConfig
 from nanogpt.optim import OptimizerConfig
-from nanogpt.options import option, require
+from nanogpt.options import check_choices, option, require
+from nanogpt.quantize import quantize_option
 from nanogpt.tracking import LoggerConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -113,9 +114,11 @@ class SampleConfig:
     top_p: float | None = option(None, "nucleus sampling, e.g. 0.9; null: off")
     seed: int = option(1337, "seeds the sampling")
     use_cache: bool = option(True, "KV cache: each new token costs one position, not the whole context")
+    quantize: str | None = quantize_option()
     device: DeviceConfig = option(default_factory=DeviceConfig)
 
     def __post_init__(self):
+        check_choices(self)
         require(self.temperature >= 0,
                 f"temperature={self.temperature} must be >= 0 (0 picks the likeliest token)")
         require(self.top_k is None or self.top_k >= 1,

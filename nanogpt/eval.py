@@ -37,6 +37,7 @@ from nanogpt.errors import ConfigError, DataError
 from nanogpt.loading import LoadedSource, resolve_source
 from nanogpt.model import GPT
 from nanogpt.options import check_choices, option, require
+from nanogpt.quantize import quantize_model, quantize_option
 
 SPLITS = ("val", "train")
 
@@ -55,6 +56,7 @@ class EvalConfig:
                                    "own, else $NANOGPT_DATA_ROOT or ~/.cache/nanogpt")
     split: str = option("val", help="which split to score", choices=SPLITS)
     batch_size: int = option(8, help="windows per forward pass (memory, not the result)")
+    quantize: str | None = quantize_option()
     device: DeviceConfig = option(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
@@ -133,7 +135,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             f"ckpt={cfg.ckpt} uses tokenizer {describe(loaded.tokenizer)} but {split.where} was made with "
             f"{describe(split.tokenizer)}; pick a dataset with the model's tokenizer"
         )
-    model = loaded.model.to(device).eval()
+    model = quantize_model(loaded.model.to(device).eval(), cfg.quantize, device)
     loss, windows = exact_loss(model, split.tokens, cfg.batch_size, device, dtype)
     result = {
         "ckpt": str(cfg.ckpt), "tokens_file": str(split.where), "split": cfg.split, "loss": loss,

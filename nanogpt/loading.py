@@ -30,6 +30,7 @@ from nanogpt.device import autocast, resolve_device, resolve_dtype
 from nanogpt.errors import CheckpointError, ConfigError, DataError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.pickles import read_nanogpt_meta_pkl
+from nanogpt.quantize import QUANTIZATIONS, quantize_model
 from nanogpt.tokenizer import GPT2_TOKENIZER
 
 # OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
@@ -323,8 +324,9 @@ class LanguageModel:
     generate() with the same settings returns the same text as the command.
     """
 
-    def __init__(self, loaded: LoadedSource, device: torch.device, dtype: torch.dtype):
-        self.model = loaded.model.to(device).eval()
+    def __init__(self, loaded: LoadedSource, device: torch.device, dtype: torch.dtype,
+                 quantize: str | None = None):
+        self.model = quantize_model(loaded.model.to(device).eval(), quantize, device)
         self.tokenizer = loaded.tokenizer
         self.encode, self.decode = tokenizer_codec(loaded.tokenizer)
         self.device, self.dtype = device, dtype
@@ -375,14 +377,17 @@ class LanguageModel:
 
 
 def load(source: str | Path, device: str = "auto", dtype: str = "auto",
-         meta: str | Path | None = None) -> LanguageModel:
+         meta: str | Path | None = None, quantize: str | None = None) -> LanguageModel:
     """A model ready to generate text, from any source nanogpt knows (see ACCEPTED).
 
     device is auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps; dtype
     auto (bfloat16 or float16 on CUDA, else float32), float32, bfloat16 or
     float16. meta points at a karpathy/nanoGPT meta.pkl that is not where
-    nanoGPT's own sample.py would find it.
+    nanoGPT's own sample.py would find it. quantize="int8" stores the Linear
+    weights as int8 for faster generation on a CPU (nanogpt/quantize.py).
     """
+    if quantize not in QUANTIZATIONS:
+        raise ConfigError(f"quantize={quantize!r} is not one of {', '.join(map(str, QUANTIZATIONS))}")
     torch_device = resolve_device(device)
     loaded = resolve_source(source, key="source", meta=meta)
-    return LanguageModel(loaded, torch_device, resolve_dtype(dtype, torch_device))
+    return LanguageModel(loaded, torch_device, resolve_dtype(dtype, torch_device), quantize)

@@ -347,7 +347,7 @@ class GPT(nn.Module):
     def new_caches(self, batch_size: int) -> list[KVCache]:
         """Make empty KV caches, one per block, for a generation of batch_size sequences."""
         c = self.config
-        like = self.lm_head.weight
+        like = self.transformer.wte.weight
         return [
             KVCache(batch_size, c.n_head, c.block_size, c.head_size, like)
             for _ in range(c.n_layer)

@@ -46,7 +46,7 @@ def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:
     device = resolve_device(cfg.device.name)
     set_threads(cfg.device.threads)
     dtype = resolve_dtype(cfg.device.dtype, device)
-    lm = LanguageModel(resolve_source(source, key="ckpt", meta=cfg.meta), device, dtype)
+    lm = LanguageModel(resolve_source(source, key="ckpt", meta=cfg.meta), device, dtype, cfg.quantize)
     prompt = read_prompt(cfg)
     if not prompt:
         raise ConfigError("prompt is empty; give prompt=TEXT or prompt_file=PATH")
