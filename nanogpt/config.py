@@ -83,6 +83,8 @@ class TrainConfig:
     max_iters: int = option(5000, "optimizer steps")
     eval_interval: int = option(250, "evaluate (and checkpoint) every this many steps")
     eval_iters: int = option(200, "batches averaged per evaluation and split")
+    eval_at_start: bool = option(True, "also evaluate before the first step (the untrained loss); "
+                                       "false saves that time, as a speedrun does")
     log_interval: int = option(10, "log a training line every this many steps")
     sample_tokens: int = option(200, "length of the sample printed at the end; 0 skips it")
     save_checkpoints: bool = option(True, "write best.pt and last.pt into the run directory")

@@ -156,3 +156,14 @@ def test_variants_and_muon_train_resume_and_sample(tmp_path, corpus, data_root):
     sampled = run_module("nanogpt.sample", "ckpt=run", "num_tokens=80", "seed=3", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
     assert len(sampled.stdout) >= 80
+
+
+def test_eval_at_start_false_skips_only_the_untrained_evaluation(tmp_path, corpus, data_root):
+    common = [*TINY_RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}",
+              "max_iters=25", "eval_interval=10"]
+    for name, extra in (("default", []), ("speedrun", ["eval_at_start=false"])):
+        result = run_module("nanogpt.train", *common, *extra, f"hydra.run.dir={name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    iters = {name: [r["iter"] for r in read_metrics(tmp_path / name) if r.get("kind") == "eval"]
+             for name in ("default", "speedrun")}
+    assert iters == {"default": [0, 10, 20, 25], "speedrun": [10, 20, 25]}
