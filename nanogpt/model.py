@@ -198,10 +198,16 @@ class CausalSelfAttention(nn.Module):
             is_causal = cache.length == 0
             k, v = cache.append(k, v)
 
-        # scaled_dot_product_attention picks a fused (flash) kernel where one exists.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )
+        # scaled_dot_product_attention picks a fused (flash) kernel where one exists. A CPU's
+        # is slower in bfloat16 than in float32, so there it runs in float32 (outside autocast,
+        # which would cast back), and the rest of the model keeps its precision.
+        dtype = q.dtype
+        if q.device.type == "cpu":
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            ).to(dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
