@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nanogpt.device import bf16_instructions
 from nanogpt.options import check_choices, option, require
 
 
@@ -125,12 +126,6 @@ def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" or (device.type == "cpu" and bf16_instructions()):
         return torch.bfloat16
     return torch.float32
-
-
-def bf16_instructions() -> bool:
-    """Whether this CPU has AVX512-BF16 (torch's private probe; absent in some old torch builds)."""
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(probe and probe())
 
 
 def rms_matching_scale(shape: torch.Size, rule: str | None) -> float:

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
+from nanogpt.device import bf16_instructions
 from nanogpt.errors import ConfigError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.optim import (
     Muon,
     OptimizerConfig,
-    bf16_instructions,
     build_optimizer,
     configure_muon,
     newton_schulz_dtype,

@@ -1,10 +1,12 @@
 import math
+import platform
+from pathlib import Path
 
 import pytest
 import torch
 
 from nanogpt.config import OptimizerConfig
-from nanogpt.device import resolve_device, resolve_dtype, should_compile
+from nanogpt.device import bf16_instructions, resolve_device, resolve_dtype, should_compile
 from nanogpt.errors import DeviceError
 from nanogpt.optim import learning_rate_at
 
@@ -39,6 +41,15 @@ def test_device_resolution_on_this_machine():
     assert should_compile(None, torch.device("cpu")) is False
     assert should_compile(None, torch.device("cuda")) is True
     assert should_compile(True, torch.device("cpu")) is True
+
+
+def test_fastest_dtype_is_bfloat16_exactly_on_cpus_that_have_its_instructions():
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and platform.machine() == "x86_64":  # the kernel's own list of CPU features
+        assert bf16_instructions() == ("avx512_bf16" in cpuinfo.read_text().split())
+    expected = torch.bfloat16 if bf16_instructions() else torch.float32
+    assert resolve_dtype("fastest", torch.device("cpu")) == expected
+    assert resolve_dtype("fastest", torch.device("mps")) == torch.float32
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is absent")
