@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ from nanogpt.quantize import Int8Linear, quantize_model
 
 from .conftest import run_module
 from .test_eval import last_json
-from .test_load import char_run, write_our_checkpoint  # noqa: F401  (char_run is a fixture)
+from .test_load import REPO, char_run, write_our_checkpoint  # noqa: F401  (char_run is a fixture)
 
 
 def test_int8_linear_computes_the_product_of_its_rounded_weights():
@@ -91,3 +93,13 @@ def test_unknown_quantization_on_the_command_line_is_one_line(char_run):  # noqa
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "quantize='int4' is not one of None, int8" in result.stderr
+
+
+def test_readme_quantize_snippet_runs(char_run, monkeypatch):  # noqa: F811
+    run_dir, _ = char_run
+    section = (REPO / "README.md").read_text().split("### Faster sampling on a CPU", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'quantize="int8"' in code and "outputs/2026-11-22/10-31-07" in code
+    namespace = {"nanogpt": nanogpt}
+    exec(compile(code.replace("outputs/2026-11-22/10-31-07", str(run_dir)), "README.md", "exec"), namespace)
+    assert isinstance(namespace["lm"].model.lm_head, Int8Linear)
