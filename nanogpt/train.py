@@ -118,7 +118,7 @@ class Trainer:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 it = self.iter_num
                 # A resumed run has already evaluated at the iteration it was saved at.
-                due = it % cfg.eval_interval == 0 and (it > 0 or cfg.eval_at_start) or it == cfg.max_iters
+                due = (it % cfg.eval_interval == 0 and (it > 0 or cfg.eval_at_start)) or it == cfg.max_iters
                 if due and it != self.last_eval_iter:
                     self.evaluate()
                 if it >= cfg.max_iters:
