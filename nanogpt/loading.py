@@ -387,7 +387,7 @@ def load(source: str | Path, device: str = "auto", dtype: str = "auto",
     weights as int8 for faster generation on a CPU (nanogpt/quantize.py).
     """
     if quantize not in QUANTIZATIONS:
-        raise ConfigError(f"quantize={quantize!r} is not one of {', '.join(map(str, QUANTIZATIONS))}")
+        raise ConfigError(f"quantize={quantize!r} is not one of {', '.join(map(repr, QUANTIZATIONS))}")
     torch_device = resolve_device(device)
     loaded = resolve_source(source, key="source", meta=meta)
     return LanguageModel(loaded, torch_device, resolve_dtype(dtype, torch_device), quantize)

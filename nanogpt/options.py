@@ -31,7 +31,8 @@ def check_choices(config: Any) -> None:
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
         if choices and value not in choices and not is_unset(value):
-            raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(str, choices))}")
+            allowed = ", ".join("null" if choice is None else str(choice) for choice in choices)
+            raise ConfigError(f"{f.name}={value!r} is not one of {allowed}")
 
 
 def require(condition: bool, message: str) -> None:
