@@ -236,6 +236,7 @@ class Trainer:
     def finish(self) -> None:
         """Show (and track) a short sample of what the model learned; close the trackers."""
         log.info("best val loss %.4f; run directory %s", self.best_val_loss, self.run_dir)
+        distributed.barrier(self.runtime.dist)  # ranks tear the job down together, as after a stop
         self.runtime.close()
         try:
             with self.stop.interruptible(alone=True):  # no collectives left: a signal ends it at once
