@@ -128,26 +128,29 @@ def make_norm(config: GPTConfig, width: int) -> nn.Module:
 
 
 def rotary_angles(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cosines and sines of the rotary angles, each of shape (block_size, head_size // 2).
+    """The cosines and signed sines of the rotary angles, each of shape (block_size, head_size).
 
-    Pair i of a head's channels turns by position * 10000 ** (-2i / head_size):
-    fast-turning pairs tell near positions apart, slow ones far positions.
+    Channel i of a head is paired with channel i + head_size // 2, and pair i
+    turns by position * 10000 ** (-2i / head_size): fast-turning pairs tell near
+    positions apart, slow ones far positions. Each angle appears twice, once per
+    channel of its pair, the sine with the sign that channel's turn needs.
     """
     half = config.head_size // 2
     frequencies = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
     angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), frequencies)
-    return angles.cos(), angles.sin()
+    return angles.cos().repeat(1, 2), torch.cat((-angles.sin(), angles.sin()), dim=1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position encoding: turn each pair of channels of x (..., time, head_size) by its angle.
 
-    The dot product of a rotated query and key then depends only on how far
-    apart their positions are, so attention learns relative positions.
+    Rolling the channels by half a head lines each channel up with its partner,
+    so (a, b) -> (a cos - b sin, b cos + a sin) is two products and a sum. The
+    dot product of a rotated query and key then depends only on how far apart
+    their positions are, so attention learns relative positions.
     """
-    first, second = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
 class CausalSelfAttention(nn.Module):
@@ -176,13 +179,19 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Attend over the sequence x of shape (batch, time, n_embd)."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        qkv = self.c_attn(x)
+        # scaled_dot_product_attention picks a fused (flash) kernel where one exists. A CPU's is
+        # slower in bfloat16 than in float32, so there the heads work in float32 until their
+        # output is projected (and autocast is off around the kernel, which would cast back).
+        dtype = torch.float32 if x.device.type == "cpu" else qkv.dtype
+        q, k, v = qkv.to(dtype).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends independently.
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm:  # in the gains' precision: fed another, a norm warns and takes a slow path
+            gains = self.q_norm.weight.dtype
+            q, k = self.q_norm(q.to(gains)).to(dtype), self.k_norm(k.to(gains)).to(dtype)
         if self.rotary:
             start = cache.length if cache is not None else 0  # position of the first token in x
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
@@ -197,17 +206,12 @@ class CausalSelfAttention(nn.Module):
                 raise ValueError("a filled KV cache takes one new token at a time")
             is_causal = cache.length == 0
             k, v = cache.append(k, v)
+            k, v = k.to(dtype), v.to(dtype)  # the cache keeps the model's own precision
 
-        # scaled_dot_product_attention picks a fused (flash) kernel where one exists. A CPU's
-        # is slower in bfloat16 than in float32, so there it runs in float32 (outside autocast,
-        # which would cast back), and the rest of the model keeps its precision.
-        dtype = q.dtype
-        if q.device.type == "cpu":
-            q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-            ).to(dtype)
+            ).to(qkv.dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 

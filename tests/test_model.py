@@ -121,6 +121,32 @@ def test_kv_cache_logits_match_full_forward(variant):
         assert torch.allclose(step_logits, full_logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_bfloat16_on_the_cpu_warns_of_nothing_and_stays_close_to_float32(variant, recwarn):
+    # Under CPU autocast the heads work in float32 (model.py): a norm fed bfloat16 with
+    # float32 gains warned of a mismatched dtype and fell back to a slower kernel.
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**variant))
+    idx = torch.randint(0, 11, (2, 16))
+    full, loss = model(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half, half_loss = model(idx, idx)
+    half_loss.backward()
+    assert [str(w.message) for w in recwarn] == []
+    assert abs(half_loss.item() - loss.item()) < 0.02
+    assert torch.allclose(half.float(), full, atol=0.05)
+
+
+def test_a_bfloat16_model_generates_with_its_cache_on_the_cpu(recwarn):
+    # The cache holds the model's precision; the CPU's attention kernel takes float32.
+    torch.manual_seed(0)
+    model = GPT(tiny_config(position_encoding="rope", qk_norm=True)).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 11, (1, 3))
+    tokens = generate_tokens(model, prompt, 10, True)
+    assert len(tokens) == 10 and all(0 <= t < 11 for t in tokens)
+    assert [str(w.message) for w in recwarn] == []
+
+
 def test_generation_continues_past_block_size():
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=8)).eval()
