@@ -1,6 +1,8 @@
 """Performance plumbing that must be right before any figure means anything: GPU peaks and sweep threads."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,3 +87,26 @@ def test_set_threads_sets_torch_threads_and_none_keeps_them():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+EXIT_PROBE = """
+import sys
+class Cycle:
+    def __del__(self):
+        print("collected at exit", flush=True)
+keep = Cycle()
+keep.self = keep  # only Python's garbage collector frees a reference cycle
+{entry_point}
+"""
+
+
+SAMPLE_HELP = "import nanogpt.sample; sys.argv[1:] = ['--help']; nanogpt.sample.main()"
+
+
+@pytest.mark.parametrize("entry_point", ["", SAMPLE_HELP], ids=["plain python", "after an entry point"])
+def test_entry_points_exit_without_the_last_garbage_collection(entry_point):
+    # The last collection walks every object torch created (0.5-0.8 s per command); entry points skip it.
+    probe = subprocess.run([sys.executable, "-c", EXIT_PROBE.format(entry_point=entry_point)],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert ("collected at exit" in probe.stdout) == (entry_point == "")
