@@ -8,10 +8,14 @@ From Python::
 
     model = nanogpt.GPT(nanogpt.GPTConfig(n_layer=4, n_head=4, n_embd=128))
 
-The names are imported on first use (PEP 562), not with the package: ``python
--m nanogpt.data`` and ``-m nanogpt.bpe`` run modules that loading.py imports,
-and runpy warns when the module it is about to run was already imported by the
-package. Nothing here imports Hydra; the entry points load it when they start.
+The package at a glance: model.py is the lesson (a GPT read top to bottom); the
+modules beside it are the commands (``python -m nanogpt.train | sample | eval |
+data | export | bench | report``); the folders below hold what nobody runs
+directly, one per subsystem: cli (the Hydra edge), dataset, training, runtime,
+weights, generation, evaluation, tracking, benchmarks.
+
+The names are imported on first use (PEP 562), not with the package, so that
+``import nanogpt`` stays light. Nothing here imports Hydra; the commands load it.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nanogpt.loading import LanguageModel, load
+    from nanogpt.generation.language_model import LanguageModel, load
     from nanogpt.model import GPT, GPTConfig
 
 __all__ = ["GPT", "GPTConfig", "LanguageModel", "load"]
 __version__ = "0.1.0"
 _HOMES = {"GPT": "nanogpt.model", "GPTConfig": "nanogpt.model",
-          "LanguageModel": "nanogpt.loading", "load": "nanogpt.loading"}
+          "LanguageModel": "nanogpt.generation.language_model",
+          "load": "nanogpt.generation.language_model"}
 
 
 def __getattr__(name: str):

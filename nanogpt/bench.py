@@ -5,33 +5,29 @@ mean what they mean there), then times the real training step and generation
 with and without the KV cache, after warm-up steps that are not counted.
 Writes no checkpoint and logs to no tracker; prints one table and writes it as
 JSON. A benchmark, not a test: nothing here asserts on time. ``suite=gpu`` runs
-the GPU suite instead (nanogpt/suite.py): several such measurements and a
-training run, each in its own process, reported against the PRD's targets.
+the GPU suite instead (nanogpt/benchmarks/suite.py): several such measurements and a
+training run, each in its own process, reported against the project's GPU targets.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from nanogpt.cli import hydra_entry, to_dataclass
-from nanogpt.config import TrainConfig
+from nanogpt.benchmarks.suite import RUNS, SUITE_KEYS, SUITE_RUNS, run_suite
+from nanogpt.benchmarks.suite import format_report as format_suite_report
+from nanogpt.benchmarks.timing import describe_machine, format_table, time_generation, time_training
+from nanogpt.cli.entry import hydra_entry, to_dataclass
+from nanogpt.cli.overrides import merge_overrides, parse_overrides
 from nanogpt.options import option, require
-from nanogpt.suite import SUITE_RUNS, run_suite
-from nanogpt.suite import format_report as format_suite_report
-from nanogpt.train import Trainer, build_trainer
+from nanogpt.training.config import TrainConfig
+from nanogpt.training.trainer import build_trainer
 
 
 @dataclass
@@ -60,83 +56,12 @@ class BenchConfig(TrainConfig):
     """A training config plus what to measure."""
 
     bench: BenchSettings = option(default_factory=BenchSettings)
-    suite: str | None = option(None, "gpu: instead of one benchmark, the GPU suite (nanogpt/suite.py)")
+    suite: str | None = option(None, "gpu: instead of one benchmark, the GPU suite "
+                                     "(nanogpt/benchmarks/suite.py)")
 
     def __post_init__(self):
         super().__post_init__()
         require(self.suite in (None, "gpu"), f"suite={self.suite} is unknown; use suite=gpu or leave it out")
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so wall-clock time covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def time_training(trainer: Trainer, settings: BenchSettings) -> dict:
-    """ms/iter, tokens/s, MFU and peak memory of trainer.train_step(), as training measures them."""
-    device = trainer.runtime.device
-    for _ in range(settings.warmup_steps):
-        trainer.train_step()
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    trainer.throughput.restart()
-    for _ in range(settings.train_steps):
-        loss = trainer.train_step()
-    loss.item()
-    synchronize(device)
-    speed = trainer.throughput.measure()
-    return {"train_ms_per_iter": speed["ms_per_iter"], "train_tokens_per_sec": speed["tokens_per_sec"],
-            "mfu": speed.get("mfu"), "peak_memory_mb": peak_memory_mb(device)}
-
-
-def time_generation(trainer: Trainer, new_tokens: int, use_cache: bool) -> dict:
-    """Milliseconds per generated token from a one-token prompt, after a short warm-up."""
-    model, device = trainer.model, trainer.runtime.device
-    model.eval()
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    with trainer.ctx:
-        for _ in model.stream(prompt, 8, use_cache=use_cache):
-            pass
-        synchronize(device)
-        start = time.perf_counter()
-        for token in model.stream(prompt, new_tokens, top_k=200, use_cache=use_cache):
-            token.item()  # a streaming caller needs each token on the host
-        seconds = time.perf_counter() - start
-    model.train()
-    return {"ms_per_token": seconds * 1000 / new_tokens, "tokens_per_sec": new_tokens / seconds}
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak device memory on CUDA; peak resident memory of this process elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def describe_machine(device: torch.device) -> dict:
-    """Where the figures were taken: device, torch version, threads, commit, date."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-            cwd=Path(__file__).parent, timeout=10,
-        ).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {
-        "device": f"{device.type}: {name}",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "commit": commit,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 def run_benchmark(cfg: BenchConfig, out_dir: Path) -> dict:
@@ -157,7 +82,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: Path) -> dict:
                 "compile": trainer.runtime.compile,
                 "params_m": trainer.model.num_params() / 1e6,
             },
-            "train": time_training(trainer, settings),
+            "train": time_training(trainer, settings.warmup_steps, settings.train_steps),
             "generate_cached": time_generation(trainer, settings.gen_tokens, use_cache=True),
         }
         if settings.gen_uncached:
@@ -171,41 +96,31 @@ def run_benchmark(cfg: BenchConfig, out_dir: Path) -> dict:
     return results
 
 
-def format_table(results: dict) -> str:
-    """The results as a two-column text table."""
-    m, s, t = results["machine"], results["settings"], results["train"]
-    rows = [
-        ("device", m["device"]),
-        ("torch / threads", f"{m['torch']} / {m['threads']}"),
-        ("model (layers/heads/width)", f"{s['model']}, {s['params_m']:.2f}M params"),
-        ("block x batch x accum",
-         f"{s['block_size']} x {s['batch_size']} x {s['gradient_accumulation_steps']}"),
-        ("dtype / compile", f"{s['dtype']} / {s['compile']}"),
-        ("train ms/iter", f"{t['train_ms_per_iter']:.1f}"),
-        ("train tokens/s", f"{t['train_tokens_per_sec']:,.0f}"),
-        ("MFU", "n/a (peak unknown)" if t["mfu"] is None else f"{t['mfu']:.1%}"),
-        ("peak memory MB", f"{t['peak_memory_mb']:,.0f}"),
-        ("generate ms/token (KV cache)", f"{results['generate_cached']['ms_per_token']:.2f}"),
-        ("generate tokens/s (KV cache)", f"{results['generate_cached']['tokens_per_sec']:,.0f}"),
-    ]
-    if "generate_uncached" in results:
-        rows += [
-            ("generate ms/token (no cache)", f"{results['generate_uncached']['ms_per_token']:.2f}"),
-            ("generate tokens/s (no cache)", f"{results['generate_uncached']['tokens_per_sec']:,.0f}"),
-            ("KV cache speed-up", f"{results['cache_speedup']:.1f}x"),
-        ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+def suite_commands(given: list[str], names: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """Each of our suite runs as (module, overrides): its own, with the suite's command line laid over them.
+
+    Keys only the suite reads are not passed on, and bench.* settings reach only benchmark runs.
+    """
+    commands = {}
+    for name, (module, own) in RUNS.items():
+        if name not in names:
+            continue
+        passed = [o.input_line for o in parse_overrides(given)
+                  if not o.key_or_group.startswith(SUITE_KEYS)
+                  and (module == "nanogpt.bench" or not o.key_or_group.startswith("bench."))]
+        commands[name] = (module, merge_overrides(own, passed))
+    return commands
 
 
-@hydra_entry("bench", schema=BenchConfig)
+@hydra_entry("bench", BenchConfig)
 def main(cfg: DictConfig) -> None:
     """Entry point: compose bench.yaml (train.yaml plus bench settings), measure, print."""
     config = to_dataclass(cfg, BenchConfig)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if config.suite == "gpu":
-        report = run_suite(list(HydraConfig.get().overrides.task), out_dir, config.bench.suite_runs,
-                           config.bench.nanogpt_dir, config.bench.nanogpt_args, config.dataset.source)
+        commands = suite_commands(list(HydraConfig.get().overrides.task), config.bench.suite_runs)
+        report = run_suite(commands, out_dir, config.bench.suite_runs, config.bench.nanogpt_dir,
+                           config.bench.nanogpt_args, config.dataset.source)
         print(format_suite_report(report))
         print(f"written to {out_dir / 'suite.md'} and suite.json", file=sys.stderr)
         return

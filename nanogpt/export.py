@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING, DictConfig
 
-from nanogpt.cli import hydra_entry, to_dataclass
-from nanogpt.hf import export_checkpoint
+from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.options import option
+from nanogpt.weights.huggingface import export_model
+from nanogpt.weights.loading import resolve_source
 
 
 @dataclass
@@ -28,11 +29,12 @@ class ExportConfig:
     out: str = option(MISSING, "the Hugging Face model directory to write (replaced if it exists)")
 
 
-@hydra_entry("export", schema=ExportConfig)
+@hydra_entry("export", ExportConfig)
 def main(cfg: DictConfig) -> None:
     """Entry point: export cfg.ckpt to cfg.out and say what was written."""
     config = to_dataclass(cfg, ExportConfig)
-    out = export_checkpoint(config.ckpt, config.out)
+    loaded = resolve_source(config.ckpt, key="ckpt")
+    out = export_model(loaded.model, loaded.tokenizer, config.out, where=loaded.where)
     tokenizer = (out / "nanogpt_tokenizer.json").read_text()
     print(f"wrote a Hugging Face GPT-2 model to {out}")
     if '"char"' in tokenizer:

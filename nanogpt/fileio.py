@@ -1,4 +1,4 @@
-"""Small file helpers shared by data preparation and checkpoints."""
+"""Files: written whole or not at all, checked by their sha256, and the package's own folders."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def resource_dir(name: str) -> Path:
+    """A top-level folder of the repository (conf, experiments), or its copy inside an installed wheel."""
+    inside_package = PACKAGE_DIR / name
+    return inside_package if inside_package.is_dir() else PACKAGE_DIR.parent / name
 
 
 def sha256_of_file(path: Path) -> str:

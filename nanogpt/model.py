@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanogpt.generation.decoding import KVCache, decode
 from nanogpt.options import check_choices, option, require
-from nanogpt.sampling import sample_next_token
 
 
 @dataclass
@@ -54,15 +54,21 @@ class GPTConfig:
                                    choices=("none", "tanh"))
     gradient_checkpointing: bool = option(
         False, "recompute activations in the backward pass: less memory, same gradients")
-    # Variants from later models (off by default; see the module docstring):
+    attention: str = option("sdpa", "sdpa: torch's fused scaled_dot_product_attention; explicit: the same "
+                            "formula written out (see attention()), slower", choices=("sdpa", "explicit"))
+    # Variants from later models (off by default; see the module docstring). variant=True marks
+    # an option that changes the architecture away from GPT-2's (see variants below).
     position_encoding: str = option("learned", "learned: GPT-2's position table; rope: rotate q and k",
-                                    choices=("learned", "rope"))
-    norm: str = option("layernorm", "rmsnorm: scale only, no mean", choices=("layernorm", "rmsnorm"))
-    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys before attention")
-    activation: str = option("gelu", "relu2: relu(x) ** 2 in the MLP", choices=("gelu", "relu2"))
+                                    choices=("learned", "rope"), variant=True)
+    norm: str = option("layernorm", "rmsnorm: scale only, no mean", choices=("layernorm", "rmsnorm"),
+                       variant=True)
+    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys before attention", variant=True)
+    activation: str = option("gelu", "relu2: relu(x) ** 2 in the MLP", choices=("gelu", "relu2"),
+                             variant=True)
     # Tricks from the modded-nanogpt speedruns (off by default; each is explained where it acts):
     zero_init_proj: bool = option(False, "start the blocks' output projections at zero (see GPT.__init__)")
-    logit_softcap: float = option(0.0, "bound the logits smoothly to +-this (see GPT.forward); 0: off")
+    logit_softcap: float = option(0.0, "bound the logits smoothly to +-this (see GPT.forward); 0: off",
+                                  variant=True)
 
     def __post_init__(self):
         check_choices(self)
@@ -78,10 +84,9 @@ class GPTConfig:
 
     @property
     def variants(self) -> dict:
-        """The architecture switches set away from GPT-2's (empty for GPT-2 itself)."""
-        gpt2 = GPTConfig()
-        switches = ("position_encoding", "norm", "qk_norm", "activation", "logit_softcap")
-        return {name: getattr(self, name) for name in switches if getattr(self, name) != getattr(gpt2, name)}
+        """The options declared variant=True that are set away from GPT-2's (empty for GPT-2 itself)."""
+        return {f.name: getattr(self, f.name) for f in fields(GPTConfig)
+                if f.metadata.get("variant") and getattr(self, f.name) != f.default}
 
     @property
     def head_size(self) -> int:
@@ -90,29 +95,6 @@ class GPTConfig:
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-
-
-class KVCache:
-    """Keys and values already computed for one attention layer during generation.
-
-    Generating one token at a time would otherwise recompute attention inputs for
-    the whole context at every step. The cache holds them for positions
-    0..length-1 so each new step only computes its own key and value.
-    """
-
-    def __init__(self, batch_size: int, n_head: int, max_len: int, head_size: int, like: torch.Tensor):
-        shape = (batch_size, n_head, max_len, head_size)
-        self.keys = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.values = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys and values after the cached ones; return everything cached so far."""
-        start, end = self.length, self.length + k.size(2)
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 def make_norm(config: GPTConfig, width: int) -> nn.Module:
@@ -153,6 +135,27 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+              dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q kᵀ / √d, the future masked) v for queries (..., T, d) over keys and values (..., S, d).
+
+    Each query scores every key by a dot product, scaled by √d so the scores do
+    not grow with the head size; softmax turns a query's scores into weights
+    that sum to 1, and the output is the weighted sum of the values. The causal
+    mask gives the future a score of -inf (weight 0). The T queries are the
+    last T of the S positions, so query i sees keys 0 .. S - T + i. This is what
+    F.scaled_dot_product_attention computes in one fused kernel, without ever
+    storing the (T, S) weights; model.attention=explicit runs this instead.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if is_causal:
+        T, S = q.size(-2), k.size(-2)
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout)
+    return weights @ v
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which each position sees only itself and the past."""
 
@@ -167,6 +170,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
+        self.explicit = config.attention == "explicit"
         if self.qk_norm:  # unit-scale queries and keys keep attention logits in range
             self.q_norm = nn.RMSNorm(config.head_size)
             self.k_norm = nn.RMSNorm(config.head_size)
@@ -208,10 +212,13 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(k, v)
             k, v = k.to(dtype), v.to(dtype)  # the cache keeps the model's own precision
 
+        dropout = self.dropout if self.training else 0.0
         with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-            ).to(qkv.dtype)
+            if self.explicit:
+                y = attention(q, k, v, is_causal, dropout)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal)
+            y = y.to(qkv.dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -355,13 +362,10 @@ class GPT(nn.Module):
         return logits, loss
 
     def new_caches(self, batch_size: int) -> list[KVCache]:
-        """Make empty KV caches, one per block, for a generation of batch_size sequences."""
+        """Empty KV caches, one per block, for generating batch_size sequences (see KVCache)."""
         c = self.config
-        like = self.transformer.wte.weight
-        return [
-            KVCache(batch_size, c.n_head, c.block_size, c.head_size, like)
-            for _ in range(c.n_layer)
-        ]
+        return [KVCache(batch_size, c.n_head, c.block_size, c.head_size, like=self.transformer.wte.weight)
+                for _ in range(c.n_layer)]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -371,32 +375,8 @@ class GPT(nn.Module):
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator))
         return torch.cat([idx, *new], dim=1)
 
-    @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield each new token, shape (batch, 1), as soon as it is sampled, so text can be shown live.
-
-        With use_cache, the prompt is run once and then each new token costs one
-        position. Positions stop at block_size, so when the context fills, the
-        cache is rebuilt from the newest half of the window: every token still
-        sees at least block_size // 2 tokens of context, at correct positions.
-        Up to block_size tokens the output equals use_cache=False, which re-runs
-        the last block_size tokens at every step.
-        """
-        block_size = self.config.block_size
-        caches = None
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(idx[:, -block_size:])
-            elif caches is None or caches[0].length == block_size:
-                # Fill a fresh cache from the (newest part of the) context.
-                keep = block_size if caches is None else max(1, block_size // 2)
-                caches = self.new_caches(idx.size(0))
-                logits, _ = self(idx[:, -keep:], caches=caches)
-            else:
-                logits, _ = self(idx[:, -1:], caches=caches)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, next_token), dim=1)
-            yield next_token
-
+        """Yield each new token, shape (batch, 1), as soon as it is sampled: see generation/decoding.py."""
+        return decode(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)

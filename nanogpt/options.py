@@ -2,7 +2,7 @@
 
 Every option of the platform is a dataclass field written with option(). The
 same declaration then serves the Hydra schema (the dataclass itself), ``--help``
-(describe()), and validation (check_choices(), called from each dataclass's
+(describe_options()), and validation (check_choices(), called from each dataclass's
 __post_init__, so a config built from Python is checked as strictly as one
 composed by Hydra). Nothing here imports Hydra.
 """
@@ -17,9 +17,14 @@ from nanogpt.errors import ConfigError
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None,
-           default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field that carries its meaning (help) and, if limited, its allowed values."""
-    metadata = {"help": help, "choices": choices}
+           default_factory: Any = dataclasses.MISSING, variant: bool = False) -> Any:
+    """A dataclass field that carries its meaning (help) and, if limited, its allowed values.
+
+    variant marks a model option that, set away from its default, changes the
+    architecture away from GPT-2's (see GPTConfig.variants): Hugging Face export
+    and GPT-2 weights (init_from) cannot carry it.
+    """
+    metadata = {"help": help, "choices": choices, "variant": variant}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -46,7 +51,7 @@ def is_unset(value: Any) -> bool:
     return value == "???"
 
 
-def describe(schema: type, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
+def describe_options(schema: type, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
     """(key, type, default, help) for every option of schema, nested sections flattened.
 
     A choice-limited option's help ends with its allowed values.
@@ -55,7 +60,7 @@ def describe(schema: type, prefix: str = "") -> Iterator[tuple[str, str, Any, st
         key = f"{prefix}{f.name}"
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            yield from describe(f.default_factory, prefix=f"{key}.")
+            yield from describe_options(f.default_factory, prefix=f"{key}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:

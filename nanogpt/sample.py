@@ -2,7 +2,7 @@
 
 Text streams to stdout as it is generated; notes about what is loaded go to
 stderr, so ``> out.txt`` captures only the samples. ckpt= takes every source
-nanogpt.loading knows (our runs, karpathy/nanoGPT's out_dir, Hugging Face
+nanogpt/weights/loading.py knows (our runs, karpathy/nanoGPT's out_dir, Hugging Face
 directories and GPT-2 names), and the text is what ``nanogpt.load(ckpt)
 .generate(prompt, ...)`` returns for the same settings: both go through
 LanguageModel.stream.
@@ -11,18 +11,55 @@ LanguageModel.stream.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import torch
 from omegaconf import DictConfig
 
-from nanogpt.checkpoint import newest_checkpoint
-from nanogpt.cli import hydra_entry, to_dataclass
-from nanogpt.config import SampleConfig
-from nanogpt.device import resolve_device, resolve_dtype, set_threads
+from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.errors import ConfigError, DataError
-from nanogpt.loading import LanguageModel, resolve_source
+from nanogpt.generation.language_model import LanguageModel
+from nanogpt.options import check_choices, option, require
+from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype, set_threads
+from nanogpt.weights.checkpoint import newest_checkpoint
+from nanogpt.weights.loading import resolve_source
+from nanogpt.weights.quantize import quantize_option
+
+
+@dataclass
+class SampleConfig:
+    """Generation from a checkpoint."""
+
+    ckpt: str | None = option(None, "run dir, .pt file, nanoGPT out_dir/ckpt.pt, Hugging Face dir or "
+                                    "gpt2 | gpt2-medium | ...; null: newest run under `outputs`")
+    meta: str | None = option(None, "karpathy/nanoGPT checkpoints: their meta.pkl, when it is not "
+                                    "data/<dataset>/meta.pkl under the current directory")
+    outputs: str = option("outputs", "where to look for the newest run")
+    prompt: str = option("\n", "text the samples continue")
+    prompt_file: str | None = option(None, "read the prompt from this file instead")
+    num_samples: int = option(1, "how many samples to draw")
+    num_tokens: int = option(500, "new tokens per sample")
+    temperature: float = option(0.8, "0: always the likeliest token; higher: more varied")
+    top_k: int | None = option(200, "sample only among the k likeliest tokens; null: all")
+    top_p: float | None = option(None, "nucleus sampling, e.g. 0.9; null: off")
+    seed: int = option(1337, "seeds the sampling")
+    use_cache: bool = option(True, "KV cache: each new token costs one position, not the whole context")
+    quantize: str | None = quantize_option()
+    device: DeviceConfig = option(default_factory=DeviceConfig)
+
+    def __post_init__(self):
+        check_choices(self)
+        require(self.temperature >= 0,
+                f"temperature={self.temperature} must be >= 0 (0 picks the likeliest token)")
+        require(self.top_k is None or self.top_k >= 1,
+                f"top_k={self.top_k} must be at least 1, or null for no top-k filter")
+        require(self.top_p is None or 0 < self.top_p <= 1,
+                f"top_p={self.top_p} must be in (0, 1], or null for no nucleus filter")
+        require(self.num_tokens >= 0 and self.num_samples >= 1,
+                "num_tokens must be >= 0 and num_samples >= 1")
+
 
 
 def read_prompt(cfg: SampleConfig) -> str:
@@ -70,7 +107,7 @@ def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:
     return samples
 
 
-@hydra_entry("sample")
+@hydra_entry("sample", SampleConfig)
 def main(cfg: DictConfig) -> None:
     """Entry point: compose sample.yaml and generate."""
     generate_samples(to_dataclass(cfg, SampleConfig))

@@ -65,8 +65,23 @@ def bpe_cache(tmp_path_factory) -> Path:
 
     TIKTOKEN_CACHE_DIR points at it for the whole session (subprocesses inherit it).
     """
-    from nanogpt.bpe import seed_tiktoken_cache
+    from nanogpt.dataset.gpt2_files import seed_tiktoken_cache
 
     cache_dir = seed_tiktoken_cache(tmp_path_factory.mktemp("tiktoken_cache"))
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)
     return cache_dir
+
+
+def register_commands() -> None:
+    """Register every command's schema with Hydra, as each command does for itself when it starts."""
+    from nanogpt.bench import BenchConfig
+    from nanogpt.cli.entry import register_configs
+    from nanogpt.data import DataConfig
+    from nanogpt.eval import EvalConfig
+    from nanogpt.export import ExportConfig
+    from nanogpt.sample import SampleConfig
+    from nanogpt.training.config import TrainConfig
+
+    for name, schema in (("train", TrainConfig), ("sample", SampleConfig), ("eval", EvalConfig),
+                         ("data", DataConfig), ("export", ExportConfig), ("bench", BenchConfig)):
+        register_configs(name, schema)

@@ -26,8 +26,11 @@ import os
 import signal
 import sys
 
-from nanogpt import checkpoint, data, launch, train
+from nanogpt import train
+from nanogpt.dataset import batches
 from nanogpt.errors import DataError
+from nanogpt.training import trainer
+from nanogpt.weights import checkpoint
 
 
 def parse(spec: str) -> dict[str, str]:
@@ -48,10 +51,10 @@ def send_signal(spec: str, iteration: int) -> None:
 
 def install(faults: dict[str, str]) -> None:
     """Patch the training step, evaluation and checkpoint writing as the faults ask."""
-    original_step = train.Trainer.train_step
-    original_eval_batch_done = train.Trainer.eval_batch_done
+    original_step = trainer.Trainer.train_step
+    original_eval_batch_done = trainer.Trainer.eval_batch_done
     original_write = checkpoint.write_atomically
-    original_get_batch = data.BatchSampler.get_batch
+    original_get_batch = batches.BatchSampler.get_batch
     saves = {"count": 0}
     in_step = {"iter": None}
 
@@ -95,14 +98,14 @@ def install(faults: dict[str, str]) -> None:
             raise DataError(f"dataset.source={dataset.source} does not exist on this node")
         return original_prepare(dataset, data_root)
 
-    original_prepare = train.prepare_dataset
-    train.prepare_dataset = prepare_dataset
-    train.Trainer.train_step = train_step
-    data.BatchSampler.get_batch = get_batch
-    train.Trainer.eval_batch_done = eval_batch_done
+    original_prepare = trainer.prepare_dataset
+    trainer.prepare_dataset = prepare_dataset
+    trainer.Trainer.train_step = train_step
+    batches.BatchSampler.get_batch = get_batch
+    trainer.Trainer.eval_batch_done = eval_batch_done
     checkpoint.write_atomically = write_atomically
 
 
 if __name__ == "__main__":
     install(parse(sys.argv.pop(1)))
-    launch.main()
+    train.main()

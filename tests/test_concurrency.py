@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt.data import prepare_data
+from nanogpt.dataset.pipeline import prepare_data
 
 from .conftest import run_module
 

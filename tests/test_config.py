@@ -7,11 +7,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nanogpt.bench import BenchConfig
-from nanogpt.cli import register_configs, to_dataclass
-from nanogpt.config import CONFIG_DIR, EXPERIMENTS_DIR, SampleConfig, TrainConfig
+from nanogpt.cli.entry import to_dataclass
+from nanogpt.cli.paths import CONFIG_DIR, EXPERIMENTS_DIR
 from nanogpt.errors import ConfigError
+from nanogpt.sample import SampleConfig
+from nanogpt.training.config import TrainConfig
 
-from .conftest import run_module
+from .conftest import register_commands, run_module
 
 GROUPS = ["model", "dataset", "optimizer", "device", "logger"]
 # Recipes for training; eval recipes (they name a ckpt to score) compose with conf/eval.yaml instead.
@@ -19,7 +21,7 @@ TRAIN_RECIPES = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if "ckpt" 
 
 
 def compose_train(overrides: list[str], config_name: str = "train", schema: type = TrainConfig):
-    register_configs()
+    register_commands()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides)
     return to_dataclass(cfg, schema)
@@ -84,7 +86,7 @@ def test_validation_names_the_key():
 
 
 def test_sample_config_composes():
-    register_configs()
+    register_commands()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="sample", overrides=["prompt=ROMEO:", "top_p=0.9"])
     sample = to_dataclass(cfg, SampleConfig)
@@ -183,8 +185,8 @@ def test_sample_help_lists_only_the_groups_sampling_uses(tmp_path):
 def test_every_option_has_a_meaning():
     from nanogpt.eval import EvalConfig
     from nanogpt.export import ExportConfig
-    from nanogpt.options import describe
+    from nanogpt.options import describe_options
 
     for schema in (TrainConfig, SampleConfig, BenchConfig, EvalConfig, ExportConfig):
-        missing = [key for key, _, _, meaning in describe(schema) if not meaning]
+        missing = [key for key, _, _, meaning in describe_options(schema) if not meaning]
         assert not missing, missing

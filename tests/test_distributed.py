@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanogpt.data import BatchSampler, prepare_data
-from nanogpt.tracking import read_metrics
+from nanogpt.dataset.batches import BatchSampler
+from nanogpt.dataset.pipeline import prepare_data
+from nanogpt.tracking.metrics import read_metrics
 from tests.conftest import REPO, TINY_RUN
 from tests.test_stops import Running
 

@@ -6,13 +6,13 @@ import sys
 import pytest
 import torch
 
-from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.data import DatasetConfig
-from nanogpt.device import DeviceConfig
-from nanogpt.divergence import LossWatch
-from nanogpt.stops import TrainingDiverged
-from nanogpt.tracking import LoggerConfig
-from nanogpt.train import build_trainer
+from nanogpt.dataset.config import DatasetConfig
+from nanogpt.runtime.device import DeviceConfig
+from nanogpt.runtime.stops import TrainingDiverged
+from nanogpt.tracking.loggers import LoggerConfig
+from nanogpt.training.config import ModelConfig, TrainConfig
+from nanogpt.training.divergence import LossWatch
+from nanogpt.training.trainer import build_trainer
 
 
 def test_loss_watch_names_the_first_bad_iteration():

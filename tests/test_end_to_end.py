@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from nanogpt.checkpoint import load_checkpoint
-from nanogpt.tracking import read_metrics
+from nanogpt.tracking.metrics import read_metrics
+from nanogpt.weights.checkpoint import load_checkpoint
 
 from .conftest import TINY_RUN, run_module
 

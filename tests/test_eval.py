@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from nanogpt.data import prepare_data
+from nanogpt.dataset.pipeline import prepare_data
 from nanogpt.errors import DataError
-from nanogpt.eval import exact_loss
+from nanogpt.evaluation.loss import exact_loss
 from nanogpt.model import GPT, GPTConfig
 
 from .conftest import run_module

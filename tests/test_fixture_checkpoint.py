@@ -41,10 +41,10 @@ def test_old_checkpoint_is_scored_by_eval(tmp_path):
 
 
 def test_old_last_pt_resumes(tmp_path):
-    from nanogpt.checkpoint import load_checkpoint
-    from nanogpt.cli import to_dataclass
-    from nanogpt.config import TrainConfig
-    from nanogpt.train import build_trainer
+    from nanogpt.cli.entry import to_dataclass
+    from nanogpt.training.config import TrainConfig
+    from nanogpt.training.trainer import build_trainer
+    from nanogpt.weights.checkpoint import load_checkpoint
 
     cfg = OmegaConf.load(FIXTURE / "config.yaml")
     cfg.dataset.source, cfg.data_root, cfg.max_iters = str(FIXTURE / "corpus.txt"), str(tmp_path / "data"), 8

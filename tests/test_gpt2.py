@@ -10,12 +10,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from nanogpt.checkpoint import save_checkpoint
-from nanogpt.cli import register_configs
-from nanogpt.config import CONFIG_DIR
-from nanogpt.loading import load_pretrained as load_gpt2_weights
+from nanogpt.cli.paths import CONFIG_DIR
 from nanogpt.model import GPT, GPTConfig
-from tests.conftest import TINY_RUN, run_module
+from nanogpt.weights.checkpoint import save_checkpoint
+from nanogpt.weights.loading import load_pretrained as load_gpt2_weights
+from tests.conftest import TINY_RUN, register_commands, run_module
 
 # Parameters of OpenAI's releases (embeddings tied, 50257 tokens, 1024 positions).
 PUBLISHED = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
@@ -24,7 +23,7 @@ PUBLISHED = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
 
 def composed_model(preset: str) -> dict:
     """The model group of conf/train.yaml as Hydra composes it with model=preset."""
-    register_configs()
+    register_commands()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={preset}"])
     return {k: v for k, v in cfg.model.items() if k != "init_from"}

@@ -15,11 +15,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import nanogpt
-from nanogpt.checkpoint import save_checkpoint
+from nanogpt.dataset.nanogpt_files import read_nanogpt_meta_pkl
 from nanogpt.errors import CheckpointError
-from nanogpt.loading import load_pretrained, resolve_source
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.pickles import read_nanogpt_meta_pkl
+from nanogpt.weights.checkpoint import save_checkpoint
+from nanogpt.weights.loading import load_pretrained, resolve_source
 
 from .conftest import REPO, run_module
 
@@ -113,7 +113,7 @@ def char_run(tmp_path) -> tuple[Path, GPT]:
 def test_import_nanogpt_exposes_the_python_face_without_hydra():
     # Nor any entry-point module: runpy warns on stderr when `python -m nanogpt.data` finds
     # nanogpt.data already imported by the package.
-    code = ("import nanogpt, sys; assert 'nanogpt.data' not in sys.modules; "
+    code = ("import nanogpt, sys; assert 'nanogpt.dataset.pipeline' not in sys.modules; "
             "print(nanogpt.GPT.__name__, nanogpt.GPTConfig.__name__, nanogpt.load.__name__); "
             "assert 'hydra' not in sys.modules, 'hydra imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

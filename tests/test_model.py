@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from nanogpt.errors import ConfigError
+from nanogpt.generation.sampling import sample_next_token
 from nanogpt.model import GPT, GPTConfig, rotary_angles, rotate
-from nanogpt.optim import OptimizerConfig, configure_optimizer
-from nanogpt.sampling import sample_next_token
+from nanogpt.training.optim import OptimizerConfig, build_adamw
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -86,7 +86,7 @@ def test_residual_projections_use_scaled_init():
 
 def test_optimizer_decays_only_matrices():
     model = GPT(tiny_config())
-    opt = configure_optimizer(model, OptimizerConfig(weight_decay=0.1, lr=1e-3))
+    opt = build_adamw(model, OptimizerConfig(weight_decay=0.1, lr=1e-3))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"])
@@ -189,7 +189,7 @@ def test_variants_change_the_modules():
 def test_variants_learn(variant):
     torch.manual_seed(0)
     model = GPT(tiny_config(**variant))
-    optimizer = configure_optimizer(model, OptimizerConfig(weight_decay=0.0, lr=1e-2))
+    optimizer = build_adamw(model, OptimizerConfig(weight_decay=0.0, lr=1e-2))
     idx = torch.randint(0, 11, (4, 16))
     losses = []
     for _ in range(40):

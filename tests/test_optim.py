@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from nanogpt.device import bf16_instructions
 from nanogpt.errors import ConfigError
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.optim import (
+from nanogpt.runtime.device import bf16_instructions
+from nanogpt.training.optim import (
     Muon,
     OptimizerConfig,
+    build_muon,
     build_optimizer,
-    configure_muon,
     newton_schulz_dtype,
     orthogonalize,
 )
@@ -25,7 +25,7 @@ def small_model() -> GPT:
 
 def test_muon_takes_block_matrices_and_adamw_the_rest():
     model = small_model()
-    opt = configure_muon(model, muon(lr=1e-3, weight_decay=0.1))
+    opt = build_muon(model, muon(lr=1e-3, weight_decay=0.1))
     muon_params = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         in_block_matrix = p.dim() == 2 and name.startswith("transformer.h.")
@@ -37,7 +37,7 @@ def test_muon_takes_block_matrices_and_adamw_the_rest():
 
 def test_muon_learns_and_its_state_round_trips():
     model = small_model()
-    opt = configure_muon(model, muon(lr=3e-3, weight_decay=0.0))
+    opt = build_muon(model, muon(lr=3e-3, weight_decay=0.0))
     x = torch.randint(0, 16, (8, 16))
     y = torch.roll(x, -1, dims=1)
     first = None
@@ -49,7 +49,7 @@ def test_muon_learns_and_its_state_round_trips():
         opt.zero_grad()
     assert loss.item() < first - 1.0
     state = opt.state_dict()
-    fresh = configure_muon(small_model(), muon(lr=3e-3, weight_decay=0.0))
+    fresh = build_muon(small_model(), muon(lr=3e-3, weight_decay=0.0))
     fresh.load_state_dict(state)
     assert fresh.state_dict()["muon"]["state"].keys() == state["muon"]["state"].keys()
 

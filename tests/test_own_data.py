@@ -17,11 +17,13 @@ import pytest
 import tiktoken
 import torch
 
-from nanogpt import sources
-from nanogpt.data import BatchSampler, DatasetConfig, prepare_data, tokenizer_codec
+from nanogpt.dataset import sources
+from nanogpt.dataset.batches import BatchSampler
+from nanogpt.dataset.config import DatasetConfig
+from nanogpt.dataset.nanogpt_files import read_nanogpt_meta_pkl
+from nanogpt.dataset.pipeline import prepare_data
+from nanogpt.dataset.tokenizers import tokenizer_codec, train_bpe
 from nanogpt.errors import ConfigError, DataError
-from nanogpt.pickles import read_nanogpt_meta_pkl
-from nanogpt.tokenizer import train_bpe
 
 from .conftest import TINY_RUN, run_module
 

@@ -10,9 +10,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from nanogpt.device import DeviceConfig, gpu_peak_flops, set_threads
 from nanogpt.errors import ConfigError
-from nanogpt.launch import share_cores
+from nanogpt.runtime.device import DeviceConfig, gpu_peak_flops, set_threads
+from nanogpt.train import share_cores
 
 
 @pytest.mark.parametrize(("name", "tflops"), [

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import nanogpt
-from nanogpt.data import prepare_data
+from nanogpt.dataset.pipeline import prepare_data
 from nanogpt.errors import ConfigError
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.quantize import Int8Linear, quantize_model
+from nanogpt.weights.quantize import Int8Linear, quantize_model
 
 from .conftest import run_module
 from .test_eval import last_json

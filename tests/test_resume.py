@@ -11,8 +11,8 @@ import signal
 import pytest
 import torch
 
-from nanogpt.checkpoint import load_checkpoint
-from nanogpt.tracking import read_metrics
+from nanogpt.tracking.metrics import read_metrics
+from nanogpt.weights.checkpoint import load_checkpoint
 
 from .conftest import REPO, TINY_RUN, run_module
 from .wandb_records import read_offline_run

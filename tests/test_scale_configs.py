@@ -7,15 +7,16 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from nanogpt.cli import register_configs, to_dataclass
-from nanogpt.config import CONFIG_DIR, TrainConfig
-from tests.conftest import run_module
+from nanogpt.cli.entry import to_dataclass
+from nanogpt.cli.paths import CONFIG_DIR
+from nanogpt.training.config import TrainConfig
+from tests.conftest import register_commands, run_module
 from tests.test_gpt2 import random_hf_model
 
 
 def composed(overrides: list[str], hydra_config: bool = False):
     """conf/train.yaml composed by Hydra with overrides."""
-    register_configs()
+    register_commands()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=hydra_config)
 
@@ -59,7 +60,7 @@ def test_slurm_ddp_launcher_resolves_from_the_command_line(tmp_path):
 def test_eval_recipes_compose_for_the_eval_entry_point(size):
     from nanogpt.eval import EvalConfig
 
-    register_configs()
+    register_commands()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=[f"+experiment=eval_gpt2{size.replace('-', '_')}"])
     config = to_dataclass(cfg, EvalConfig)

@@ -16,11 +16,10 @@ import sys
 import torch
 from hydra import compose, initialize_config_dir
 
-from nanogpt.cli import register_configs
-from nanogpt.config import CONFIG_DIR
-from nanogpt.tracking import read_metrics
+from nanogpt.cli.paths import CONFIG_DIR
+from nanogpt.tracking.metrics import read_metrics
 
-from .conftest import REPO, TINY_RUN
+from .conftest import REPO, TINY_RUN, register_commands
 
 # Long enough (about a minute or more of training on one thread) that the job meets its time-out
 # warning, which comes 30 s into each attempt, at least once on any machine.
@@ -62,7 +61,7 @@ def test_timed_out_job_requeues_and_auto_resume_finishes_it_exactly(corpus, tmp_
 
 
 def test_slurm_preset_requeues_with_a_warning_before_the_limit():
-    register_configs()
+    register_commands()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["hydra/launcher=slurm_ddp"], return_hydra_config=True)
     launcher = cfg.hydra.launcher

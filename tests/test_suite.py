@@ -6,7 +6,8 @@ Speeds are not asserted (a benchmark, not a test); the report's structure and th
 import json
 import math
 
-from nanogpt.suite import check_targets, merge_overrides, nanogpt_figures
+from nanogpt.bench import suite_commands
+from nanogpt.benchmarks.suite import check_targets, nanogpt_figures
 
 from .conftest import run_module
 
@@ -37,8 +38,8 @@ def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_ro
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "suite.json").read_text())
     runs = report["runs"]
-    assert set(runs) == {"prd", "gpt2", "recipe", "nanogpt"}
-    for name in ("prd", "gpt2"):
+    assert set(runs) == {"default", "gpt2", "recipe", "nanogpt"}
+    for name in ("default", "gpt2"):
         assert runs[name]["iters_per_sec"] > 0 and runs[name]["ms_per_token"] > 0
         assert runs[name]["mfu"] is None  # no known peak on a CPU
     assert runs["gpt2"]["settings"]["dtype"] == "bfloat16" and runs["gpt2"]["settings"]["model"] == "1/2/32"
@@ -57,21 +58,24 @@ def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, corpus, da
     out = tmp_path / "suite"
     result = run_module("nanogpt.bench", "suite=gpu", *TINY, "dataset=text", f"dataset.source={corpus}",
                         f"data_root={data_root}", f"bench.nanogpt_dir={tmp_path / 'absent'}",
-                        "bench.suite_runs=[prd,nanogpt]", f"hydra.run.dir={out}", cwd=tmp_path)
+                        "bench.suite_runs=[default,nanogpt]", f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     runs = json.loads((out / "suite.json").read_text())["runs"]
-    assert set(runs) == {"prd", "nanogpt"}  # only the runs asked for (a suite split over commands)
-    assert "not a karpathy/nanoGPT checkout" in runs["nanogpt"]["error"] and "iters_per_sec" in runs["prd"]
+    assert set(runs) == {"default", "nanogpt"}  # only the runs asked for (a suite split over commands)
+    assert "not a karpathy/nanoGPT checkout" in runs["nanogpt"]["error"]
+    assert "iters_per_sec" in runs["default"]
     assert "| nanogpt | failed: " in result.stdout
 
 
 def test_overrides_reach_the_runs_they_mean_something_to():
-    own = ["model=gpt2", "batch_size=16", "bench.train_steps=50"]
     given = ["batch_size=2", "suite=gpu", "bench.nanogpt_dir=/x", "bench.train_steps=2", "+extra=1"]
-    assert merge_overrides(own, given, "nanogpt.bench") == [
-        "model=gpt2", "batch_size=2", "bench.train_steps=2", "+extra=1"]
-    assert merge_overrides(["+experiment=a"], given, "nanogpt.train") == [
-        "+experiment=a", "batch_size=2", "+extra=1"]
+    commands = suite_commands(given, ["gpt2", "recipe"])
+    assert commands["gpt2"][1][:2] == ["model=gpt2", "dataset=shakespeare"]
+    assert "batch_size=16" not in commands["gpt2"][1] and "bench.train_steps=50" not in commands["gpt2"][1]
+    assert commands["gpt2"][1][-3:] == ["batch_size=2", "bench.train_steps=2", "+extra=1"]
+    assert commands["recipe"][1][0] == "+experiment=shakespeare_char"
+    assert commands["recipe"][1][-2:] == ["batch_size=2", "+extra=1"]
+    assert "suite=gpu" not in commands["recipe"][1]
 
 
 def test_nanogpt_output_is_parsed_and_targets_are_judged():
@@ -80,7 +84,7 @@ def test_nanogpt_output_is_parsed_and_targets_are_judged():
     assert nanogpt_figures(output) == {"iter": 5000, "val_loss": 1.47, "train_loss": 1.01,
                                        "best_val_loss": 1.47}
     prd = {"iters_per_sec": 150.0, "peak_memory_mb": 9000.0, "ms_per_token": 4.0}
-    rows = {row["target"]: row["met"] for row in check_targets({"prd": prd, "gpt2": {"error": "x"}})}
+    rows = {row["target"]: row["met"] for row in check_targets({"default": prd, "gpt2": {"error": "x"}})}
     assert rows["default config > 100 iter/s"] is True and rows["default config fits in 8 GB"] is False
     assert rows["GPT-2 124M MFU >= 50% (H100 goal)"] is None
 
@@ -88,5 +92,5 @@ def test_nanogpt_output_is_parsed_and_targets_are_judged():
 def test_unknown_suite_is_refused(tmp_path):
     result = run_module("nanogpt.bench", "suite=tpu", cwd=tmp_path)
     assert result.returncode == 2 and "suite=tpu is unknown" in result.stderr
-    result = run_module("nanogpt.bench", "suite=gpu", "bench.suite_runs=[prd,mfu]", cwd=tmp_path)
+    result = run_module("nanogpt.bench", "suite=gpu", "bench.suite_runs=[default,mfu]", cwd=tmp_path)
     assert result.returncode == 2 and "['mfu'] unknown" in result.stderr

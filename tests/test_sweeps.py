@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from nanogpt.report import job_sort_key
-from nanogpt.sweeps import job_label, swept_keys
+from nanogpt.cli.sweeps import job_label, swept_keys
+from nanogpt.tracking.compare import job_sort_key
 
-from .conftest import TINY_RUN, run_module
+from .conftest import TINY_RUN, register_commands, run_module
 from .wandb_records import read_offline_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -159,10 +159,9 @@ def test_optuna_search_minimises_the_best_val_loss(tmp_path, corpus, data_root):
 def test_lr_sweep_recipe_composes_three_jobs_on_the_cpu_recipe():
     from hydra import compose, initialize_config_dir
 
-    from nanogpt.cli import register_configs
-    from nanogpt.config import CONFIG_DIR
+    from nanogpt.cli.paths import CONFIG_DIR
 
-    register_configs()
+    register_commands()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["+experiment=lr_sweep"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params["optimizer.lr"] == "3e-3,1e-3,3e-4"

@@ -2,7 +2,8 @@
 
 import socket
 
-from nanogpt.tracking import RunTracking, read_metrics
+from nanogpt.tracking.metrics import read_metrics
+from nanogpt.tracking.records import RunRecords
 
 from .conftest import TINY_RUN, run_module
 from .wandb_records import read_offline_run
@@ -75,9 +76,9 @@ def test_bad_logger_fails_before_any_work(tmp_path, corpus, data_root):
 
 
 def test_only_the_owning_process_records(tmp_path):
-    from nanogpt.config import LoggerConfig
+    from nanogpt.tracking.loggers import LoggerConfig
 
-    other_rank = RunTracking(tmp_path, LoggerConfig(name="wandb"), {}, owner=False)
+    other_rank = RunRecords(tmp_path, LoggerConfig(name="wandb"), {}, owner=False)
     other_rank.log({"kind": "eval", "iter": 0, "val_loss": 1.0, "train_loss": 1.0})
     other_rank.close()
     assert list(tmp_path.iterdir()) == []

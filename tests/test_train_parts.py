@@ -5,10 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanogpt.config import OptimizerConfig
-from nanogpt.device import bf16_instructions, resolve_device, resolve_dtype, should_compile
 from nanogpt.errors import DeviceError
-from nanogpt.optim import learning_rate_at
+from nanogpt.runtime.device import bf16_instructions, resolve_device, resolve_dtype, should_compile
+from nanogpt.training.optim import OptimizerConfig, learning_rate_at
 
 
 def test_schedule_warmup_peak_and_end():

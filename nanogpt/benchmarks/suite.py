@@ -1,11 +1,11 @@
 """The GPU suite: ``python -m nanogpt.bench suite=gpu [bench.nanogpt_dir=PATH] [overrides]``.
 
-One command that measures, on whatever GPU it finds, what the PRD and the
-README promise for GPUs, and writes one report (suite.json, suite.md):
+One command that measures, on whatever GPU it finds, what the project promises
+for GPUs, and writes one report (suite.json, suite.md):
 
-- prd: the default config (6/6/384, block 256, batch 64) through nanogpt.bench:
+- default: the default config (6/6/384, block 256, batch 64) through nanogpt.bench:
   iterations per second, peak GPU memory, and ms per generated token (KV cache),
-  each set against the PRD's target (> 100 iter/s, < 8 GB, < 10 ms/token);
+  each set against the target (> 100 iter/s, < 8 GB, < 10 ms/token);
 - gpt2: GPT-2 124M (model=gpt2 on GPT-2 BPE) training in bf16 with torch.compile
   and scaled_dot_product_attention (flash attention where the GPU has it):
   tokens/s and MFU against the GPU's dense bf16 peak (goal: >= 50% on an H100);
@@ -16,8 +16,9 @@ README promise for GPUs, and writes one report (suite.json, suite.md):
 Each measurement is its own process, so one run's compiled graphs and GPU
 memory never colour another's figures, and a run that fails is reported as
 failed while the others still run. Overrides given to the suite reach every run
-(after the run's own, so they win): that is how the tests run the whole suite on
-a CPU with a tiny model. Like the benchmark, it asserts nothing about speed.
+(after the run's own, so they win; nanogpt/bench.py lays them over): that is how
+the tests run the whole suite on a CPU with a tiny model. Like the benchmark, it
+asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -30,18 +31,20 @@ import sys
 import time
 from pathlib import Path
 
-# The PRD's GPU targets: (what, the figure's key in a run's results, comparison, bound).
-PRD_TARGETS = (
-    ("default config > 100 iter/s", ("prd", "iters_per_sec"), ">", 100.0),
-    ("default config fits in 8 GB", ("prd", "peak_memory_mb"), "<", 8192.0),
-    ("generation < 10 ms/token", ("prd", "ms_per_token"), "<", 10.0),
+from nanogpt.tracking.metrics import read_metrics
+
+# The project's GPU targets: (what, the figure's key in a run's results, comparison, bound).
+GPU_TARGETS = (
+    ("default config > 100 iter/s", ("default", "iters_per_sec"), ">", 100.0),
+    ("default config fits in 8 GB", ("default", "peak_memory_mb"), "<", 8192.0),
+    ("generation < 10 ms/token", ("default", "ms_per_token"), "<", 10.0),
     ("GPT-2 124M MFU >= 50% (H100 goal)", ("gpt2", "mfu"), ">=", 0.5),
     ("shakespeare_char val < 1.5 at 5000 iters", ("recipe", "val_loss"), "<", 1.5),
 )
 
 # What each of our runs is, before the suite's own overrides are laid over it.
 RUNS = {
-    "prd": ("nanogpt.bench", ["bench.gen_tokens=1000", "bench.gen_uncached=false"]),
+    "default": ("nanogpt.bench", ["bench.gen_tokens=1000", "bench.gen_uncached=false"]),
     "gpt2": ("nanogpt.bench", ["model=gpt2", "dataset=shakespeare", "batch_size=16",
                                "device.dtype=bfloat16", "device.compile=true",
                                "bench.warmup_steps=10", "bench.train_steps=50",
@@ -52,25 +55,6 @@ RUNS = {
 SUITE_RUNS = (*RUNS, "nanogpt")
 # Keys only the suite itself reads; never passed on.
 SUITE_KEYS = ("suite", "bench.nanogpt_dir", "bench.nanogpt_args", "bench.suite_runs", "hydra.")
-
-
-def key_of(override: str) -> str:
-    """The key an override sets: 'model.n_layer' for 'model.n_layer=2', 'experiment' for '+experiment=x'."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def merge_overrides(own: list[str], given: list[str], module: str) -> list[str]:
-    """A run's own overrides with the suite's laid over them (same key: the suite's wins).
-
-    bench.* settings mean nothing to training, so they reach only benchmark runs.
-    """
-    merged = {key_of(o): o for o in own}
-    for override in given:
-        key = key_of(override)
-        if key.startswith(SUITE_KEYS) or (key.startswith("bench.") and module != "nanogpt.bench"):
-            continue
-        merged[key] = override
-    return list(merged.values())
 
 
 def run_logged(command: list[str], log_file: Path, cwd: Path | None = None) -> tuple[int, float]:
@@ -98,8 +82,7 @@ def bench_figures(results: dict) -> dict:
 
 def recipe_figures(run_dir: Path) -> dict:
     """The last evaluation of a training run (its metrics.jsonl): iteration and losses."""
-    evals = [record for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-             if record.get("kind") == "eval"]
+    evals = [record for record in read_metrics(run_dir) if record.get("kind") == "eval"]
     last = evals[-1]
     return {"iter": last["iter"], "val_loss": last["val_loss"], "train_loss": last["train_loss"],
             "best_val_loss": min(record["val_loss"] for record in evals)}
@@ -118,11 +101,10 @@ def nanogpt_figures(output: str) -> dict:
             "best_val_loss": min(float(v) for _, _, v in evals)}
 
 
-def run_ours(name: str, given: list[str], out_dir: Path) -> dict:
-    """Run one of RUNS in its own process and collect its figures (or why it failed)."""
-    module, own = RUNS[name]
+def run_ours(name: str, module: str, overrides: list[str], out_dir: Path) -> dict:
+    """Run ``python -m module overrides`` in its own process and collect its figures (or why it failed)."""
     run_dir = out_dir / name
-    command = [sys.executable, "-m", module, *merge_overrides(own, given, module), f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}"]
     status, seconds = run_logged(command, out_dir / f"{name}.log")
     if status != 0:
         return failure(status, out_dir / f"{name}.log")
@@ -163,10 +145,10 @@ def run_nanogpt(checkout: Path, extra_args: list[str], dataset_source: str | Non
 
 
 def check_targets(runs: dict) -> list[dict]:
-    """Each PRD target with the measured figure and whether it is met (None where not measured)."""
+    """Each target with the measured figure and whether it is met (None where not measured)."""
     compare = {">": float.__gt__, "<": float.__lt__, ">=": float.__ge__}
     rows = []
-    for what, (run, key), op, bound in PRD_TARGETS:
+    for what, (run, key), op, bound in GPU_TARGETS:
         value = runs.get(run, {}).get(key)
         met = None if value is None else compare[op](float(value), bound)
         rows.append({"target": what, "measured": value, "met": met})
@@ -193,7 +175,7 @@ def format_report(report: dict) -> str:
             if "wall_ratio_to_nanogpt" in run:
                 figures += f"; wall time {run['wall_ratio_to_nanogpt']:.2f}x nanoGPT's"
         lines.append(f"| {name} | {figures} | {run['wall_s']:.1f} |")
-    lines += ["", "| PRD target | measured | met |", "| --- | --- | --- |"]
+    lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
     for row in report["targets"]:
         value = row["measured"]
         shown = "not measured" if value is None else f"{value:.4g}"
@@ -202,15 +184,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_suite(given: list[str], out_dir: Path, names: list[str] = SUITE_RUNS, nanogpt_dir: str | None = None,
-              nanogpt_args: list[str] | None = None, dataset_source: str | None = None) -> dict:
-    """Run the measurements named, write suite.json and suite.md into out_dir, return the report.
+def run_suite(commands: dict[str, tuple[str, list[str]]], out_dir: Path, names: list[str] = SUITE_RUNS,
+              nanogpt_dir: str | None = None, nanogpt_args: list[str] | None = None,
+              dataset_source: str | None = None) -> dict:
+    """Run our commands ({name: (module, overrides)}) and, if named, nanoGPT's; write suite.json and suite.md.
 
     A subset (names) lets the suite be split over several commands where each
     may run only so long (the lent GPU machine allows 10 minutes a command).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {name: run_ours(name, given, out_dir) for name in RUNS if name in names}
+    runs = {name: run_ours(name, module, overrides, out_dir)
+            for name, (module, overrides) in commands.items()}
     if nanogpt_dir and "nanogpt" in names:
         runs["nanogpt"] = run_nanogpt(Path(nanogpt_dir).expanduser().resolve(), list(nanogpt_args or []),
                                       dataset_source, out_dir)

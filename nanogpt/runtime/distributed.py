@@ -296,3 +296,28 @@ def maybe_no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def check_world_size(saved: int, world_size: int) -> None:
+    """Refuse to resume a run on a different number of processes than it was saved with.
+
+    Each process's random state and its share of the next batch are saved per
+    rank; with another number of ranks they would not add up to the same run.
+    """
+    if saved != world_size:
+        launch = "python -m" if saved == 1 else f"torchrun --nproc_per_node={saved} -m"
+        raise ConfigError(
+            f"resume: the run was saved by {saved} process(es) and this job has {world_size}; resume it "
+            f"with as many ({launch} nanogpt.train resume=...), or start a new run from its weights "
+            "(model.init_from=RUN_DIR)"
+        )
+
+
+def launch_command(module_args: str, context: DistributedContext) -> str:
+    """The command that runs ``python -m module_args`` as this job was launched (one process, or torchrun)."""
+    if not context.enabled:
+        return f"python -m {module_args}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
+    if local == context.world_size:
+        return f"torchrun --standalone --nproc_per_node={local} -m {module_args}"
+    return f"torchrun <this job's options, on every node> -m {module_args}"

@@ -4,14 +4,11 @@ The description goes into a prepared dataset's meta.json and from there into
 every checkpoint, so sampling, eval, export and ``nanogpt.load`` need nothing
 but the checkpoint to turn text into ids and back. Kinds:
 
-* ``{"kind": "char", "vocabulary": [...]}``: a text's own characters, id = position.
-* ``{"kind": "tiktoken", "encoding": NAME}``: GPT-2's BPE or any tiktoken encoding.
-* ``{"kind": "hf", "json": TOKENIZER_JSON, "origin": ...}``: a Hugging Face
-  ``tokenizers`` tokenizer (a BPE trained here on the corpus, or a user's
-  tokenizer.json). The whole JSON is kept, not a path to it, because a path
-  stops meaning anything once the checkpoint leaves the machine.
-* ``{"kind": "ids", "vocab_size": N}``: pre-tokenized data whose tokenizer is
-  unknown; text is written as space-separated ids.
+char (a text's own characters), tiktoken (GPT-2's BPE or any tiktoken
+encoding), hf (a Hugging Face ``tokenizers`` tokenizer: a BPE trained here on
+the corpus, or a user's tokenizer.json, kept whole because a path stops meaning
+anything once the checkpoint leaves the machine) and ids (pre-tokenized data
+whose tokenizer is unknown). Each kind is one Tokenizer subclass below.
 
 ``tiktoken`` and ``tokenizers`` are optional and imported where first used, so
 that a character-level user needs neither. Nothing here imports Hydra or torch
@@ -30,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt.bpe import GPT2_ENCODING, gpt2_encoding, tiktoken_cache_dir
+from nanogpt.dataset.gpt2_files import GPT2_ENCODING, gpt2_encoding, tiktoken_cache_dir
 from nanogpt.errors import DataError
 
 GPT2_TOKENIZER = {"kind": "tiktoken", "encoding": GPT2_ENCODING}
@@ -93,73 +90,143 @@ def char_lookup(vocabulary: list[str]) -> np.ndarray:
 
 
 class Tokenizer:
-    """encode/decode for one description; encode_array is the fast path data preparation uses.
+    """Text to ids and back, for one stored description; one subclass per kind, found in TOKENIZERS.
 
-    eot is the end-of-text id put after each document of a document corpus (None: no such token).
+    A new kind is a subclass with its ``kind``, ``vocab_size``, ``eot`` (the
+    end-of-text id put after each document, or None), encode and decode;
+    encode_array is the fast path data preparation uses. Subclassing registers it.
     """
+
+    kind: str = ""
+    vocab_size: int
+    eot: int | None = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        TOKENIZERS[cls.kind] = cls
 
     def __init__(self, description: dict):
         self.description = description
-        kind = description.get("kind")
-        if kind == "char":
-            self._init_char(description["vocabulary"])
-        elif kind == "tiktoken":
-            self._init_tiktoken(tiktoken_encoding(description["encoding"]))
-        elif kind == "hf":
-            self._init_hf(description["json"])
-        elif kind == "ids":
-            self.vocab_size, self.eot = int(description["vocab_size"]), None
-            self.encode = lambda text: [int(t) for t in text.split()]
-            self.decode = lambda ids: " ".join(str(i) for i in ids)
-            self.encode_array = lambda text: np.array(self.encode(text), dtype=np.int64)
-        else:
-            raise DataError(f"unknown tokenizer {str(description)[:80]}; this version knows "
-                            "char, tiktoken, hf (tokenizer.json) and ids")
-        self.dtype = token_dtype(self.vocab_size)
 
-    def _init_char(self, vocabulary: list[str]) -> None:
-        self.vocab_size, self.eot = len(vocabulary), None
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.array(self.encode(text), dtype=np.int64)
+
+    @property
+    def dtype(self) -> str:
+        """The integer type of the token files for this vocabulary."""
+        return token_dtype(self.vocab_size)
+
+
+TOKENIZERS: dict[str, type[Tokenizer]] = {}
+
+
+class CharTokenizer(Tokenizer):
+    """``{"kind": "char", "vocabulary": [...]}``: a text's own characters, id = position."""
+
+    kind = "char"
+
+    def __init__(self, description: dict):
+        super().__init__(description)
+        vocabulary = description["vocabulary"]
+        self.vocab_size = len(vocabulary)
         self.encode, self.decode = create_encoder_decoder(vocabulary)
-        table = char_lookup(vocabulary)
+        self.table = char_lookup(vocabulary)
 
-        def encode_array(text: str) -> np.ndarray:
-            points = code_points(text)
-            if points.dtype != np.uint8 and points.size and int(points.max()) >= len(table):
-                self.encode(chr(int(points.max())))  # raises the one-line error
-            ids = table[points]
-            if ids.size and ids.min() < 0:
-                self.encode(text[int(np.argmax(ids < 0))])  # raises the one-line error
-            return ids
+    def encode_array(self, text: str) -> np.ndarray:
+        points = code_points(text)
+        if points.dtype != np.uint8 and points.size and int(points.max()) >= len(self.table):
+            self.encode(chr(int(points.max())))  # raises the one-line error
+        ids = self.table[points]
+        if ids.size and ids.min() < 0:
+            self.encode(text[int(np.argmax(ids < 0))])  # raises the one-line error
+        return ids
 
-        self.encode_array = encode_array
 
-    def _init_tiktoken(self, encoding) -> None:
+class TiktokenTokenizer(Tokenizer):
+    """``{"kind": "tiktoken", "encoding": NAME}``: GPT-2's BPE or any tiktoken encoding."""
+
+    kind = "tiktoken"
+
+    def __init__(self, description: dict):
+        super().__init__(description)
+        encoding = tiktoken_encoding(description["encoding"])
         self.vocab_size, self.eot = encoding.n_vocab, encoding.eot_token
         # Special tokens such as <|endoftext|> inside a text are read as plain text.
         self.encode, self.decode = encoding.encode_ordinary, encoding.decode
-        self.encode_array = lambda text: np.array(encoding.encode_ordinary(text), dtype=np.int64)
 
-    def _init_hf(self, tokenizer_json: str) -> None:
-        hf = hf_tokenizer(tokenizer_json)
-        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
-        self.eot = hf.token_to_id(END_OF_TEXT)
-        self.encode = lambda text: hf.encode(text, add_special_tokens=False).ids
-        self.decode = lambda ids: hf.decode(list(ids), skip_special_tokens=False)
+
+class HFTokenizer(Tokenizer):
+    """``{"kind": "hf", "json": TOKENIZER_JSON}``: a Hugging Face tokenizers tokenizer, kept whole."""
+
+    kind = "hf"
+
+    def __init__(self, description: dict):
+        super().__init__(description)
+        self.hf = hf_tokenizer(description["json"])
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        self.eot = self.hf.token_to_id(END_OF_TEXT)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def encode_array(self, text: str) -> np.ndarray:
         # An Encoding keeps strings and offsets for every token: encode a long text in parts.
-        self.encode_array = lambda text: np.concatenate(
-            [np.array(self.encode(part), dtype=np.int64) for part in slices(text)] or [np.zeros(0, np.int64)])
+        parts = [np.array(self.encode(part), dtype=np.int64) for part in slices(text)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+class IdsTokenizer(Tokenizer):
+    """``{"kind": "ids", "vocab_size": N}``: pre-tokenized data whose tokenizer is unknown; text is ids."""
+
+    kind = "ids"
+
+    def __init__(self, description: dict):
+        super().__init__(description)
+        self.vocab_size = int(description["vocab_size"])
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+def description_json(description: dict) -> str:
+    """A tokenizer description as canonical JSON: how it travels to workers and what load_tokenizer keys."""
+    return json.dumps(description, sort_keys=True)
 
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(description_json: str) -> Tokenizer:
-    """A Tokenizer for a description given as JSON text (hashable, so each is built once per process)."""
-    return Tokenizer(json.loads(description_json))
+    """The Tokenizer for a description given as canonical JSON (built once per process)."""
+    description = json.loads(description_json)
+    kind = TOKENIZERS.get(description.get("kind"))
+    if kind is None:
+        raise DataError(f"unknown tokenizer {str(description)[:80]}; this version knows "
+                        f"{', '.join(TOKENIZERS)}")
+    return kind(description)
 
 
 def tokenizer_codec(description: dict) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
     """(encode, decode) for a tokenizer as described in meta.json and in checkpoints."""
-    tokenizer = load_tokenizer(json.dumps(description, sort_keys=True))
+    tokenizer = load_tokenizer(description_json(description))
     return tokenizer.encode, tokenizer.decode
+
+
+def tokenizer_name(description: dict) -> str:
+    """A short name for a tokenizer description, for messages."""
+    if description.get("kind") == "char":
+        return f"char ({len(description['vocabulary'])} characters)"
+    return f"{description.get('kind')} {description.get('encoding', '')}".strip()
 
 
 def hf_tokenizer(tokenizer_json: str):
@@ -238,7 +305,7 @@ def read_tokenizer_file(path: str) -> dict:
     return {"kind": "hf", "origin": str(file.resolve()), "json": text}
 
 
-def describe_tokenizer(name: str) -> dict:
+def tokenizer_description(name: str) -> dict:
     """The description of a tokenizer given by name (a tiktoken encoding) or path (a tokenizer.json).
 
     Loading it here is the check: a missing or broken file, or an encoding whose

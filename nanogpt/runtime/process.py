@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanogpt import distributed
-from nanogpt.device import (
+from nanogpt.runtime import distributed
+from nanogpt.runtime.device import (
     DeviceConfig,
     autocast,
     peak_flops,

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanogpt.device import bf16_instructions
 from nanogpt.options import check_choices, option, require
+from nanogpt.runtime.device import bf16_instructions
 
 
 def orthogonalize(matrices: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
@@ -197,17 +197,18 @@ def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, betas: tup
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-def configure_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW on every trainable parameter (optimizer=adamw)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return adamw(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
 
 
-def configure_muon(model: nn.Module, cfg: OptimizerConfig) -> MuonWithAdamW:
+def build_muon(model: nn.Module, cfg: OptimizerConfig) -> MuonWithAdamW:
     """Muon on the transformer blocks' matrices, AdamW on the rest (optimizer=muon)."""
-    hidden = [p for name, p in model.named_parameters() if p.dim() == 2 and ".h." in f".{name}"]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in trainable if p.dim() == 2 and ".h." in f".{name}"]
     hidden_ids = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if id(p) not in hidden_ids]
+    rest = [p for _, p in trainable if id(p) not in hidden_ids]
     muon = Muon(
         [{"params": hidden, "lr_scale": cfg.muon_lr / cfg.lr}],
         lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps,
@@ -217,7 +218,7 @@ def configure_muon(model: nn.Module, cfg: OptimizerConfig) -> MuonWithAdamW:
     return MuonWithAdamW(muon, rest_optimizer)
 
 
-OPTIMIZERS = {"adamw": configure_optimizer, "muon": configure_muon}
+OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon}
 
 
 @dataclass

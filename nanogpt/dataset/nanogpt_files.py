@@ -1,4 +1,4 @@
-"""Reading karpathy/nanoGPT's ``meta.pkl`` without letting it run anything.
+"""karpathy/nanoGPT's ``meta.pkl``: its character vocabulary, read without letting the file run anything.
 
 nanoGPT stores a character vocabulary as a pickle: ``{"vocab_size": 65,
 "stoi": {"a": 39, ...}, "itos": {39: "a", ...}}``. Unpickling an arbitrary file
@@ -67,3 +67,17 @@ def read_nanogpt_meta_pkl(path: str | Path) -> dict:
     if not isinstance(meta, dict) or not is_plain(meta):
         raise MetaPickleError(f"{path} holds a {type(meta).__name__}, not nanoGPT's plain vocabulary dict")
     return meta
+
+
+def read_char_vocabulary(path: str | Path) -> dict:
+    """Our character tokenizer description of nanoGPT's meta.pkl at path (its ``itos`` table).
+
+    Used for a nanoGPT checkpoint's vocabulary and for its prepared .bin folders alike.
+    """
+    itos = read_nanogpt_meta_pkl(path).get("itos")
+    if not isinstance(itos, dict) or sorted(itos) != list(range(len(itos))):
+        raise MetaPickleError(f"{path} has no itos table numbering its tokens 0, 1, 2, ...")
+    vocabulary = [itos[i] for i in range(len(itos))]
+    if not all(isinstance(token, str) and len(token) == 1 for token in vocabulary):
+        raise MetaPickleError(f"{path} is not a character vocabulary (its tokens are not single characters)")
+    return {"kind": "char", "vocabulary": vocabulary}

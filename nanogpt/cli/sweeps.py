@@ -22,23 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt.report import report_sweep
+from nanogpt.cli.overrides import job_overrides, parse_overrides
+from nanogpt.tracking.compare import report_sweep
 
 log = logging.getLogger("nanogpt.sweeps")
 
 SWEPT_KEYS_ENV = "NANOGPT_SWEPT_KEYS"
 MAX_LABEL_LENGTH = 80
 JOB_DIR_RESOLVER = "nanogpt.job_dir"
-
-
-def parse_overrides(overrides: list[str]) -> list:
-    """Hydra's parsed form of command-line overrides."""
-    return OverridesParser.create().parse_overrides(list(overrides))
 
 
 def swept_keys(task_overrides: list[str], sweeper_params: dict | None) -> list[str]:
@@ -127,7 +122,7 @@ class SweepReportCallback(Callback):
         """Write summary.md, summary.csv and val_loss.png into the sweep directory; print the table."""
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            table, written = report_sweep(sweep_dir)
+            table, written = report_sweep(sweep_dir, job_overrides)
         except Exception as error:  # noqa: BLE001  (a failed report must not hide the finished jobs)
             log.warning("could not summarise the sweep in %s: %s", sweep_dir, error)
             return

@@ -79,7 +79,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def build_model(state: dict) -> GPT:
+def model_from_checkpoint(state: dict) -> GPT:
     """Recreate the GPT a checkpoint describes, with its weights loaded."""
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(state["model"])

@@ -1,11 +1,11 @@
-"""The edge where Hydra meets the program: composing config, --help, and reporting user errors.
+"""Where a command meets Hydra: composing its config, --help, and reporting user errors in one line.
 
 Every entry point (train, sample, data, bench, eval, export) is a function of a
 DictConfig wrapped by hydra_entry(). A mistake the user can fix (a bad override,
 an unknown key, a missing file, an absent device) is printed as one ``error:``
 line and the process exits with status 2. Set HYDRA_FULL_ERROR=1 to see the
 full traceback (only "1" means on, as in Hydra). Ctrl-C or SIGTERM outside a
-training loop (which has its own, see nanogpt/stops.py) ends the process with
+training loop (which has its own, see nanogpt/runtime/stops.py) ends the process with
 one line and status 130 or 143, never a traceback.
 """
 
@@ -29,30 +29,27 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from nanogpt.config import CONFIG_DIR, EXPERIMENTS_DIR, DataConfig, SampleConfig, TrainConfig
-from nanogpt.distributed import context_from_environment
+from nanogpt.cli.help import help_text
+from nanogpt.cli.paths import CONFIG_DIR, EXPERIMENTS_DIR
+from nanogpt.cli.sweeps import register_resolvers
 from nanogpt.errors import ConfigError, UserError, exit_with_error, first_line
-from nanogpt.options import describe
-from nanogpt.stops import STOP_SIGNALS, STOPPED_STATUSES, Interrupted, exit_at_once
-from nanogpt.sweeps import register_resolvers
+from nanogpt.runtime.distributed import context_from_environment
+from nanogpt.runtime.stops import STOP_SIGNALS, STOPPED_STATUSES, Interrupted, exit_at_once
 
 T = TypeVar("T")
 
-# Each entry point's conf/<name>.yaml starts from its schema, stored under <name>_schema.
-SCHEMAS: dict[str, type] = {"train": TrainConfig, "sample": SampleConfig, "data": DataConfig}
 
+def register_configs(config_name: str, schema: type) -> None:
+    """Register a command's schema (as <config_name>_schema) and the experiment recipes with Hydra.
 
-def register_configs() -> None:
-    """Register the schemas and the experiment recipes with Hydra's ConfigStore.
-
-    Recipes live in the top-level experiments/ folder rather than conf/, so they
-    are registered here as the ``experiment`` group; ``+experiment=NAME`` then
-    works from any directory and from an installed wheel.
+    conf/<config_name>.yaml starts from its schema. Recipes live in the top-level
+    experiments/ folder rather than conf/, so they are registered here as the
+    ``experiment`` group; ``+experiment=NAME`` then works from any directory and
+    from an installed wheel.
     """
     register_resolvers()
     store = ConfigStore.instance()
-    for name, schema in SCHEMAS.items():
-        store.store(name=f"{name}_schema", node=schema)
+    store.store(name=f"{config_name}_schema", node=schema)
     for recipe in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
         store.store(group="experiment", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
 
@@ -71,7 +68,7 @@ def skip_collection_at_exit() -> None:
 
 
 def hydra_entry(
-    config_name: str, schema: type | None = None,
+    config_name: str, schema: type,
     rewrite_arguments: Callable[[list[str]], list[str]] | None = None,
 ) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
     """Decorate task(cfg) into a main() that composes conf/<config_name>.yaml over schema.
@@ -79,8 +76,6 @@ def hydra_entry(
     rewrite_arguments, if given, may rewrite the command line before Hydra parses
     it (train uses it to continue a run in its own directory: resume=RUN_DIR).
     """
-    if schema is not None:
-        SCHEMAS[config_name] = schema
 
     def decorate(task: Callable[[DictConfig], object]) -> Callable[[], None]:
         debugging = False  # set by main() from the user's HYDRA_FULL_ERROR
@@ -101,10 +96,10 @@ def hydra_entry(
             """Compose the config and run the task; user errors exit with one line."""
             nonlocal debugging
             skip_collection_at_exit()
-            register_configs()
+            register_configs(config_name, schema)
             if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
                 overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
-                print(help_text(config_name, SCHEMAS[config_name], overrides))
+                print(help_text(config_name, schema, overrides))
                 return
             debugging = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("NANOGPT_DEBUG") == "1"
             # Let composition errors reach us rather than Hydra's multi-line report.
@@ -135,55 +130,6 @@ def check_hydra_flags(argv: list[str]) -> None:
             f"{' and '.join(modes)} cannot be combined (Hydra takes one of -m, --cfg, --info); to see the "
             "config of one job of a sweep, drop -m and give one value per key, e.g. optimizer.lr=1e-3"
         )
-
-
-def help_text(config_name: str, schema: type, overrides: list[str]) -> str:
-    """--help: the groups this entry point composes, with their options, and every key's meaning.
-
-    Values are those the command line would run with (its overrides composed), so
-    ``model=tiny --help`` shows tiny's shape.
-    """
-    lines = [f"python -m nanogpt.{config_name} [group=option ...] [key=value ...]", ""]
-    groups = [f.name for f in dataclasses.fields(schema) if (CONFIG_DIR / f.name).is_dir()]
-    if groups:
-        lines.append("Config groups (choose one option each):")
-        lines += [f"  {group}: {', '.join(sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml')))}"
-                  for group in groups]
-        if "model" in groups:
-            recipes = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
-            lines.append(f"  +experiment: {', '.join(recipes)}")
-        lines.append("")
-    values = composed_values(config_name, overrides)
-    lines.append("Keys (key=value), with the values this command line would use:")
-    for key, kind, default, meaning in describe(schema):
-        value = values.get(key, default)
-        lines.append(f"  {key}: {kind} = {'(required)' if value == '???' else repr(value)}")
-        if meaning:
-            lines.append(f"      {meaning}")
-    lines += ["", "Hydra: --cfg job (print the composed config), -m (sweep), --hydra-help, "
-              "--shell-completion install=bash"]
-    return "\n".join(lines)
-
-
-def composed_values(config_name: str, overrides: list[str]) -> dict:
-    """{dotted.key: value} of conf/<config_name>.yaml with overrides; {} if they do not compose."""
-    try:
-        with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = hydra.compose(config_name=config_name, overrides=overrides)
-    except Exception:  # noqa: BLE001 (help still shows the schema's defaults for a bad command line)
-        return {}
-
-    def flatten(node: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from flatten(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
-    try:
-        return dict(flatten(OmegaConf.to_container(cfg, resolve=True)))
-    except OmegaConfBaseException:  # an interpolation that cannot resolve yet: show it as written
-        return dict(flatten(OmegaConf.to_container(cfg, resolve=False)))
 
 
 @contextlib.contextmanager

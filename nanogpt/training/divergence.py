@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from nanogpt.stops import check_finite
+from nanogpt.runtime.stops import check_finite
 
 
 class LossWatch:
@@ -31,7 +31,7 @@ class LossWatch:
         self.bad_loss = torch.where(fresh, loss.detach().float(), self.bad_loss)
 
     def check(self, last_checkpoint: str) -> None:
-        """Raise TrainingDiverged (see nanogpt.stops) if any watched loss was not finite."""
+        """Raise TrainingDiverged (see nanogpt/runtime/stops.py) if any watched loss was not finite."""
         first_bad = int(self.first_bad.item())  # the one host sync, at a log or save point
         if first_bad >= 0:
             check_finite(self.bad_loss.item(), first_bad, "the training loss", last_checkpoint)

@@ -1,0 +1,116 @@
+"""Timing the real training step and generation, as ``python -m nanogpt.bench`` reports them.
+
+A benchmark, not a test: nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from nanogpt.training.trainer import Trainer
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def time_training(trainer: Trainer, warmup_steps: int, train_steps: int) -> dict:
+    """ms/iter, tokens/s, MFU and peak memory of trainer.train_step(), as training measures them."""
+    device = trainer.runtime.device
+    for _ in range(warmup_steps):
+        trainer.train_step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.throughput.restart()
+    for _ in range(train_steps):
+        loss = trainer.train_step()
+    loss.item()
+    synchronize(device)
+    speed = trainer.throughput.measure()
+    return {"train_ms_per_iter": speed["ms_per_iter"], "train_tokens_per_sec": speed["tokens_per_sec"],
+            "mfu": speed.get("mfu"), "peak_memory_mb": peak_memory_mb(device)}
+
+
+def time_generation(trainer: Trainer, new_tokens: int, use_cache: bool) -> dict:
+    """Milliseconds per generated token from a one-token prompt, after a short warm-up."""
+    model, device = trainer.model, trainer.runtime.device
+    model.eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    with trainer.ctx:
+        for _ in model.stream(prompt, 8, use_cache=use_cache):
+            pass
+        synchronize(device)
+        start = time.perf_counter()
+        for token in model.stream(prompt, new_tokens, top_k=200, use_cache=use_cache):
+            token.item()  # a streaming caller needs each token on the host
+        seconds = time.perf_counter() - start
+    model.train()
+    return {"ms_per_token": seconds * 1000 / new_tokens, "tokens_per_sec": new_tokens / seconds}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory on CUDA; peak resident memory of this process elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def describe_machine(device: torch.device) -> dict:
+    """Where the figures were taken: device, torch version, threads, commit, date."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).parent, timeout=10,
+        ).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "device": f"{device.type}: {name}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "commit": commit,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def format_table(results: dict) -> str:
+    """The results as a two-column text table."""
+    m, s, t = results["machine"], results["settings"], results["train"]
+    rows = [
+        ("device", m["device"]),
+        ("torch / threads", f"{m['torch']} / {m['threads']}"),
+        ("model (layers/heads/width)", f"{s['model']}, {s['params_m']:.2f}M params"),
+        ("block x batch x accum",
+         f"{s['block_size']} x {s['batch_size']} x {s['gradient_accumulation_steps']}"),
+        ("dtype / compile", f"{s['dtype']} / {s['compile']}"),
+        ("train ms/iter", f"{t['train_ms_per_iter']:.1f}"),
+        ("train tokens/s", f"{t['train_tokens_per_sec']:,.0f}"),
+        ("MFU", "n/a (peak unknown)" if t["mfu"] is None else f"{t['mfu']:.1%}"),
+        ("peak memory MB", f"{t['peak_memory_mb']:,.0f}"),
+        ("generate ms/token (KV cache)", f"{results['generate_cached']['ms_per_token']:.2f}"),
+        ("generate tokens/s (KV cache)", f"{results['generate_cached']['tokens_per_sec']:,.0f}"),
+    ]
+    if "generate_uncached" in results:
+        rows += [
+            ("generate ms/token (no cache)", f"{results['generate_uncached']['ms_per_token']:.2f}"),
+            ("generate tokens/s (no cache)", f"{results['generate_uncached']['tokens_per_sec']:,.0f}"),
+            ("KV cache speed-up", f"{results['cache_speedup']:.1f}x"),
+        ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

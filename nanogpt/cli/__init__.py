@@ -1,0 +1,8 @@
+"""The Hydra edge: the only place that composes config and reads the command line.
+
+entry.py (hydra_entry: compose a command's config, --help, one-line errors),
+help.py (--help's text), overrides.py (parsing overrides, once), resume.py
+(resume= and auto_resume: rewriting the command line), sweeps.py (job names,
+W&B groups, the end-of-sweep report). Commands (nanogpt/<command>.py) call
+hydra_entry and turn the composed DictConfig into the plain dataclasses below.
+"""

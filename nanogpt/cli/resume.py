@@ -1,0 +1,140 @@
+"""Resuming a run from the command line: where from, and what may change.
+
+What a last.pt holds of training, and how it is put back, is the Trainer's
+(Trainer.state_dict); besides it, a last.pt keeps the command-line overrides
+the run was started with. ``python -m nanogpt.train resume=RUN_DIR_OR_CKPT
+[safe overrides]`` re-composes
+the run's own overrides, lets the new ones replace theirs, refuses any change to
+what the run means (model, dataset, optimizer, seed, batch) and trains on in the
+same run directory. ``auto_resume=true`` does the same for a run whose (fixed)
+run directory already holds a last.pt, as a preempted cluster job restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from nanogpt.cli.entry import to_dataclass
+from nanogpt.cli.overrides import flatten, parse_overrides, quote
+from nanogpt.cli.paths import CONFIG_DIR
+from nanogpt.errors import CheckpointError, ConfigError
+from nanogpt.runtime.distributed import check_world_size, context_from_environment
+from nanogpt.training.config import TrainConfig
+from nanogpt.weights.checkpoint import LAST, load_checkpoint
+
+log = logging.getLogger("nanogpt.resume")
+
+# Config keys (and groups) that define what a run is; a resumed run must keep them.
+MEANING_KEYS = ("model", "dataset", "optimizer", "seed", "batch_size", "gradient_accumulation_steps")
+SAFE_EXAMPLES = "max_iters, eval_interval, eval_iters, log_interval, sample_tokens, device, logger, data_root"
+
+
+# ---------------------------------------------------------------- where to resume from
+
+
+def resume_checkpoint_path(target: str | Path) -> Path:
+    """The checkpoint to resume from: a run directory's last.pt, or the file given."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / LAST).is_file():
+            raise CheckpointError(
+                f"resume={target}: the directory holds no {LAST}; give a run directory that a "
+                "training run wrote, or its last.pt"
+            )
+        return (path / LAST).resolve()
+    if path.is_file():
+        return path.resolve()
+    raise CheckpointError(f"resume={target} does not exist; give a run directory or its last.pt")
+
+
+def load_resumable(path: Path) -> dict:
+    """Load a checkpoint (never executing code) that holds a full training state."""
+    state = load_checkpoint(path)
+    if "training" not in state or "optimizer" not in state:
+        raise CheckpointError(
+            f"{path} holds weights but no training state (optimizer, random generators); "
+            f"resume from the run's {LAST}"
+        )
+    return state
+
+
+def check_resume_compatible(saved: dict, new: dict) -> None:
+    """Raise ConfigError if new changes a key that defines the saved run."""
+    old_flat, new_flat = flatten(saved), flatten(new)
+    for key in sorted(old_flat.keys() | new_flat.keys()):
+        if key.split(".")[0] not in MEANING_KEYS:
+            continue
+        old, value = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
+        if old != value:
+            raise ConfigError(
+                f"resume: {key}={value} would change the run, which has {key}={old}; a resumed run "
+                f"keeps its model, dataset, optimizer, seed and batch (safe to change: {SAFE_EXAMPLES}); "
+                "start a new run to change it"
+            )
+
+
+def checkpoint_to_resume(resume: str | None, auto_resume: bool, run_dir: Path, config: dict) -> dict | None:
+    """The training state to continue from, checked against config; None to start afresh."""
+    if resume:
+        path = resume_checkpoint_path(resume)
+    elif auto_resume and (run_dir / LAST).is_file():
+        path = run_dir / LAST
+    else:
+        return None
+    state = load_resumable(path)
+    check_resume_compatible(state.get("config", {}), config)
+    check_world_size(state["training"].get("world_size", 1), context_from_environment().world_size)
+    log.info("resuming %s from iteration %d (%s)", run_dir, state["iter_num"], path)
+    return state
+
+
+def resume_arguments(argv: list[str]) -> list[str]:
+    """Rewrite the command line of ``train resume=X [overrides]`` before Hydra sees it.
+
+    The run's own overrides (from its checkpoint) come first, the new ones replace
+    any for the same key, and hydra.run.dir points at the run's directory, so the
+    run continues where it lives. An incompatible change is refused here, before
+    Hydra writes anything into the run directory. Other command lines pass as they are.
+    """
+    if not any(a.startswith("resume=") for a in argv):
+        return argv
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f in ("-m", "--multirun") for f in flags):
+        raise ConfigError("resume= continues one run; it cannot be combined with --multirun")
+    if flags:  # --help, --cfg job, ...: nothing is trained, so the line passes as it is
+        return argv
+    given = parse_overrides(argv)
+    target = next((o.value() for o in given if o.key_or_group == "resume"), None)
+    if target is None:  # resume=null
+        return argv
+    path = resume_checkpoint_path(str(target))
+    state = load_resumable(path)
+    run_dir = path.parent
+    # Naming the run's own directory is harmless (torchrun's other ranks are handed rank 0's).
+    if any(o.key_or_group.startswith("hydra.run") and not is_dir_override(o, run_dir) for o in given):
+        raise ConfigError("resume= continues in the run's own directory; drop hydra.run.dir")
+    given = [o for o in given if not o.key_or_group.startswith("hydra.run")]
+
+    def key(override) -> str:
+        return f"{override.key_or_group}@{override.package}"
+
+    saved = parse_overrides(list(state["training"].get("overrides", [])))
+    new_keys = {key(o) for o in given}
+    kept = [o.input_line for o in saved if key(o) not in new_keys and o.key_or_group != "resume"]
+    overrides = kept + [o.input_line for o in given if o.key_or_group != "resume"]
+    overrides.append(f"resume={quote(str(path))}")
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        composed = compose(config_name="train", overrides=overrides)
+    check_resume_compatible(state.get("config", {}), OmegaConf.to_container(composed, resolve=True))
+    to_dataclass(composed, TrainConfig)  # wrong keys or types fail now, not in the run directory
+    return overrides + [f"hydra.run.dir={quote(str(run_dir))}"]
+
+
+def is_dir_override(override, run_dir: Path) -> bool:
+    """True for ``hydra.run.dir=`` naming run_dir itself."""
+    return override.key_or_group == "hydra.run.dir" and Path(str(override.value())).resolve() == run_dir

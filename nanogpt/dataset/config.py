@@ -1,0 +1,77 @@
+"""The ``dataset`` options, and the shared cache prepared datasets live in.
+
+Declared once here: DatasetConfig is the ``dataset`` config group's schema, and
+the data root's default (``$NANOGPT_DATA_ROOT``, else ``~/.cache/nanogpt``) is
+DATA_ROOT, read by every command that prepares or reads a dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from nanogpt import options
+from nanogpt.dataset.sources import SOURCES
+from nanogpt.dataset.tokenizers import BYTE_ALPHABET, OWN_TOKENIZERS, is_tokenizer_file, tiktoken_names
+
+DATA_ROOT_ENV = "NANOGPT_DATA_ROOT"
+DATA_ROOT = "~/.cache/nanogpt"
+
+
+def default_data_root() -> str:
+    """Where prepared datasets are cached unless data_root= says otherwise."""
+    return os.environ.get(DATA_ROOT_ENV, DATA_ROOT)
+
+
+def data_root_option():
+    """The data_root= option, as every command that prepares or reads data declares it."""
+    return options.option(default_factory=default_data_root,
+                          help=f"shared cache of prepared datasets (env {DATA_ROOT_ENV}, else {DATA_ROOT})")
+
+
+@dataclass
+class DatasetConfig:
+    """Where the text comes from, how it is tokenized and how it is split (the ``dataset`` group)."""
+
+    name: str = options.option("???", "folder under data_root holding the prepared tokens")
+    source: str = options.option(
+        "???", "a URL, a .txt file or folder of them, .jsonl/.parquet files, a Hugging Face dataset "
+        "name (loader=hf) or a folder of nanoGPT train.bin/val.bin (loader=bin)")
+    sha256: str | None = options.option(None, "expected sha256 of the source text; null accepts any text")
+    tokenizer: str = options.option(
+        "char", "char (the text's own characters), gpt2 or any tiktoken encoding, bpe (trained on the "
+        "corpus; needs vocab_size), or the path of a Hugging Face tokenizer.json")
+    vocab_size: int | None = options.option(
+        None, "tokenizer=bpe: ids to train; loader=bin without meta.pkl: how many ids the files use")
+    val_fraction: float = options.option(
+        0.1, "share held out for validation: the last characters of a text, the last documents of a corpus")
+    loader: str = options.option(
+        "text", "text: text files (or .jsonl/.parquet documents); hf: a Hugging Face dataset; "
+        "bin: nanoGPT's pre-tokenized files", choices=tuple(SOURCES))
+    subset: str | None = options.option(None, "hf: the dataset's configuration, e.g. FineWeb's sample-10BT")
+    text_field: str = options.option("text", "documents: the column holding each document's text")
+    num_proc: int | None = options.option(None, "processes that tokenize in parallel; null: all cores")
+
+    def __post_init__(self) -> None:
+        options.check_choices(self)
+        t, v = self.tokenizer, self.vocab_size
+        options.require(0 < self.val_fraction < 1,
+                        f"val_fraction={self.val_fraction} must be between 0 and 1")
+        options.require(
+            t in OWN_TOKENIZERS or t in tiktoken_names() or is_tokenizer_file(t),
+            f"tokenizer={t!r} is not one of {', '.join((*OWN_TOKENIZERS, *tiktoken_names()))}, "
+            "nor a path to a tokenizer.json")
+        options.require(t != "bpe" or self.loader != "bin",
+                        "tokenizer=bpe is trained on text; with loader=bin name the tokenizer the .bin files "
+                        "were made with (or give vocab_size)")
+        options.require(t != "bpe" or v is not None,
+                        "vocab_size is needed for tokenizer=bpe; e.g. dataset.vocab_size=8192")
+        options.require(
+            t != "bpe" or v is None or v > BYTE_ALPHABET,
+            f"vocab_size={v} is below the 256-byte alphabet of tokenizer=bpe; use vocab_size >= 257 "
+            "(256 bytes + <|endoftext|>)")
+        options.require(v is None or v >= 1, f"vocab_size={v} must be at least 1")
+        options.require(v is None or t == "bpe" or self.loader == "bin",
+                        f"vocab_size={v} is only read by tokenizer=bpe and loader=bin; drop it")
+        options.require(self.num_proc is None or self.num_proc >= 1,
+                        f"num_proc={self.num_proc} must be at least 1 (or null for all cores)")

@@ -1,0 +1,3 @@
+"""Where and how a process runs: its device and precision (device.py), its place in a torchrun or SLURM
+job (distributed.py), both settled for a training run (process.py), and stop signals (stops.py).
+"""

@@ -1,0 +1,101 @@
+"""A run's own files: metrics.jsonl (one JSON record per line) and summary.json (its headline figures).
+
+metrics.jsonl is always written, whatever the logger, and is what every reader of
+a run uses (report, sweep tables, the GPU suite): read_metrics() reads it back,
+summarise() computes the figures summary.json and the sweep tables hold.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanogpt.fileio import write_atomically
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class MetricsLog:
+    """Appends one JSON record per call to run_dir/metrics.jsonl."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        """Write record as one line, flushed so a crash loses nothing already logged."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self.file.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """All records of a run's metrics.jsonl, in order."""
+    path = Path(run_dir) / METRICS_FILE
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run's checkpoint left off: next step to take, and the last evaluation done."""
+
+    iter_num: int
+    last_eval_iter: int | None
+
+    def already_made(self, record: dict) -> bool:
+        """True for a record the checkpointed run had made; the resumed run will make the others again."""
+        if record.get("kind") == "eval":
+            return self.last_eval_iter is not None and record["iter"] <= self.last_eval_iter
+        return record.get("iter", 0) < self.iter_num
+
+
+def keep_records_before(run_dir: Path, resumed: Resumed) -> list[dict]:
+    """Rewrite metrics.jsonl (atomically) with only the records made before the checkpoint; return them.
+
+    A process killed mid-write may leave a torn last line; it is dropped too.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if resumed.already_made(record):
+            kept.append(record)
+    write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept),
+                                                      encoding="utf-8"))
+    return kept
+
+
+def summarise(records: list[dict], wall_time_s: float | None = None) -> dict:
+    """The figures summary.json and the sweep tables hold, from a run's metrics records.
+
+    The median tokens/s ignores the slow first steps (compilation, warm-up).
+    """
+    evals = [r for r in records if r.get("kind") == "eval"]
+    speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
+    best = min(evals, key=lambda r: r["val_loss"], default=None)
+    return {
+        "best_val_loss": best["val_loss"] if best else None,
+        "best_iter": best["iter"] if best else None,
+        "iters": records[-1].get("iter") if records else None,
+        "tokens": max((r.get("tokens", 0) for r in records), default=0),
+        "wall_time_s": wall_time_s,
+        "tokens_per_sec": statistics.median(speeds) if speeds else None,
+    }
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json, or the same figures computed from metrics.jsonl (a running or older run)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else summarise(read_metrics(run_dir))

@@ -1,0 +1,3 @@
+"""Weights: checkpoint files (checkpoint.py), loading a model from any source (loading.py), Hugging Face
+GPT-2 in and out (huggingface.py), int8 weights for fast CPU generation (quantize.py).
+"""

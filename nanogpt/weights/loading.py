@@ -1,0 +1,227 @@
+"""Load a GPT from wherever it lives: one resolver for ``nanogpt.load``, sample, eval, export and init_from.
+
+People arrive with checkpoints in four shapes, and every way into the platform
+takes all four, so a model that samples also evaluates, exports and finetunes:
+
+* our run directories (their best.pt, else last.pt) and .pt files;
+* karpathy/nanoGPT's ``out_dir`` or its ``ckpt.pt`` (keys ``model``,
+  ``model_args``, ``config``), whose character vocabulary sits in the nanoGPT
+  checkout's ``data/<dataset>/meta.pkl``;
+* a Hugging Face GPT-2 directory (``save_pretrained``, ``nanogpt.export``);
+* one of OpenAI's GPT-2 sizes by name, from the Hugging Face Hub.
+
+resolve_source() turns any of them into a GPT on the CPU plus its tokenizer
+description; initial_model() makes the model a training run starts from
+(``model.init_from``). Nothing here imports Hydra.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from nanogpt.dataset.nanogpt_files import read_char_vocabulary
+from nanogpt.dataset.tokenizers import GPT2_TOKENIZER
+from nanogpt.errors import CheckpointError, ConfigError
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.weights.checkpoint import (
+    BEST,
+    LAST,
+    find_checkpoint,
+    is_our_checkpoint,
+    model_from_checkpoint,
+    read_torch_file,
+)
+from nanogpt.weights.huggingface import PRETRAINED, download_pretrained, read_hf_directory
+
+log = logging.getLogger("nanogpt.weights")
+
+ACCEPTED = (
+    "a run directory or .pt file of ours, karpathy/nanoGPT's out_dir or ckpt.pt, a Hugging Face "
+    f"GPT-2 directory (save_pretrained, nanogpt.export), or one of {', '.join(PRETRAINED)}"
+)
+NANOGPT_CKPT = "ckpt.pt"  # what karpathy/nanoGPT's train.py writes into its out_dir
+# nanoGPT pads GPT-2's 50257 tokens to 50304; either size without a meta.pkl means GPT-2 BPE.
+GPT2_VOCAB_SIZES = (50257, 50304)
+
+
+@dataclass
+class LoadedSource:
+    """A model read from some source, with what is known about how it was made."""
+
+    model: GPT  # on the CPU, in training mode as constructed
+    tokenizer: dict  # the description data.tokenizer_codec reads
+    kind: str  # "run" (ours), "nanoGPT" (karpathy's), "huggingface"
+    where: str  # the file, directory or Hub repository that was read
+    config: dict = field(default_factory=dict)  # the run's own config, when the source keeps one
+    data_dir: Path | None = None  # nanoGPT: the data/<dataset> folder its meta.pkl was found in
+
+
+def resolve_source(source: str | Path, key: str = "ckpt", meta: str | Path | None = None) -> LoadedSource:
+    """Read the model that source names; key is the setting it came from, for error messages.
+
+    A path is looked at first (a directory by what it holds, a file by its
+    contents), then a GPT-2 name. meta points at a nanoGPT meta.pkl (or the
+    folder holding it) when it is not where nanoGPT's sample.py would look.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / BEST).is_file() or (path / LAST).is_file():
+            loaded = read_file(find_checkpoint(path), key, meta)
+        elif (path / NANOGPT_CKPT).is_file():
+            loaded = read_file(path / NANOGPT_CKPT, key, meta)
+        elif (path / "config.json").is_file():
+            loaded = LoadedSource(*read_hf_directory(path), "huggingface", str(path))
+        else:
+            raise CheckpointError(
+                f"{key}={text} holds no {BEST} or {LAST} (our runs), no {NANOGPT_CKPT} (nanoGPT's "
+                "out_dir) and no config.json + model.safetensors (Hugging Face)"
+            )
+    elif path.is_file():
+        loaded = read_file(path, key, meta)
+    elif text in PRETRAINED:
+        directory = download_pretrained(text, key)
+        loaded = LoadedSource(*read_hf_directory(directory), "huggingface", str(directory))
+    else:
+        raise CheckpointError(
+            f"{key}={text} does not exist and is no known model name; {key}= takes {ACCEPTED}"
+        )
+    if meta is not None and loaded.kind != "nanoGPT":
+        raise ConfigError(
+            f"meta={meta} is for karpathy/nanoGPT checkpoints; {key}={text} carries its own tokenizer"
+        )
+    return loaded
+
+
+def read_file(path: Path, key: str, meta: str | Path | None) -> LoadedSource:
+    """A .pt file: ours or karpathy/nanoGPT's, told apart by their keys."""
+    state = read_torch_file(path)
+    if is_our_checkpoint(state):
+        config = state.get("config") or {}
+        return LoadedSource(model_from_checkpoint(state), state["tokenizer"], "run", str(path), config)
+    if isinstance(state, dict) and "model" in state and "model_args" in state:
+        return read_nanogpt_checkpoint(state, path, meta)
+    raise CheckpointError(
+        f"{key}={path} is not a nanogpt checkpoint (no model_config) nor karpathy/nanoGPT's (no model_args)"
+    )
+
+
+# karpathy/nanoGPT --------------------------------------------------------------------------------
+
+
+def read_nanogpt_checkpoint(state: dict, path: Path, meta: str | Path | None) -> LoadedSource:
+    """Our GPT with the weights of a nanoGPT ckpt.pt, and its vocabulary.
+
+    nanoGPT's model is GPT-2's with exact GELU, and its parameters have our
+    names. A model saved after torch.compile prefixes them with ``_orig_mod.``;
+    older nanoGPT versions also save the causal mask as a buffer named
+    ``attn.bias``, which is not a weight.
+    """
+    args = state["model_args"]
+    config = GPTConfig(
+        vocab_size=args["vocab_size"], block_size=args["block_size"], n_layer=args["n_layer"],
+        n_head=args["n_head"], n_embd=args["n_embd"], bias=args.get("bias", True), dropout=0.0,
+    )
+    weights = {name.removeprefix("_orig_mod."): value for name, value in state["model"].items()}
+    weights = {name: value for name, value in weights.items() if not name.endswith(".attn.bias")}
+    model = GPT(config)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit nanoGPT's GPT of its model_args: {e}") from None
+    run_config = state.get("config") or {}
+    tokenizer, data_dir = nanogpt_vocabulary(path, run_config.get("dataset"), config.vocab_size, meta)
+    return LoadedSource(model, tokenizer, "nanoGPT", str(path), run_config, data_dir)
+
+
+def nanogpt_vocabulary(
+    ckpt: Path, dataset: str | None, vocab_size: int, meta: str | Path | None
+) -> tuple[dict, Path | None]:
+    """The tokenizer of a nanoGPT checkpoint and the data folder its meta.pkl is in.
+
+    Looked for where nanoGPT's sample.py looks, data/<dataset>/meta.pkl under the
+    current directory, then in the checkout the out_dir sits in; meta overrides
+    both. Without one, GPT-2 BPE, as nanoGPT assumes, if the vocabulary has its size.
+    """
+    if meta is not None:
+        candidates = [Path(meta).expanduser()]
+        candidates = [candidates[0] / "meta.pkl" if candidates[0].is_dir() else candidates[0]]
+    elif dataset:
+        checkout = ckpt.resolve().parent.parent
+        candidates = [Path("data") / dataset / "meta.pkl", checkout / "data" / dataset / "meta.pkl"]
+    else:
+        candidates = []
+    for candidate in candidates:
+        if candidate.is_file():
+            return read_char_vocabulary(candidate), candidate.parent
+    if meta is not None:
+        raise CheckpointError(f"meta={meta}: no meta.pkl there")
+    if vocab_size in GPT2_VOCAB_SIZES:
+        return GPT2_TOKENIZER, None
+    looked = ", ".join(str(c.resolve()) for c in candidates) or "nowhere (its config names no dataset)"
+    raise CheckpointError(
+        f"{ckpt} is a nanoGPT checkpoint with a {vocab_size}-token vocabulary, but no meta.pkl was found "
+        f"(looked in {looked}); run from the nanoGPT checkout that trained it, or give meta=PATH/meta.pkl "
+        "(nanogpt.load(..., meta=PATH) in Python)"
+    )
+
+
+# Starting a training run from a source (model.init_from) --------------------------------------
+
+
+def load_pretrained(
+    source: str,
+    block_size: int | None = None,
+    dropout: float = 0.0,
+    vocab_multiple: int = 1,
+    gradient_checkpointing: bool = False,
+) -> tuple[GPT, dict]:
+    """(model, tokenizer description) to start training from, for ``model.init_from=SOURCE``.
+
+    The shape comes from the weights; block_size crops the learned positions
+    (the model then reads at most that many tokens), dropout replaces the
+    source's for finetuning, and vocab_multiple pads the vocabulary (the padded
+    rows keep their fresh initialisation; they are never looked up).
+    """
+    loaded = resolve_source(source, key="model.init_from")
+    trained = loaded.model.config
+    if block_size is not None and block_size > trained.block_size:
+        raise ConfigError(
+            f"model.block_size={block_size} is longer than the {trained.block_size} positions "
+            f"{source} was trained with; use model.block_size<={trained.block_size}"
+        )
+    config = replace(
+        trained, block_size=block_size or trained.block_size, dropout=dropout,
+        vocab_multiple=vocab_multiple, gradient_checkpointing=gradient_checkpointing,
+    )
+    model = GPT(config)
+    weights = loaded.model.state_dict()
+    with torch.no_grad():
+        for key, target in model.state_dict().items():
+            rows = min(target.shape[0], weights[key].shape[0])  # crops positions, pads the vocabulary
+            target[:rows].copy_(weights[key][:rows])
+    return model, loaded.tokenizer
+
+
+def initial_model(model_cfg, vocab_size: int, tokenizer: dict) -> GPT:
+    """The GPT a run starts from: fresh, of model_cfg's shape (a ModelConfig), or model.init_from's weights.
+
+    Pretrained weights must come with the dataset's tokenizer.
+    """
+    if model_cfg.init_from is None:
+        return GPT(model_cfg.gpt_config(vocab_size=vocab_size))
+    log.info("model: initialised from %s (shape taken from the weights)", model_cfg.init_from)
+    model, trained_with = load_pretrained(
+        model_cfg.init_from, block_size=model_cfg.block_size, dropout=model_cfg.dropout,
+        vocab_multiple=model_cfg.vocab_multiple, gradient_checkpointing=model_cfg.gradient_checkpointing,
+    )
+    if trained_with != tokenizer:
+        raise ConfigError(
+            f"model.init_from={model_cfg.init_from} was trained with tokenizer {trained_with.get('kind')}, "
+            f"but the dataset uses {tokenizer.get('kind')}; pick a dataset with the same tokenizer "
+            "(e.g. dataset=shakespeare for GPT-2)")
+    return model
