@@ -10,15 +10,19 @@ composed by Hydra). Nothing here imports Hydra.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from nanogpt.errors import ConfigError
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None,
+def option(default: Any = dataclasses.MISSING, help: str = "",
+           choices: tuple | Callable[[], tuple] | None = None,
            default_factory: Any = dataclasses.MISSING, variant: bool = False) -> Any:
     """A dataclass field that carries its meaning (help) and, if limited, its allowed values.
+
+    choices may be a function returning them, read when a value is checked: the
+    keys of a registry (dataset sources, loggers) that grows as classes are defined.
 
     variant marks a model option that, set away from its default, changes the
     architecture away from GPT-2's (see GPTConfig.variants): Hugging Face export
@@ -30,10 +34,16 @@ def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | 
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def choices_of(f: dataclasses.Field) -> tuple | None:
+    """A field's allowed values (None: any), reading a registry's keys now if they are given as a function."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
 def check_choices(config: Any) -> None:
     """Raise ConfigError for the first field whose value is not among its declared choices."""
     for f in dataclasses.fields(config):
-        choices = f.metadata.get("choices")
+        choices = choices_of(f)
         value = getattr(config, f.name)
         if choices and value not in choices and not is_unset(value):
             allowed = ", ".join("null" if choice is None else str(choice) for choice in choices)
@@ -66,6 +76,6 @@ def describe_options(schema: type, prefix: str = "") -> Iterator[tuple[str, str,
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         help_text = f.metadata.get("help", "")
-        if f.metadata.get("choices"):
-            help_text += f" [{' | '.join(map(str, f.metadata['choices']))}]"
+        if choices_of(f):
+            help_text += f" [{' | '.join(map(str, choices_of(f)))}]"
         yield key, kind, default, help_text.strip()

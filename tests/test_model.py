@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 
 from nanogpt.errors import ConfigError
 from nanogpt.generation.sampling import sample_next_token
-from nanogpt.model import GPT, GPTConfig, rotary_angles, rotate
+from nanogpt.model import GPT, GPTConfig, attention, rotary_angles, rotate
 from nanogpt.training.optim import OptimizerConfig, build_adamw
 
 
@@ -278,3 +279,31 @@ def test_logit_softcap_bounds_the_logits_smoothly():
     assert GPTConfig(logit_softcap=30.0).variants == {"logit_softcap": 30.0}  # GPT-2 export refuses it
     with pytest.raises(ConfigError, match="logit_softcap=-1"):
         GPTConfig(logit_softcap=-1.0)
+
+
+@pytest.mark.parametrize("queries", [16, 1, 5])
+def test_attention_written_out_is_what_the_fused_kernel_computes(queries):
+    """softmax(q kᵀ/√d, future masked) v against F.scaled_dot_product_attention: the whole
+    sequence, one new token after a cache, and a few queries after a prefix.
+    """
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, queries, 8), torch.randn(2, 3, 16, 8), torch.randn(2, 3, 16, 8)
+    is_causal = queries == 16  # the cases the model uses: a full causal window, or one token after a cache
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    torch.testing.assert_close(attention(q, k, v, is_causal), fused)
+    mask = torch.ones(queries, 16, dtype=torch.bool).tril(diagonal=16 - queries)  # last queries of 16
+    torch.testing.assert_close(attention(q, k, v, True),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_the_model_with_explicit_attention_matches_the_fused_one():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    fused = GPT(config).eval()
+    explicit = GPT(dataclasses.replace(config, attention="explicit")).eval()
+    explicit.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 40, (3, 16))
+    torch.testing.assert_close(explicit(idx, idx)[0], fused(idx, idx)[0])
+    prompt = idx[:1, :3]
+    greedy = [model.generate(prompt, 30, temperature=0) for model in (explicit, fused)]
+    assert torch.equal(*greedy)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from nanogpt import options
 from nanogpt.dataset.sources import SOURCES
-from nanogpt.dataset.tokenizers import BYTE_ALPHABET, OWN_TOKENIZERS, is_tokenizer_file, tiktoken_names
+from nanogpt.dataset.tokenizers import BYTE_ALPHABET, OWN_TOKENIZERS, knows_tokenizer, tiktoken_names
 
 DATA_ROOT_ENV = "NANOGPT_DATA_ROOT"
 DATA_ROOT = "~/.cache/nanogpt"
@@ -47,7 +47,7 @@ class DatasetConfig:
         0.1, "share held out for validation: the last characters of a text, the last documents of a corpus")
     loader: str = options.option(
         "text", "text: text files (or .jsonl/.parquet documents); hf: a Hugging Face dataset; "
-        "bin: nanoGPT's pre-tokenized files", choices=tuple(SOURCES))
+        "bin: nanoGPT's pre-tokenized files", choices=lambda: tuple(SOURCES))
     subset: str | None = options.option(None, "hf: the dataset's configuration, e.g. FineWeb's sample-10BT")
     text_field: str = options.option("text", "documents: the column holding each document's text")
     num_proc: int | None = options.option(None, "processes that tokenize in parallel; null: all cores")
@@ -58,7 +58,7 @@ class DatasetConfig:
         options.require(0 < self.val_fraction < 1,
                         f"val_fraction={self.val_fraction} must be between 0 and 1")
         options.require(
-            t in OWN_TOKENIZERS or t in tiktoken_names() or is_tokenizer_file(t),
+            knows_tokenizer(t),
             f"tokenizer={t!r} is not one of {', '.join((*OWN_TOKENIZERS, *tiktoken_names()))}, "
             "nor a path to a tokenizer.json")
         options.require(t != "bpe" or self.loader != "bin",

@@ -95,6 +95,8 @@ class Tokenizer:
     A new kind is a subclass with its ``kind``, ``vocab_size``, ``eot`` (the
     end-of-text id put after each document, or None), encode and decode;
     encode_array is the fast path data preparation uses. Subclassing registers it.
+    A kind that ``dataset.tokenizer=NAME`` can name also says which names are
+    its own (names) and what description such a name stands for (describe).
     """
 
     kind: str = ""
@@ -107,6 +109,16 @@ class Tokenizer:
 
     def __init__(self, description: dict):
         self.description = description
+
+    @classmethod
+    def names(cls, name: str) -> bool:
+        """True when dataset.tokenizer=name means a tokenizer of this kind."""
+        return False
+
+    @classmethod
+    def describe(cls, name: str) -> dict:
+        """The description dataset.tokenizer=name stands for, checked to load before any work."""
+        raise NotImplementedError
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -153,6 +165,15 @@ class TiktokenTokenizer(Tokenizer):
 
     kind = "tiktoken"
 
+    @classmethod
+    def names(cls, name: str) -> bool:
+        return name in tiktoken_names()
+
+    @classmethod
+    def describe(cls, name: str) -> dict:
+        tiktoken_encoding(name)
+        return GPT2_TOKENIZER if name == GPT2_ENCODING else {"kind": "tiktoken", "encoding": name}
+
     def __init__(self, description: dict):
         super().__init__(description)
         encoding = tiktoken_encoding(description["encoding"])
@@ -165,6 +186,14 @@ class HFTokenizer(Tokenizer):
     """``{"kind": "hf", "json": TOKENIZER_JSON}``: a Hugging Face tokenizers tokenizer, kept whole."""
 
     kind = "hf"
+
+    @classmethod
+    def names(cls, name: str) -> bool:
+        return is_tokenizer_file(name)
+
+    @classmethod
+    def describe(cls, name: str) -> dict:
+        return read_tokenizer_file(name)
 
     def __init__(self, description: dict):
         super().__init__(description)
@@ -305,16 +334,21 @@ def read_tokenizer_file(path: str) -> dict:
     return {"kind": "hf", "origin": str(file.resolve()), "json": text}
 
 
+def knows_tokenizer(name: str) -> bool:
+    """True when dataset.tokenizer=name means something: char, bpe, or a name some kind claims."""
+    return name in OWN_TOKENIZERS or any(kind.names(name) for kind in TOKENIZERS.values())
+
+
 def tokenizer_description(name: str) -> dict:
     """The description of a tokenizer given by name (a tiktoken encoding) or path (a tokenizer.json).
 
     Loading it here is the check: a missing or broken file, or an encoding whose
     files cannot be had offline, fails before any data is touched.
     """
-    if is_tokenizer_file(name):
-        return read_tokenizer_file(name)
-    tiktoken_encoding(name)
-    return GPT2_TOKENIZER if name == GPT2_ENCODING else {"kind": "tiktoken", "encoding": name}
+    for kind in TOKENIZERS.values():
+        if kind.names(name):
+            return kind.describe(name)
+    raise DataError(f"dataset.tokenizer={name!r} names no tokenizer this version knows")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> dict:

@@ -1,11 +1,11 @@
-"""The exact loss of a model on a split: every token scored once, in non-overlapping windows.
+"""A model's loss on a split: estimated from random batches during training, or exact.
 
-Training reports a loss estimated on a few random batches, which is noisy
-(1.886 estimated, 1.898 exact for the same model in one measurement). Here the
-split's N tokens are cut into (N - 1) // block_size non-overlapping windows;
-window i reads tokens[i*B : i*B + B] and predicts tokens[i*B + 1 : i*B + B + 1].
-The result is the mean cross-entropy over all of those predictions, in nats,
-summed in float64.
+Training reports estimate_loss(), the mean over a few random batches, which is
+noisy (1.886 estimated, 1.898 exact for the same model in one measurement).
+exact_loss() scores every token once: the split's N tokens are cut into
+(N - 1) // block_size non-overlapping windows; window i reads tokens[i*B : i*B + B]
+and predicts tokens[i*B + 1 : i*B + B + 1]. The result is the mean cross-entropy
+over all of those predictions, in nats, summed in float64.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from nanogpt.dataset.batches import BatchSampler
 from nanogpt.errors import DataError
 from nanogpt.model import GPT
 from nanogpt.runtime.device import autocast
@@ -42,3 +43,22 @@ def exact_loss(model: GPT, tokens: np.ndarray, batch_size: int, device: torch.de
         bar.update(count)
     bar.close()
     return total / (windows * block), windows
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, sampler: BatchSampler, eval_iters: int, ctx,
+                  batch_done=lambda done, total: None) -> dict:
+    """Mean loss over eval_iters random batches of each split, batch_done(n, of) after each."""
+    model.eval()
+    losses = {}
+    for s, split in enumerate(("train", "val")):
+        total = torch.zeros((), device=sampler.device)
+        for i in range(eval_iters):
+            x, y = sampler.get_batch(split, evaluation=True)
+            with ctx:
+                _, loss = model(x, y)
+            total += loss.float()
+            batch_done(s * eval_iters + i + 1, 2 * eval_iters)
+        losses[split] = (total / eval_iters).item()
+    model.train()
+    return losses

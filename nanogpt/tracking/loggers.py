@@ -220,7 +220,8 @@ def start_wandb(logger: LoggerConfig, run_dir: Path, resolved_config: dict) -> W
 class LoggerConfig:
     """Experiment tracking. metrics.jsonl in the run directory is always written."""
 
-    name: str = option("wandb", "where the run's records go besides metrics.jsonl", choices=tuple(LOGGERS))
+    name: str = option("wandb", "where the run's records go besides metrics.jsonl",
+                       choices=lambda: tuple(LOGGERS))
     mode: str = option("offline", "W&B mode (env WANDB_MODE)", choices=("offline", "online", "disabled"))
     project: str = option("nanogpt", "W&B project (env WANDB_PROJECT)")
     entity: str | None = option(None, "W&B team or user; null: your default entity")

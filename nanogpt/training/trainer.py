@@ -25,6 +25,7 @@ import torch
 
 from nanogpt.dataset.batches import BatchSampler, PreparedData
 from nanogpt.dataset.pipeline import prepare_dataset
+from nanogpt.evaluation.loss import estimate_loss
 from nanogpt.generation.language_model import sample_text
 from nanogpt.model import GPT
 from nanogpt.runtime import distributed
@@ -42,25 +43,6 @@ from nanogpt.weights.checkpoint import BEST, LAST, remove_stale_temporaries, sav
 from nanogpt.weights.loading import initial_model
 
 log = logging.getLogger("nanogpt.train")
-
-
-@torch.no_grad()
-def estimate_loss(model: torch.nn.Module, sampler: BatchSampler, eval_iters: int, ctx,
-                  batch_done=lambda done, total: None) -> dict:
-    """Mean loss over eval_iters random batches of each split, batch_done(n, of) after each."""
-    model.eval()
-    losses = {}
-    for s, split in enumerate(("train", "val")):
-        total = torch.zeros((), device=sampler.device)
-        for i in range(eval_iters):
-            x, y = sampler.get_batch(split, evaluation=True)
-            with ctx:
-                _, loss = model(x, y)
-            total += loss.float()
-            batch_done(s * eval_iters + i + 1, 2 * eval_iters)
-        losses[split] = (total / eval_iters).item()
-    model.train()
-    return losses
 
 
 class Trainer:
