@@ -65,7 +65,7 @@ def test_weight_tying_shares_one_tensor():
 
 
 def test_parameter_counts():
-    # The PRD's small model on 65 characters: about 10.7M parameters.
+    # The default small model on 65 characters: about 10.7M parameters.
     small = GPT(GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384))
     assert 10.6e6 < small.num_params() < 10.8e6
     # Exact count for a tiny shape: 12 n^2 + 13 n per block (with biases), embeddings, ln_f.
