@@ -4,6 +4,7 @@ Entry points print a UserError as one line and exit non-zero, without a
 traceback; anything else is a bug and keeps its traceback.
 """
 
+import importlib.util
 import sys
 from typing import NoReturn
 
@@ -28,6 +29,22 @@ class CheckpointError(UserError):
 
 class DeviceError(UserError):
     """A device that was asked for but is not available here."""
+
+
+class MissingPackage(UserError):
+    """An optional package that a chosen feature needs is not installed."""
+
+
+def require_package(module: str, extra: str, needed_for: str, pip_name: str | None = None) -> None:
+    """Raise MissingPackage unless module can be imported; the message says how to install it.
+
+    extra is the project's optional-dependency group that holds it (pyproject.toml),
+    for a clone; pip_name is what ``pip install`` takes, for an installed package.
+    """
+    if importlib.util.find_spec(module) is None:
+        raise MissingPackage(
+            f"{needed_for} needs the optional package {pip_name or module}, which is not installed: "
+            f"pip install {pip_name or module} (or, in a clone of nanogpt, pip install -e \".[{extra}]\")")
 
 
 def first_line(text: str) -> str:
