@@ -81,6 +81,8 @@ def run_benchmark(cfg: BenchConfig, out_dir: Path) -> dict:
                 "dtype": str(trainer.runtime.dtype).removeprefix("torch."),
                 "compile": trainer.runtime.compile,
                 "params_m": trainer.model.num_params() / 1e6,
+                "trainable_params_m": sum(p.numel() for p in trainer.model.parameters()
+                                          if p.requires_grad) / 1e6,
             },
             "train": time_training(trainer, settings.warmup_steps, settings.train_steps),
             "generate_cached": time_generation(trainer, settings.gen_tokens, use_cache=True),

@@ -2,7 +2,9 @@
 
 The directory holds config.json and model.safetensors, so
 ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` loads it and computes the
-same logits as our model. GPT-2 BPE models also get GPT-2's tokenizer files.
+same logits as our model (a LoRA run: its adapters merged into the base). GPT-2
+BPE models also get GPT-2's tokenizer files. ``adapter_only=true`` writes a LoRA
+run's adapters alone, as a PEFT adapter directory for its base model.
 A character-level vocabulary matches no Hugging Face tokenizer: its characters
 are kept in nanogpt_tokenizer.json (``model.init_from=DIR`` reads it back), and
 text must be turned into ids with it by hand.
@@ -10,13 +12,15 @@ text must be turned into ids with it by hand.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from omegaconf import MISSING, DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.options import option
-from nanogpt.weights.huggingface import export_model
+from nanogpt.weights.checkpoint import find_checkpoint, load_checkpoint
+from nanogpt.weights.huggingface import export_adapter, export_model
 from nanogpt.weights.loading import resolve_source
 
 
@@ -27,12 +31,23 @@ class ExportConfig:
     ckpt: str = option(MISSING, "any source sample takes: a run dir (its best.pt, else last.pt), a .pt "
                              "file, nanoGPT's out_dir, a Hugging Face dir")
     out: str = option(MISSING, "the Hugging Face model directory to write (replaced if it exists)")
+    adapter_only: bool = option(False, "a LoRA run: write only its adapters, as a PEFT adapter directory "
+                                       "(adapter_config.json, adapter_model.safetensors) for its base model")
 
 
 @hydra_entry("export", ExportConfig)
 def main(cfg: DictConfig) -> None:
     """Entry point: export cfg.ckpt to cfg.out and say what was written."""
     config = to_dataclass(cfg, ExportConfig)
+    if config.adapter_only:
+        path = find_checkpoint(config.ckpt)
+        out = export_adapter(load_checkpoint(path), config.out, where=str(path))
+        base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+        print(f"wrote a PEFT LoRA adapter to {out}, for the base {base}: "
+              f"PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), '{out}'), where BASE is "
+              "that base as a Hugging Face directory (a run of ours: python -m nanogpt.export ckpt=BASE "
+              "out=DIR)")
+        return
     loaded = resolve_source(config.ckpt, key="ckpt")
     out = export_model(loaded.model, loaded.tokenizer, config.out, where=loaded.where)
     tokenizer = (out / "nanogpt_tokenizer.json").read_text()

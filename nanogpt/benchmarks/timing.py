@@ -95,7 +95,9 @@ def format_table(results: dict) -> str:
     rows = [
         ("device", m["device"]),
         ("torch / threads", f"{m['torch']} / {m['threads']}"),
-        ("model (layers/heads/width)", f"{s['model']}, {s['params_m']:.2f}M params"),
+        ("model (layers/heads/width)", f"{s['model']}, {s['params_m']:.2f}M params" + (
+            f", {s['trainable_params_m']:.2f}M trained (LoRA)"
+            if s.get("trainable_params_m", s["params_m"]) < s["params_m"] else "")),
         ("block x batch x accum",
          f"{s['block_size']} x {s['batch_size']} x {s['gradient_accumulation_steps']}"),
         ("dtype / compile", f"{s['dtype']} / {s['compile']}"),

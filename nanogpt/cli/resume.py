@@ -29,7 +29,7 @@ from nanogpt.weights.checkpoint import LAST, load_checkpoint
 log = logging.getLogger("nanogpt.resume")
 
 # Config keys (and groups) that define what a run is; a resumed run must keep them.
-MEANING_KEYS = ("model", "dataset", "optimizer", "seed", "batch_size", "gradient_accumulation_steps")
+MEANING_KEYS = ("model", "dataset", "optimizer", "lora", "seed", "batch_size", "gradient_accumulation_steps")
 SAFE_EXAMPLES = "max_iters, eval_interval, eval_iters, log_interval, sample_tokens, device, logger, data_root"
 
 
@@ -63,16 +63,21 @@ def load_resumable(path: Path) -> dict:
 
 
 def check_resume_compatible(saved: dict, new: dict) -> None:
-    """Raise ConfigError if new changes a key that defines the saved run."""
+    """Raise ConfigError if new changes a key that defines the saved run.
+
+    A key the saved run does not have (it predates the option) had the schema's default.
+    """
     old_flat, new_flat = flatten(saved), flatten(new)
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
     for key in sorted(old_flat.keys() | new_flat.keys()):
         if key.split(".")[0] not in MEANING_KEYS:
             continue
-        old, value = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
+        old, value = old_flat.get(key, defaults.get(key, "<absent>")), new_flat.get(key, "<absent>")
         if old != value:
             raise ConfigError(
                 f"resume: {key}={value} would change the run, which has {key}={old}; a resumed run "
-                f"keeps its model, dataset, optimizer, seed and batch (safe to change: {SAFE_EXAMPLES}); "
+                f"keeps its model, dataset, optimizer, lora, seed and batch (safe to change: "
+                f"{SAFE_EXAMPLES}); "
                 "start a new run to change it"
             )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanogpt.dataset.sft import ExampleWindows
 from nanogpt.errors import DataError
 
 
@@ -48,6 +49,8 @@ class BatchSampler:
     Evaluation batches come from a second generator, so how often and how long
     a run evaluates does not change which batches it trains on.
     rank and world_size give a process of a distributed job its share of each batch.
+    Instruction data (dataset=sft) is served a whole example per row instead,
+    with targets only on the answers (ExampleWindows, nanogpt/dataset/sft.py).
     """
 
     def __init__(
@@ -65,8 +68,9 @@ class BatchSampler:
         self.batch_size = batch_size
         self.device = device
         self.splits = {split: data.tokens(split) for split in ("train", "val")}
+        self.examples = ExampleWindows(data, block_size) if ExampleWindows.holds(data) else None
         for split, tokens in self.splits.items():
-            if len(tokens) <= block_size:
+            if len(tokens) <= block_size and self.examples is None:
                 raise DataError(
                     f"the {split} split of {data.meta['name']} has {len(tokens)} tokens, too few "
                     f"for model.block_size={block_size}; use a smaller block_size or more text"
@@ -93,14 +97,18 @@ class BatchSampler:
         # In a job of world_size processes, each draws the whole job's batch from
         # the same generator and keeps its own rows: different data on every
         # process, and together exactly the batches one process would draw.
+        choices = self.examples.count(split) if self.examples is not None else len(tokens) - self.block_size
         starts = torch.randint(
-            len(tokens) - self.block_size, (self.world_size * self.batch_size,),
+            choices, (self.world_size * self.batch_size,),
             generator=self.eval_generator if evaluation else self.generator,
         ).numpy()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        windows = torch.from_numpy(tokens[starts[:, None] + self.offsets].astype(np.int64))
+        if self.examples is not None:  # starts are examples
+            return tuple(self.to_device(torch.from_numpy(a)) for a in self.examples.batch(split, starts))
+        windows = self.to_device(torch.from_numpy(tokens[starts[:, None] + self.offsets].astype(np.int64)))
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             # Pinned host memory lets the copy overlap with the GPU's work.
-            windows = windows.pin_memory().to(self.device, non_blocking=True)
-        else:
-            windows = windows.to(self.device)
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from nanogpt import options
+from nanogpt.dataset import sft  # noqa: F401 (defining SftSource registers dataset.loader=sft)
 from nanogpt.dataset.sources import SOURCES
 from nanogpt.dataset.tokenizers import BYTE_ALPHABET, OWN_TOKENIZERS, knows_tokenizer, tiktoken_names
 
@@ -47,7 +48,8 @@ class DatasetConfig:
         0.1, "share held out for validation: the last characters of a text, the last documents of a corpus")
     loader: str = options.option(
         "text", "text: text files (or .jsonl/.parquet documents); hf: a Hugging Face dataset; "
-        "bin: nanoGPT's pre-tokenized files", choices=lambda: tuple(SOURCES))
+        "bin: nanoGPT's pre-tokenized files; sft: instruction data (.jsonl), learned on the answers",
+        choices=lambda: tuple(SOURCES))
     subset: str | None = options.option(None, "hf: the dataset's configuration, e.g. FineWeb's sample-10BT")
     text_field: str = options.option("text", "documents: the column holding each document's text")
     num_proc: int | None = options.option(None, "processes that tokenize in parallel; null: all cores")

@@ -35,16 +35,20 @@ PREPARED_FORMAT = 2
 PRODUCTS = ("meta.json", "train.bin", "val.bin", "input.txt")  # removed if a preparation fails
 
 
-def prepare_dataset(config: DatasetConfig, data_root: Path | str) -> PreparedData:
+def prepare_dataset(config: DatasetConfig, data_root: Path | str,
+                    model_tokenizer: dict | None = None) -> PreparedData:
     """Prepare what a DatasetConfig describes, once; concurrent callers wait on a lock.
 
     The cache is reused while the source (a URL's address and checksum, a local
     file's size and modification time) and every setting are unchanged; a
-    preparation that fails leaves none of its files behind.
+    preparation that fails leaves none of its files behind. model_tokenizer is
+    the tokenizer of the model the data is for (model.init_from's), which
+    instruction data (dataset=sft) is encoded with.
     """
     source = open_source(config)
     # A tokenizer that needs no training is checked (file parses, encoding loads) before any work.
     named = None if config.tokenizer in OWN_TOKENIZERS else tokenizer_description(config.tokenizer)
+    named = source.encoding_tokenizer(config, named, model_tokenizer)
     settings = {**asdict(config), "format": PREPARED_FORMAT, "source": source.fingerprint()}
     settings.pop("num_proc")  # how many processes worked changes nothing in the result
     if named is not None and named["kind"] == "hf":

@@ -74,6 +74,15 @@ class Source(ABC):
     def fingerprint(self) -> dict:
         """What identifies the content: a prepared cache is current while this is unchanged."""
 
+    def encoding_tokenizer(self, config: DatasetConfig, named: dict | None,
+                           model: dict | None) -> dict | None:
+        """The tokenizer to encode with: named (dataset.tokenizer's description, None where the data decides).
+
+        model is the tokenizer of the model the data is prepared for (model.init_from's), for a
+        source that must encode with it (sft); the others leave the check to the trainer.
+        """
+        return named
+
     @abstractmethod
     def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
         """Write train.bin and val.bin into directory; return what meta.json records of them.

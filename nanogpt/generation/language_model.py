@@ -13,6 +13,7 @@ import torch
 
 from nanogpt.dataset.tokenizers import UnknownTokenError, tokenizer_codec
 from nanogpt.errors import ConfigError, DataError
+from nanogpt.generation.chat_template import ChatTemplate, messages_problem
 from nanogpt.model import GPT
 from nanogpt.runtime.device import autocast, resolve_device, resolve_dtype
 from nanogpt.weights.loading import LoadedSource, resolve_source
@@ -33,6 +34,8 @@ class LanguageModel:
         self.encode, self.decode = tokenizer_codec(loaded.tokenizer)
         self.device, self.dtype = device, dtype
         self.source = loaded
+        # The template it was finetuned with (dataset=sft), else the plain one for its tokenizer.
+        self.template = ChatTemplate.from_record(loaded.chat_template, loaded.tokenizer)
 
     def __repr__(self) -> str:
         c = self.model.config
@@ -76,6 +79,73 @@ class LanguageModel:
                 text = self.decode(ids)
                 yield text[len(shown):]
                 shown = text
+
+
+    def chat(self, messages: str | list[dict], max_new_tokens: int = 256, temperature: float = 0.8,
+             top_k: int | None = 200, top_p: float | None = None, seed: int = 1337,
+             system: str | None = None) -> str:
+        """The model's answer to a message (a string) or to a conversation (a list of
+        ``{"role": "system"|"user"|"assistant", "content": ...}`` ending with the user's).
+
+        The conversation is written with the chat template the model was
+        finetuned with; the answer ends at the end-of-text token (or after
+        max_new_tokens). temperature=0 is greedy.
+        """
+        return "".join(self.stream_chat(messages, max_new_tokens, temperature, top_k, top_p, seed, system))
+
+    def stream_chat(self, messages: str | list[dict], max_new_tokens: int = 256, temperature: float = 0.8,
+                    top_k: int | None = 200, top_p: float | None = None, seed: int | None = 1337,
+                    system: str | None = None, generator: torch.Generator | None = None,
+                    dropped: list[int] | None = None) -> Iterator[str]:
+        """Yield the answer piece by piece (what chat() returns whole); the end-of-text is never shown.
+
+        The prompt keeps within block_size, leaving room for the answer: the
+        oldest turns are dropped first, and how many is appended to dropped.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        conversation = list(messages)
+        if system is not None:
+            conversation.insert(0, {"role": "system", "content": system})
+        problem = messages_problem(conversation, for_training=False)
+        if problem is not None:
+            raise ConfigError(f"chat: {problem}")
+        template, block_size = self.template, self.model.config.block_size
+        room = max(1, min(max_new_tokens, block_size // 2))  # for the answer
+        try:
+            prompt_ids, left_out = template.prompt(conversation, self.encode, block_size - room)
+        except UnknownTokenError as e:
+            raise DataError(f"message: {e} of {self.source.where}") from None
+        if dropped is not None:
+            dropped.append(left_out)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        ids: list[int] = []
+        shown = ""
+        with autocast(self.device, self.dtype):
+            for token in self.model.stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                           generator=generator):
+                if int(token) == template.end_id:
+                    break
+                ids.append(int(token))
+                text = self.decode(ids)
+                if text.startswith(template.answer_start):
+                    text = text[len(template.answer_start):]
+                ended = template.end_id is None and template.end_text in text
+                text = text.split(template.end_text)[0] if ended else text
+                # Hold back what may still become the end of the answer, or a character not yet whole.
+                held = 0 if ended else next((n for n in range(len(template.end_text) - 1, 0, -1)
+                                             if text.endswith(template.end_text[:n])), 0)
+                safe = text[:len(text) - held].removesuffix("\ufffd")
+                if len(safe) > len(shown):
+                    yield safe[len(shown):]
+                    shown = safe
+                if ended:
+                    return
+        rest = self.decode(ids).removeprefix(template.answer_start) if ids else ""
+        if len(rest) > len(shown) and rest.startswith(shown):
+            yield rest[len(shown):]
 
 
 def load(source: str | Path, device: str = "auto", dtype: str = "auto",

@@ -3,10 +3,10 @@
 An option is declared once, next to the code that uses it: the model's shape in
 GPTConfig (model.py), the optimizer's in optim.py, the dataset's in
 dataset/config.py, the device's in runtime/device.py, the logger's in
-tracking/loggers.py. Here they are put together with the few top-level keys.
-The Hydra edge (nanogpt/cli) composes YAML from ``conf/`` over these
-dataclasses, so an unknown key or a wrong type fails while composing, and each
-dataclass's __post_init__ rejects impossible values before any work; a config
+tracking/loggers.py, LoRA's in weights/lora.py. Here they are put together
+with the few top-level keys. The Hydra edge (nanogpt/cli) composes YAML from
+``conf/`` over these dataclasses, so an unknown key or a wrong type fails while
+composing, and each dataclass's __post_init__ rejects impossible values before any work; a config
 built in Python is checked the same way.
 """
 
@@ -20,6 +20,7 @@ from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig
 from nanogpt.tracking.loggers import LoggerConfig
 from nanogpt.training.optim import OptimizerConfig
+from nanogpt.weights.lora import LoraConfig
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = option(default_factory=OptimizerConfig)
     device: DeviceConfig = option(default_factory=DeviceConfig)
     logger: LoggerConfig = option(default_factory=LoggerConfig)
+    lora: LoraConfig = option(default_factory=LoraConfig)
     data_root: str = data_root_option()
     seed: int = option(1337, "seeds every random generator of the run")
     batch_size: int = option(64, "sequences per micro-batch")

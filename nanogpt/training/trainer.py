@@ -39,8 +39,9 @@ from nanogpt.training.divergence import LossWatch
 from nanogpt.training.optim import build_optimizer, learning_rate_at
 from nanogpt.training.speed import Throughput, flops_per_token
 from nanogpt.training.state import capture_rng_state, restore_rng_state, seed_everything
+from nanogpt.weights import lora
 from nanogpt.weights.checkpoint import BEST, LAST, remove_stale_temporaries, save_checkpoint
-from nanogpt.weights.loading import initial_model
+from nanogpt.weights.loading import initial_model, pretrained_base
 
 log = logging.getLogger("nanogpt.train")
 
@@ -175,7 +176,7 @@ class Trainer:
                  "training": {"scaler": self.scaler.state_dict(), "last_eval_iter": self.last_eval_iter,
                               "rng": capture_rng_state(), "batch": self.batch, **self.sampler.state_dict()}}
         if weights:
-            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+            state.update(model=lora.trainable_weights(self.model), optimizer=self.optimizer.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -183,7 +184,7 @@ class Trainer:
         training, context = state["training"], self.runtime.dist
         if "model" in state:
             distributed.check_world_size(training.get("world_size", 1), context.world_size)
-            self.model.load_state_dict(state["model"])
+            lora.load_trainable_weights(self.model, state["model"], state.get("lora"))
             self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(training["scaler"])
         self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
@@ -225,7 +226,8 @@ class Trainer:
         training.update(own, world_size=len(ranks), ranks=ranks if len(ranks) > 1 else None,
                         overrides=self.overrides, tracker_run_id=self.records.run_id)
         run = {"model_config": asdict(self.model.config), "tokenizer": self.data.meta["tokenizer"],
-               "config": self.resolved_config}
+               "config": self.resolved_config, "chat_template": self.data.meta.get("chat_template"),
+               **lora.record(self.model)}
         if best:
             save_checkpoint(self.run_dir / BEST, {**run, "model": state["model"], "iter_num": self.iter_num,
                                                    "best_val_loss": self.best_val_loss})
@@ -260,7 +262,7 @@ class Trainer:
         distributed.barrier(self.runtime.dist)  # ranks tear the job down together, as after a stop
         self.runtime.close()
         try:
-            with self.stop.interruptible(alone=True):  # no collectives left: a signal ends it at once
+            with self.stop.interruptible(alone=True), self.ctx:  # no collectives left: a signal ends it
                 if self.cfg.sample_tokens > 0 and self.runtime.dist.is_main:
                     text = sample_text(self.model, self.data.meta["tokenizer"], self.cfg.sample_tokens,
                                        self.runtime.device)
@@ -280,8 +282,10 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
     seed_everything(cfg.seed)
     runtime = Runtime.start(cfg.device)
     with distributed.set_up_together(runtime.dist):  # a rank that fails here stops the others quietly
-        data = prepare_dataset(cfg.dataset, Path(cfg.data_root))
-        model = initial_model(cfg.model, data.vocab_size, data.meta["tokenizer"])
+        base = pretrained_base(cfg.model)  # model.init_from's (model, tokenizer); None: from scratch
+        data = prepare_dataset(cfg.dataset, Path(cfg.data_root), base and base[1])
+        model = initial_model(cfg.model, data.vocab_size, data.meta["tokenizer"], base)
+        model = lora.adapt(model, cfg.lora, cfg.model.init_from, runtime.dtype)
     log.info("data: %s in %s, vocab %d, %d train / %d val tokens", cfg.dataset.name, data.directory,
              data.vocab_size, data.meta["train_tokens"], data.meta["val_tokens"])
     log.info("model: %.2fM parameters, %s", model.num_params() / 1e6, model.config)

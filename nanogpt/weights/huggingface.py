@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from nanogpt.dataset.tokenizers import GPT2_TOKENIZER, write_hf_tokenizer
-from nanogpt.errors import CheckpointError, ConfigError
+from nanogpt.errors import CheckpointError, ConfigError, require_package
 from nanogpt.model import GPT, GPTConfig
 
 # OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
@@ -192,6 +192,52 @@ def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model
         write_gpt2_tokenizer(tmp)
     write_hf_tokenizer(tokenizer, tmp)  # bpe and tokenizer.json models: AutoTokenizer loads them
     # Replace the destination only once the export is complete.
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def export_adapter(state: dict, out: Path, where: str) -> Path:
+    """Write a LoRA checkpoint's adapters as a PEFT adapter directory for its base model.
+
+    ``peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), out)``
+    then computes our model's logits: the adapters have the same shapes for
+    Hugging Face's Conv1D layers as for our Linear ones (A: rank x in, B: out x
+    rank), peft told so by fan_in_fan_out=True.
+    """
+    require_package("peft", "peft", "nanogpt.export adapter_only=true", "peft")
+    import peft
+    from safetensors.torch import save_file
+
+    saved = state.get("lora")
+    if not saved:
+        raise CheckpointError(f"{where} was trained without LoRA (lora.rank=0), so it has no adapters; "
+                              "drop adapter_only to export the whole model")
+    if saved["base"] is None:
+        raise CheckpointError(f"{where} was trained with LoRA from scratch (no model.init_from): no base "
+                              "model exists for an adapter to apply to; drop adapter_only to export the "
+                              "whole model")
+    variants = GPTConfig(**state["model_config"]).variants
+    if variants:
+        settings = " ".join(f"model.{k}={v}" for k, v in variants.items())
+        raise CheckpointError(f"{where} was trained with {settings}; only GPT-2's own architecture has "
+                              "Hugging Face adapters")
+    source = saved["base"]["source"]
+    settings = peft.LoraConfig(
+        r=saved["rank"], lora_alpha=saved["alpha"], lora_dropout=saved["dropout"],
+        target_modules=list(saved["targets"]), fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM",
+        inference_mode=True,
+        base_model_name_or_path=PRETRAINED.get(source, source))
+    # Ours: transformer.h.0.attn.c_attn.lora_A.default.weight; peft's files: under base_model.model.,
+    # without the adapter's name.
+    tensors = {f"base_model.model.{name.replace('.default.', '.')}": value.contiguous()
+               for name, value in state["model"].items()}
+    out = Path(out).expanduser()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    settings.save_pretrained(str(tmp))
+    save_file(tensors, str(tmp / "adapter_model.safetensors"))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

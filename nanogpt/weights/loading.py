@@ -25,8 +25,9 @@ import torch
 
 from nanogpt.dataset.nanogpt_files import read_char_vocabulary
 from nanogpt.dataset.tokenizers import GPT2_TOKENIZER
-from nanogpt.errors import CheckpointError, ConfigError
+from nanogpt.errors import CheckpointError, ConfigError, UserError
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.weights import lora
 from nanogpt.weights.checkpoint import (
     BEST,
     LAST,
@@ -58,6 +59,7 @@ class LoadedSource:
     where: str  # the file, directory or Hub repository that was read
     config: dict = field(default_factory=dict)  # the run's own config, when the source keeps one
     data_dir: Path | None = None  # nanoGPT: the data/<dataset> folder its meta.pkl was found in
+    chat_template: dict | None = None  # the chat template it was finetuned with (dataset=sft), if any
 
 
 def resolve_source(source: str | Path, key: str = "ckpt", meta: str | Path | None = None) -> LoadedSource:
@@ -102,12 +104,35 @@ def read_file(path: Path, key: str, meta: str | Path | None) -> LoadedSource:
     state = read_torch_file(path)
     if is_our_checkpoint(state):
         config = state.get("config") or {}
-        return LoadedSource(model_from_checkpoint(state), state["tokenizer"], "run", str(path), config)
+        model = model_with_adapters(state, path) if state.get("lora") else model_from_checkpoint(state)
+        return LoadedSource(model, state["tokenizer"], "run", str(path), config,
+                            chat_template=state.get("chat_template"))
     if isinstance(state, dict) and "model" in state and "model_args" in state:
         return read_nanogpt_checkpoint(state, path, meta)
     raise CheckpointError(
         f"{key}={path} is not a nanogpt checkpoint (no model_config) nor karpathy/nanoGPT's (no model_args)"
     )
+
+
+def model_with_adapters(state: dict, path: Path) -> GPT:
+    """A LoRA checkpoint's model: its base read again (and checked unchanged), the adapters merged in."""
+    saved = state["lora"]
+    config = GPTConfig(**state["model_config"])
+    if saved["base"] is None:  # trained from scratch: the checkpoint holds every weight
+        model = GPT(config)
+        model.load_state_dict(lora.base_weights(state["model"]))
+    else:
+        source = saved["base"]["source"]
+        try:
+            model, _ = load_pretrained(source, block_size=config.block_size, dropout=config.dropout,
+                                       vocab_multiple=config.vocab_multiple)
+        except UserError as e:
+            raise CheckpointError(f"{path} holds LoRA adapters for the base {source}, which cannot be read: "
+                                  f"{e}") from None
+        found = lora.weights_sha256(model)
+        if found != saved["base"]["sha256"]:
+            raise CheckpointError(f"{path}: " + lora.base_changed(saved["base"], {"sha256": found}, source))
+    return lora.merge_adapters(model, saved, state["model"])
 
 
 # karpathy/nanoGPT --------------------------------------------------------------------------------
@@ -207,18 +232,25 @@ def load_pretrained(
     return model, loaded.tokenizer
 
 
-def initial_model(model_cfg, vocab_size: int, tokenizer: dict) -> GPT:
-    """The GPT a run starts from: fresh, of model_cfg's shape (a ModelConfig), or model.init_from's weights.
-
-    Pretrained weights must come with the dataset's tokenizer.
-    """
+def pretrained_base(model_cfg) -> tuple[GPT, dict] | None:
+    """(model, tokenizer) of model.init_from as a run trains it (its block_size, dropout...), or None."""
     if model_cfg.init_from is None:
-        return GPT(model_cfg.gpt_config(vocab_size=vocab_size))
+        return None
     log.info("model: initialised from %s (shape taken from the weights)", model_cfg.init_from)
-    model, trained_with = load_pretrained(
+    return load_pretrained(
         model_cfg.init_from, block_size=model_cfg.block_size, dropout=model_cfg.dropout,
         vocab_multiple=model_cfg.vocab_multiple, gradient_checkpointing=model_cfg.gradient_checkpointing,
     )
+
+
+def initial_model(model_cfg, vocab_size: int, tokenizer: dict, base: tuple[GPT, dict] | None = None) -> GPT:
+    """The GPT a run starts from: fresh, of model_cfg's shape (a ModelConfig), or model.init_from's weights.
+
+    Pretrained weights (base, if pretrained_base() already read them) must come with the dataset's tokenizer.
+    """
+    if model_cfg.init_from is None:
+        return GPT(model_cfg.gpt_config(vocab_size=vocab_size))
+    model, trained_with = base or pretrained_base(model_cfg)
     if trained_with != tokenizer:
         raise ConfigError(
             f"model.init_from={model_cfg.init_from} was trained with tokenizer {trained_with.get('kind')}, "

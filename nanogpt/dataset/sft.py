@@ -1,0 +1,274 @@
+"""Instruction data (``dataset=sft``): prompt/response pairs or conversations, learned on the answers only.
+
+``dataset.source`` is a .jsonl file or a folder of them (read in sorted order),
+one example a line, either ``{"prompt": ..., "response": ...}`` or
+``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``.
+Each example is rendered with the chat template (nanogpt/generation/chat_template.py),
+ends with the end-of-text token, and is encoded with the base model's tokenizer:
+the train command passes model.init_from's to prepare_dataset, and
+``dataset.tokenizer`` must name the same (``gpt2`` for GPT-2, ``char`` for a
+character-level base, whose characters then come from the base).
+
+Prepared once into the cache like every dataset, per split:
+``<split>.bin`` (the ids of every example, one after another),
+``<split>.mask.bin`` (uint8, 1 where the token is part of an answer: a target
+the loss covers) and ``<split>.offsets.bin`` (int64, where each example starts,
+and the end). The split is by example: a fixed pseudo-random val_fraction of
+them validate.
+
+Batches (ExampleWindows, used by BatchSampler) hold one example per row,
+padded at the end, rather than packing several examples into a window: padding
+needs no attention mask for examples not to see each other, and each example
+starts at position 0, as a conversation does in chat. A batch is only as wide as
+its longest example (rounded up to a multiple of 64, so a compiled model sees few
+shapes). An example longer than block_size + 1 tokens is cut from the left, so
+the answer stays whole and the prompt loses its beginning; how many are cut is
+logged when training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+from tqdm import tqdm
+
+from nanogpt.dataset.sources import Source, stamp
+from nanogpt.dataset.tokenizers import description_json, load_tokenizer, token_dtype, tokenizer_name
+from nanogpt.dataset.workers import write_tokens
+from nanogpt.errors import ConfigError, DataError
+from nanogpt.generation.chat_template import ChatTemplate, messages_problem
+
+if TYPE_CHECKING:
+    from nanogpt.dataset.batches import PreparedData
+    from nanogpt.dataset.config import DatasetConfig
+
+log = logging.getLogger("nanogpt.data")
+
+SPLIT_SEED = 0  # the same file always splits the same way
+WIDTH_MULTIPLE = 64  # batch widths are rounded up to this (capped at block_size)
+MAX_LISTED = 10  # characters listed when a character vocabulary cannot encode the data
+
+
+@dataclass
+class SftSource(Source):
+    """Instruction examples from .jsonl files, encoded with the base model's tokenizer."""
+
+    loader: ClassVar[str] = "sft"
+    source: str
+    tokenizer: dict | None = None  # set by encoding_tokenizer: what the examples are encoded with
+
+    @classmethod
+    def from_config(cls, config: DatasetConfig) -> Source:
+        return cls(config.source)
+
+    def files(self) -> list[Path]:
+        """The .jsonl files, in the order their examples are read."""
+        path = Path(self.source).expanduser()
+        if path.is_dir():
+            files = sorted(path.rglob("*.jsonl"))
+            if not files:
+                raise DataError(f"dataset.source {path} is a directory with no .jsonl files in it")
+            return files
+        if path.is_file():
+            return [path]
+        raise DataError(f"dataset.source {path} does not exist; dataset=sft reads a .jsonl file of "
+                        '{"prompt", "response"} or {"messages"} lines, or a folder of them')
+
+    def encoding_tokenizer(self, config: DatasetConfig, named: dict | None, model: dict | None) -> dict:
+        """The base model's tokenizer (model), which dataset.tokenizer must name; else the named one."""
+        if config.tokenizer == "bpe":
+            raise ConfigError("dataset=sft is encoded with the base model's tokenizer; dataset.tokenizer=bpe "
+                              "would train a new one: set dataset.tokenizer to the base's (gpt2, char, ...)")
+        if model is None and named is None:
+            raise ConfigError(
+                "dataset=sft with dataset.tokenizer=char takes its characters from the base model: prepare "
+                "it by training (python -m nanogpt.train dataset=sft model.init_from=BASE ...)")
+        if model is not None:
+            same = model.get("kind") == "char" if named is None else same_tokenizer(named, model)
+            if not same:
+                raise ConfigError(
+                    f"dataset.tokenizer={config.tokenizer} does not match the base model, which was trained "
+                    f"with {tokenizer_name(model)}; set dataset.tokenizer={tokenizer_option(model)}")
+            if model.get("kind") == "ids":
+                raise ConfigError("the base model's tokenizer is unknown (pre-tokenized data), so text "
+                                  "cannot be encoded for it; start from a model that carries its tokenizer")
+        self.tokenizer = model if model is not None else named
+        return self.tokenizer
+
+    def fingerprint(self) -> dict:
+        """The files by their stat, and the tokenizer (another base's characters rebuild)."""
+        return {"files": stamp(self.files()), "template": ChatTemplate().record(),
+                "tokenizer": description_json(self.tokenizer) if self.tokenizer else None}
+
+    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
+        """Read, check, encode and split the examples; write the ids, masks and offsets of each split."""
+        encoder = load_tokenizer(description_json(tokenizer))
+        template = ChatTemplate.for_tokenizer(tokenizer)
+        examples = read_examples(self.files(), template)
+        if encoder.description.get("kind") == "char":
+            check_characters(examples, template, tokenizer["vocabulary"])
+        n_val = math.ceil(len(examples) * config.val_fraction)
+        if len(examples) - n_val < 1:
+            raise DataError(f"dataset.source {self.source} holds {len(examples)} example(s): too few to keep "
+                            f"{n_val} for validation and train on the rest; add examples or lower "
+                            f"dataset.val_fraction={config.val_fraction}")
+        held_out = set(np.random.default_rng(SPLIT_SEED).permutation(len(examples))[:n_val].tolist())
+        splits = {"train": [e for i, e in enumerate(examples) if i not in held_out],
+                  "val": [e for i, e in enumerate(examples) if i in held_out]}
+        dtype = token_dtype(encoder.vocab_size)
+        made = {"tokenizer": tokenizer, "vocab_size": encoder.vocab_size, "dtype": dtype,
+                "chat_template": template.record(), "examples": {}, "answer_tokens": {}}
+        try:
+            for split, chosen in splits.items():
+                ids, learned, offsets = [], [], [0]
+                for messages, _ in tqdm(chosen, desc=f"encode {split}", unit="example", disable=None):
+                    example_ids, example_learned = template.encode(messages, encoder.encode)
+                    ids.append(np.array(example_ids, dtype=dtype))
+                    learned.append(np.array(example_learned, dtype=np.uint8))
+                    offsets.append(offsets[-1] + len(example_ids))
+                made[f"{split}_tokens"] = write_tokens(directory / f"{split}.bin", ids)
+                write_tokens(directory / f"{split}.mask.bin", learned)
+                write_tokens(directory / f"{split}.offsets.bin", [np.array(offsets, dtype=np.int64)])
+                made["examples"][split] = len(chosen)
+                made["answer_tokens"][split] = int(sum(int(m.sum()) for m in learned))
+        except BaseException:
+            for split in splits:  # train.bin and val.bin are the pipeline's to remove
+                for name in (f"{split}.mask.bin", f"{split}.offsets.bin"):
+                    (directory / name).unlink(missing_ok=True)
+            raise
+        log.info("sft: %d train / %d val examples, %s tokens of answers to learn in train",
+                 made["examples"]["train"], made["examples"]["val"], f"{made['answer_tokens']['train']:,}")
+        return made
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """True when two descriptions encode alike (a tokenizer.json by its content, not where it was read)."""
+    if a.get("kind") == "hf" and b.get("kind") == "hf":
+        return a.get("json") == b.get("json")
+    return a == b
+
+
+def tokenizer_option(description: dict) -> str:
+    """The dataset.tokenizer value that names a description, for messages."""
+    kind = description.get("kind")
+    if kind == "tiktoken":
+        return description["encoding"]
+    if kind == "hf":
+        return description.get("origin", "PATH/tokenizer.json")
+    return "char"
+
+
+def read_examples(files: list[Path], template: ChatTemplate) -> list[tuple[list[dict], str]]:
+    """Every example as (messages, where), checked; the first bad line stops with its file and number."""
+    examples = []
+    for file in files:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{file} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{file}:{number}"
+            messages, problem = example_messages(line)
+            if problem is None:
+                problem = next((template.answer_problem(m["content"]) for m in messages
+                                if m["role"] == "assistant" and template.answer_problem(m["content"])), None)
+            if problem is not None:
+                raise DataError(f"{where}: {problem}")
+            examples.append((messages, where))
+    if not examples:
+        where = files[0] if len(files) == 1 else files[0].parent
+        raise DataError(f"dataset.source {where} holds no examples")
+    return examples
+
+
+def example_messages(line: str) -> tuple[list[dict], str | None]:
+    """(messages, None) for one JSON line, or ([], what is wrong with it)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return [], f"not valid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(record, dict):
+        return [], 'each line must be a JSON object: {"prompt": ..., "response": ...} or {"messages": [...]}'
+    if "messages" in record:
+        return record["messages"], messages_problem(record["messages"], for_training=True)
+    if "prompt" in record and "response" in record:
+        if not isinstance(record["prompt"], str) or not isinstance(record["response"], str):
+            return [], '"prompt" and "response" must be strings'
+        return [{"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["response"]}], None
+    found = ", ".join(map(repr, record)) or "none"
+    return [], f'a line needs "prompt" and "response", or "messages" (its keys: {found})'
+
+
+def check_characters(examples: list[tuple[list[dict], str]], template: ChatTemplate,
+                     vocabulary: list[str]) -> None:
+    """Refuse, listing them, characters the base's character vocabulary cannot encode."""
+    known = set(vocabulary)
+    template_text = "".join((template.system, template.user, template.assistant, template.turn_end,
+                             template.end_text))
+    missing = sorted(set(template_text) - known)
+    if missing:
+        raise DataError(f"the base model's {len(vocabulary)}-character vocabulary lacks the chat template's "
+                        f"characters {', '.join(map(repr, missing))}; it cannot be finetuned on instructions")
+    first: dict[str, str] = {}
+    for messages, where in examples:
+        for message in messages:
+            for ch in set(message["content"]) - known:
+                first.setdefault(ch, where)
+    if first:
+        listed = ", ".join(f"{ch!r} (U+{ord(ch):04X}, {where})"
+                           for ch, where in sorted(first.items())[:MAX_LISTED])
+        more = f" and {len(first) - MAX_LISTED} more" if len(first) > MAX_LISTED else ""
+        raise DataError(f"the base model's {len(vocabulary)}-character vocabulary cannot encode "
+                        f"{len(first)} character(s) of dataset.source: {listed}{more}; remove or replace "
+                        "them")
+
+
+class ExampleWindows:
+    """Batches of whole examples from prepared sft data: inputs, and targets with the prompts masked (-1)."""
+
+    def __init__(self, data: PreparedData, block_size: int):
+        self.block_size = block_size
+        self.tokens = {split: data.tokens(split) for split in ("train", "val")}
+        self.learned = {split: np.memmap(data.directory / f"{split}.mask.bin", dtype=np.uint8, mode="r")
+                        for split in ("train", "val")}
+        self.offsets = {split: np.fromfile(data.directory / f"{split}.offsets.bin", dtype=np.int64)
+                        for split in ("train", "val")}
+        for split, offsets in self.offsets.items():
+            lengths = np.diff(offsets)
+            cut = int((lengths > block_size + 1).sum())
+            if cut:
+                log.info("sft: %d of %d %s examples are longer than block_size + 1 = %d tokens; they are cut "
+                         "from the left (the start of the prompt)", cut, len(lengths), split, block_size + 1)
+
+    @staticmethod
+    def holds(data: PreparedData) -> bool:
+        """True for a dataset prepared from instruction data."""
+        return "examples" in data.meta
+
+    def count(self, split: str) -> int:
+        return len(self.offsets[split]) - 1
+
+    def batch(self, split: str, picks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) as int64 arrays (rows, width) for the examples picked; padding is masked."""
+        offsets, tokens, learned = self.offsets[split], self.tokens[split], self.learned[split]
+        ends = offsets[picks + 1]
+        starts = np.maximum(offsets[picks], ends - (self.block_size + 1))
+        longest = int((ends - starts).max()) - 1
+        width = min(self.block_size, -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+        inputs = np.zeros((len(picks), width), dtype=np.int64)
+        targets = np.full((len(picks), width), -1, dtype=np.int64)
+        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            ids = tokens[start:end].astype(np.int64)
+            n = len(ids) - 1
+            inputs[row, :n] = ids[:-1]
+            targets[row, :n] = np.where(learned[start + 1:end] == 1, ids[1:], -1)
+        return inputs, targets
