@@ -1,6 +1,7 @@
 """The exact loss of any checkpoint on a split: ``python -m nanogpt.eval ckpt=SOURCE [split=val]``.
 
-Every token of the split is scored once (nanogpt/evaluation/loss.py). ckpt=
+Every token of the split is scored once (nanogpt/evaluation/loss.py); of
+instruction data (dataset=sft), every answer token, each example on its own. ckpt=
 takes everything nanogpt.load takes. The dataset is the checkpoint's own
 (our runs record it; a karpathy/nanoGPT checkpoint's train.bin/val.bin sit
 beside its meta.pkl) unless dataset=... says otherwise. The last line of
@@ -18,9 +19,10 @@ from omegaconf import MISSING, DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.dataset.config import DatasetConfig
+from nanogpt.dataset.sft import ExampleWindows
 from nanogpt.dataset.tokenizers import tokenizer_name
 from nanogpt.errors import ConfigError
-from nanogpt.evaluation.loss import exact_loss
+from nanogpt.evaluation.loss import exact_answer_loss, exact_loss
 from nanogpt.evaluation.tokens import dataset_tokens
 from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype
@@ -65,10 +67,16 @@ def evaluate(cfg: EvalConfig) -> dict:
             f"{tokenizer_name(split.tokenizer)}; pick a dataset with the model's tokenizer"
         )
     model = quantize_model(loaded.model.to(device).eval(), cfg.quantize, device)
-    loss, windows = exact_loss(model, split.tokens, cfg.batch_size, device, dtype)
+    if split.data is not None and ExampleWindows.holds(split.data):  # instruction data: the answers only
+        examples = ExampleWindows(split.data, model.config.block_size)
+        loss, tokens = exact_answer_loss(model, examples, cfg.split, cfg.batch_size, device, dtype)
+        windows = examples.count(cfg.split)
+    else:
+        loss, windows = exact_loss(model, split.tokens, cfg.batch_size, device, dtype)
+        tokens = windows * model.config.block_size
     result = {
         "ckpt": str(cfg.ckpt), "tokens_file": str(split.where), "split": cfg.split, "loss": loss,
-        "perplexity": math.exp(loss), "tokens": windows * model.config.block_size, "windows": windows,
+        "perplexity": math.exp(loss), "tokens": tokens, "windows": windows,
     }
     if loaded.tokenizer.get("kind") == "char":
         result["bits_per_char"] = loss / math.log(2)  # one token is one character

@@ -210,19 +210,13 @@ def example_messages(line: str) -> tuple[list[dict], str | None]:
 
 def check_characters(examples: list[tuple[list[dict], str]], template: ChatTemplate,
                      vocabulary: list[str]) -> None:
-    """Refuse, listing them, characters the base's character vocabulary cannot encode."""
+    """Refuse, listing them, characters of the rendered examples that the base's vocabulary cannot encode."""
     known = set(vocabulary)
-    template_text = "".join((template.system, template.user, template.assistant, template.turn_end,
-                             template.end_text))
-    missing = sorted(set(template_text) - known)
-    if missing:
-        raise DataError(f"the base model's {len(vocabulary)}-character vocabulary lacks the chat template's "
-                        f"characters {', '.join(map(repr, missing))}; it cannot be finetuned on instructions")
     first: dict[str, str] = {}
     for messages, where in examples:
-        for message in messages:
-            for ch in set(message["content"]) - known:
-                first.setdefault(ch, where)
+        characters, _ = template.encode(messages, list)  # the text as it will be encoded, one character an id
+        for ch in set(characters) - known:
+            first.setdefault(ch, where)
     if first:
         listed = ", ".join(f"{ch!r} (U+{ord(ch):04X}, {where})"
                            for ch, where in sorted(first.items())[:MAX_LISTED])

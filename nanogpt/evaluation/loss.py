@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from nanogpt.dataset.batches import BatchSampler
+from nanogpt.dataset.sft import ExampleWindows
 from nanogpt.errors import DataError
 from nanogpt.model import GPT
 from nanogpt.runtime.device import autocast
@@ -43,6 +44,25 @@ def exact_loss(model: GPT, tokens: np.ndarray, batch_size: int, device: torch.de
         bar.update(count)
     bar.close()
     return total / (windows * block), windows
+
+
+@torch.no_grad()
+def exact_answer_loss(model: GPT, examples: ExampleWindows, split: str, batch_size: int, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+    """(mean cross-entropy in nats, answer tokens) over every example of instruction data, each scored alone.
+
+    Only the answers' tokens (and their end-of-text) are scored, as training learns them (dataset=sft).
+    """
+    total, count, examples_in_split = 0.0, 0, examples.count(split)
+    for first in tqdm(range(0, examples_in_split, batch_size), desc="eval", unit="batch", disable=None):
+        picks = np.arange(first, min(first + batch_size, examples_in_split))
+        inputs, targets = (torch.from_numpy(a).to(device) for a in examples.batch(split, picks))
+        with autocast(device, dtype):
+            logits, _ = model(inputs, targets)
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+                                 reduction="sum").item()
+        count += int((targets != -1).sum())
+    return total / count, count
 
 
 @torch.no_grad()

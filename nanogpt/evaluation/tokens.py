@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanogpt.dataset.batches import PreparedData
 from nanogpt.dataset.config import DatasetConfig, default_data_root
 from nanogpt.dataset.pipeline import prepare_dataset
 from nanogpt.errors import ConfigError
@@ -21,6 +22,7 @@ class TokenSplit:
     tokens: np.ndarray  # memory-mapped, uint16 or uint32 as the vocabulary needs
     tokenizer: dict  # the description of the tokenizer that made them
     where: Path
+    data: PreparedData | None = None  # the prepared dataset, when the split is one of ours
 
 
 def dataset_tokens(loaded: LoadedSource, split: str, dataset: DatasetConfig | None = None,
@@ -30,13 +32,13 @@ def dataset_tokens(loaded: LoadedSource, split: str, dataset: DatasetConfig | No
     data_root None: the run's own, else the default (default_data_root).
     """
     if dataset is not None:
-        return prepared_split(dataset, data_root or default_data_root(), split)
+        return prepared_split(dataset, data_root or default_data_root(), split, loaded.tokenizer)
     recorded = loaded.config.get("dataset")
     if loaded.kind == "run" and isinstance(recorded, dict):
         known = {f.name for f in dataclasses.fields(DatasetConfig)}
         dataset = DatasetConfig(**{k: v for k, v in recorded.items() if k in known})
         data_root = data_root or loaded.config.get("data_root") or default_data_root()
-        return prepared_split(dataset, data_root, split)
+        return prepared_split(dataset, data_root, split, loaded.tokenizer)
     if loaded.kind == "nanoGPT" and loaded.data_dir is not None:
         path = loaded.data_dir / f"{split}.bin"  # nanoGPT's prepare.py writes it beside meta.pkl
         if path.is_file():
@@ -47,7 +49,7 @@ def dataset_tokens(loaded: LoadedSource, split: str, dataset: DatasetConfig | No
     )
 
 
-def prepared_split(dataset: DatasetConfig, data_root: str, split: str) -> TokenSplit:
-    """A split of a dataset prepared (once, into the shared cache) as training prepares it."""
-    data = prepare_dataset(dataset, Path(data_root).expanduser())
-    return TokenSplit(data.tokens(split), data.meta["tokenizer"], data.split_path(split))
+def prepared_split(dataset: DatasetConfig, data_root: str, split: str, model_tokenizer: dict) -> TokenSplit:
+    """A split of a dataset prepared (once, into the shared cache) as training prepares it for the model."""
+    data = prepare_dataset(dataset, Path(data_root).expanduser(), model_tokenizer)
+    return TokenSplit(data.tokens(split), data.meta["tokenizer"], data.split_path(split), data)
