@@ -9,7 +9,7 @@ From Python::
     model = nanogpt.GPT(nanogpt.GPTConfig(n_layer=4, n_head=4, n_embd=128))
 
 The package at a glance: model.py is the lesson (a GPT read top to bottom); the
-modules beside it are the commands (``python -m nanogpt.train | sample | eval |
+modules beside it are the commands (``python -m nanogpt.train | sample | chat | eval |
 data | export | bench | report``); the folders below hold what nobody runs
 directly, one per subsystem: cli (the Hydra edge), dataset, training, runtime,
 weights, generation, evaluation, tracking, benchmarks.

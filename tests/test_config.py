@@ -36,7 +36,7 @@ def group_options(group: str) -> list[str]:
 )
 def test_every_group_option_composes(group, option):
     overrides = [f"{group}={option}"]
-    if (group, option) == ("dataset", "text"):
+    if (group, option) in (("dataset", "text"), ("dataset", "sft")):
         overrides.append("dataset.source=/some/file.txt")
     cfg = compose_train(overrides)
     assert getattr(cfg, group).name if group != "model" else cfg.model.n_layer > 0

@@ -364,6 +364,17 @@ def test_a_sweep_over_lora_settings_makes_one_run_each(work, base, task, tmp_pat
     assert ranks == [2, 4]
 
 
+def test_the_recipes_compose():
+    from tests.test_config import compose_train
+
+    gpt2 = compose_train(["+experiment=finetune_lora"])
+    assert (gpt2.model.init_from, gpt2.dataset.loader, gpt2.dataset.tokenizer) == ("gpt2", "sft", "gpt2")
+    assert (gpt2.lora.rank, gpt2.lora.targets) == (8, ["c_attn", "c_proj", "c_fc"])
+    demo = compose_train(["+experiment=finetune_reverse_cpu"])
+    assert (demo.model.init_from, demo.dataset.tokenizer) == ("outputs/shakespeare_base", "char")
+    assert demo.lora.rank == 16
+
+
 def test_chat_help_explains_every_key(work):
     from nanogpt.chat import ChatConfig
     from nanogpt.options import describe_options

@@ -28,6 +28,7 @@ logged when training starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -90,21 +91,22 @@ class SftSource(Source):
                 "dataset=sft with dataset.tokenizer=char takes its characters from the base model: prepare "
                 "it by training (python -m nanogpt.train dataset=sft model.init_from=BASE ...)")
         if model is not None:
+            if model.get("kind") == "ids":
+                raise ConfigError("the base model's tokenizer is unknown (pre-tokenized data), so text "
+                                  "cannot be encoded for it; start from a model that carries its tokenizer")
             same = model.get("kind") == "char" if named is None else same_tokenizer(named, model)
             if not same:
                 raise ConfigError(
                     f"dataset.tokenizer={config.tokenizer} does not match the base model, which was trained "
                     f"with {tokenizer_name(model)}; set dataset.tokenizer={tokenizer_option(model)}")
-            if model.get("kind") == "ids":
-                raise ConfigError("the base model's tokenizer is unknown (pre-tokenized data), so text "
-                                  "cannot be encoded for it; start from a model that carries its tokenizer")
         self.tokenizer = model if model is not None else named
         return self.tokenizer
 
     def fingerprint(self) -> dict:
         """The files by their stat, and the tokenizer (another base's characters rebuild)."""
+        tokenizer = hashlib.sha256(description_json(self.tokenizer).encode()).hexdigest()
         return {"files": stamp(self.files()), "template": ChatTemplate().record(),
-                "tokenizer": description_json(self.tokenizer) if self.tokenizer else None}
+                "tokenizer_sha256": tokenizer}
 
     def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
         """Read, check, encode and split the examples; write the ids, masks and offsets of each split."""

@@ -4,8 +4,8 @@ Each chosen Linear layer W of the blocks (c_attn, c_proj, c_fc; lora.targets)
 gets two small matrices, A (rank x in) and B (out x rank), and computes
 W x + (alpha / rank) * B A x. B starts at zero, so training starts from the
 base model exactly; only A and B train, so the optimizer's moments and the
-gradients are those of the adapters alone (about 0.6% of GPT-2's weights at
-rank 8 on every layer). The adapters are Hugging Face ``peft``'s own layers,
+gradients are those of the adapters alone (under 1% of GPT-2's weights at rank
+8 on every layer: 0.95% of gpt2, 0.63% of gpt2-xl). The adapters are Hugging Face ``peft``'s own layers,
 put into our GPT by ``peft.inject_adapter_in_model``; model.py knows nothing of them.
 
 A LoRA checkpoint holds the adapters and where the base came from (its
@@ -53,7 +53,10 @@ class LoraConfig:
     rank: int = option(0, "rank of the adapters; 0: off (every weight trains). With rank > 0 the weights "
                           "are frozen and only the adapters train (needs peft)")
     alpha: float = option(16.0, "the adapters' output is scaled by alpha / rank")
-    dropout: float = option(0.05, "dropout on the adapters' input during training")
+    # peft's default. Dropout keeps a dropped-out copy of each adapted layer's input for the backward
+    # pass: 19 MB a layer at gpt2-medium's width and 512 tokens a step (measured: peak RSS of 6 such
+    # layers 1,701 MB without, 1,815 MB with dropout 0.05), 0.45 GB for all 24.
+    dropout: float = option(0.0, "dropout on the adapters' input during training")
     targets: list[str] = option(default_factory=lambda: list(block_linears()),
                                 help="the Linear layers of model.py's blocks that get adapters "
                                      "(attention: c_attn, c_proj; MLP: c_fc, c_proj)")
