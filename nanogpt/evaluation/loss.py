@@ -1,4 +1,4 @@
-"""A model's loss on a split: estimated from random batches during training, or exact.
+"""A model's loss on a split: estimated from random batches during training, or exact (``task=loss``).
 
 Training reports estimate_loss(), the mean over a few random batches, which is
 noisy (1.886 estimated, 1.898 exact for the same model in one measurement).
@@ -10,6 +10,9 @@ over all of those predictions, in nats, summed in float64.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -17,6 +20,7 @@ from tqdm import tqdm
 
 from nanogpt.dataset.batches import BatchSampler
 from nanogpt.errors import DataError
+from nanogpt.evaluation.tasks import Subject, Task
 from nanogpt.model import GPT
 from nanogpt.runtime.device import autocast
 
@@ -25,6 +29,14 @@ from nanogpt.runtime.device import autocast
 def exact_loss(model: GPT, tokens: np.ndarray, batch_size: int, device: torch.device,
                dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[float, int]:
     """(mean cross-entropy in nats, number of windows) over all non-overlapping block_size windows."""
+    total, windows = summed_loss(model, tokens, batch_size, device, dtype, progress)
+    return total / (windows * model.config.block_size), windows
+
+
+@torch.no_grad()
+def summed_loss(model: GPT, tokens: np.ndarray, batch_size: int, device: torch.device,
+                dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[float, int]:
+    """(summed cross-entropy in nats, number of windows) over exact_loss's windows."""
     block = model.config.block_size
     windows = (len(tokens) - 1) // block
     if windows < 1:
@@ -42,7 +54,7 @@ def exact_loss(model: GPT, tokens: np.ndarray, batch_size: int, device: torch.de
         total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
         bar.update(count)
     bar.close()
-    return total / (windows * block), windows
+    return total, windows
 
 
 @torch.no_grad()
@@ -62,3 +74,33 @@ def estimate_loss(model: torch.nn.Module, sampler: BatchSampler, eval_iters: int
         losses[split] = (total / eval_iters).item()
     model.train()
     return losses
+
+
+@dataclass
+class LossOptions:
+    """task=loss has no options of its own: split=, dataset= and batch_size= are the eval command's."""
+
+
+class LossTask(Task):
+    """The exact mean cross-entropy over every window of the split (the default task)."""
+
+    name = "loss"
+    Options = LossOptions
+
+    def run(self, subject: Subject) -> dict:
+        split = subject.split()
+        loss, windows = exact_loss(subject.model, split.tokens, subject.batch_size, subject.device,
+                                   subject.dtype, subject.progress)
+        tokens = windows * subject.model.config.block_size
+        result = {"tokens_file": str(split.where), "split": subject.split_name, "loss": loss,
+                  "perplexity": math.exp(loss), "tokens": tokens, "windows": windows}
+        if subject.tokenizer.get("kind") == "char":
+            result["bits_per_char"] = loss / math.log(2)  # one token is one character
+        return result
+
+    def describe(self, result: dict) -> str:
+        return (f"{result['split']} loss {result['loss']:.4f} (perplexity {result['perplexity']:.3f}) over "
+                f"{result['windows']:,} windows, {result['tokens']:,} tokens of {result['tokens_file']}")
+
+    def metrics(self, result: dict) -> dict[str, float]:
+        return {"exact_loss": result["loss"]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from nanogpt.dataset.config import DatasetConfig, data_root_option
+from nanogpt.evaluation.registry import TRAINING_TASKS, TaskSettings
 from nanogpt.model import GPTConfig
 from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig
@@ -69,6 +70,9 @@ class TrainConfig:
     eval_iters: int = option(200, "batches averaged per evaluation and split")
     eval_at_start: bool = option(True, "also evaluate before the first step (the untrained loss); "
                                        "false saves that time, as a speedrun does")
+    eval_tasks: list[str] = option(default_factory=list, help="benchmarks scored at every evaluation besides "
+                                   f"the loss, e.g. [bpb,hellaswag]: {' | '.join(TRAINING_TASKS)}")
+    tasks: TaskSettings = option(default_factory=TaskSettings)
     log_interval: int = option(10, "log a training line every this many steps")
     sample_tokens: int = option(200, "length of the sample printed at the end; 0 skips it")
     save_checkpoints: bool = option(True, "write best.pt and last.pt into the run directory")
@@ -80,3 +84,5 @@ class TrainConfig:
         for name in counts:
             require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
         require(self.max_iters >= 0, f"max_iters={self.max_iters} must be >= 0")
+        unknown = [name for name in self.eval_tasks if name not in TRAINING_TASKS]
+        require(not unknown, f"eval_tasks: {', '.join(unknown)} is not one of {', '.join(TRAINING_TASKS)}")

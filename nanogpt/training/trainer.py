@@ -26,6 +26,7 @@ import torch
 from nanogpt.dataset.batches import BatchSampler, PreparedData
 from nanogpt.dataset.pipeline import prepare_dataset
 from nanogpt.evaluation.loss import estimate_loss
+from nanogpt.evaluation.registry import TrainingEvaluation
 from nanogpt.generation.language_model import sample_text
 from nanogpt.model import GPT
 from nanogpt.runtime import distributed
@@ -70,6 +71,7 @@ class Trainer:
                                      runtime.peak_flops)
         self.iter_num, self.best_val_loss, self.grad_norm = 0, math.inf, torch.zeros(())
         self.loss_watch = LossWatch(runtime.device)
+        self.eval_tasks = TrainingEvaluation.for_run(cfg, data, runtime)  # benchmarks beside the loss
         self.batch = None  # the next training batch, fetched ahead
         self.last_eval_iter: int | None = None
         self.last_saved_iter: int | None = None
@@ -137,12 +139,13 @@ class Trainer:
         eval_iters = -(-self.cfg.eval_iters // self.runtime.dist.world_size)
         with self.stop.interruptible(self.rewind_point()):  # a stop abandons it (stops.py)
             losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx, self.eval_batch_done)
+            scores = self.eval_tasks.score(self.model) if self.runtime.dist.is_main else {}
         losses = distributed.all_reduce_mean(losses, self.runtime.dist, self.runtime.device)
         it = self.last_eval_iter = self.iter_num
         for split in ("train", "val"):
             check_finite(losses[split], it, f"the {split} loss", self.describe_last_checkpoint())
         self.records.log({"kind": "eval", "iter": it, "tokens": it * self.throughput.tokens_per_iter,
-                          "train_loss": losses["train"], "val_loss": losses["val"]})
+                          "train_loss": losses["train"], "val_loss": losses["val"], **scores})
         improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
         if self.cfg.save_checkpoints:
