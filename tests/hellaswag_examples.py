@@ -249,17 +249,20 @@ HOW_TO = [
 
 
 def generated(n: int, seed: int = 0) -> list[dict]:
-    """N examples of HellaSwag's shapes and about its lengths (contexts of 20-60 words, endings of 8-25)."""
+    """N examples of HellaSwag's two shapes (ActivityNet-like contexts of 12-40 words, endings of 8-12;
+    WikiHow-like contexts of about 50, endings of about 30).
+    """
     rng = random.Random(seed)
     examples = []
     for ind in range(n):
         if ind % 3 == 2:  # WikiHow-like: a long bracketed context, longer endings, ctx_b empty
-            ctx_a = (
-                f"{rng.choice(HOW_TO)} {rng.choice(SUBJECTS)} {rng.choice(ACTIONS)} {rng.choice(DETAILS)}."
+            ctx_a = rng.choice(HOW_TO) + "".join(
+                f" {rng.choice(SUBJECTS)} {rng.choice(ACTIONS)} {rng.choice(DETAILS)}." for _ in range(2)
             )
             ctx_b = ""
             endings = [
-                f"[step] {rng.choice(SUBJECTS)} {rng.choice(ENDINGS)}, then {rng.choice(ENDINGS)}."
+                f"[step] {rng.choice(SUBJECTS)} {rng.choice(ENDINGS)}, then {rng.choice(ENDINGS)}. "
+                f"[step] {rng.choice(SUBJECTS)} {rng.choice(ENDINGS)}."
                 for _ in range(4)
             ]
         else:

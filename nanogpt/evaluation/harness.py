@@ -68,7 +68,7 @@ class LmEvalTask(Task):
         unknown = [name for name in options.tasks if name not in manager.all_tasks]
         if unknown:
             raise ConfigError(f"task.tasks: lm-eval knows no task {', '.join(unknown)}"
-                              + (f" (nor does {include})" if include else "")
+                              + (f" (nor does {options.include_path})" if include else "")
                               + "; `lm_eval ls tasks` lists them, task.include_path=DIR adds your own")
         lm = NanoGPTLM(subject.model, subject.tokenizer, subject.device, subject.dtype, subject.batch_size,
                        subject.progress)

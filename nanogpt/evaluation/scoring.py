@@ -7,8 +7,8 @@ The rules are lm-evaluation-harness's, so that the numbers are its numbers:
 
 * context and continuation are cut from the text as lm-eval cuts them
   (encode_pair): whitespace at the end of the context moves into the
-  continuation, the whole text is encoded once and split where the context's
-  own ids end;
+  continuation, the context is encoded alone, and the continuation is what
+  follows as many ids of the whole text encoded at once;
 * a request longer than the model's block loses tokens from the left: the model
   reads the last block_size of (context + continuation)[:-1].
 
@@ -49,9 +49,10 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = encode(context + continuation)
-    cut = len(encode(context))
-    return whole[:cut], whole[cut:]
+    # As lm-eval does: the context's own ids, and the ids of the whole text after as many as those.
+    # Where a token spans the cut, the two do not add up to the whole; lm-eval scores them so.
+    context_ids = encode(context)
+    return context_ids, encode(context + continuation)[len(context_ids):]
 
 
 def next_token_logits(model: GPT, idx: torch.Tensor, rows: torch.Tensor,
