@@ -19,7 +19,7 @@ import torch
 from nanogpt.dataset.batches import PreparedData
 from nanogpt.dataset.config import DatasetConfig
 from nanogpt.dataset.tokenizers import tokenizer_name
-from nanogpt.errors import ConfigError
+from nanogpt.errors import ConfigError, require_package
 from nanogpt.evaluation.bpb import BpbOptions, BpbTask
 from nanogpt.evaluation.harness import LmEvalOptions, LmEvalTask
 from nanogpt.evaluation.hellaswag import HellaSwagOptions, HellaSwagTask
@@ -78,6 +78,8 @@ class TrainingEvaluation:
 
     def __init__(self, names: list[str], settings: TaskSettings, data: PreparedData, data_root: str | Path,
                  device: torch.device, dtype: torch.dtype, batch_size: int):
+        if "lm_eval" in names:
+            require_package("lm_eval", "eval", "eval_tasks=[lm_eval]", "lm-eval")
         self.tasks = [TASKS[name](getattr(settings, name)) for name in names]
         for task in self.tasks:
             task.check()  # a missing file or package stops the run before it trains
