@@ -27,7 +27,8 @@ def bpe_run(tmp_path, corpus, data_root) -> list[str]:
     write_jsonl(tmp_path / "hellaswag.jsonl", HAND_WRITTEN)
     return [*TINY_RUN, "model.block_size=128", "dataset=text", f"dataset.source={corpus}",
             "dataset.name=toy_bpe", "dataset.tokenizer=bpe", "dataset.vocab_size=300",
-            f"data_root={data_root}", "eval_tasks=[bpb,hellaswag]", f"tasks.hellaswag.source={tmp_path / 'hellaswag.jsonl'}"]
+            f"data_root={data_root}", "eval_tasks=[bpb,hellaswag]",
+            f"tasks.hellaswag.source={tmp_path / 'hellaswag.jsonl'}"]
 
 
 def test_eval_tasks_are_recorded_like_the_losses(tmp_path, bpe_run):
