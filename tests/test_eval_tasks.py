@@ -19,6 +19,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from nanogpt.cli.entry import to_dataclass
+from nanogpt.cli.paths import CONFIG_DIR
 from nanogpt.dataset.tokenizers import GPT2_TOKENIZER, tiktoken_encoding
 from nanogpt.errors import DataError
 from nanogpt.eval import EvalConfig, evaluate
@@ -26,11 +28,12 @@ from nanogpt.evaluation import hellaswag
 from nanogpt.evaluation.bpb import BpbOptions
 from nanogpt.evaluation.hellaswag import HellaSwagOptions, example_from, read_examples, validation_file
 from nanogpt.evaluation.scoring import encode_pair, score_requests
-from nanogpt.evaluation.tasks import Subject
+from nanogpt.evaluation.tasks import TASKS, Subject
 from nanogpt.model import GPTConfig
 from nanogpt.runtime.device import DeviceConfig
+from nanogpt.training.config import TrainConfig
 
-from .conftest import run_module
+from .conftest import register_commands, run_module
 from .hellaswag_examples import HAND_WRITTEN, generated, write_jsonl
 from .test_data import FileServer
 from .test_eval import last_json, reference_loss
@@ -210,6 +213,22 @@ def test_eval_without_ckpt_scores_the_newest_run(bpe_cache, tmp_path):
     scored = last_json(result.stdout)
     assert (scored["task"], scored["ckpt"], scored["examples"]) == ("hellaswag", "outputs/new/best.pt", 4)
     assert {"acc", "acc_norm"} <= scored.keys()
+
+
+@pytest.mark.parametrize("task", sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml")))
+def test_every_task_composes_into_its_own_options(task):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_commands()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"task={task}"])
+    assert type(OmegaConf.to_object(cfg.task)) is TASKS[task].Options
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        overrides = ["eval_tasks=[bpb,hellaswag]", "tasks.hellaswag.limit=5", "tasks.bpb.source=held_out.txt"]
+        train = to_dataclass(compose(config_name="train", overrides=overrides), TrainConfig)
+    assert train.eval_tasks == ["bpb", "hellaswag"] and train.tasks.hellaswag == HellaSwagOptions(limit=5)
+    assert train.tasks.bpb == BpbOptions(source="held_out.txt")
 
 
 def one_line_error(result) -> str:
