@@ -81,9 +81,13 @@ class HellaSwagTask(Task):
     def run(self, subject: Subject) -> dict:
         source = self.options.source
         path = Path(source).expanduser() if source else validation_file(subject.data_root)
-        examples = read_examples(path, self.options.limit)
-        likelihoods = ending_likelihoods(subject, examples, where=path)
-        acc, acc_norm = accuracies(examples, likelihoods)
+        # Read and encoded once per task and model shape: a training run scores them again and again.
+        key = (path, description_json(subject.tokenizer), subject.model.config.block_size)
+        if getattr(self, "encoded", (None,))[0] != key:
+            examples = read_examples(path, self.options.limit)
+            self.encoded = key, examples, encode_examples(examples, subject.tokenizer, key[2], path)
+        _, examples, requests = self.encoded
+        acc, acc_norm = accuracies(examples, ending_likelihoods(subject, examples, path, requests))
         return {"source": str(path), "acc": acc, "acc_norm": acc_norm, "examples": len(examples)}
 
     def describe(self, result: dict) -> str:
@@ -175,10 +179,26 @@ def validation_file(data_root: Path) -> Path:
     return path
 
 
-def ending_likelihoods(subject: Subject, examples: list[Example], where: Path) -> np.ndarray:
-    """(examples, endings) summed log-likelihoods of each ending after its context."""
-    codec = load_tokenizer(description_json(subject.tokenizer))
-    block = subject.model.config.block_size
+def ending_likelihoods(subject: Subject, examples: list[Example], where: Path,
+                       requests: list | None = None) -> np.ndarray:
+    """(examples, endings) summed log-likelihoods of each ending after its context.
+
+    requests: the examples as encode_examples() encodes them for this model, if already done.
+    """
+    if requests is None:
+        requests = encode_examples(examples, subject.tokenizer, subject.model.config.block_size, where)
+    scores = score_requests(subject.model, requests, subject.batch_size, subject.device, subject.dtype,
+                            subject.progress, desc="hellaswag")
+    return np.array([logprob for logprob, _ in scores]).reshape(len(examples), -1)
+
+
+def encode_examples(examples: list[Example], tokenizer: dict, block: int, where: Path) -> list:
+    """(context ids, continuation ids) of every ending of every example, in order."""
+    counts = [len(example.endings) for example in examples]
+    if len(set(counts)) != 1:
+        raise DataError(f"{where}: examples have {min(counts)} to {max(counts)} endings; all need the same "
+                        "number")
+    codec = load_tokenizer(description_json(tokenizer))
     requests = []
     for number, example in enumerate(examples, start=1):
         try:
@@ -192,13 +212,7 @@ def ending_likelihoods(subject: Subject, examples: list[Example], where: Path) -
             raise DataError(f"{where}: example {number} has an ending of {longest} tokens, longer than the "
                             f"model's block of {block}; lm-evaluation-harness refuses such endings too")
         requests += pairs
-    scores = score_requests(subject.model, requests, subject.batch_size, subject.device, subject.dtype,
-                            subject.progress, desc="hellaswag")
-    counts = [len(example.endings) for example in examples]
-    if len(set(counts)) != 1:
-        raise DataError(f"{where}: examples have {min(counts)} to {max(counts)} endings; all need the same "
-                        "number")
-    return np.array([logprob for logprob, _ in scores]).reshape(len(examples), counts[0])
+    return requests
 
 
 def accuracies(examples: list[Example], likelihoods: np.ndarray) -> tuple[float, float]:
