@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from nanogpt.errors import DataError
@@ -116,7 +115,8 @@ def score_requests(model: GPT, requests: Sequence[Request], batch_size: int, dev
                                            torch.tensor(positions, device=device))
             logits = logits.float()
             target = torch.tensor(targets, device=device)
-            chosen = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
+            # log_softmax at the target alone: the (N, vocab) table of every log-probability is never needed.
+            chosen = logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
             owner = torch.tensor(owners, device=device)
             sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(
                 0, owner, chosen.double())
