@@ -5,7 +5,7 @@ checkpoint maps onto it name for name, with two differences:
 
 * Hugging Face keeps GPT-2's original ``Conv1D`` layers, whose weight is the
   transpose of an ``nn.Linear``'s: the attention and MLP matrices are
-  transposed on the way out (and, in nanogpt.loading, on the way in).
+  transposed on the way out (and, in read_hf_directory below, on the way in).
 * GPT-2 was trained with the tanh approximation of GELU
   (``activation_function: gelu_new``); the export says which GELU the model uses.
 
