@@ -128,7 +128,11 @@ def page_commands() -> tuple[list[Command], list[str]]:
             commands += found
         for number, line in bash_lines(page):
             where = f"{name}:{number}"
-            words = segments(line)
+            try:
+                words = segments(line)
+            except ValueError as error:  # what a shell would refuse too (an unclosed quote)
+                unparsed.append(f"{where}: {error}: {line.strip()}")
+                continue
             found = [c for simple in words if (c := command_of(where, simple))]
             commands += found
             if not found and MENTIONS_COMMAND.search(" ".join(sum(words, []))):
