@@ -9,6 +9,7 @@ which never runs code from the file. Writes are atomic.
 
 from __future__ import annotations
 
+import errno
 import pickle
 import zipfile
 from pathlib import Path
@@ -28,7 +29,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     path = Path(path)
 
     def write(tmp: Path) -> None:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+        try:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+        except RuntimeError as error:  # torch's file writer reports a full disk as an internal error
+            if "inline_container" not in str(error) and "PytorchStreamWriter" not in str(error):
+                raise
+            raise OSError(errno.EIO, "torch.save could not write the file", str(tmp)) from error
 
     write_atomically(path, write)
 
