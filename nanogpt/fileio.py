@@ -81,8 +81,10 @@ def write_failed(dest: Path, error: OSError) -> WriteFailed:
         free = "free space unknown"
     reason = error.strerror or str(error) or type(error).__name__
     kept = f"the previous {dest.name} is unchanged" if dest.exists() else f"no {dest.name} was written"
-    return WriteFailed(f"could not write {dest}: {reason} ({free}); {kept}. Free some space "
-                       "(or choose another directory) and run again")
+    failed = WriteFailed(f"could not write {dest}: {reason} ({free}); {kept}. Free some space "
+                         "(or choose another directory) and run again")
+    failed.reason, failed.free = reason, free  # for callers that say it in their own terms
+    return failed
 
 
 def format_bytes(size: int) -> str:
