@@ -223,7 +223,7 @@ def test_help_groups_come_from_hydras_repository_of_train_options():
 
     register_commands()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        options = group_options("train", ["model", "dataset", "seed"], [])
+        options = group_options(["model", "dataset", "seed"], [])
         assert GlobalHydra.instance().is_initialized()
     assert options["model"] == sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
     assert "seed" not in options  # a key, not a group

@@ -43,7 +43,7 @@ def help_text(config_name: str, schema: type, argv: list[str], command: str | No
     overrides = with_config_dir(overrides, flags.get("--config-dir"))
     lines = [f"{command or command_as_typed(config_name)} [group=option ...] [key=value ...]", ""]
     with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        options = group_options(config_name, [f.name for f in dataclasses.fields(schema)], overrides)
+        options = group_options([f.name for f in dataclasses.fields(schema)], overrides)
         if options:
             lines.append("Config groups (choose one option each):")
             lines += [f"  {group}: {', '.join(choices)}" for group, choices in options.items()
@@ -96,19 +96,18 @@ def with_config_dir(overrides: list[str], config_dir: str | None) -> list[str]:
     return [*kept, "hydra.searchpath=[" + ",".join(f"'{p}'" for p in paths) + "]"]
 
 
-def group_options(config_name: str, names: list[str], overrides: list[str]) -> dict[str, list[str]]:
-    """{group: its options} for the schema's fields that are config groups, and the experiment recipes.
+def group_options(names: list[str], overrides: list[str]) -> dict[str, list[str]]:
+    """{group: its options} for those of names that are config groups, and the experiment recipes.
 
-    Hydra's repository is asked with the command line's overrides (its
-    hydra.searchpath); if they do not compose, with its search path alone.
+    Hydra's repository is asked over the search path the command line gives (its hydra.searchpath).
     """
     loader = GlobalHydra.instance().config_loader()
     searchpath = [o for o in overrides if o.startswith("hydra.searchpath=")]
-    for attempt in (overrides, searchpath, []):
+    for attempt in (searchpath, []):
         try:
-            found = {name: sorted(loader.get_group_options(name, config_name=config_name, overrides=attempt))
+            found = {name: sorted(loader.get_group_options(name, overrides=attempt))
                      for name in [*names, "experiment"]}
-        except Exception:  # noqa: BLE001 (help still lists what it can for a bad command line)
+        except Exception:  # noqa: BLE001 (a search path that does not parse: list the package's own)
             continue
         return {name: choices for name, choices in found.items() if choices}
     return {}

@@ -89,7 +89,7 @@ def recorded_dataset(config: DatasetConfig, data_root: Path | str, record: dict 
             except DataError as error:
                 raise DataError(f"{directory}, the data this run trained on, is not there and cannot be "
                                 f"prepared again: {error}") from None
-            meta = with_hashes(directory, prepare_into(directory, config, source, named, settings))
+            meta = prepare_into(directory, config, source, named, settings)
             if record is not None and meta["tokens_sha256"] != record.get("tokens_sha256"):
                 raise DataError(f"{directory} was prepared again from {config.source}, but the tokens differ "
                                 "from those the run trained on: the source has changed since")
