@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -196,3 +197,45 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(books, data_root
     resumed = run_module("nanogpt.train", f"resume={run_dir}", "max_iters=6", cwd=books)
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(run_dir / "last.pt", weights_only=True)["iter_num"] == 6
+
+
+def limited(max_file_bytes: int):
+    """A preexec_fn: the child may not write any file past max_file_bytes, as a full disk would refuse.
+
+    The kernel then refuses the write itself (EFBIG; Python ignores SIGXFSZ), so what
+    is tested is how numpy's and torch's own writers report a refused write.
+    """
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+    return limit
+
+
+def run_limited(max_file_bytes: int, module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limited(max_file_bytes))
+
+
+def test_a_write_the_kernel_refuses_is_one_line_for_token_files_and_checkpoints(books, data_root):
+    shared = ["dataset=text", "dataset.name=shared", f"data_root={data_root}"]
+    prepared = run_module("nanogpt.data", *shared, "dataset.source=book.txt", cwd=books)
+    assert prepared.returncode == 0, prepared.stderr
+    folder = data_root / "shared"
+    before = folder_state(folder)
+    assert (folder / "train.bin").stat().st_size > 40_000 > (books / "book2.txt").stat().st_size
+    refused = run_limited(40_000, "nanogpt.data", *shared, "dataset.source=book2.txt", cwd=books)
+    line = one_error_line(refused, status=1)
+    assert line.startswith(f"error: could not prepare {folder}: File too large ("), line
+    assert folder_state(folder) == before and not (folder / ".preparing").exists()
+
+    run_dir = books / "run"
+    trained = run_module("nanogpt.train", *QUICK, *shared, "dataset.source=book.txt",
+                         f"hydra.run.dir={run_dir}", cwd=books)
+    assert trained.returncode == 0, trained.stderr
+    last = (run_dir / "last.pt").read_bytes()
+    limit = len(last) - 1000  # each save of last.pt is as large as the first
+    resumed = run_limited(limit, "nanogpt.train", f"resume={run_dir}", "max_iters=4", cwd=books)
+    line = one_error_line(resumed, status=1)
+    assert line.startswith(f"error: could not write {run_dir / 'last.pt'}: File too large ("), line
+    assert (run_dir / "last.pt").read_bytes() == last and not list(run_dir.glob(".*.tmp"))
