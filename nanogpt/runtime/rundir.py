@@ -33,7 +33,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from nanogpt.errors import UserError
+from nanogpt.errors import ConfigError, UserError
 from nanogpt.fileio import write_atomically
 
 log = logging.getLogger("nanogpt.rundir")
@@ -90,10 +90,10 @@ def claim(run_dir: Path | str, wait_s: float | None = None) -> RunDirClaim:
     if run_dir in _claims:
         return _claims[run_dir]
     created = tuple(d for d in (run_dir, *run_dir.parents) if not d.exists())
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run_dir / LOCK_FILE), timeout=0, thread_local=False)
     wait_s = (REQUEUE_WAIT_S if is_requeued_job() else 0.0) if wait_s is None else wait_s
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
         holder = read_holder(run_dir)
@@ -105,6 +105,9 @@ def claim(run_dir: Path | str, wait_s: float | None = None) -> RunDirClaim:
             lock.acquire(timeout=wait_s)
         except Timeout:
             raise RunDirInUse(in_use_message(run_dir, read_holder(run_dir))) from None
+    except OSError as error:  # after Timeout, which is one too
+        raise ConfigError(f"cannot use {run_dir} as a run directory ({error.strerror or error}); "
+                          "give a writable one (hydra.run.dir=...)") from None
     # Holding the lock, any holder file left is a dead process's: nobody else may write it now.
     previous = read_holder(run_dir)
     mine = {"host": socket.gethostname(), "pid": os.getpid(),
