@@ -61,6 +61,8 @@ MISSING = [
     Missing("tiktoken", "train", ("dataset=shakespeare", *RUN), "dataset.tokenizer=gpt2", "tiktoken", "bpe"),
     Missing("tiktoken", "data", ("dataset=text", "dataset.source={corpus}", "dataset.tokenizer=gpt2"),
             "dataset.tokenizer=gpt2", "tiktoken", "bpe"),
+    Missing("tiktoken", "data", ("dataset=text", "dataset.source={corpus}", "dataset.tokenizer=cl100k_base"),
+            "dataset.tokenizer='cl100k_base' is not one of char, bpe, gpt2", "tiktoken", "bpe"),
     Missing("tokenizers", "data", ("dataset=text", "dataset.source={corpus}", "dataset.tokenizer=bpe",
                                    "dataset.vocab_size=300"), "dataset.tokenizer=bpe", "tokenizers", "bpe"),
     Missing("tokenizers", "train", ("dataset=text", "dataset.source={corpus}",

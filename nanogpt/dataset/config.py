@@ -32,7 +32,7 @@ from nanogpt.dataset.tokenizers import (
     knows_tokenizer,
     tiktoken_names,
 )
-from nanogpt.errors import require_package
+from nanogpt.errors import is_installed, require_package
 
 DATA_ROOT_ENV = "NANOGPT_DATA_ROOT"
 DATA_ROOT = "~/.cache/nanogpt"
@@ -79,10 +79,13 @@ class DatasetConfig:
         t, v = self.tokenizer, self.vocab_size
         options.require(0 < self.val_fraction < 1,
                         f"val_fraction={self.val_fraction} must be between 0 and 1")
+        without_tiktoken = "" if is_installed("tiktoken") else (
+            "; tiktoken, which knows more encodings, is not installed: pip install tiktoken (or, in a clone "
+            'of nanogpt, pip install -e ".[bpe]")')
         options.require(
             knows_tokenizer(t),
             f"tokenizer={t!r} is not one of {', '.join((*OWN_TOKENIZERS, *tiktoken_names()))}, "
-            "nor a path to a tokenizer.json")
+            f"nor a path to a tokenizer.json{without_tiktoken}")
         options.require(t != "bpe" or self.loader != "bin",
                         "tokenizer=bpe is trained on text; with loader=bin name the tokenizer the .bin files "
                         "were made with (or give vocab_size)")
