@@ -24,7 +24,7 @@ from nanogpt.evaluation.loss import exact_loss
 from nanogpt.evaluation.tokens import dataset_tokens
 from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype
-from nanogpt.weights.loading import resolve_source
+from nanogpt.weights.loading import require_source_packages, resolve_source
 from nanogpt.weights.quantize import quantize_model, quantize_option
 
 SPLITS = ("val", "train")
@@ -50,6 +50,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
+
+    def require_packages(self) -> None:
+        require_source_packages(self.ckpt)
 
 
 def evaluate(cfg: EvalConfig) -> dict:

@@ -20,6 +20,7 @@ from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig
 from nanogpt.tracking.loggers import LoggerConfig
 from nanogpt.training.optim import OptimizerConfig
+from nanogpt.weights.loading import require_source_packages
 
 
 @dataclass
@@ -44,6 +45,10 @@ class ModelConfig(GPTConfig):
         require(self.init_from is None or not model.variants,
                 f"init_from={self.init_from} loads GPT-2's architecture; drop "
                 + " ".join(f"model.{k}={v}" for k, v in model.variants.items()))
+
+    def require_packages(self) -> None:
+        """init_from a Hugging Face directory or a GPT-2 name needs the hf extra's packages."""
+        require_source_packages(self.init_from, key="model.init_from")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         """The GPTConfig of this shape for a vocabulary of vocab_size."""
