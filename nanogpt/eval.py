@@ -12,7 +12,6 @@ object with "task", its metrics and how many examples or tokens they cover.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -20,16 +19,24 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.dataset.config import DatasetConfig, default_data_root
 from nanogpt.errors import ConfigError
-from nanogpt.evaluation.registry import TASKS, LossOptions, Subject, own_split, task_for, task_keys
+from nanogpt.evaluation.registry import (
+    TASKS,
+    LossOptions,
+    Subject,
+    options_from,
+    own_split,
+    task_for,
+    task_keys,
+)
 from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype
 from nanogpt.weights.checkpoint import newest_checkpoint
-from nanogpt.weights.loading import resolve_source
+from nanogpt.weights.loading import require_source_packages, resolve_source
 from nanogpt.weights.quantize import quantize_model, quantize_option
 
 SPLITS = ("val", "train")
@@ -60,7 +67,18 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
-        self.task = LossOptions() if self.task is None else self.task
+        if self.task is None:
+            self.task = LossOptions()
+        elif isinstance(self.task, dict):  # as to_dataclass builds it from the composed task node
+            try:
+                self.task = options_from(self.task)
+            except ConfigError as error:
+                raise ConfigError(f"task.{error}") from None
+
+    def require_packages(self) -> None:
+        require_source_packages(self.ckpt)
+        task = task_for(self.task)
+        task.require_packages(f"task={task.name}")
 
 
 def register_task_schemas() -> None:
@@ -91,14 +109,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 @hydra_entry("eval", EvalConfig)
 def main(cfg: DictConfig) -> None:
     """Entry point: score the checkpoint and print the result, JSON on the last line."""
-    # The task node is typed by the chosen task's Options (conf/task/NAME.yaml); the rest by EvalConfig.
-    try:
-        options = OmegaConf.to_object(cfg.task)
-    except ConfigError as error:
-        raise ConfigError(f"task.{error}") from None
-    rest = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "task"])
-    config = dataclasses.replace(to_dataclass(rest, EvalConfig), task=options)
-    print(json.dumps(evaluate(config)))
+    print(json.dumps(evaluate(to_dataclass(cfg, EvalConfig))))
 
 
 register_task_schemas()

@@ -16,8 +16,8 @@ from omegaconf import MISSING, DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.options import option
-from nanogpt.weights.huggingface import export_model
-from nanogpt.weights.loading import resolve_source
+from nanogpt.weights.huggingface import export_model, require_export_packages
+from nanogpt.weights.loading import require_source_packages, resolve_source
 
 
 @dataclass
@@ -27,6 +27,10 @@ class ExportConfig:
     ckpt: str = option(MISSING, "any source sample takes: a run dir (its best.pt, else last.pt), a .pt "
                              "file, nanoGPT's out_dir, a Hugging Face dir")
     out: str = option(MISSING, "the Hugging Face model directory to write (replaced if it exists)")
+
+    def require_packages(self) -> None:
+        require_export_packages()
+        require_source_packages(self.ckpt)
 
 
 @hydra_entry("export", ExportConfig)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -252,17 +250,4 @@ def test_bad_input_is_one_line_naming_what_to_fix(tmp_path):
     assert one_line_error(run_module("nanogpt.eval", "ckpt=nowhere", "task=bpb", "task.source=missing.txt",
                                      cwd=tmp_path)) == (
         "error: task.source=missing.txt does not exist; give a UTF-8 text file")
-    # lm-eval is optional: without it, task=lm_eval says how to install it, before loading anything.
-    blocked = ("import sys, runpy; sys.modules['lm_eval'] = None; "
-               "sys.argv = ['nanogpt.eval', 'ckpt=nowhere', 'task=lm_eval', 'task.tasks=[arc_easy]']; "
-               "runpy.run_module('nanogpt.eval', run_name='__main__', alter_sys=True)")
-    assert one_line_error(run_python(blocked, tmp_path)) == (
-        "error: task=lm_eval needs the optional package lm-eval, which is not installed: pip install lm-eval "
-        '(or, in a clone of nanogpt, pip install -e ".[eval]")')
-
-
-def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python -c code` in cwd, as run_module runs a command."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    # Without lm-eval, task=lm_eval and eval_tasks=[lm_eval] say how to install it: tests/test_first_hour.py.

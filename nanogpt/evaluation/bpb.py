@@ -36,7 +36,7 @@ from nanogpt.dataset.tokenizers import (
 )
 from nanogpt.errors import ConfigError, DataError
 from nanogpt.evaluation.loss import summed_loss
-from nanogpt.evaluation.tasks import Subject, Task
+from nanogpt.evaluation.tasks import Subject, Task, task_name
 from nanogpt.options import option
 
 
@@ -44,6 +44,7 @@ from nanogpt.options import option
 class BpbOptions:
     """``task=bpb``: which text to score."""
 
+    name: str = task_name("bpb")
     source: str | None = option(None, "a UTF-8 text file to score, tokenized with the model's tokenizer; "
                                       "null: the split task=loss scores")
 
@@ -56,7 +57,7 @@ class BpbTask(Task):
 
     def check(self) -> None:
         if self.options.source is not None and not Path(self.options.source).expanduser().is_file():
-            raise DataError(f"task.source={self.options.source} does not exist; give a UTF-8 text file")
+            raise DataError(f"{self.key}.source={self.options.source} does not exist; give a UTF-8 text file")
 
     def run(self, subject: Subject) -> dict:
         if self.options.source is None:
@@ -78,7 +79,7 @@ class BpbTask(Task):
         """task.source's ids, tokenized once per task (a training run scores the file again and again)."""
         key = description_json(tokenizer)
         if getattr(self, "tokenized", (None, None))[0] != key:
-            self.tokenized = (key, file_tokens(self.options.source, tokenizer))
+            self.tokenized = (key, file_tokens(self.options.source, tokenizer, self.key))
         return self.tokenized[1]
 
     def describe(self, result: dict) -> str:
@@ -89,18 +90,18 @@ class BpbTask(Task):
         return {"bpb": result["bits_per_byte"]}
 
 
-def file_tokens(source: str, tokenizer: dict) -> np.ndarray:
+def file_tokens(source: str, tokenizer: dict, key: str = "task") -> np.ndarray:
     """The ids of a text file under the model's tokenizer; one line naming the file if it cannot be read."""
     path = Path(source).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"task.source={source} is not UTF-8 text (byte {e.start} cannot be decoded)") \
+        raise DataError(f"{key}.source={source} is not UTF-8 text (byte {e.start} cannot be decoded)") \
             from None
     try:
         return load_tokenizer(description_json(tokenizer)).encode_array(text)
     except DataError as e:
-        raise DataError(f"task.source={source}: {e}") from None
+        raise DataError(f"{key}.source={source}: {e}") from None
 
 
 def text_bytes(ids: np.ndarray, tokenizer: dict) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanogpt.errors import ConfigError, DataError, require_package
-from nanogpt.evaluation.tasks import Subject, Task
+from nanogpt.evaluation.tasks import Subject, Task, task_name
 from nanogpt.options import option, require
 
 
@@ -25,6 +25,7 @@ from nanogpt.options import option, require
 class LmEvalOptions:
     """``task=lm_eval``: which lm-evaluation-harness tasks, and how."""
 
+    name: str = task_name("lm_eval")
     tasks: list[str] = option(default_factory=list, help="lm-eval task, group or tag names, e.g. "
                               "[lambada_openai,arc_easy] (`lm_eval ls tasks` lists them)")
     include_path: str | None = option(None, "a folder of task YAML files of your own (lm-eval's "
@@ -44,15 +45,18 @@ class LmEvalTask(Task):
     name = "lm_eval"
     Options = LmEvalOptions
 
+    def require_packages(self, needed_for: str) -> None:
+        require_package("lm_eval", "eval", needed_for, "lm-eval")
+
     def check(self) -> None:
         options = self.options
-        require_package("lm_eval", "eval", "task=lm_eval", "lm-eval")
+        self.require_packages(f"task={self.name}")
         if not options.tasks:
-            raise ConfigError("task=lm_eval needs task.tasks=[NAME,...], e.g. task.tasks=[lambada_openai] "
-                              "(`lm_eval ls tasks` lists them)")
+            raise ConfigError(f"{self.key}.tasks is empty; name lm-eval tasks, e.g. "
+                              f"{self.key}.tasks=[lambada_openai] (`lm_eval ls tasks` lists them)")
         if options.include_path is not None and not Path(options.include_path).expanduser().is_dir():
-            raise DataError(f"task.include_path={options.include_path} is not a folder; give the folder that "
-                            "holds your task YAML files")
+            raise DataError(f"{self.key}.include_path={options.include_path} is not a folder; give the "
+                            "folder that holds your task YAML files")
 
     def run(self, subject: Subject) -> dict:
         options = self.options
@@ -67,9 +71,9 @@ class LmEvalTask(Task):
         manager = TaskManager(include_path=include)
         unknown = [name for name in options.tasks if name not in manager.all_tasks]
         if unknown:
-            raise ConfigError(f"task.tasks: lm-eval knows no task {', '.join(unknown)}"
+            raise ConfigError(f"{self.key}.tasks: lm-eval knows no task {', '.join(unknown)}"
                               + (f" (nor does {options.include_path})" if include else "")
-                              + "; `lm_eval ls tasks` lists them, task.include_path=DIR adds your own")
+                              + f"; `lm_eval ls tasks` lists them, {self.key}.include_path=DIR adds your own")
         lm = NanoGPTLM(subject.model, subject.tokenizer, subject.device, subject.dtype, subject.batch_size,
                        subject.progress)
         try:
@@ -79,7 +83,7 @@ class LmEvalTask(Task):
         except (ConnectionError, OSError) as e:  # a task whose data lm-eval could not fetch or read
             raise DataError(f"task=lm_eval could not load the data of {', '.join(options.tasks)} "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); offline, point a task "
-                            "YAML of your own at local files with task.include_path=DIR") from None
+                            f"YAML of your own at local files with {self.key}.include_path=DIR") from None
         # lm-eval's numbers may be numpy scalars; its own serializer makes them plain JSON.
         results = json.loads(json.dumps(output["results"], default=handle_non_serializable))
         examples = sum(int(counts.get("effective", 0)) for counts in output.get("n-samples", {}).values())

@@ -37,7 +37,7 @@ from nanogpt.dataset.download import describe_request_error, download
 from nanogpt.dataset.tokenizers import UnknownTokenError, description_json, load_tokenizer
 from nanogpt.errors import DataError
 from nanogpt.evaluation.scoring import encode_pair, score_requests
-from nanogpt.evaluation.tasks import Subject, Task
+from nanogpt.evaluation.tasks import Subject, Task, task_name
 from nanogpt.options import option, require
 
 VALIDATION_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -50,6 +50,7 @@ TARGET_DELIMITER = " "
 class HellaSwagOptions:
     """``task=hellaswag``: which examples to score."""
 
+    name: str = task_name("hellaswag")
     source: str | None = option(None, "a local JSONL file in HellaSwag's schema (activity_label, ctx_a, "
                                       "ctx_b, endings, label); null: the 10,042-example validation set, "
                                       "downloaded once into data_root")
@@ -76,11 +77,11 @@ class HellaSwagTask(Task):
 
     def check(self) -> None:
         if self.options.source is not None:
-            missing_source(self.options.source)
+            missing_source(self.options.source, self.key)
 
     def run(self, subject: Subject) -> dict:
         source = self.options.source
-        path = Path(source).expanduser() if source else validation_file(subject.data_root)
+        path = Path(source).expanduser() if source else validation_file(subject.data_root, self.key)
         # Read and encoded once per task and model shape: a training run scores them again and again.
         key = (path, description_json(subject.tokenizer), subject.model.config.block_size)
         if getattr(self, "encoded", (None,))[0] != key:
@@ -123,10 +124,10 @@ def example_from(doc: dict) -> Example:
                    label)
 
 
-def missing_source(source: str) -> None:
+def missing_source(source: str, key: str = "task") -> None:
     """Refuse a task.source that is not a file, saying what it should be."""
     if not Path(source).expanduser().is_file():
-        raise DataError(f"task.source={source} does not exist; give a JSONL file in HellaSwag's schema "
+        raise DataError(f"{key}.source={source} does not exist; give a JSONL file in HellaSwag's schema "
                         "(one object a line with activity_label, ctx_a, ctx_b, endings, label)")
 
 
@@ -153,7 +154,7 @@ def read_examples(path: Path, limit: int | None = None) -> list[Example]:
     return examples
 
 
-def validation_file(data_root: Path) -> Path:
+def validation_file(data_root: Path, key: str = "task") -> Path:
     """The validation set in the data root, downloaded and checked the first time it is needed."""
     path = Path(data_root).expanduser() / CACHE_FILE
     if path.is_file():
@@ -166,12 +167,12 @@ def validation_file(data_root: Path) -> Path:
             cause = e.__context__  # what requests raised, kept although download() reports it its own way
             reason = describe_request_error(cause) if isinstance(cause, RequestException) else str(e)
             raise DataError(f"could not download HellaSwag's validation set from {VALIDATION_URL} "
-                            f"({reason}); offline, fetch that file elsewhere and give task.source=PATH") \
+                            f"({reason}); offline, fetch that file elsewhere and give {key}.source=PATH") \
                 from None
         count = len(read_examples(staged))
         if count != VALIDATION_EXAMPLES:
             raise DataError(f"{VALIDATION_URL} has {count:,} examples, not HellaSwag's "
-                            f"{VALIDATION_EXAMPLES:,}; nothing was cached (give task.source=PATH for a file "
+                            f"{VALIDATION_EXAMPLES:,}; nothing was cached (give {key}.source=PATH for a file "
                             "of your own)")
         os.replace(staged, path)  # only a complete, checked file enters the cache
     finally:

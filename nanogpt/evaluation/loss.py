@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from nanogpt.dataset.batches import BatchSampler
 from nanogpt.errors import DataError
-from nanogpt.evaluation.tasks import Subject, Task
+from nanogpt.evaluation.tasks import Subject, Task, task_name
 from nanogpt.model import GPT
 from nanogpt.runtime.device import autocast
 
@@ -79,6 +79,8 @@ def estimate_loss(model: torch.nn.Module, sampler: BatchSampler, eval_iters: int
 @dataclass
 class LossOptions:
     """task=loss has no options of its own: split=, dataset= and batch_size= are the eval command's."""
+
+    name: str = task_name("loss")
 
 
 class LossTask(Task):

@@ -19,19 +19,19 @@ import torch
 from nanogpt.dataset.batches import PreparedData
 from nanogpt.dataset.config import DatasetConfig
 from nanogpt.dataset.tokenizers import tokenizer_name
-from nanogpt.errors import ConfigError, require_package
+from nanogpt.errors import ConfigError
 from nanogpt.evaluation.bpb import BpbOptions, BpbTask
 from nanogpt.evaluation.harness import LmEvalOptions, LmEvalTask
 from nanogpt.evaluation.hellaswag import HellaSwagOptions, HellaSwagTask
 from nanogpt.evaluation.loss import LossOptions, LossTask
-from nanogpt.evaluation.tasks import TASKS, Subject, Task, task_for, task_names
+from nanogpt.evaluation.tasks import TASKS, Subject, Task, options_from, task_for, task_names
 from nanogpt.evaluation.tokens import TokenSplit, dataset_tokens
 from nanogpt.model import GPT
 from nanogpt.options import option
 from nanogpt.weights.loading import LoadedSource
 
 __all__ = ["TASKS", "BpbTask", "HellaSwagTask", "LmEvalTask", "LossOptions", "LossTask", "Subject", "Task",
-           "TaskSettings", "TrainingEvaluation", "own_split", "task_for", "task_names"]
+           "TaskSettings", "TrainingEvaluation", "options_from", "own_split", "task_for", "task_names"]
 
 
 @dataclass
@@ -48,7 +48,8 @@ TRAINING_TASKS = tuple(f.name for f in fields(TaskSettings))  # loss is what tra
 
 def task_keys() -> str:
     """Each task's own keys, for the eval command's help: "bpb: task.source; hellaswag: ..."."""
-    return "; ".join(f"{name}: " + (", ".join(f"task.{f.name}" for f in fields(task.Options)) or "none")
+    return "; ".join(f"{name}: " + (", ".join(f"task.{f.name}" for f in fields(task.Options)
+                                              if f.name != "name") or "none")
                      for name, task in TASKS.items())
 
 
@@ -78,11 +79,11 @@ class TrainingEvaluation:
 
     def __init__(self, names: list[str], settings: TaskSettings, data: PreparedData, data_root: str | Path,
                  device: torch.device, dtype: torch.dtype, batch_size: int):
-        if "lm_eval" in names:
-            require_package("lm_eval", "eval", "eval_tasks=[lm_eval]", "lm-eval")
         self.tasks = [TASKS[name](getattr(settings, name)) for name in names]
-        for task in self.tasks:
-            task.check()  # a missing file or package stops the run before it trains
+        for task in self.tasks:  # a missing package or file stops the run before it trains
+            task.key = f"tasks.{task.name}"
+            task.require_packages(f"eval_tasks=[{task.name}]")
+            task.check()
         self.data, self.data_root = data, Path(data_root).expanduser()
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from nanogpt.dataset.config import DatasetConfig, data_root_option
-from nanogpt.evaluation.registry import TRAINING_TASKS, TaskSettings
+from nanogpt.evaluation.registry import TASKS, TRAINING_TASKS, TaskSettings
 from nanogpt.model import GPTConfig
 from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig
 from nanogpt.tracking.loggers import LoggerConfig
 from nanogpt.training.optim import OptimizerConfig
+from nanogpt.weights.loading import require_source_packages
 
 
 @dataclass
@@ -45,6 +46,10 @@ class ModelConfig(GPTConfig):
         require(self.init_from is None or not model.variants,
                 f"init_from={self.init_from} loads GPT-2's architecture; drop "
                 + " ".join(f"model.{k}={v}" for k, v in model.variants.items()))
+
+    def require_packages(self) -> None:
+        """init_from a Hugging Face directory or a GPT-2 name needs the hf extra's packages."""
+        require_source_packages(self.init_from, key="model.init_from")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         """The GPTConfig of this shape for a vocabulary of vocab_size."""
@@ -86,3 +91,8 @@ class TrainConfig:
         require(self.max_iters >= 0, f"max_iters={self.max_iters} must be >= 0")
         unknown = [name for name in self.eval_tasks if name not in TRAINING_TASKS]
         require(not unknown, f"eval_tasks: {', '.join(unknown)} is not one of {', '.join(TRAINING_TASKS)}")
+
+    def require_packages(self) -> None:
+        """The optional packages eval_tasks need (lm_eval: lm-eval), checked before any work."""
+        for name in self.eval_tasks:
+            TASKS[name]().require_packages(f"eval_tasks=[{name}]")

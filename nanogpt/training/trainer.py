@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from nanogpt.dataset.batches import BatchSampler, PreparedData
-from nanogpt.dataset.pipeline import prepare_dataset
+from nanogpt.dataset.pipeline import data_record, prepare_dataset, recorded_dataset
 from nanogpt.evaluation.loss import estimate_loss
 from nanogpt.evaluation.registry import TrainingEvaluation
 from nanogpt.generation.language_model import sample_text
@@ -228,7 +228,7 @@ class Trainer:
         training.update(own, world_size=len(ranks), ranks=ranks if len(ranks) > 1 else None,
                         overrides=self.overrides, tracker_run_id=self.records.run_id)
         run = {"model_config": asdict(self.model.config), "tokenizer": self.data.meta["tokenizer"],
-               "config": self.resolved_config}
+               "config": self.resolved_config, "data": data_record(self.data)}
         if best:
             save_checkpoint(self.run_dir / BEST, {**run, "model": state["model"], "iter_num": self.iter_num,
                                                    "best_val_loss": self.best_val_loss})
@@ -283,7 +283,9 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
     seed_everything(cfg.seed)
     runtime = Runtime.start(cfg.device)
     with distributed.set_up_together(runtime.dist):  # a rank that fails here stops the others quietly
-        data = prepare_dataset(cfg.dataset, Path(cfg.data_root))
+        # A resumed run reads exactly the tokens its checkpoint records (or says why it cannot).
+        data = (recorded_dataset(cfg.dataset, Path(cfg.data_root), resume_state.get("data")) if resume_state
+                else prepare_dataset(cfg.dataset, Path(cfg.data_root)))
         model = initial_model(cfg.model, data.vocab_size, data.meta["tokenizer"])
     log.info("data: %s in %s, vocab %d, %d train / %d val tokens", cfg.dataset.name, data.directory,
              data.vocab_size, data.meta["train_tokens"], data.meta["val_tokens"])
