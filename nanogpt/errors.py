@@ -1,9 +1,17 @@
-"""Errors a user can fix, as opposed to bugs.
+"""Errors a user can fix, as opposed to bugs, and the check that optional packages are installed.
 
-Entry points print a UserError as one line and exit non-zero, without a
-traceback; anything else is a bug and keeps its traceback.
+Entry points print a UserError as one line and exit with its exit_status (2,
+or 1 for a write the machine refused), without a traceback; anything else is a
+bug and keeps its traceback.
+
+Optional packages are checked before any work (check_packages): a config
+section whose options need one declares it in a ``require_packages()`` method
+that calls require_package(), e.g. LoggerConfig for logger=tensorboard. Every
+command's composed config is walked, sections inside sections too, so a new
+section joins by defining that method; no central table lists them.
 """
 
+import dataclasses
 import importlib.util
 import sys
 from typing import NoReturn
@@ -13,6 +21,8 @@ EXIT_USER_ERROR = 2
 
 class UserError(Exception):
     """A mistake in input the user controls: config, files, devices, prompts."""
+
+    exit_status = EXIT_USER_ERROR
 
 
 class ConfigError(UserError):
@@ -35,16 +45,48 @@ class MissingPackage(UserError):
     """An optional package that a chosen feature needs is not installed."""
 
 
+class WriteFailed(UserError):
+    """The file system refused a write (full, read-only, quota); the file it was replacing is intact.
+
+    Not the user's typing, but theirs to fix (free space, another directory),
+    so it is one line too; exit status 1, as for a run that failed.
+    """
+
+    exit_status = 1
+
+
+def is_installed(module: str) -> bool:
+    """True when module (dotted names too) can be imported here, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a module without a spec
+        return False
+
+
 def require_package(module: str, extra: str, needed_for: str, pip_name: str | None = None) -> None:
     """Raise MissingPackage unless module can be imported; the message says how to install it.
 
     extra is the project's optional-dependency group that holds it (pyproject.toml),
     for a clone; pip_name is what ``pip install`` takes, for an installed package.
     """
-    if importlib.util.find_spec(module) is None:
+    if not is_installed(module):
         raise MissingPackage(
             f"{needed_for} needs the optional package {pip_name or module}, which is not installed: "
             f"pip install {pip_name or module} (or, in a clone of nanogpt, pip install -e \".[{extra}]\")")
+
+
+def check_packages(config: object) -> None:
+    """Call require_packages() on config and on every config section inside it that defines one.
+
+    A command runs this on its composed config before it does any work or writes
+    any file, so a missing optional package is one line, not a traceback late in a run.
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return
+    if hasattr(config, "require_packages"):
+        config.require_packages()
+    for field in dataclasses.fields(config):
+        check_packages(getattr(config, field.name))
 
 
 def first_line(text: str) -> str:
@@ -52,7 +94,7 @@ def first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())
 
 
-def exit_with_error(message: str) -> NoReturn:
-    """Print the one ``error:`` line a user error gets and exit with EXIT_USER_ERROR."""
+def exit_with_error(message: str, status: int = EXIT_USER_ERROR) -> NoReturn:
+    """Print the one ``error:`` line a user error gets and exit with status (EXIT_USER_ERROR)."""
     print(f"error: {first_line(message)}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(status)

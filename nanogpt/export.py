@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from omegaconf import MISSING, DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
+from nanogpt.errors import require_package
 from nanogpt.options import option
 from nanogpt.weights.checkpoint import find_checkpoint, load_checkpoint
-from nanogpt.weights.huggingface import export_adapter, export_model
-from nanogpt.weights.loading import resolve_source
+from nanogpt.weights.huggingface import export_adapter, export_model, require_export_packages
+from nanogpt.weights.loading import require_source_packages, resolve_source
 
 
 @dataclass
@@ -33,6 +34,12 @@ class ExportConfig:
     out: str = option(MISSING, "the Hugging Face model directory to write (replaced if it exists)")
     adapter_only: bool = option(False, "a LoRA run: write only its adapters, as a PEFT adapter directory "
                                        "(adapter_config.json, adapter_model.safetensors) for its base model")
+
+    def require_packages(self) -> None:
+        require_export_packages()
+        require_source_packages(self.ckpt)
+        if self.adapter_only:
+            require_package("peft", "peft", "nanogpt.export adapter_only=true", "peft")
 
 
 @hydra_entry("export", ExportConfig)

@@ -24,7 +24,7 @@ from nanogpt.generation.language_model import LanguageModel
 from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype, set_threads
 from nanogpt.weights.checkpoint import newest_checkpoint
-from nanogpt.weights.loading import resolve_source
+from nanogpt.weights.loading import require_source_packages, resolve_source
 from nanogpt.weights.quantize import quantize_option
 
 
@@ -59,6 +59,9 @@ class SampleConfig:
                 f"top_p={self.top_p} must be in (0, 1], or null for no nucleus filter")
         require(self.num_tokens >= 0 and self.num_samples >= 1,
                 "num_tokens must be >= 0 and num_samples >= 1")
+
+    def require_packages(self) -> None:
+        require_source_packages(self.ckpt)
 
 
 

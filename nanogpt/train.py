@@ -4,13 +4,16 @@ Hydra composes the config into Hydra's run directory; this command turns it
 into a TrainConfig, works out whether the run continues an earlier one
 (resume=, auto_resume), records the resolved config, and hands over to the
 Trainer (nanogpt/training/trainer.py), which is plain Python. Under torchrun
-every rank runs here, in rank 0's directory.
+every rank runs here, in rank 0's directory. The run's owner (rank 0) holds the
+directory's lock (nanogpt/runtime/rundir.py) until the run ends: a second
+process aiming at the same directory is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,13 +21,11 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from nanogpt.cli import resume
-from nanogpt.cli.entry import hydra_entry, to_dataclass
+from nanogpt.cli.entry import hydra_entry, recorded_config, to_dataclass
 from nanogpt.cli.sweeps import name_tracking_run
-from nanogpt.errors import UserError
-from nanogpt.runtime import distributed
+from nanogpt.runtime import distributed, rundir
 from nanogpt.runtime.device import DeviceConfig
 from nanogpt.training.config import TrainConfig
 from nanogpt.training.trainer import build_trainer
@@ -36,11 +37,15 @@ def train_task(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     distributed.announce_run_dir(run_dir)  # under torchrun, the other ranks use rank 0's directory
     is_main = distributed.context_from_environment().is_main
-    try:
+    # Claimed already before Hydra wrote here (cli.entry.ClaimRunDir), except for a sweep's job.
+    claim = rundir.claim(run_dir) if is_main else None
+    with claim or contextlib.nullcontext():  # let go of the directory when the run ends, however it ends
+        if claim and claim.describe_take_over():
+            logging.getLogger("nanogpt.train").warning(claim.describe_take_over())
         config = to_dataclass(cfg, TrainConfig)
         config.logger = name_tracking_run(config.logger)
         config.device = share_cores(config.device)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = recorded_config(cfg, config)  # with the dataset's absolute source and cache name
         resume_state = resume.checkpoint_to_resume(config.resume, config.auto_resume, run_dir, resolved)
         if is_main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -50,11 +55,6 @@ def train_task(cfg: DictConfig) -> float:
         if trainer.stopped_by is not None:
             sys.exit(128 + trainer.stopped_by)  # the shell's convention for "ended by a signal"
         return best_val_loss
-    except (UserError, OmegaConfBaseException):
-        # Nothing was trained yet: leave no half-made run directory behind.
-        if is_main and not any(run_dir.glob("*.pt")):
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
 
 
 def share_cores(device: DeviceConfig) -> DeviceConfig:

@@ -75,6 +75,7 @@ def bpe_cache(tmp_path_factory) -> Path:
 def register_commands() -> None:
     """Register every command's schema with Hydra, as each command does for itself when it starts."""
     from nanogpt.bench import BenchConfig
+    from nanogpt.chat import ChatConfig
     from nanogpt.cli.entry import register_configs
     from nanogpt.data import DataConfig
     from nanogpt.eval import EvalConfig
@@ -82,6 +83,7 @@ def register_commands() -> None:
     from nanogpt.sample import SampleConfig
     from nanogpt.training.config import TrainConfig
 
-    for name, schema in (("train", TrainConfig), ("sample", SampleConfig), ("eval", EvalConfig),
-                         ("data", DataConfig), ("export", ExportConfig), ("bench", BenchConfig)):
+    for name, schema in (("train", TrainConfig), ("sample", SampleConfig), ("chat", ChatConfig),
+                         ("eval", EvalConfig), ("data", DataConfig), ("export", ExportConfig),
+                         ("bench", BenchConfig)):
         register_configs(name, schema)

@@ -16,18 +16,22 @@ Usage: ``python -m tests.faults SPEC [train overrides]``; SPEC is a comma-separa
 - ``nan_loss_at_iter=K`` makes step K diverge: its loss and the weights become NaN.
 - ``kill_during_save=N`` kills the process with SIGKILL in the middle of writing
   the N-th last.pt: half of the file is on disk and nothing is renamed yet.
+- ``disk_full=NAME@N`` makes the N-th atomic write of a file called NAME (last.pt,
+  train.bin, meta.json, ...; N defaults to 1) fail half-way with ENOSPC, as a full
+  disk would: the file system takes half the bytes, then refuses the rest.
 
 The product has no hooks for this: the functions are replaced here, in the test process only.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
 
 from nanogpt import train
-from nanogpt.dataset import batches
+from nanogpt.dataset import batches, pipeline, sources, workers
 from nanogpt.errors import DataError
 from nanogpt.training import trainer
 from nanogpt.weights import checkpoint
@@ -53,9 +57,10 @@ def install(faults: dict[str, str]) -> None:
     """Patch the training step, evaluation and checkpoint writing as the faults ask."""
     original_step = trainer.Trainer.train_step
     original_eval_batch_done = trainer.Trainer.eval_batch_done
-    original_write = checkpoint.write_atomically
     original_get_batch = batches.BatchSampler.get_batch
     saves = {"count": 0}
+    writes: dict[str, int] = {}
+    full_name, _, full_at = faults.get("disk_full", "").partition("@")
     in_step = {"iter": None}
 
     def get_batch(self, split, evaluation=False):
@@ -77,33 +82,42 @@ def install(faults: dict[str, str]) -> None:
             loss = loss * float("nan")
         return loss
 
-    def write_atomically(dest, write):
-        def cut_short(tmp):
-            write(tmp)
-            if dest.name == checkpoint.LAST:
-                saves["count"] += 1
-                if saves["count"] == int(faults.get("kill_during_save", 0)):
-                    with open(tmp, "r+b") as f:
-                        f.truncate(tmp.stat().st_size // 2)
-                    os.kill(os.getpid(), signal.SIGKILL)
-        return original_write(dest, cut_short)
+    def patched_write(original_write):
+        def write_atomically(dest, write):
+            def cut_short(tmp):
+                write(tmp)
+                if dest.name == checkpoint.LAST:
+                    saves["count"] += 1
+                    if saves["count"] == int(faults.get("kill_during_save", 0)):
+                        with open(tmp, "r+b") as f:
+                            f.truncate(tmp.stat().st_size // 2)
+                        os.kill(os.getpid(), signal.SIGKILL)
+                if dest.name == full_name:
+                    writes[dest.name] = writes.get(dest.name, 0) + 1
+                    if writes[dest.name] == int(full_at or 1):
+                        with open(tmp, "r+b") as f:
+                            f.truncate(tmp.stat().st_size // 2)
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return original_write(dest, cut_short)
+        return write_atomically
 
     def eval_batch_done(self, done, total):
         if "signal_in_eval" in faults and done == 2:
             send_signal(faults["signal_in_eval"], self.iter_num)
         original_eval_batch_done(self, done, total)
 
-    def prepare_dataset(dataset, data_root):
+    def prepare_dataset(dataset, data_root, *args, **kwargs):
         if int(faults.get("data_error_on_rank", -1)) == int(os.environ.get("RANK", 0)):
             raise DataError(f"dataset.source={dataset.source} does not exist on this node")
-        return original_prepare(dataset, data_root)
+        return original_prepare(dataset, data_root, *args, **kwargs)
 
     original_prepare = trainer.prepare_dataset
     trainer.prepare_dataset = prepare_dataset
     trainer.Trainer.train_step = train_step
     batches.BatchSampler.get_batch = get_batch
     trainer.Trainer.eval_batch_done = eval_batch_done
-    checkpoint.write_atomically = write_atomically
+    for module in (checkpoint, workers, pipeline, sources):  # each imported fileio's function by name
+        module.write_atomically = patched_write(module.write_atomically)
 
 
 if __name__ == "__main__":

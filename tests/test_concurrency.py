@@ -122,7 +122,7 @@ def test_download_killed_midway_is_never_used_later(tmp_path):
         job = subprocess.Popen([sys.executable, "-m", "nanogpt.data", *prepare_command(stalled.url, root)],
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
-        while not any(p.stat().st_size > 0 for p in (root / "web").glob(".input.txt.*.tmp")):
+        while not any(p.stat().st_size > 0 for p in (root / "web").rglob(".input.txt.*.tmp")):
             if time.monotonic() > deadline or job.poll() is not None:
                 job.kill()
                 pytest.fail(f"no partial download appeared: {job.communicate()}")

@@ -42,7 +42,7 @@ def test_every_group_option_composes(group, option):
     assert getattr(cfg, group).name if group != "model" else cfg.model.n_layer > 0
 
 
-def test_defaults_are_the_prd_table():
+def test_defaults_are_the_small_baby_gpt():
     cfg = compose_train([])
     assert (cfg.model.block_size, cfg.batch_size) == (256, 64)
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (6, 6, 384)

@@ -1,6 +1,6 @@
 """Each extension point is one place: a model option, a dataset source, a tokenizer, a logger.
 
-README "Changing the code" names the files for each; these tests add one of each the
+docs/changing-the-code.md names the files for each; these tests add one of each the
 way that table says (a command is covered by tests/test_scripts.py).
 """
 

@@ -337,7 +337,7 @@ def test_without_peft_lora_is_one_line_and_loading_a_lora_run_still_works(run, w
                             "from nanogpt.train import main; main()"], capture_output=True, text=True,
                            timeout=120, cwd=work)
     assert train.returncode == 2 and train.stderr.count("\n") == 1, train.stderr
-    assert "lora.rank>0 needs the optional package peft" in train.stderr
+    assert "lora.rank=8 needs the optional package peft" in train.stderr
     assert "pip install peft" in train.stderr
 
 

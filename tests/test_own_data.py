@@ -1,4 +1,4 @@
-"""Your own data (issue 12): streaming preparation, token width, tokenizers, nanoGPT's .bin files.
+"""Your own data: streaming preparation, token width, tokenizers, nanoGPT's .bin files.
 
 Everything runs for real: the worker pool, Hugging Face tokenizers, tiktoken,
 ``python -m nanogpt.data`` in a subprocess.
@@ -28,7 +28,7 @@ from nanogpt.errors import ConfigError, DataError
 from .conftest import TINY_RUN, run_module
 
 # sha256 of Tiny Shakespeare's token files as prepared before streaming preparation existed
-# (commit 2c603bc): the parity and resume figures in the README were measured on these bytes.
+# (commit 2c603bc): the parity and resume figures in the docs were measured on these bytes.
 SHAKESPEARE_BINS = {
     "char": {"train": "6ec305602a99ac2802745a134e1f5e33e2231b4855525b00b9aebb730ac2626f",
              "val": "d37d30cc0c8327c270d493299c3dca54135f6d5f1c9ef60cda78076e311204b1"},

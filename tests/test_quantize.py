@@ -95,11 +95,12 @@ def test_unknown_quantization_on_the_command_line_is_one_line(char_run):  # noqa
     assert "quantize='int4' is not one of null, int8" in result.stderr
 
 
-def test_readme_quantize_snippet_runs(char_run, monkeypatch):  # noqa: F811
+def test_docs_quantize_snippet_runs(char_run, monkeypatch):  # noqa: F811
     run_dir, _ = char_run
-    section = (REPO / "README.md").read_text().split("### Faster sampling on a CPU", 1)[1]
+    page = REPO / "docs" / "sampling.md"
+    section = page.read_text().split("## Faster sampling on a CPU", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert 'quantize="int8"' in code and "outputs/2026-11-22/10-31-07" in code
     namespace = {"nanogpt": nanogpt}
-    exec(compile(code.replace("outputs/2026-11-22/10-31-07", str(run_dir)), "README.md", "exec"), namespace)
+    exec(compile(code.replace("outputs/2026-11-22/10-31-07", str(run_dir)), str(page), "exec"), namespace)
     assert isinstance(namespace["lm"].model.lm_head, Int8Linear)

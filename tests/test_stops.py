@@ -5,7 +5,7 @@ Each test starts an entry point, waits until it is doing the thing under test
 checks what a user sees: the exit status, one line, no traceback, and what is
 left on disk. The time from the signal to the process's exit is printed (run
 with -s to see it) and bounded only generously (busy CI machines vary); the
-README quotes the printed figures.
+docs/training.md quotes the printed figures.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_ro
     targets = {row["target"]: row for row in report["targets"]}
     assert targets["GPT-2 124M MFU >= 50% (H100 goal)"]["met"] is None  # unmeasured, not failed
     assert targets["default config fits in 8 GB"]["met"] is True
-    assert "| target | measured | met |" in result.stdout and (out / "suite.md").read_text().strip() in result.stdout
+    assert "| target | measured | met |" in result.stdout
+    assert (out / "suite.md").read_text().strip() in result.stdout
 
 
 def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, corpus, data_root):
@@ -83,8 +84,8 @@ def test_nanogpt_output_is_parsed_and_targets_are_judged():
               "step 5000: train loss 1.01, val loss 1.47\n")
     assert nanogpt_figures(output) == {"iter": 5000, "val_loss": 1.47, "train_loss": 1.01,
                                        "best_val_loss": 1.47}
-    prd = {"iters_per_sec": 150.0, "peak_memory_mb": 9000.0, "ms_per_token": 4.0}
-    rows = {row["target"]: row["met"] for row in check_targets({"default": prd, "gpt2": {"error": "x"}})}
+    default = {"iters_per_sec": 150.0, "peak_memory_mb": 9000.0, "ms_per_token": 4.0}
+    rows = {row["target"]: row["met"] for row in check_targets({"default": default, "gpt2": {"error": "x"}})}
     assert rows["default config > 100 iter/s"] is True and rows["default config fits in 8 GB"] is False
     assert rows["GPT-2 124M MFU >= 50% (H100 goal)"] is None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nanogpt.cli.entry import to_dataclass
+from nanogpt.cli.entry import recorded_config, to_dataclass
 from nanogpt.cli.overrides import flatten, parse_overrides, quote
 from nanogpt.cli.paths import CONFIG_DIR
 from nanogpt.errors import CheckpointError, ConfigError
@@ -66,13 +66,17 @@ def check_resume_compatible(saved: dict, new: dict) -> None:
     """Raise ConfigError if new changes a key that defines the saved run.
 
     A key the saved run does not have (it predates the option) had the schema's default.
+    dataset.name only says where the tokens are cached (their sha256 in the
+    checkpoint says which they are), and a source path means the file it resolves to.
     """
     old_flat, new_flat = flatten(saved), flatten(new)
     defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
     for key in sorted(old_flat.keys() | new_flat.keys()):
-        if key.split(".")[0] not in MEANING_KEYS:
+        if key.split(".")[0] not in MEANING_KEYS or key == "dataset.name":
             continue
         old, value = old_flat.get(key, defaults.get(key, "<absent>")), new_flat.get(key, "<absent>")
+        if key == "dataset.source" and same_path(old, value):
+            continue
         if old != value:
             raise ConfigError(
                 f"resume: {key}={value} would change the run, which has {key}={old}; a resumed run "
@@ -80,6 +84,13 @@ def check_resume_compatible(saved: dict, new: dict) -> None:
                 f"{SAFE_EXAMPLES}); "
                 "start a new run to change it"
             )
+
+
+def same_path(a: object, b: object) -> bool:
+    """True when two source values name the same local file or folder (one may be relative)."""
+    if not (isinstance(a, str) and isinstance(b, str)) or "://" in a + b:
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def checkpoint_to_resume(resume: str | None, auto_resume: bool, run_dir: Path, config: dict) -> dict | None:
@@ -130,13 +141,19 @@ def resume_arguments(argv: list[str]) -> list[str]:
     saved = parse_overrides(list(state["training"].get("overrides", [])))
     new_keys = {key(o) for o in given}
     kept = [o.input_line for o in saved if key(o) not in new_keys and o.key_or_group != "resume"]
+    # The source as the run recorded it (absolute), so a relative path given then still finds it from here.
+    source = (state.get("config") or {}).get("dataset", {}).get("source")
+    given_source = any(o.key_or_group == "dataset.source" for o in given)
+    if source is not None and any(o.key_or_group == "dataset.source" for o in saved) and not given_source:
+        kept = [line for line in kept if not line.startswith("dataset.source=")]
+        kept.append(f"dataset.source={quote(str(source))}")
     overrides = kept + [o.input_line for o in given if o.key_or_group != "resume"]
     overrides.append(f"resume={quote(str(path))}")
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         composed = compose(config_name="train", overrides=overrides)
-    check_resume_compatible(state.get("config", {}), OmegaConf.to_container(composed, resolve=True))
-    to_dataclass(composed, TrainConfig)  # wrong keys or types fail now, not in the run directory
+    config = to_dataclass(composed, TrainConfig)  # wrong keys or types fail now, not in the run directory
+    check_resume_compatible(state.get("config", {}), recorded_config(composed, config))
     return overrides + [f"hydra.run.dir={quote(str(run_dir))}"]
 
 

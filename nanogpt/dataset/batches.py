@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ class PreparedData:
 
     directory: Path
     meta: dict
+    opened: dict = field(default_factory=dict, repr=False)  # split -> tokens mapped while the cache is locked
 
     @property
     def vocab_size(self) -> int:
@@ -35,6 +36,8 @@ class PreparedData:
 
     def tokens(self, split: str) -> np.ndarray:
         """The split's token ids, memory-mapped (nothing is read until used)."""
+        if split in self.opened:
+            return self.opened[split]
         if self.meta.get(f"{split}_tokens", 1) == 0:
             return np.zeros(0, dtype=self.dtype)  # a memmap of an empty file is an error
         return np.memmap(self.split_path(split), dtype=self.dtype, mode="r")

@@ -23,7 +23,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from nanogpt.errors import DataError
+from nanogpt.errors import DataError, require_package
 
 GPT2_ENCODING = "gpt2"
 # The files tiktoken's "gpt2" encoding reads, with the sha256 tiktoken expects of them.
@@ -83,10 +83,9 @@ def seed_tiktoken_cache(cache_dir: Path | None = None) -> Path:
 @cache
 def gpt2_encoding():
     """The GPT-2 encoding of tiktoken; falls back to the offline files if the download fails."""
-    try:
-        import tiktoken
-    except ImportError:
-        raise DataError('GPT-2 BPE needs tiktoken: pip install -e ".[bpe]"') from None
+    require_package("tiktoken", "bpe", "GPT-2's BPE (dataset.tokenizer=gpt2)")
+    import tiktoken
+
     try:
         return tiktoken.get_encoding(GPT2_ENCODING)
     except Exception as download_error:  # tiktoken raises requests' and its own errors alike

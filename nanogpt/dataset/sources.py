@@ -2,8 +2,9 @@
 
 prepare_dataset (nanogpt/dataset/pipeline.py) holds the cache's lock and asks a
 Source two things: what identifies its content (fingerprint, to tell whether a
-prepared cache is current) and to write train.bin and val.bin into the cache
-folder (prepare). Subclassing Source registers it under its ``loader`` name:
+prepared cache is current) and to write train.bin and val.bin into a staging
+folder inside the cache folder, whose files replace the cache's once all are
+written (prepare). Subclassing Source registers it under its ``loader`` name:
 
 * TextSource (``text``): a URL, a text file, or a folder of ``.txt`` files, joined
   in sorted order into ``input.txt``; the first 90% of its characters train.
@@ -39,7 +40,7 @@ from nanogpt.dataset.workers import (
     write_tokens,
     write_tokens_in_place,
 )
-from nanogpt.errors import DataError
+from nanogpt.errors import DataError, require_package
 from nanogpt.fileio import sha256_of_file, write_atomically
 
 if TYPE_CHECKING:
@@ -86,6 +87,10 @@ class Source(ABC):
     @abstractmethod
     def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
         """Write train.bin and val.bin into directory; return what meta.json records of them.
+
+        directory is an empty staging folder inside the cache folder; what is
+        written there replaces the cache's files once the preparation succeeds.
+        A download worth keeping across preparations goes in directory.parent.
 
         tokenizer is the named tokenizer's description, or None where the data
         decides it (char: the text's characters; bpe: trained on the train split).
@@ -294,11 +299,10 @@ class DocumentSource(Source):
 
     def load(self, directory: Path, num_proc: int):
         """Download (or read) the corpus into Arrow files under directory/hf_cache; return the dataset."""
-        try:
-            import datasets
-        except ImportError:
-            raise DataError(f"dataset.source={self.source} is a document corpus, which needs Hugging "
-                            "Face datasets: pip install -e \".[corpus]\"") from None
+        for module in ("datasets", "pyarrow"):
+            require_package(module, "corpus", f"dataset.source={self.source} (a corpus of documents)")
+        import datasets
+
         arguments = self.load_arguments()
         shards = len(arguments.get("data_files", [])) or num_proc
         try:
@@ -317,7 +321,7 @@ class DocumentSource(Source):
 
     def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
         """The last val_fraction of the documents validate; each ends in the tokenizer's end-of-text."""
-        documents = self.load(directory, processes)
+        documents = self.load(directory.parent, processes)  # its Arrow cache outlives this preparation
         reader = DocumentReader(documents, config.text_field)
         total = len(documents)
         if total == 0:

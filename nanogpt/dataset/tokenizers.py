@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from nanogpt.dataset.gpt2_files import GPT2_ENCODING, gpt2_encoding, tiktoken_cache_dir
-from nanogpt.errors import DataError
+from nanogpt.errors import DataError, require_package
 
 GPT2_TOKENIZER = {"kind": "tiktoken", "encoding": GPT2_ENCODING}
 END_OF_TEXT = "<|endoftext|>"
@@ -260,11 +260,9 @@ def tokenizer_name(description: dict) -> str:
 
 def hf_tokenizer(tokenizer_json: str):
     """A Hugging Face tokenizers.Tokenizer from its JSON text; special tokens in text stay text."""
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
-    except ImportError:
-        raise DataError("dataset.tokenizer=bpe or a tokenizer.json needs Hugging Face tokenizers: "
-                        "pip install tokenizers") from None
+    require_package("tokenizers", "bpe", "a Hugging Face tokenizer (dataset.tokenizer=bpe or tokenizer.json)")
+    from tokenizers import Tokenizer as HFTokenizer
+
     tokenizer = HFTokenizer.from_str(tokenizer_json)
     # A corpus or a prompt that contains "<|endoftext|>" is text, as with tiktoken's encode_ordinary.
     tokenizer.encode_special_tokens = True
@@ -275,10 +273,9 @@ def tiktoken_encoding(name: str):
     """A tiktoken encoding by name; offline, one line naming the missing file and where it goes."""
     if name == GPT2_ENCODING:
         return gpt2_encoding()
-    try:
-        import tiktoken
-    except ImportError:
-        raise DataError(f"dataset.tokenizer={name} needs tiktoken: pip install tiktoken") from None
+    require_package("tiktoken", "bpe", f"dataset.tokenizer={name}")
+    import tiktoken
+
     try:
         return tiktoken.get_encoding(name)
     except ValueError:
@@ -358,12 +355,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> dict:
     encoded; training sees texts in a fixed order, so one corpus and size always
     give the same merges.
     """
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
-    except ImportError:
-        raise DataError("dataset.tokenizer=bpe needs Hugging Face tokenizers: "
-                        "pip install tokenizers") from None
+    require_package("tokenizers", "bpe", "dataset.tokenizer=bpe")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
     tokenizer = HFTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -119,8 +119,17 @@ def encode_into_task(task: tuple[int, int, str, int]) -> int:
     ids = encode_task((start, end))
     with open(out, "r+b") as f:
         f.seek(place)
-        ids.tofile(f)
+        write_ids(f, ids)
     return int(ids.size)
+
+
+def write_ids(f, ids: np.ndarray) -> None:
+    """Write ids' bytes to the open file f.
+
+    Not ndarray.tofile: a file system that refuses the bytes (full, over quota)
+    makes it raise an OSError without the errno that says so.
+    """
+    f.write(memoryview(np.ascontiguousarray(ids)).cast("B"))
 
 
 def write_tokens(path: Path, arrays: Iterable[np.ndarray]) -> int:
@@ -131,7 +140,7 @@ def write_tokens(path: Path, arrays: Iterable[np.ndarray]) -> int:
         nonlocal written
         with open(tmp, "wb") as f:
             for ids in arrays:
-                ids.tofile(f)
+                write_ids(f, ids)
                 written += ids.size
 
     write_atomically(path, write)

@@ -1,4 +1,10 @@
-"""Which tokens to score a model on: a split of the dataset it was trained on, or of one named."""
+"""Which tokens to score a model on: a split of the dataset it was trained on, or of one named.
+
+The dataset a run was trained on is read exactly as it was: its checkpoint
+records the cache folder and the sha256 of its tokens, and the cache is used
+only while it still holds them (pipeline.recorded_dataset), never prepared over
+with other data that another run may be reading.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import numpy as np
 
 from nanogpt.dataset.batches import PreparedData
 from nanogpt.dataset.config import DatasetConfig, default_data_root
-from nanogpt.dataset.pipeline import prepare_dataset
+from nanogpt.dataset.pipeline import prepare_dataset, recorded_dataset
 from nanogpt.errors import ConfigError
 from nanogpt.weights.loading import LoadedSource
 
@@ -38,7 +44,8 @@ def dataset_tokens(loaded: LoadedSource, split: str, dataset: DatasetConfig | No
         known = {f.name for f in dataclasses.fields(DatasetConfig)}
         dataset = DatasetConfig(**{k: v for k, v in recorded.items() if k in known})
         data_root = data_root or loaded.config.get("data_root") or default_data_root()
-        return prepared_split(dataset, data_root, split, loaded.tokenizer)
+        data = recorded_dataset(dataset, Path(data_root).expanduser(), loaded.trained_on, loaded.tokenizer)
+        return TokenSplit(data.tokens(split), data.meta["tokenizer"], data.split_path(split), data)
     if loaded.kind == "nanoGPT" and loaded.data_dir is not None:
         path = loaded.data_dir / f"{split}.bin"  # nanoGPT's prepare.py writes it beside meta.pkl
         if path.is_file():

@@ -8,14 +8,10 @@ the prompt runs once and each new token then costs one position.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
 from nanogpt.generation.sampling import sample_next_token
-
-if TYPE_CHECKING:
-    from nanogpt.model import GPT
 
 
 class KVCache:
@@ -42,10 +38,10 @@ class KVCache:
 
 
 @torch.no_grad()
-def decode(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def decode(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
            generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Yield each new token, shape (batch, 1), as soon as it is sampled, so text can be shown live.
+    """Yield each new token of model (a GPT), shape (batch, 1), as soon as it is sampled, so text shows live.
 
     With use_cache, the prompt is run once and then each new token costs one
     position. Positions stop at block_size, so when the context fills, the

@@ -156,7 +156,7 @@ def load(source: str | Path, device: str = "auto", dtype: str = "auto",
     auto (bfloat16 or float16 on CUDA, else float32), float32, bfloat16 or
     float16. meta points at a karpathy/nanoGPT meta.pkl that is not where
     nanoGPT's own sample.py would find it. quantize="int8" stores the Linear
-    weights as int8 for faster generation on a CPU (nanogpt/quantize.py).
+    weights as int8 for faster generation on a CPU (nanogpt/weights/quantize.py).
     """
     if quantize not in QUANTIZATIONS:
         raise ConfigError(f"quantize={quantize!r} is not one of {', '.join(map(repr, QUANTIZATIONS))}")

@@ -13,7 +13,7 @@ run that was never interrupted. Two ways to get there:
   is again that of the last completed step. Only a process that trains alone
   does this: under torchrun a rank that left a step half-way would leave its
   peers waiting in a collective, so ranks instead agree, through
-  nanogpt.distributed.StopVote, on a step after which all of them stop.
+  StopVote (runtime/distributed.py), on a step after which all of them stop.
 """
 
 from __future__ import annotations

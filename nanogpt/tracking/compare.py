@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nanogpt.errors import UserError
 from nanogpt.fileio import write_atomically
-from nanogpt.tracking.metrics import METRICS_FILE, read_metrics, read_summary
+from nanogpt.tracking.metrics import METRICS_FILE, read_metrics, read_summary, task_figures
 
 OverridesOf = Callable[[Path], dict[str, str]]
 
@@ -32,6 +32,7 @@ SUMMARY_TABLE = "summary.md"
 SUMMARY_CSV = "summary.csv"
 SWEEP_PLOT = "val_loss.png"
 RUN_PLOT = "loss_curve.png"
+TASKS_PLOT = "eval_tasks.png"  # benchmarks scored during training (eval_tasks), one panel each
 
 
 class ReportError(UserError):
@@ -54,6 +55,11 @@ class RunResult:
     @property
     def train_steps(self) -> list[dict]:
         return [r for r in self.records if r.get("kind") == "train"]
+
+    @property
+    def task_figures(self) -> dict[str, float]:
+        """The eval_tasks' figures at the best evaluation (summary.json's eval_tasks)."""
+        return self.summary.get("eval_tasks") or {}
 
     @property
     def best_val_loss(self) -> float | None:
@@ -108,17 +114,28 @@ def ranked(runs: list[RunResult]) -> list[RunResult]:
 def table_rows(runs: list[RunResult]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the comparison table, best run first."""
     keys = varying_keys(runs)
+    figures = task_names(runs)
     labels = dict(zip(map(id, runs), run_labels(runs), strict=True))
-    header = ["rank", "run", *keys, "best val loss", "at iter", "wall time (s)", "tokens/s"]
+    header = ["rank", "run", *keys, "best val loss", "at iter", *figures, "wall time (s)", "tokens/s"]
     rows = []
     for rank, run in enumerate(ranked(runs), start=1):
         s = run.summary
         rows.append([
             str(rank), labels[id(run)], *(run.overrides.get(key, "") for key in keys),
             format_number(s.get("best_val_loss"), ".4f"), format_number(s.get("best_iter"), "d"),
+            *(format_number(run.task_figures.get(name), ".4f") for name in figures),
             format_number(s.get("wall_time_s"), ".1f"), format_number(s.get("tokens_per_sec"), ",.0f"),
         ])
     return header, rows
+
+
+def task_names(runs: list[RunResult]) -> list[str]:
+    """The eval_tasks' figures any of the runs recorded, in first-seen order."""
+    names: list[str] = []
+    for run in runs:
+        for record in run.evals:
+            names += [name for name in task_figures(record) if name not in names]
+    return names
 
 
 def format_number(value, spec: str) -> str:
@@ -173,6 +190,26 @@ def plot_val_curves(runs: list[RunResult], path: Path) -> None:
     save_figure(figure, path)
 
 
+def plot_task_curves(runs: list[RunResult], path: Path) -> bool:
+    """One panel per eval_tasks figure against iteration, one curve per run; False if none was recorded."""
+    names = task_names(runs)
+    if not names:
+        return False
+    figure, axes = new_figure(columns=len(names))
+    labels = dict(zip(map(id, runs), run_labels(runs), strict=True))
+    for ax, name in zip(axes, names, strict=True):
+        for run in ranked(runs):
+            evals = [r for r in run.evals if name in r]
+            if evals:
+                ax.plot([r["iter"] for r in evals], [r[name] for r in evals], marker="o", markersize=3,
+                        label=labels[id(run)])
+        ax.set(xlabel="iteration", ylabel=name, title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    save_figure(figure, path)
+    return True
+
+
 def plot_run(run: RunResult, path: Path) -> None:
     """Train and val loss of one run, against iteration (left) and tokens seen (right)."""
     figure, axes = new_figure(columns=2)
@@ -200,6 +237,8 @@ def write_comparison(runs: list[RunResult], out_dir: Path) -> tuple[str, list[Pa
     write_atomically(written[0], lambda tmp: tmp.write_text(table + "\n"))
     write_atomically(written[1], lambda tmp: tmp.write_text(csv_text(header, rows)))
     plot_val_curves(runs, written[2])
+    if plot_task_curves(runs, out_dir / TASKS_PLOT):
+        written.append(out_dir / TASKS_PLOT)
     return table, written
 
 
@@ -215,10 +254,14 @@ def report_run(run_dir: Path, out_dir: Path | None = None) -> tuple[str, list[Pa
     path = (out_dir or run_dir) / RUN_PLOT
     path.parent.mkdir(parents=True, exist_ok=True)
     plot_run(run, path)
+    written = [path]
+    if plot_task_curves([run], path.parent / TASKS_PLOT):
+        written.append(path.parent / TASKS_PLOT)
     s = run.summary
     line = (f"{run_dir}: best val loss {format_number(s.get('best_val_loss'), '.4f')} "
-            f"at iter {format_number(s.get('best_iter'), 'd')}")
-    return line, [path]
+            f"at iter {format_number(s.get('best_iter'), 'd')}"
+            + "".join(f", {name} {value:.4f}" for name, value in run.task_figures.items()))
+    return line, written
 
 
 def report(paths: list[Path], out_dir: Path | None = None,

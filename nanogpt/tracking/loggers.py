@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from nanogpt.errors import first_line
+from nanogpt.errors import first_line, require_package
 from nanogpt.options import check_choices, option
 
 log = logging.getLogger("nanogpt.tracking")
@@ -234,6 +234,11 @@ class LoggerConfig:
     def __post_init__(self):
         self.mode = WANDB_MODE_ALIASES.get(self.mode, self.mode)
         check_choices(self)
+
+    def require_packages(self) -> None:
+        """The packages the chosen logger needs (checked before a run starts; wandb is always installed)."""
+        if self.name == "tensorboard":
+            require_package("tensorboard", "tensorboard", "logger=tensorboard")
 
 
 def start_logger(config: LoggerConfig, run_dir: Path, resolved_config: dict, purge_step: int = 0) -> Logger:

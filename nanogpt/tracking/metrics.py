@@ -16,6 +16,7 @@ from nanogpt.fileio import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+LOSS_EVAL_FIELDS = ("kind", "iter", "tokens", "train_loss", "val_loss")  # what every eval record holds
 
 
 class MetricsLog:
@@ -81,11 +82,12 @@ def summarise(records: list[dict], wall_time_s: float | None = None) -> dict:
     """The figures summary.json and the sweep tables hold, from a run's metrics records.
 
     The median tokens/s ignores the slow first steps (compilation, warm-up).
+    eval_tasks: the benchmarks' figures at the best evaluation (the model best.pt holds), if any.
     """
     evals = [r for r in records if r.get("kind") == "eval"]
     speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
     best = min(evals, key=lambda r: r["val_loss"], default=None)
-    return {
+    summary = {
         "best_val_loss": best["val_loss"] if best else None,
         "best_iter": best["iter"] if best else None,
         "iters": records[-1].get("iter") if records else None,
@@ -93,6 +95,15 @@ def summarise(records: list[dict], wall_time_s: float | None = None) -> dict:
         "wall_time_s": wall_time_s,
         "tokens_per_sec": statistics.median(speeds) if speeds else None,
     }
+    if best and task_figures(best):
+        summary["eval_tasks"] = task_figures(best)
+    return summary
+
+
+def task_figures(record: dict) -> dict[str, float]:
+    """The eval_tasks' figures of an eval record (hellaswag_acc_norm, bpb, ...): fields beyond the losses."""
+    return {key: value for key, value in record.items() if key not in LOSS_EVAL_FIELDS
+            and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def read_summary(run_dir: Path) -> dict:

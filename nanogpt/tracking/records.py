@@ -19,7 +19,14 @@ from nanogpt.fileio import write_atomically
 from nanogpt.runtime.distributed import context_from_environment
 from nanogpt.tracking.forecast import RunForecast, RunPlan
 from nanogpt.tracking.loggers import LoggerConfig, start_logger
-from nanogpt.tracking.metrics import SUMMARY_FILE, MetricsLog, Resumed, keep_records_before, summarise
+from nanogpt.tracking.metrics import (
+    SUMMARY_FILE,
+    MetricsLog,
+    Resumed,
+    keep_records_before,
+    summarise,
+    task_figures,
+)
 from nanogpt.tracking.progress import TrainingProgress
 
 log = logging.getLogger("nanogpt.tracking")
@@ -28,8 +35,9 @@ log = logging.getLogger("nanogpt.tracking")
 def describe_record(record: dict) -> str:
     """The log line of a train or eval record."""
     if record["kind"] == "eval":
+        tasks = "".join(f", {key} {value:.4f}" for key, value in task_figures(record).items())
         return (f"eval {record['iter']}: train loss {record['train_loss']:.4f}, "
-                f"val loss {record['val_loss']:.4f}")
+                f"val loss {record['val_loss']:.4f}{tasks}")
     line = (f"iter {record['iter']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
             f"{record['ms_per_iter']:.1f} ms/iter, {record['tokens_per_sec']:,.0f} tok/s")
     return line + (f", mfu {record['mfu']:.1%}" if "mfu" in record else "")

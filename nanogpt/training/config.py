@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from nanogpt.dataset.config import DatasetConfig, data_root_option
+from nanogpt.evaluation.registry import TASKS, TRAINING_TASKS, TaskSettings
 from nanogpt.model import GPTConfig
 from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig
 from nanogpt.tracking.loggers import LoggerConfig
 from nanogpt.training.optim import OptimizerConfig
+from nanogpt.weights.loading import require_source_packages
 from nanogpt.weights.lora import LoraConfig
 
 
@@ -46,6 +48,10 @@ class ModelConfig(GPTConfig):
                 f"init_from={self.init_from} loads GPT-2's architecture; drop "
                 + " ".join(f"model.{k}={v}" for k, v in model.variants.items()))
 
+    def require_packages(self) -> None:
+        """init_from a Hugging Face directory or a GPT-2 name needs the hf extra's packages."""
+        require_source_packages(self.init_from, key="model.init_from")
+
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         """The GPTConfig of this shape for a vocabulary of vocab_size."""
         shape = {f.name: getattr(self, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"}
@@ -71,6 +77,9 @@ class TrainConfig:
     eval_iters: int = option(200, "batches averaged per evaluation and split")
     eval_at_start: bool = option(True, "also evaluate before the first step (the untrained loss); "
                                        "false saves that time, as a speedrun does")
+    eval_tasks: list[str] = option(default_factory=list, help="benchmarks scored at every evaluation besides "
+                                   f"the loss, e.g. [bpb,hellaswag]: {' | '.join(TRAINING_TASKS)}")
+    tasks: TaskSettings = option(default_factory=TaskSettings)
     log_interval: int = option(10, "log a training line every this many steps")
     sample_tokens: int = option(200, "length of the sample printed at the end; 0 skips it")
     save_checkpoints: bool = option(True, "write best.pt and last.pt into the run directory")
@@ -82,3 +91,10 @@ class TrainConfig:
         for name in counts:
             require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
         require(self.max_iters >= 0, f"max_iters={self.max_iters} must be >= 0")
+        unknown = [name for name in self.eval_tasks if name not in TRAINING_TASKS]
+        require(not unknown, f"eval_tasks: {', '.join(unknown)} is not one of {', '.join(TRAINING_TASKS)}")
+
+    def require_packages(self) -> None:
+        """The optional packages eval_tasks need (lm_eval: lm-eval), checked before any work."""
+        for name in self.eval_tasks:
+            TASKS[name]().require_packages(f"eval_tasks=[{name}]")

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from nanogpt.dataset.batches import BatchSampler, PreparedData
-from nanogpt.dataset.pipeline import prepare_dataset
+from nanogpt.dataset.pipeline import data_record, prepare_dataset, recorded_dataset
 from nanogpt.evaluation.loss import estimate_loss
+from nanogpt.evaluation.registry import TrainingEvaluation
 from nanogpt.generation.language_model import sample_text
 from nanogpt.model import GPT
 from nanogpt.runtime import distributed
@@ -71,6 +72,7 @@ class Trainer:
                                      runtime.peak_flops)
         self.iter_num, self.best_val_loss, self.grad_norm = 0, math.inf, torch.zeros(())
         self.loss_watch = LossWatch(runtime.device)
+        self.eval_tasks = TrainingEvaluation.for_run(cfg, data, runtime)  # benchmarks beside the loss
         self.batch = None  # the next training batch, fetched ahead
         self.last_eval_iter: int | None = None
         self.last_saved_iter: int | None = None
@@ -138,12 +140,13 @@ class Trainer:
         eval_iters = -(-self.cfg.eval_iters // self.runtime.dist.world_size)
         with self.stop.interruptible(self.rewind_point()):  # a stop abandons it (stops.py)
             losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx, self.eval_batch_done)
+            scores = self.eval_tasks.score(self.model) if self.runtime.dist.is_main else {}
         losses = distributed.all_reduce_mean(losses, self.runtime.dist, self.runtime.device)
         it = self.last_eval_iter = self.iter_num
         for split in ("train", "val"):
             check_finite(losses[split], it, f"the {split} loss", self.describe_last_checkpoint())
         self.records.log({"kind": "eval", "iter": it, "tokens": it * self.throughput.tokens_per_iter,
-                          "train_loss": losses["train"], "val_loss": losses["val"]})
+                          "train_loss": losses["train"], "val_loss": losses["val"], **scores})
         improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
         if self.cfg.save_checkpoints:
@@ -226,8 +229,8 @@ class Trainer:
         training.update(own, world_size=len(ranks), ranks=ranks if len(ranks) > 1 else None,
                         overrides=self.overrides, tracker_run_id=self.records.run_id)
         run = {"model_config": asdict(self.model.config), "tokenizer": self.data.meta["tokenizer"],
-               "config": self.resolved_config, "chat_template": self.data.meta.get("chat_template"),
-               **lora.record(self.model)}
+               "config": self.resolved_config, "data": data_record(self.data),
+               "chat_template": self.data.meta.get("chat_template"), **lora.record(self.model)}
         if best:
             save_checkpoint(self.run_dir / BEST, {**run, "model": state["model"], "iter_num": self.iter_num,
                                                    "best_val_loss": self.best_val_loss})
@@ -283,7 +286,10 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
     runtime = Runtime.start(cfg.device)
     with distributed.set_up_together(runtime.dist):  # a rank that fails here stops the others quietly
         base = pretrained_base(cfg.model)  # model.init_from's (model, tokenizer); None: from scratch
-        data = prepare_dataset(cfg.dataset, Path(cfg.data_root), base and base[1])
+        base_tokenizer = base and base[1]
+        # A resumed run reads exactly the tokens its checkpoint records (or says why it cannot).
+        data = (recorded_dataset(cfg.dataset, Path(cfg.data_root), resume_state.get("data"), base_tokenizer)
+                if resume_state else prepare_dataset(cfg.dataset, Path(cfg.data_root), base_tokenizer))
         model = initial_model(cfg.model, data.vocab_size, data.meta["tokenizer"], base)
         model = lora.adapt(model, cfg.lora, cfg.model.init_from, runtime.dtype)
     log.info("data: %s in %s, vocab %d, %d train / %d val tokens", cfg.dataset.name, data.directory,

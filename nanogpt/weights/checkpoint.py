@@ -28,9 +28,38 @@ def save_checkpoint(path: Path, state: dict) -> None:
     path = Path(path)
 
     def write(tmp: Path) -> None:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+        with open(tmp, "wb") as f:
+            sink = RefusedWrites(f)
+            try:
+                torch.save({"format": CHECKPOINT_FORMAT, **state}, sink)
+            except RuntimeError:
+                if sink.refused is None:
+                    raise
+        if sink.refused is not None:  # the file system's own reason (no space, quota), for write_atomically
+            raise OSError(sink.refused.errno, sink.refused.strerror, str(tmp))
 
     write_atomically(path, write)
+
+
+class RefusedWrites:
+    """A file for torch.save that keeps the OSError of a write the file system refused.
+
+    torch.save reports a refused write (a full disk, a quota) as an internal
+    RuntimeError ("unexpected pos ..."); kept here, the real reason can be told.
+    """
+
+    def __init__(self, file):
+        self.file, self.refused = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.refused = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> object:

@@ -5,7 +5,7 @@ checkpoint maps onto it name for name, with two differences:
 
 * Hugging Face keeps GPT-2's original ``Conv1D`` layers, whose weight is the
   transpose of an ``nn.Linear``'s: the attention and MLP matrices are
-  transposed on the way out (and, in nanogpt.loading, on the way in).
+  transposed on the way out (and, in read_hf_directory below, on the way in).
 * GPT-2 was trained with the tanh approximation of GELU
   (``activation_function: gelu_new``); the export says which GELU the model uses.
 
@@ -46,10 +46,9 @@ TOKENIZER_FILE = "nanogpt_tokenizer.json"
 
 def download_pretrained(name: str, key: str) -> Path:
     """The local directory of one of OpenAI's sizes, from the Hub (or its cache when offline)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ConfigError(f'{key}={name} needs huggingface_hub: pip install -e ".[hf]"') from None
+    require_hub_packages(name, key)
+    from huggingface_hub import snapshot_download
+
     try:
         return Path(snapshot_download(PRETRAINED[name], allow_patterns=["config.json", "*.safetensors"]))
     except Exception as e:  # noqa: BLE001 (the Hub raises many kinds: offline, not found, rate-limited)
@@ -58,6 +57,18 @@ def download_pretrained(name: str, key: str) -> Path:
             f"({type(e).__name__}); offline, give {key}= a local directory holding config.json and "
             "model.safetensors"
         ) from None
+
+
+def require_hub_packages(name: str, key: str) -> None:
+    """What downloading one of OpenAI's sizes (key=gpt2...) needs: the Hub's client and safetensors."""
+    for module, pip_name in (("huggingface_hub", "huggingface-hub"), ("safetensors", "safetensors")):
+        require_package(module, "hf", f"{key}={name}", pip_name)
+
+
+def require_export_packages() -> None:
+    """What writing a Hugging Face directory (python -m nanogpt.export) needs."""
+    for module in ("transformers", "safetensors"):
+        require_package(module, "hf", "exporting to Hugging Face (nanogpt.export)")
 
 
 def config_from_hf(hf: dict, source: Path) -> GPTConfig:
@@ -93,10 +104,9 @@ def read_hf_directory(directory: Path) -> tuple[GPT, dict]:
     of nn.Linear's; GPT-2 was trained with the tanh GELU, which config_from_hf
     selects so the logits are the original's.
     """
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ConfigError(f'reading {directory} needs safetensors: pip install -e ".[hf]"') from None
+    require_package("safetensors", "hf", f"reading the Hugging Face directory {directory}")
+    from safetensors.torch import load_file
+
     weights_file = directory / "model.safetensors"
     if not (directory / "config.json").is_file() or not weights_file.is_file():
         raise CheckpointError(
@@ -155,10 +165,9 @@ def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model
     package provides them offline. A character vocabulary matches no Hugging
     Face tokenizer; it is written to nanogpt_tokenizer.json for our own use.
     """
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:
-        raise ConfigError('export needs transformers: pip install -e ".[hf]"') from None
+    require_export_packages()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     ckpt_path = where
     config = model.config
     if config.variants:

@@ -25,7 +25,7 @@ import torch
 
 from nanogpt.dataset.nanogpt_files import read_char_vocabulary
 from nanogpt.dataset.tokenizers import GPT2_TOKENIZER
-from nanogpt.errors import CheckpointError, ConfigError, UserError
+from nanogpt.errors import CheckpointError, ConfigError, UserError, require_package
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.weights import lora
 from nanogpt.weights.checkpoint import (
@@ -36,7 +36,12 @@ from nanogpt.weights.checkpoint import (
     model_from_checkpoint,
     read_torch_file,
 )
-from nanogpt.weights.huggingface import PRETRAINED, download_pretrained, read_hf_directory
+from nanogpt.weights.huggingface import (
+    PRETRAINED,
+    download_pretrained,
+    read_hf_directory,
+    require_hub_packages,
+)
 
 log = logging.getLogger("nanogpt.weights")
 
@@ -59,6 +64,7 @@ class LoadedSource:
     where: str  # the file, directory or Hub repository that was read
     config: dict = field(default_factory=dict)  # the run's own config, when the source keeps one
     data_dir: Path | None = None  # nanoGPT: the data/<dataset> folder its meta.pkl was found in
+    trained_on: dict | None = None  # ours: the prepared data the run trained on (pipeline.data_record)
     chat_template: dict | None = None  # the chat template it was finetuned with (dataset=sft), if any
 
 
@@ -99,6 +105,22 @@ def resolve_source(source: str | Path, key: str = "ckpt", meta: str | Path | Non
     return loaded
 
 
+def require_source_packages(source: str | Path | None, key: str = "ckpt") -> None:
+    """The optional packages reading source needs (a Hugging Face directory or a GPT-2 name), before any work.
+
+    The same order as resolve_source: an existing path is looked at first.
+    """
+    if source is None:
+        return
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        ours = any((path / name).is_file() for name in (BEST, LAST, NANOGPT_CKPT))
+        if not ours and (path / "config.json").is_file():
+            require_package("safetensors", "hf", f"{key}={source} (a Hugging Face directory)")
+    elif not path.exists() and str(source) in PRETRAINED:
+        require_hub_packages(str(source), key)
+
+
 def read_file(path: Path, key: str, meta: str | Path | None) -> LoadedSource:
     """A .pt file: ours or karpathy/nanoGPT's, told apart by their keys."""
     state = read_torch_file(path)
@@ -106,7 +128,7 @@ def read_file(path: Path, key: str, meta: str | Path | None) -> LoadedSource:
         config = state.get("config") or {}
         model = model_with_adapters(state, path) if state.get("lora") else model_from_checkpoint(state)
         return LoadedSource(model, state["tokenizer"], "run", str(path), config,
-                            chat_template=state.get("chat_template"))
+                            trained_on=state.get("data"), chat_template=state.get("chat_template"))
     if isinstance(state, dict) and "model" in state and "model_args" in state:
         return read_nanogpt_checkpoint(state, path, meta)
     raise CheckpointError(

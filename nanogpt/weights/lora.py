@@ -69,8 +69,10 @@ class LoraConfig:
         require(not unknown, f"targets={list(self.targets)}: {', '.join(unknown)} is not a Linear layer of "
                              f"model.py's blocks; choose among {', '.join(block_linears())}")
         require(bool(self.targets), f"targets is empty; choose among {', '.join(block_linears())}")
+
+    def require_packages(self) -> None:
         if self.rank > 0:
-            require_package("peft", "peft", "lora.rank>0", "peft")
+            require_package("peft", "peft", f"lora.rank={self.rank}", "peft")
 
     @property
     def scale(self) -> float:
