@@ -135,6 +135,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) booleans, True where query i may see key j: the T queries are the last T of S positions."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
               dropout: float = 0.0) -> torch.Tensor:
     """softmax(q kᵀ / √d, the future masked) v for queries (..., T, d) over keys and values (..., S, d).
@@ -149,9 +154,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     if is_causal:
-        T, S = q.size(-2), k.size(-2)
-        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
     weights = F.dropout(scores.softmax(dim=-1), p=dropout)
     return weights @ v
 
@@ -201,14 +204,11 @@ class CausalSelfAttention(nn.Module):
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
 
-        # Without a cache, or when the cache is empty (the prompt), the causal mask
-        # hides the future. A single new token after a filled cache is the last
-        # position, so it may look at every cached key: no mask is needed.
+        # The causal mask hides the future. A single new token after a filled cache
+        # is the last position, so it may look at every cached key: no mask is needed.
         is_causal = True
         if cache is not None:
-            if cache.length > 0 and T != 1:
-                raise ValueError("a filled KV cache takes one new token at a time")
-            is_causal = cache.length == 0
+            is_causal = cache.length == 0 or T > 1
             k, v = cache.append(k, v)
             k, v = k.to(dtype), v.to(dtype)  # the cache keeps the model's own precision
 
@@ -216,6 +216,11 @@ class CausalSelfAttention(nn.Module):
         with torch.autocast("cpu", enabled=False):
             if self.explicit:
                 y = attention(q, k, v, is_causal, dropout)
+            elif is_causal and k.size(-2) != T:
+                # Several new tokens after cached ones: the fused kernel's is_causal would align the
+                # mask to the first key, not the last, so the mask is given (see attention above).
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, k.size(-2), q.device),
+                                                   dropout_p=dropout)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal)
             y = y.to(qkv.dtype)
@@ -361,10 +366,10 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def new_caches(self, batch_size: int) -> list[KVCache]:
-        """Empty KV caches, one per block, for generating batch_size sequences (see KVCache)."""
-        c = self.config
-        return [KVCache(batch_size, c.n_head, c.block_size, c.head_size, like=self.transformer.wte.weight)
+    def new_caches(self, batch_size: int, length: int | None = None) -> list[KVCache]:
+        """Empty KV caches, one per block, for batch_size sequences of length (block_size) tokens."""
+        c, length = self.config, length or self.config.block_size
+        return [KVCache(batch_size, c.n_head, length, c.head_size, self.transformer.wte.weight)
                 for _ in range(c.n_layer)]
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from nanogpt.cli.paths import CONFIG_DIR
 from nanogpt.dataset.tokenizers import GPT2_TOKENIZER, tiktoken_encoding
 from nanogpt.errors import DataError
 from nanogpt.eval import EvalConfig, evaluate
-from nanogpt.evaluation import hellaswag
+from nanogpt.evaluation import hellaswag, scoring
 from nanogpt.evaluation.bpb import BpbOptions
 from nanogpt.evaluation.hellaswag import HellaSwagOptions, example_from, read_examples, validation_file
 from nanogpt.evaluation.scoring import encode_pair, score_requests
@@ -70,6 +70,32 @@ def test_continuations_score_as_transformers_does_batched_and_cut_from_the_left(
         assert single[1] == several[1] == greedy
     with pytest.raises(DataError, match="continuation of 17 tokens does not fit the model's block of 16"):
         score_requests(model, [([1], list(range(17)))], 2, CPU, progress=False)
+
+
+def test_continuations_of_one_context_share_its_pass_and_score_as_transformers_does(monkeypatch):
+    """Four endings for each of several contexts (some of one length, so batched together), beside
+    requests read whole: contexts alone in their length, and one cut from the left.
+    """
+    config = GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    model = random_gpt(config)
+    hf = transformers_model(model.state_dict(), config)
+    rng = np.random.default_rng(1)
+    requests = []
+    for length in (5, 5, 5, 8, 8, 3, 11, 14):
+        context = rng.integers(0, 97, size=length).tolist()
+        requests += [(context, rng.integers(0, 97, size=m).tolist()) for m in (1, 3, 2, 4)]
+    shared, share = [], scoring.score_shared_contexts
+    monkeypatch.setattr(scoring, "score_shared_contexts",
+                        lambda model, requests, groups, *rest: shared.extend(groups) or share(model, requests,
+                                                                                            groups, *rest))
+    for batch_size in (1, 2, 16):
+        shared.clear()
+        scores = score_requests(model, requests, batch_size, CPU, progress=False)
+        assert len(shared) == 5  # the contexts of lengths 5 and 8 share; 3, 11 and 14 are each alone
+        for (context, continuation), (logprob, greedy) in zip(requests, scores, strict=True):
+            expected, expected_greedy = hf_loglikelihood(hf, context, continuation, 16)
+            assert logprob == pytest.approx(expected, abs=1e-4)
+            assert greedy == expected_greedy
 
 
 def test_text_is_cut_into_context_and_continuation_as_lm_eval_cuts_it(bpe_cache):

@@ -122,6 +122,23 @@ def test_kv_cache_logits_match_full_forward(variant):
         assert torch.allclose(step_logits, full_logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention_kind", ["sdpa", "explicit"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_several_tokens_after_a_filled_cache_see_it_and_their_own_past(variant, attention_kind):
+    # Scoring reads a shared context into a cache once, then several continuations at once.
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**variant, attention=attention_kind)).eval()
+    idx = torch.randint(0, 11, (2, 12))
+    caches = model.new_caches(2)
+    model(idx[:, :7], caches=caches)
+    hidden = []
+    hook = model.transformer.ln_f.register_forward_hook(lambda module, args, output: hidden.append(output))
+    model(idx[:, 7:], caches=caches)
+    hook.remove()
+    full, _ = model(idx, idx)  # every position's logits, without a cache
+    torch.testing.assert_close(model.lm_head(hidden[0]), full[:, 7:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_bfloat16_on_the_cpu_warns_of_nothing_and_stays_close_to_float32(variant, recwarn):
     # Under CPU autocast the heads work in float32 (model.py): a norm fed bfloat16 with
