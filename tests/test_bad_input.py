@@ -96,6 +96,7 @@ CASES = [
     Case("checkpoint", "eval", ("ckpt={evil}",), "was refused (loading it could run code)"),
     Case("checkpoint", "eval", ("ckpt={empty_dir}",), "holds no best.pt or last.pt"),
     Case("config", "eval", ("ckpt={run}", "split=test"), "split='test' is not one of val, train"),
+    Case("config", "eval", ("ckpt={run}", "dataset.name=x"), "dataset.name: no dataset is chosen"),
     Case("checkpoint", "export", ("ckpt=/no/such.pt", "out={empty_dir}/exported"),
          "ckpt=/no/such.pt does not exist"),
     Case("checkpoint", "report", ("/no/such/run",), "/no/such/run does not exist"),

@@ -128,6 +128,7 @@ def hydra_entry(
             try:
                 with stopping_with_one_line(config_name), reporting_user_errors(debugging):
                     check_hydra_flags(sys.argv[1:])
+                    check_unchosen_groups(config_name, sys.argv[1:])
                     if rewrite_arguments is not None:
                         sys.argv[1:] = rewrite_arguments(sys.argv[1:])
                     hydra_main()
@@ -140,6 +141,27 @@ def hydra_entry(
         return main
 
     return decorate
+
+
+def check_unchosen_groups(config_name: str, argv: list[str]) -> None:
+    """Refuse, in one line, a key of a group that is null by default and not chosen (Hydra asserts).
+
+    e.g. nanogpt.eval's dataset is the checkpoint's own unless dataset=NAME is given,
+    so dataset.name=x alone has nothing to set.
+    """
+    defaults = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").get("defaults", [])
+    unchosen = [next(iter(entry)) for entry in defaults
+                if isinstance(entry, DictConfig) and list(entry.values()) == [None]]
+    keys = [arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg and not arg.startswith("-")]
+    for group in unchosen:
+        if group in keys:
+            continue
+        for key in keys:
+            if key.startswith(f"{group}."):
+                options = ", ".join(sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")))
+                raise ConfigError(f"{key}: no {group} is chosen (by default {config_name} takes none), so "
+                                  f"it has no keys to set; choose one first: {group}=NAME {key}=... (NAME "
+                                  f"one of {options})")
 
 
 def check_hydra_flags(argv: list[str]) -> None:
