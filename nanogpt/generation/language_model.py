@@ -67,18 +67,26 @@ class LanguageModel:
             prompt_ids = self.encode(prompt)
         except UnknownTokenError as e:
             raise DataError(f"prompt: {e} of {self.source.where}") from None
+        ids: list[int] = []
+        shown = ""
+        for token in self.new_tokens(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, generator,
+                                     use_cache):
+            ids.append(token)
+            text = self.decode(ids)
+            yield text[len(shown):]
+            shown = text
+
+    def new_tokens(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+                   top_p: float | None, seed: int | None, generator: torch.Generator | None,
+                   use_cache: bool = True) -> Iterator[int]:
+        """Each new token id after prompt_ids as it is sampled (generator, else one seeded with seed)."""
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        ids: list[int] = []
-        shown = ""
         with autocast(self.device, self.dtype):
             for token in self.model.stream(idx, max_new_tokens, temperature, top_k, top_p,
                                            use_cache=use_cache, generator=generator):
-                ids.append(int(token))
-                text = self.decode(ids)
-                yield text[len(shown):]
-                shown = text
+                yield int(token)
 
 
     def chat(self, messages: str | list[dict], max_new_tokens: int = 256, temperature: float = 0.8,
@@ -118,31 +126,26 @@ class LanguageModel:
             raise DataError(f"message: {e} of {self.source.where}") from None
         if dropped is not None:
             dropped.append(left_out)
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         ids: list[int] = []
         shown = ""
-        with autocast(self.device, self.dtype):
-            for token in self.model.stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                           generator=generator):
-                if int(token) == template.end_id:
-                    break
-                ids.append(int(token))
-                text = self.decode(ids)
-                if text.startswith(template.answer_start):
-                    text = text[len(template.answer_start):]
-                ended = template.end_id is None and template.end_text in text
-                text = text.split(template.end_text)[0] if ended else text
-                # Hold back what may still become the end of the answer, or a character not yet whole.
-                held = 0 if ended else next((n for n in range(len(template.end_text) - 1, 0, -1)
-                                             if text.endswith(template.end_text[:n])), 0)
-                safe = text[:len(text) - held].removesuffix("\ufffd")
-                if len(safe) > len(shown):
-                    yield safe[len(shown):]
-                    shown = safe
-                if ended:
-                    return
+        for token in self.new_tokens(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, generator):
+            if token == template.end_id:
+                break
+            ids.append(token)
+            text = self.decode(ids)
+            if text.startswith(template.answer_start):
+                text = text[len(template.answer_start):]
+            ended = template.end_id is None and template.end_text in text
+            text = text.split(template.end_text)[0] if ended else text
+            # Hold back what may still become the end of the answer, or a character not yet whole.
+            held = 0 if ended else next((n for n in range(len(template.end_text) - 1, 0, -1)
+                                         if text.endswith(template.end_text[:n])), 0)
+            safe = text[:len(text) - held].removesuffix("\ufffd")
+            if len(safe) > len(shown):
+                yield safe[len(shown):]
+                shown = safe
+            if ended:
+                return
         rest = self.decode(ids).removeprefix(template.answer_start) if ids else ""
         if len(rest) > len(shown) and rest.startswith(shown):
             yield rest[len(shown):]
