@@ -206,3 +206,20 @@ def test_a_long_conversation_keeps_its_newest_turns_within_the_budget():
     # A single message longer than the budget loses its beginning, as a long training example does.
     ids, _ = template.prompt([{"role": "user", "content": "a" * 200}], encode, budget=50)
     assert len(ids) == 50 and decode(ids).endswith("aaa\nAssistant:")
+
+
+def test_two_unnamed_files_get_their_own_caches_and_another_base_prepares_again(tmp_path, data_root):
+    pair = {"prompt": "reverse: abc", "response": "cba"}
+    first = write_jsonl(tmp_path / "a.jsonl", [pair] * 5)
+    second = write_jsonl(tmp_path / "b.jsonl", [pair] * 6)
+
+    def unnamed(path: Path, model: dict):
+        return prepare_dataset(DatasetConfig(source=str(path), tokenizer="char", loader="sft",
+                                             val_fraction=0.2), data_root, model)
+
+    a, b = unnamed(first, CHAR_BASE), unnamed(second, CHAR_BASE)
+    assert a.directory != b.directory and a.directory.name.startswith("sft-a-")
+    assert unnamed(first, CHAR_BASE).meta["tokens_sha256"] == a.meta["tokens_sha256"]  # the cache is reused
+    # A base with another character order gives other ids: the cache is not taken for it.
+    other_base = {"kind": "char", "vocabulary": list(reversed(SHAKESPEARE_CHARS))}
+    assert unnamed(first, other_base).meta["tokens_sha256"] != a.meta["tokens_sha256"]
