@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from tqdm import tqdm
 
-from nanogpt.dataset.sources import Source, stamp
+from nanogpt.dataset.sources import Source, local_files, stamp
 from nanogpt.dataset.tokenizers import description_json, load_tokenizer, token_dtype, tokenizer_name
 from nanogpt.dataset.workers import write_tokens
 from nanogpt.errors import ConfigError, DataError
@@ -70,16 +70,8 @@ class SftSource(Source):
 
     def files(self) -> list[Path]:
         """The .jsonl files, in the order their examples are read."""
-        path = Path(self.source).expanduser()
-        if path.is_dir():
-            files = sorted(path.rglob("*.jsonl"))
-            if not files:
-                raise DataError(f"dataset.source {path} is a directory with no .jsonl files in it")
-            return files
-        if path.is_file():
-            return [path]
-        raise DataError(f"dataset.source {path} does not exist; dataset=sft reads a .jsonl file of "
-                        '{"prompt", "response"} or {"messages"} lines, or a folder of them')
+        return local_files(self.source, ".jsonl", 'dataset=sft reads a .jsonl file of {"prompt", "response"} '
+                                                  'or {"messages"} lines, or a folder of them')
 
     def encoding_tokenizer(self, config: DatasetConfig, named: dict | None, model: dict | None) -> dict:
         """The base model's tokenizer (model), which dataset.tokenizer must name; else the named one."""

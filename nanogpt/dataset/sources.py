@@ -108,6 +108,19 @@ def stamp(files: list[Path]) -> list[list]:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
+def local_files(source: str, suffix: str, what_works: str) -> list[Path]:
+    """The file source names, or the files ending in suffix in the folder it names (sorted, recursively)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(path.rglob(f"*{suffix}"))
+        if not files:
+            raise DataError(f"dataset.source {path} is a directory with no {suffix} files in it")
+        return files
+    if path.is_file():
+        return [path]
+    raise DataError(f"dataset.source {path} does not exist; {what_works}")
+
+
 # --- text ------------------------------------------------------------------------------------
 
 
@@ -128,16 +141,7 @@ class TextSource(Source):
 
     def files(self) -> list[Path]:
         """The local files making up the text, in the order they are joined."""
-        path = Path(self.source).expanduser()
-        if path.is_dir():
-            files = sorted(path.rglob("*.txt"))
-            if not files:
-                raise DataError(f"dataset.source {path} is a directory with no .txt files in it")
-            return files
-        if path.is_file():
-            return [path]
-        raise DataError(f"dataset.source {path} does not exist; give a URL, a text file or a "
-                        "directory of .txt files")
+        return local_files(self.source, ".txt", "give a URL, a text file or a directory of .txt files")
 
     def fingerprint(self) -> dict:
         """A URL is trusted to keep its content (or its sha256 says so); a file is known by its stat."""
