@@ -3,7 +3,7 @@
 A read-eval-print loop: each line you type is the user's message; the answer
 streams back as it is generated and ends at the end-of-text token. The
 conversation is written with the chat template the checkpoint was finetuned
-with (nanogpt/generation/chat_template.py) and kept within the model's
+with (nanogpt/text/chat_template.py) and kept within the model's
 block_size by dropping the oldest turns first. ``/clear`` starts over;
 Ctrl-D or Ctrl-C leaves. With stdin piped, each line is a message and only the
 answers are printed, one after another, so scripts and tests can talk to it.
@@ -22,48 +22,28 @@ from omegaconf import DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.errors import UserError
-from nanogpt.generation.language_model import LanguageModel
-from nanogpt.options import check_choices, option, require
-from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype, set_threads
+from nanogpt.generation.inference import SamplingOptions, open_model
+from nanogpt.options import option, require
 from nanogpt.runtime.stops import Interrupted
-from nanogpt.weights.checkpoint import newest_checkpoint
-from nanogpt.weights.loading import resolve_source
-from nanogpt.weights.quantize import quantize_option
 
 CLEAR = "/clear"
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(SamplingOptions):
     """A conversation with a checkpoint."""
 
-    ckpt: str | None = option(None, "run dir, .pt file, Hugging Face dir or gpt2 | ...; null: newest run "
-                                    "under `outputs`")
-    outputs: str = option("outputs", "where to look for the newest run")
     system: str | None = option(None, "a system message put before the conversation")
     max_new_tokens: int = option(256, "the longest answer, in tokens")
-    temperature: float = option(0.8, "0: always the likeliest token; higher: more varied")
-    top_k: int | None = option(200, "sample only among the k likeliest tokens; null: all")
-    top_p: float | None = option(None, "nucleus sampling, e.g. 0.9; null: off")
-    seed: int = option(1337, "seeds the sampling")
-    quantize: str | None = quantize_option()
-    device: DeviceConfig = option(default_factory=DeviceConfig)
 
     def __post_init__(self):
-        check_choices(self)
-        require(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 picks the likeliest)")
-        require(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be at least 1, or null")
-        require(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1], or null")
+        super().__post_init__()
         require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
 
 
 def converse(cfg: ChatConfig, lines: TextIO = sys.stdin, out: TextIO = sys.stdout) -> list[dict]:
     """Answer each line of `lines` in turn, streaming to `out`; return the conversation."""
-    source = cfg.ckpt or newest_checkpoint(cfg.outputs)
-    device = resolve_device(cfg.device.name)
-    set_threads(cfg.device.threads)
-    lm = LanguageModel(resolve_source(source, key="ckpt"), device, resolve_dtype(cfg.device.dtype, device),
-                       cfg.quantize)
+    lm = open_model(cfg, "chatting with")
     interactive = lines.isatty()
     if interactive:
         try:
@@ -74,7 +54,7 @@ def converse(cfg: ChatConfig, lines: TextIO = sys.stdin, out: TextIO = sys.stdou
               f"{CLEAR} starts over, Ctrl-D or Ctrl-C leaves", file=sys.stderr)
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=lm.device).manual_seed(cfg.seed)
     while True:
         try:
             line = input("> ") if interactive and lines is sys.stdin else lines.readline()

@@ -34,27 +34,18 @@ from nanogpt.evaluation.registry import (
     task_for,
     task_keys,
 )
-from nanogpt.options import check_choices, option, require
-from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype
-from nanogpt.weights.checkpoint import newest_checkpoint
-from nanogpt.weights.loading import require_source_packages, resolve_source
-from nanogpt.weights.quantize import quantize_model, quantize_option
+from nanogpt.generation.inference import ModelOptions, open_model
+from nanogpt.options import option, require
 
 SPLITS = ("val", "train")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ModelOptions):
     """Which model to score, on what."""
 
-    ckpt: str | None = option(None, help="the model: a run dir or .pt file, nanoGPT's out_dir or ckpt.pt, "
-                              "a Hugging Face directory, or gpt2 | gpt2-medium | gpt2-large | gpt2-xl; "
-                              "null: the newest run under `outputs`")
-    outputs: str = option("outputs", help="where to look for the newest run when ckpt is not given")
     task: Any = option(None, help="what to measure (task=NAME, conf/task/); each task's own keys: "
                        + task_keys())
-    meta: str | None = option(None, help="karpathy/nanoGPT checkpoints: their meta.pkl, when it is not "
-                              "data/<dataset>/meta.pkl under the current directory")
     dataset: DatasetConfig | None = option(None, help="the tokens loss and bpb score (dataset=NAME); "
                                            "null: the dataset the checkpoint was trained on")
     data_root: str | None = option(None, help="where prepared datasets (and downloaded benchmarks) are "
@@ -62,11 +53,9 @@ class EvalConfig:
                                    "nanogpt.train --help)")
     split: str = option("val", help="which split loss and bpb score", choices=SPLITS)
     batch_size: int = option(8, help="sequences per forward pass (memory, not the result)")
-    quantize: str | None = quantize_option()
-    device: DeviceConfig = option(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        super().__post_init__()
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
         if self.task is None:
             self.task = LossOptions()
@@ -77,7 +66,7 @@ class EvalConfig:
                 raise ConfigError(f"task.{error}") from None
 
     def require_packages(self) -> None:
-        require_source_packages(self.ckpt)
+        super().require_packages()
         task = task_for(self.task)
         task.require_packages(f"task={task.name}")
 
@@ -92,19 +81,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run cfg.task on cfg.ckpt; the JSON-ready result, "task" first."""
     task = task_for(cfg.task)
     task.check()
-    source = cfg.ckpt or newest_checkpoint(cfg.outputs)
-    if not cfg.ckpt:
-        print(f"evaluating the newest run's checkpoint: {source}", file=sys.stderr)
-    device = resolve_device(cfg.device.name)
-    loaded = resolve_source(source, key="ckpt", meta=cfg.meta)
+    lm = open_model(cfg, "evaluating")
+    loaded = lm.source
     data_root = cfg.data_root or (loaded.config.get("data_root") if loaded.kind == "run" else None)
     subject = Subject(
-        quantize_model(loaded.model.to(device).eval(), cfg.quantize, device), loaded.tokenizer, device,
-        resolve_dtype(cfg.device.dtype, device), cfg.batch_size, Path(data_root or default_data_root()),
+        lm.model, lm.tokenizer, lm.device, lm.dtype, cfg.batch_size, Path(data_root or default_data_root()),
         split=own_split(loaded, cfg.split, cfg.dataset, cfg.data_root), split_name=cfg.split)
     result = task.run(subject)
     print(task.describe(result), file=sys.stderr)
-    return {"task": task.name, "ckpt": str(source), **result}
+    return {"task": task.name, "ckpt": cfg.ckpt or loaded.where, **result}
 
 
 @hydra_entry("eval", EvalConfig)

@@ -1,6 +1,7 @@
 """A GPT language model, written to be read from top to bottom.
 
-GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT.
+GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT, and generating text with
+it: a KVCache, GPT.generate and GPT.stream, sample_next_token.
 
 The architecture is GPT-2's: token embeddings plus learned position embeddings,
 a stack of pre-LayerNorm transformer blocks (attention, then an MLP, each added
@@ -18,8 +19,9 @@ model is computed or stored, not what it is.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -27,7 +29,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanogpt.generation.decoding import KVCache, decode
 from nanogpt.options import check_choices, option, require
 
 
@@ -49,25 +50,25 @@ class GPTConfig:
     # GPU matrix multiplies are faster on round sizes (GPT-2: 50257 -> 50304). The
     # extra rows are never looked up and their logits are cut off, so the model
     # and its loss are exactly those of the unpadded vocabulary.
-    vocab_multiple: int = option(1, "round the vocabulary up to a multiple of this (64 for GPT-2 on GPUs)")
+    vocab_multiple: int = option(1, "round the vocabulary up to a multiple of this (GPUs: 64)")
     gelu_approximate: str = option("none", "tanh: the GELU GPT-2 was trained with; none: exact",
                                    choices=("none", "tanh"))
     gradient_checkpointing: bool = option(
         False, "recompute activations in the backward pass: less memory, same gradients")
-    attention: str = option("sdpa", "sdpa: torch's fused scaled_dot_product_attention; explicit: the same "
-                            "formula written out (see attention()), slower", choices=("sdpa", "explicit"))
-    # Variants from later models (off by default; see the module docstring). variant=True marks
-    # an option that changes the architecture away from GPT-2's (see variants below).
-    position_encoding: str = option("learned", "learned: GPT-2's position table; rope: rotate q and k",
+    attention: str = option("sdpa", "sdpa: torch's fused kernel; explicit: the formula written out "
+                            "(attention()), slower", choices=("sdpa", "explicit"))
+    # Variants from later models (see the module docstring). variant=True marks an
+    # option that changes the architecture away from GPT-2's (see variants below).
+    position_encoding: str = option("learned", "learned: GPT-2's position table; rope: rotate q, k",
                                     choices=("learned", "rope"), variant=True)
-    norm: str = option("layernorm", "rmsnorm: scale only, no mean", choices=("layernorm", "rmsnorm"),
-                       variant=True)
-    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys before attention", variant=True)
+    norm: str = option("layernorm", "rmsnorm: scale only, no mean",
+                       choices=("layernorm", "rmsnorm"), variant=True)
+    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys", variant=True)
     activation: str = option("gelu", "relu2: relu(x) ** 2 in the MLP", choices=("gelu", "relu2"),
                              variant=True)
-    # Tricks from the modded-nanogpt speedruns (off by default; each is explained where it acts):
-    zero_init_proj: bool = option(False, "start the blocks' output projections at zero (see GPT.__init__)")
-    logit_softcap: float = option(0.0, "bound the logits smoothly to +-this (see GPT.forward); 0: off",
+    # Tricks from the modded-nanogpt speedruns (each is explained where it acts):
+    zero_init_proj: bool = option(False, "start the blocks' output projections at 0 (GPT.__init__)")
+    logit_softcap: float = option(0.0, "bound the logits smoothly to +-this (GPT.forward); 0: off",
                                   variant=True)
 
     def __post_init__(self):
@@ -78,13 +79,14 @@ class GPTConfig:
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                 "pick n_embd as a multiple of n_head")
         require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
-        require(self.logit_softcap >= 0, f"logit_softcap={self.logit_softcap} must be >= 0 (0: off)")
+        require(self.logit_softcap >= 0, f"logit_softcap={self.logit_softcap} must be >= 0, 0: off")
         require(self.position_encoding != "rope" or self.head_size % 2 == 0,
-                f"position_encoding=rope needs an even head size, but n_embd/n_head = {self.head_size}")
+                f"position_encoding=rope needs an even head size, but n_embd/n_head = "
+                f"{self.head_size}")
 
     @property
     def variants(self) -> dict:
-        """The options declared variant=True that are set away from GPT-2's (empty for GPT-2 itself)."""
+        """The options declared variant=True set away from GPT-2's (empty for GPT-2 itself)."""
         return {f.name: getattr(self, f.name) for f in fields(GPTConfig)
                 if f.metadata.get("variant") and getattr(self, f.name) != f.default}
 
@@ -110,7 +112,7 @@ def make_norm(config: GPTConfig, width: int) -> nn.Module:
 
 
 def rotary_angles(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cosines and signed sines of the rotary angles, each of shape (block_size, head_size).
+    """The cosines and signed sines of the rotary angles, each (block_size, head_size).
 
     Channel i of a head is paired with channel i + head_size // 2, and pair i
     turns by position * 10000 ** (-2i / head_size): fast-turning pairs tell near
@@ -124,7 +126,7 @@ def rotary_angles(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position encoding: turn each pair of channels of x (..., time, head_size) by its angle.
+    """Rotary position encoding: turn each pair of channels of x (..., head_size) by its angle.
 
     Rolling the channels by half a head lines each channel up with its partner,
     so (a, b) -> (a cos - b sin, b cos + a sin) is two products and a sum. The
@@ -135,45 +137,101 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
-def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
-    """(T, S) booleans, True where query i may see key j: the T queries are the last T of S positions."""
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
-              dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q kᵀ / √d, the future masked) v for queries (..., T, d) over keys and values (..., S, d).
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q kᵀ / √d, hidden keys masked) v: queries (..., T, d), keys, values (..., S, d).
 
     Each query scores every key by a dot product, scaled by √d so the scores do
     not grow with the head size; softmax turns a query's scores into weights
-    that sum to 1, and the output is the weighted sum of the values. The causal
-    mask gives the future a score of -inf (weight 0). The T queries are the
-    last T of the S positions, so query i sees keys 0 .. S - T + i. This is what
+    that sum to 1, and the output is the weighted sum of the values. mask says
+    which keys each query may see (True: seen); without one, query i sees keys
+    0 .. i (the causal mask): never the future. This is what
     F.scaled_dot_product_attention computes in one fused kernel, without ever
     storing the (T, S) weights; model.attention=explicit runs this instead.
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
-    if is_causal:
-        scores = scores.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
-    weights = F.dropout(scores.softmax(dim=-1), p=dropout)
+    if mask is None:
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    weights = F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1), p=dropout)
     return weights @ v
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           dropout: float, explicit: bool) -> torch.Tensor:
+    """attention(), by torch's fused kernel unless explicit, in the precision that is fast here.
+
+    A CPU's fused kernel is slower in bfloat16 than in float32, so on a CPU the
+    heads are attended in float32, with autocast off (it would cast them back);
+    the result returns in q's precision.
+    """
+    dtype = q.dtype
+    if q.device.type == "cpu":
+        q, k, v = q.float(), k.float(), v.float()
+    with torch.autocast(q.device.type, enabled=False):
+        if explicit:
+            y = attention(q, k, v, mask, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=mask is None)
+    return y.to(dtype)
+
+
+class KVCache:
+    """The keys and values a model has computed so far: each new token then costs one position.
+
+    Generating one token at a time would otherwise run the whole context through
+    the model again for every token. The cache keeps every layer's keys and
+    values in buffers allocated once (block_size positions), so a step of
+    generation always computes with the same shapes: torch.compile compiles it
+    once, and a GPU can replay it as a CUDA graph. Each row (one sequence) has
+    its own length: the rows of a batch may hold sequences of different lengths,
+    as a server's requests do, each joining when it arrives.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, length: int, device: torch.device,
+                 dtype: torch.dtype):
+        shape = (config.n_layer, batch_size, config.n_head, length, config.head_size)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens per row
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start .. stop-1 as a cache of their own: views, so what they store lands here."""
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
+        view.lengths = self.lengths[start:stop]
+        return view
+
+    def store(self, layer: int, positions: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Put layer's new keys and values (batch, heads, T, head_size) at positions (batch, T).
+
+        Returns all of the layer's keys and values, and which of them each new
+        query may see, (batch, 1, T, length): those up to its own position. The
+        slots after it hold nothing yet, or what an earlier sequence left there.
+        """
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[rows, :, positions] = k.transpose(1, 2).to(keys.dtype)
+        values[rows, :, positions] = v.transpose(1, 2).to(values.dtype)
+        seen = torch.arange(keys.size(2), device=k.device) <= positions[..., None]
+        return keys, values, seen[:, None]
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which each position sees only itself and the past."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         # One matrix computes queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # The heads' outputs are mixed back into the residual stream.
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.n_head, self.n_embd, self.layer = config.n_head, config.n_embd, layer
         self.dropout = config.dropout
-        self.qk_norm = config.qk_norm
         self.explicit = config.attention == "explicit"
+        self.qk_norm = config.qk_norm
         if self.qk_norm:  # unit-scale queries and keys keep attention logits in range
             self.q_norm = nn.RMSNorm(config.head_size)
             self.k_norm = nn.RMSNorm(config.head_size)
@@ -183,47 +241,30 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # recomputed, never saved
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Attend over the sequence x of shape (batch, time, n_embd)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Attend over x (batch, time, n_embd), at positions (batch or 1, time; default 0, 1, ...).
+
+        With a cache, x continues the sequences the cache holds: its keys and
+        values join the cached ones, and its queries attend to all of them.
+        """
         B, T, C = x.size()
-        qkv = self.c_attn(x)
-        # scaled_dot_product_attention picks a fused (flash) kernel where one exists. A CPU's is
-        # slower in bfloat16 than in float32, so there the heads work in float32 until their
-        # output is projected (and autocast is off around the kernel, which would cast back).
-        dtype = torch.float32 if x.device.type == "cpu" else qkv.dtype
-        q, k, v = qkv.to(dtype).split(self.n_embd, dim=2)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends independently.
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.qk_norm:  # in the gains' precision: fed another, a norm warns and takes a slow path
             gains = self.q_norm.weight.dtype
-            q, k = self.q_norm(q.to(gains)).to(dtype), self.k_norm(k.to(gains)).to(dtype)
+            q, k = self.q_norm(q.to(gains)).to(q.dtype), self.k_norm(k.to(gains)).to(k.dtype)
         if self.rotary:
-            start = cache.length if cache is not None else 0  # position of the first token in x
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            at = positions if positions is not None else torch.arange(T, device=x.device)[None]
+            cos, sin = self.rope_cos[at][:, None], self.rope_sin[at][:, None]
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-
-        # The causal mask hides the future. A single new token after a filled cache
-        # is the last position, so it may look at every cached key: no mask is needed.
-        is_causal = True
+        mask = None  # causal
         if cache is not None:
-            is_causal = cache.length == 0 or T > 1
-            k, v = cache.append(k, v)
-            k, v = k.to(dtype), v.to(dtype)  # the cache keeps the model's own precision
-
-        dropout = self.dropout if self.training else 0.0
-        with torch.autocast("cpu", enabled=False):
-            if self.explicit:
-                y = attention(q, k, v, is_causal, dropout)
-            elif is_causal and k.size(-2) != T:
-                # Several new tokens after cached ones: the fused kernel's is_causal would align the
-                # mask to the first key, not the last, so the mask is given (see attention above).
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, k.size(-2), q.device),
-                                                   dropout_p=dropout)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal)
-            y = y.to(qkv.dtype)
+            k, v, mask = cache.store(self.layer, positions, k, v)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0, self.explicit)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -261,16 +302,17 @@ class Block(nn.Module):
     gradients flow straight through the additions.
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = make_norm(config, config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Apply attention then the MLP, each as a residual update of x."""
-        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.attn(self.ln_1(x), positions, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -282,11 +324,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict()
-        self.transformer.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # token embeddings
-        if config.position_encoding == "learned":  # rope encodes positions inside attention instead
+        self.transformer.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # tokens
+        if config.position_encoding == "learned":  # rope encodes positions inside attention
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.transformer.drop = nn.Dropout(config.dropout)
-        self.transformer.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.transformer.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.transformer.ln_f = make_norm(config, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Weight tying: reading a token in and writing it out use the same vectors,
@@ -323,65 +365,124 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        caches: list[KVCache] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (logits, loss) for token ids idx of shape (batch, time).
 
         With targets, logits cover every position and loss is the mean
         cross-entropy. Without them only the last position's logits are computed,
-        which is all generation needs. With caches, idx continues the sequence
-        the caches already hold.
+        which is all generation needs. With a cache, idx continues the sequences
+        it holds, each row from its own length.
         """
         B, T = idx.size()
-        start = caches[0].length if caches else 0
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
-            )
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size "
+                             f"{self.config.block_size}")
+        positions = torch.arange(T, device=idx.device)[None]
+        if cache is not None:
+            positions = cache.lengths[:, None] + positions
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+            x = x + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
-        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for i, block in enumerate(self.transformer.h):
-            if recompute and not caches:
+        recompute = (self.config.gradient_checkpointing and self.training
+                     and torch.is_grad_enabled() and cache is None)
+        for block in self.transformer.h:
+            if recompute:
                 # Keep only the block's input; rerun the block in the backward pass.
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, positions, use_reentrant=False)
             else:
-                x = block(x, caches[i] if caches else None)
+                x = block(x, positions, cache)
         x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.lengths += T
 
         # Cutting off the padded vocabulary's logits means they are never sampled
         # and never enter the softmax of the loss.
         vocab_size, cap = self.config.vocab_size, self.config.logit_softcap
         logits = self.lm_head(x if targets is not None else x[:, [-1], :])[..., :vocab_size]
-        if cap:  # modded-nanogpt: cap * tanh(logits / cap) keeps confident logits from running away
+        if cap:  # modded-nanogpt: cap * tanh(logits / cap) keeps confident logits in bounds
             logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def new_caches(self, batch_size: int, length: int | None = None) -> list[KVCache]:
-        """Empty KV caches, one per block, for batch_size sequences of length (block_size) tokens."""
-        c, length = self.config, length or self.config.block_size
-        return [KVCache(batch_size, c.n_head, length, c.head_size, self.transformer.wte.weight)
-                for _ in range(c.n_layer)]
+    def new_cache(self, batch_size: int, length: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KVCache for batch_size sequences of up to length (block_size) tokens.
+
+        dtype: the keys' precision; by default the weights', or autocast's on a GPU.
+        """
+        weight = self.transformer.wte.weight
+        if dtype is None:
+            kind = weight.device.type
+            gpu_autocast = kind != "cpu" and torch.is_autocast_enabled(kind)
+            dtype = torch.get_autocast_dtype(kind) if gpu_autocast else weight.dtype
+        length = length or self.config.block_size
+        return KVCache(self.config, batch_size, length, weight.device, dtype)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Return idx (batch, time) extended by max_new_tokens sampled tokens, as nanoGPT's does."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator))
+        """Extend idx (batch, time) by max_new_tokens sampled tokens, as nanoGPT's generate does."""
+        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
         return torch.cat([idx, *new], dim=1)
 
+    @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield each new token, shape (batch, 1), as soon as it is sampled: see generation/decoding.py."""
-        return decode(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+               generator: torch.Generator | None = None,
+               step: Callable[..., tuple] | None = None) -> Iterator[torch.Tensor]:
+        """Yield each new token, shape (batch, 1), as soon as it is sampled, so text shows live.
+
+        With use_cache, the context runs through the model once, into a KVCache,
+        and each new token then costs one position. Positions stop at
+        block_size: when the cache is full it is filled again from the newest
+        half of the window, so every token still sees at least block_size // 2
+        tokens of context, at correct positions. Up to block_size tokens the
+        output equals use_cache=False, which reruns the last block_size tokens at
+        every step. step computes one token's logits with the cache: the model
+        itself, or a compiled copy (whose shapes never change).
+        """
+        block, step = self.config.block_size, step or self
+        cache, held = None, 0  # held: tokens in the cache, the same for every row
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -block:])
+            elif cache is None or held == block:
+                held = min(idx.size(1), block if cache is None else max(1, block // 2))
+                cache = cache or self.new_cache(idx.size(0))
+                cache.lengths.zero_()
+                logits, _ = self(idx[:, -held:], cache=cache)
+            else:
+                logits, _ = step(idx[:, -1:], cache=cache)
+                held += 1
+            token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, token), dim=1)
+            yield token
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row of logits (batch, vocab); temperature 0 means greedy.
+
+    top_k keeps only the k likeliest tokens; top_p keeps the smallest set of
+    likeliest tokens whose probabilities add up to at least top_p.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        dropped = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(dropped, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)

@@ -20,49 +20,24 @@ from omegaconf import DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.errors import ConfigError, DataError
-from nanogpt.generation.language_model import LanguageModel
-from nanogpt.options import check_choices, option, require
-from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype, set_threads
-from nanogpt.weights.checkpoint import newest_checkpoint
-from nanogpt.weights.loading import require_source_packages, resolve_source
-from nanogpt.weights.quantize import quantize_option
+from nanogpt.generation.inference import SamplingOptions, open_model
+from nanogpt.options import option, require
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(SamplingOptions):
     """Generation from a checkpoint."""
 
-    ckpt: str | None = option(None, "run dir, .pt file, nanoGPT out_dir/ckpt.pt, Hugging Face dir or "
-                                    "gpt2 | gpt2-medium | ...; null: newest run under `outputs`")
-    meta: str | None = option(None, "karpathy/nanoGPT checkpoints: their meta.pkl, when it is not "
-                                    "data/<dataset>/meta.pkl under the current directory")
-    outputs: str = option("outputs", "where to look for the newest run")
     prompt: str = option("\n", "text the samples continue")
     prompt_file: str | None = option(None, "read the prompt from this file instead")
     num_samples: int = option(1, "how many samples to draw")
     num_tokens: int = option(500, "new tokens per sample")
-    temperature: float = option(0.8, "0: always the likeliest token; higher: more varied")
-    top_k: int | None = option(200, "sample only among the k likeliest tokens; null: all")
-    top_p: float | None = option(None, "nucleus sampling, e.g. 0.9; null: off")
-    seed: int = option(1337, "seeds the sampling")
     use_cache: bool = option(True, "KV cache: each new token costs one position, not the whole context")
-    quantize: str | None = quantize_option()
-    device: DeviceConfig = option(default_factory=DeviceConfig)
 
     def __post_init__(self):
-        check_choices(self)
-        require(self.temperature >= 0,
-                f"temperature={self.temperature} must be >= 0 (0 picks the likeliest token)")
-        require(self.top_k is None or self.top_k >= 1,
-                f"top_k={self.top_k} must be at least 1, or null for no top-k filter")
-        require(self.top_p is None or 0 < self.top_p <= 1,
-                f"top_p={self.top_p} must be in (0, 1], or null for no nucleus filter")
+        super().__post_init__()
         require(self.num_tokens >= 0 and self.num_samples >= 1,
                 "num_tokens must be >= 0 and num_samples >= 1")
-
-    def require_packages(self) -> None:
-        require_source_packages(self.ckpt)
-
 
 
 def read_prompt(cfg: SampleConfig) -> str:
@@ -80,19 +55,13 @@ def read_prompt(cfg: SampleConfig) -> str:
 
 def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:
     """Write cfg.num_samples samples to out as they are generated; return them."""
-    source = cfg.ckpt or newest_checkpoint(cfg.outputs)
-    if not cfg.ckpt:
-        print(f"sampling from the newest run's checkpoint: {source}", file=sys.stderr)
-    device = resolve_device(cfg.device.name)
-    set_threads(cfg.device.threads)
-    dtype = resolve_dtype(cfg.device.dtype, device)
-    lm = LanguageModel(resolve_source(source, key="ckpt", meta=cfg.meta), device, dtype, cfg.quantize)
+    lm = open_model(cfg, "sampling from")
     prompt = read_prompt(cfg)
     if not prompt:
         raise ConfigError("prompt is empty; give prompt=TEXT or prompt_file=PATH")
 
     # One generator for all samples, so each sample differs and the set is reproducible.
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=lm.device).manual_seed(cfg.seed)
     samples = []
     for n in range(cfg.num_samples):
         if n:

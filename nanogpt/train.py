@@ -37,7 +37,7 @@ def train_task(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     distributed.announce_run_dir(run_dir)  # under torchrun, the other ranks use rank 0's directory
     is_main = distributed.context_from_environment().is_main
-    # Claimed already before Hydra wrote here (cli.entry.ClaimRunDir), except for a sweep's job.
+    # Claimed already before Hydra wrote here (cli.hydra_run_dir.ClaimRunDir), except for a sweep's job.
     claim = rundir.claim(run_dir) if is_main else None
     with claim or contextlib.nullcontext():  # let go of the directory when the run ends, however it ends
         if claim and claim.describe_take_over():

@@ -65,7 +65,7 @@ def bpe_cache(tmp_path_factory) -> Path:
 
     TIKTOKEN_CACHE_DIR points at it for the whole session (subprocesses inherit it).
     """
-    from nanogpt.dataset.gpt2_files import seed_tiktoken_cache
+    from nanogpt.text.gpt2_files import seed_tiktoken_cache
 
     cache_dir = seed_tiktoken_cache(tmp_path_factory.mktemp("tiktoken_cache"))
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tiktoken
 
-from nanogpt.dataset.gpt2_files import GPT2_FILES, seed_tiktoken_cache
 from nanogpt.dataset.pipeline import prepare_data
-from nanogpt.dataset.tokenizers import tokenizer_codec
+from nanogpt.text.gpt2_files import GPT2_FILES, seed_tiktoken_cache
+from nanogpt.text.tokenizers import tokenizer_codec
 from tests.conftest import REPO, TINY_RUN, run_module
 
 EOT = 50256
@@ -35,7 +35,7 @@ def test_seeded_cache_makes_real_tiktoken_work_offline(tmp_path):
 
 
 def test_bpe_command_seeds_a_given_folder(tmp_path):
-    result = run_module("nanogpt.dataset.gpt2_files", str(tmp_path / "tk"), cwd=tmp_path)
+    result = run_module("nanogpt.text.gpt2_files", str(tmp_path / "tk"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "50257 tokens" in result.stdout
     assert len(list((tmp_path / "tk").iterdir())) == 2

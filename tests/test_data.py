@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from nanogpt.data import download_shakespeare, prepare_data
 from nanogpt.dataset.batches import BatchSampler
 from nanogpt.dataset.download import download
-from nanogpt.dataset.pipeline import download_shakespeare, prepare_data
-from nanogpt.dataset.tokenizers import UnknownTokenError, create_encoder_decoder, get_vocabulary
 from nanogpt.errors import DataError
+from nanogpt.text.tokenizers import UnknownTokenError, create_encoder_decoder, get_vocabulary
 
 
 class FileServer:

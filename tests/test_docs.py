@@ -6,7 +6,7 @@ A renamed key, group, command or module fails here rather than in a reader's ter
   composed in-process by Hydra (sweeps reduced to their first value, ``-m`` dropped) and turned into
   the command's schema with the same ``to_dataclass`` the command uses;
 - torchrun's own options go through torchrun's parser and launch configuration, which must not warn;
-- ``nanogpt.report`` runs on a run this module trains, ``nanogpt.dataset.gpt2_files`` into a temporary folder;
+- ``nanogpt.report`` runs on a run this module trains, ``nanogpt.text.gpt2_files`` into a temporary folder;
 - every ```python block runs against that run (the placeholder run directory replaced by it);
 - every relative link points at a file and, where it names one, a heading that exists.
 """
@@ -49,7 +49,7 @@ class Command:
     """One command found on a page: which module, its arguments, and torchrun's when launched by it."""
 
     where: str  # page:line
-    module: str  # e.g. train, report, dataset.gpt2_files
+    module: str  # e.g. train, report, text.gpt2_files
     args: list[str]
     torchrun: list[str] | None = None
     named: bool = False  # named in the text (no arguments, or a synopsis with [optional] parts), not run
@@ -139,7 +139,7 @@ def page_commands() -> tuple[list[Command], list[str]]:
 
 
 COMMANDS, UNPARSED = page_commands()
-HYDRA_COMMANDS = [c for c in COMMANDS if c.module not in ("report", "dataset.gpt2_files")]
+HYDRA_COMMANDS = [c for c in COMMANDS if c.module not in ("report", "text.gpt2_files")]
 
 
 def once_each(commands: list[Command]) -> list[Command]:
@@ -192,7 +192,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_the_pages_hold_commands_and_every_command_line_is_read():
     assert not UNPARSED, "lines that name a command but were not read as one:\n" + "\n".join(UNPARSED)
     assert {c.module for c in COMMANDS} >= {"train", "sample", "eval", "data", "export", "bench", "report",
-                                            "dataset.gpt2_files"}
+                                            "text.gpt2_files"}
     assert len(HYDRA_COMMANDS) > 100
 
 
@@ -288,10 +288,10 @@ def test_report_command_runs(command, tiny_run, tmp_path, capsys):
     assert written and all(Path(path).is_file() for path in written), written
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c.module == "dataset.gpt2_files" and not c.named],
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.module == "text.gpt2_files" and not c.named],
                          ids=str)
 def test_gpt2_files_command_seeds_a_folder(command, tmp_path, monkeypatch):
-    from nanogpt.dataset import gpt2_files
+    from nanogpt.text import gpt2_files
 
     assert len(command.args) <= 1, f"{command}: takes at most a folder"
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken_default"))  # its default, kept here
@@ -303,11 +303,12 @@ def test_gpt2_files_command_seeds_a_folder(command, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("where,code", PYTHON_BLOCKS, ids=[where for where, _ in PYTHON_BLOCKS])
 def test_python_block_runs(where, code, tiny_run, monkeypatch):
-    from nanogpt.dataset.sources import SOURCES
-    from nanogpt.dataset.tokenizers import TOKENIZERS
+    from nanogpt.dataset.config import LOADERS
+    from nanogpt.dataset.pipeline import SOURCES
+    from nanogpt.text.tokenizers import TOKENIZERS
     from nanogpt.tracking.loggers import LOGGERS
 
-    registries = [(registry, dict(registry)) for registry in (SOURCES, TOKENIZERS, LOGGERS)]
+    registries = [(registry, dict(registry)) for registry in (LOADERS, SOURCES, TOKENIZERS, LOGGERS)]
     monkeypatch.chdir(tiny_run.parent)
     try:
         exec(compile(code.replace(RUN_PLACEHOLDER, str(tiny_run)), where, "exec"), {"__name__": "docs"})

@@ -20,7 +20,7 @@ from pathlib import Path
 import lm_eval
 import pytest
 
-from nanogpt.dataset.tokenizers import GPT2_TOKENIZER
+from nanogpt.text.tokenizers import GPT2_TOKENIZER
 
 from .conftest import run_module
 from .hellaswag_examples import HAND_WRITTEN, write_jsonl

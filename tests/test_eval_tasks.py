@@ -19,7 +19,6 @@ from torch.nn import functional as F
 
 from nanogpt.cli.entry import to_dataclass
 from nanogpt.cli.paths import CONFIG_DIR
-from nanogpt.dataset.tokenizers import GPT2_TOKENIZER, tiktoken_encoding
 from nanogpt.errors import DataError
 from nanogpt.eval import EvalConfig, evaluate
 from nanogpt.evaluation import hellaswag, scoring
@@ -29,6 +28,7 @@ from nanogpt.evaluation.scoring import encode_pair, score_requests
 from nanogpt.evaluation.tasks import TASKS, Subject
 from nanogpt.model import GPTConfig
 from nanogpt.runtime.device import DeviceConfig
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, tiktoken_encoding
 from nanogpt.training.config import TrainConfig
 
 from .conftest import register_commands, run_module

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from nanogpt.dataset.config import DatasetConfig
-from nanogpt.dataset.pipeline import prepare_dataset
-from nanogpt.dataset.sources import SOURCES, Source
-from nanogpt.dataset.tokenizers import TOKENIZERS, Tokenizer, load_tokenizer
+from nanogpt.dataset.config import LOADERS, DatasetConfig
+from nanogpt.dataset.pipeline import SOURCES, prepare_dataset
+from nanogpt.dataset.sources import Source
 from nanogpt.errors import CheckpointError, ConfigError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.runtime.device import DeviceConfig
+from nanogpt.text.tokenizers import TOKENIZERS, Tokenizer, load_tokenizer
 from nanogpt.tracking.loggers import LOGGERS, Logger, LoggerConfig
 from nanogpt.training.config import ModelConfig, TrainConfig
 from nanogpt.training.trainer import build_trainer
@@ -79,8 +79,6 @@ def test_a_model_option_is_a_variant_exactly_when_gpt2_cannot_carry_it(field, tm
 class ReversedLines(Source):
     """A source written for this test: the lines of a text file, each reversed, the last tenth validating."""
 
-    loader = "reversed_lines_test"
-
     def __init__(self, source: str):
         self.path = Path(source)
 
@@ -102,8 +100,13 @@ class ReversedLines(Source):
                 "train_tokens": cut, "val_tokens": len(ids) - cut}
 
 
-def test_a_dataset_source_is_one_class(corpus, data_root):
-    assert SOURCES["reversed_lines_test"] is ReversedLines  # defining it registered it
+def test_every_loader_has_its_class():
+    assert set(SOURCES) == set(LOADERS)
+
+
+def test_a_dataset_source_is_one_class_and_its_name(corpus, data_root, monkeypatch):
+    monkeypatch.setitem(LOADERS, "reversed_lines_test", "each line of a text file, reversed")
+    monkeypatch.setitem(SOURCES, "reversed_lines_test", ReversedLines)
     config = DatasetConfig(name="reversed", source=str(corpus), loader="reversed_lines_test")
     data = prepare_dataset(config, data_root)
     decode = load_tokenizer(json.dumps(data.meta["tokenizer"], sort_keys=True)).decode

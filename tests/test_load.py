@@ -15,9 +15,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import nanogpt
-from nanogpt.dataset.nanogpt_files import read_nanogpt_meta_pkl
 from nanogpt.errors import CheckpointError
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.text.nanogpt_meta import read_nanogpt_meta_pkl
 from nanogpt.weights.checkpoint import save_checkpoint
 from nanogpt.weights.loading import load_pretrained, resolve_source
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from nanogpt.errors import ConfigError
-from nanogpt.generation.sampling import sample_next_token
-from nanogpt.model import GPT, GPTConfig, attention, rotary_angles, rotate
+from nanogpt.model import GPT, GPTConfig, attention, rotary_angles, rotate, sample_next_token
 from nanogpt.training.optim import OptimizerConfig, build_adamw
 
 
@@ -114,10 +113,10 @@ def test_kv_cache_logits_match_full_forward(variant):
     torch.manual_seed(0)
     model = GPT(tiny_config(**variant)).eval()
     idx = torch.randint(0, 11, (2, 10))
-    caches = model.new_caches(2)
-    model(idx[:, :6], caches=caches)
+    cache = model.new_cache(2)
+    model(idx[:, :6], cache=cache)
     for t in range(6, 10):
-        step_logits, _ = model(idx[:, t:t + 1], caches=caches)
+        step_logits, _ = model(idx[:, t:t + 1], cache=cache)
         full_logits, _ = model(idx[:, : t + 1])
         assert torch.allclose(step_logits, full_logits, atol=1e-5)
 
@@ -129,11 +128,11 @@ def test_several_tokens_after_a_filled_cache_see_it_and_their_own_past(variant, 
     torch.manual_seed(0)
     model = GPT(tiny_config(**variant, attention=attention_kind)).eval()
     idx = torch.randint(0, 11, (2, 12))
-    caches = model.new_caches(2)
-    model(idx[:, :7], caches=caches)
+    cache = model.new_cache(2)
+    model(idx[:, :7], cache=cache)
     hidden = []
     hook = model.transformer.ln_f.register_forward_hook(lambda module, args, output: hidden.append(output))
-    model(idx[:, 7:], caches=caches)
+    model(idx[:, 7:], cache=cache)
     hook.remove()
     full, _ = model(idx, idx)  # every position's logits, without a cache
     torch.testing.assert_close(model.lm_head(hidden[0]), full[:, 7:], atol=1e-5, rtol=1e-5)
@@ -300,17 +299,17 @@ def test_logit_softcap_bounds_the_logits_smoothly():
 
 @pytest.mark.parametrize("queries", [16, 1, 5])
 def test_attention_written_out_is_what_the_fused_kernel_computes(queries):
-    """softmax(q kᵀ/√d, future masked) v against F.scaled_dot_product_attention: the whole
-    sequence, one new token after a cache, and a few queries after a prefix.
+    """softmax(q kᵀ/√d, hidden keys masked) v against F.scaled_dot_product_attention: the causal
+    window, and queries at positions of their own over a cache's keys (one new token, a few).
     """
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, queries, 8), torch.randn(2, 3, 16, 8), torch.randn(2, 3, 16, 8)
-    is_causal = queries == 16  # the cases the model uses: a full causal window, or one token after a cache
-    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-    torch.testing.assert_close(attention(q, k, v, is_causal), fused)
-    mask = torch.ones(queries, 16, dtype=torch.bool).tril(diagonal=16 - queries)  # last queries of 16
-    torch.testing.assert_close(attention(q, k, v, True),
-                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if queries == 16:
+        torch.testing.assert_close(attention(q, k, v), sdpa(q, k, v, is_causal=True))
+    positions = torch.tensor([[3 + i for i in range(queries)], [10 + i for i in range(queries)]])
+    mask = (torch.arange(16) <= positions[..., None])[:, None]  # each row's queries at its positions
+    torch.testing.assert_close(attention(q, k, v, mask), sdpa(q, k, v, attn_mask=mask))
 
 
 def test_the_model_with_explicit_attention_matches_the_fused_one():

@@ -20,10 +20,10 @@ import torch
 from nanogpt.dataset import sources
 from nanogpt.dataset.batches import BatchSampler
 from nanogpt.dataset.config import DatasetConfig
-from nanogpt.dataset.nanogpt_files import read_nanogpt_meta_pkl
 from nanogpt.dataset.pipeline import prepare_data
-from nanogpt.dataset.tokenizers import tokenizer_codec, train_bpe
 from nanogpt.errors import ConfigError, DataError
+from nanogpt.text.nanogpt_meta import read_nanogpt_meta_pkl
+from nanogpt.text.tokenizers import tokenizer_codec, train_bpe
 
 from .conftest import TINY_RUN, run_module
 

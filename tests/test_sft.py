@@ -13,9 +13,9 @@ import torch
 from nanogpt.dataset.batches import BatchSampler
 from nanogpt.dataset.config import DatasetConfig
 from nanogpt.dataset.pipeline import prepare_dataset
-from nanogpt.dataset.tokenizers import GPT2_TOKENIZER, tokenizer_codec
 from nanogpt.errors import ConfigError, DataError
-from nanogpt.generation.chat_template import ChatTemplate
+from nanogpt.text.chat_template import ChatTemplate
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, tokenizer_codec
 
 # Tiny Shakespeare's 65 characters: what a character-level Shakespeare base can read.
 SHAKESPEARE_CHARS = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")

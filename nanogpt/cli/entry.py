@@ -1,61 +1,36 @@
-"""Where a command meets Hydra: composing its config, --help, and reporting user errors in one line.
+"""Where a command meets Hydra: composing its config, --help, and turning it into plain dataclasses.
 
-Every entry point (train, sample, data, bench, eval, export) is a function of a
-DictConfig wrapped by hydra_entry(). A mistake the user can fix (a bad override,
-an unknown key, a missing file, an absent device) is printed as one ``error:``
-line and the process exits with status 2. Set HYDRA_FULL_ERROR=1 to see the
-full traceback (only "1" means on, as in Hydra). Ctrl-C or SIGTERM outside a
-training loop (which has its own, see nanogpt/runtime/stops.py) ends the process with
-one line and status 130 or 143, never a traceback.
-
+Every entry point (train, sample, chat, data, bench, eval, export) is a function
+of a DictConfig wrapped by hydra_entry(), which composes conf/<command>.yaml over
+the command's schema, answers --help, reports user errors in one line
+(errors.py) and claims or cleans up the run directory (hydra_run_dir.py); the
+task then calls to_dataclass() and hands plain dataclasses to plain code.
 A refused start leaves nothing behind: the optional packages a config needs are
-checked as it is turned into its dataclass (to_dataclass), and a run directory
-that Hydra made for a task that was then refused (a bad value, a device this
-machine lacks) is removed again, with the dated folders made for it.
+checked as it is turned into its dataclass.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import dataclasses
 import functools
 import gc
 import os
-import re
-import shutil
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from nanogpt.cli.errors import reporting_user_errors, stopping_with_one_line
 from nanogpt.cli.help import command_as_typed, help_text
+from nanogpt.cli.hydra_run_dir import new_run_dir, removed_if_refused
 from nanogpt.cli.paths import CONFIG_DIR, EXPERIMENTS_DIR
 from nanogpt.cli.sweeps import register_resolvers
 from nanogpt.dataset.config import DatasetConfig
-from nanogpt.errors import (
-    ConfigError,
-    MissingPackage,
-    UserError,
-    check_packages,
-    exit_with_error,
-    first_line,
-    is_installed,
-)
-from nanogpt.runtime import rundir
-from nanogpt.runtime.distributed import context_from_environment
-from nanogpt.runtime.stops import STOP_SIGNALS, STOPPED_STATUSES, Interrupted, exit_at_once
+from nanogpt.errors import ConfigError, check_packages
 
 T = TypeVar("T")
 
@@ -174,62 +149,6 @@ def check_hydra_flags(argv: list[str]) -> None:
         )
 
 
-@contextlib.contextmanager
-def reporting_user_errors(debugging: bool | None = None, in_task: bool = False) -> Iterator[None]:
-    """Turn a user error into one ``error:`` line on stderr and exit status 2.
-
-    Bugs, and every error while debugging (HYDRA_FULL_ERROR=1), keep their traceback.
-    Under torchrun, a mistake in the config (in_task: the config every rank
-    composed alike) is met by every rank at once and reported by rank 0 alone;
-    anything else may be one rank's own (a file missing on its node, a GPU it
-    lacks, a command line only it was given), so that rank reports it, naming itself.
-    """
-    if debugging is None:
-        debugging = os.environ.get("NANOGPT_DEBUG") == "1"
-    try:
-        yield
-    except Exception as error:
-        if debugging or not is_user_error(error):
-            raise
-        context = context_from_environment()
-        status = getattr(error, "exit_status", 2)
-        if context.is_main:
-            exit_with_error(describe_error(error), status)
-        if not (in_task and is_config_error(error)):
-            exit_with_error(f"rank {context.rank}: {describe_error(error)}", status)
-        sys.exit(status)
-
-
-@contextlib.contextmanager
-def stopping_with_one_line(what: str) -> Iterator[None]:
-    """Ctrl-C or SIGTERM: one line and exit 128 + the signal, instead of a traceback or a silent death.
-
-    SIGTERM's default would kill the process between two writes; raising instead
-    lets every ``with`` and ``finally`` on the way out run (temporary files are
-    removed, locks released), so the data cache and run directories stay as they were.
-    """
-    def interrupt(signum: int, frame) -> None:
-        raise Interrupted(signal.Signals(signum))
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
-    try:
-        yield
-    except (Interrupted, KeyboardInterrupt) as stop:
-        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
-        print(f"stopped by {signum.name}: {what} did not finish; nothing half-written was left "
-              "(files are renamed into place only once complete)", file=sys.stderr, flush=True)
-        exit_at_once(128 + signum)
-    except SystemExit as done:
-        if done.code in STOPPED_STATUSES:  # a training run that stopped, saved and said so
-            exit_at_once(done.code)
-        raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def to_dataclass(cfg: DictConfig, schema: type[T]) -> T:
     """The composed config as an instance of its schema dataclass, validated.
 
@@ -269,160 +188,3 @@ def recorded_config(cfg: DictConfig, config: object) -> dict:
         if isinstance(value, DatasetConfig):
             resolved[f.name] = dataclasses.asdict(value)
     return resolved
-
-
-# ---------------------------------------------------------------- one writer, nothing left when refused
-
-
-class ClaimRunDir(Callback):
-    """Take the run directory's lock before Hydra writes anything into it (conf/train.yaml's callbacks).
-
-    Hydra creates the directory, opens the log there and writes .hydra/ before
-    the task runs; a second process aiming at a directory that a live run holds
-    is refused here, first, so it touches none of that run's files. (A sweep's
-    jobs are given their directories later, inside the launcher: the task claims
-    those, after Hydra's own .hydra/ files.) The task lets go when it ends.
-    """
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not context_from_environment().is_main:
-            return  # torchrun's other ranks work in rank 0's directory, which rank 0 holds
-        try:
-            # Resolved as Hydra is about to resolve it (${now:} is cached in the config).
-            rundir.claim(Path(str(config.hydra.run.dir)))
-        except UserError as error:
-            # Hydra turns a callback's exceptions into warnings and goes on; this one must stop the run.
-            exit_with_error(str(error), error.exit_status)
-
-
-def new_run_dir() -> tuple[Path | None, tuple[Path, ...]]:
-    """(the task's run directory, the folders this start made for it) if it just made it, else (None, ()).
-
-    Just made: it holds only what Hydra (and the run-directory lock) put there.
-    Which folders were made is known exactly where ClaimRunDir claimed the
-    directory before Hydra made it; otherwise they are the folders Hydra named
-    itself (hydra_named_folders). Commands that write no run directory
-    (output_subdir null: sample, eval, and torchrun's other ranks) have none.
-    """
-    hydra_config = HydraConfig.get()
-    if hydra_config.output_subdir is None:
-        return None, ()
-    run_dir = Path(hydra_config.runtime.output_dir).resolve()
-    log = run_dir / f"{hydra_config.job.name}.log"
-    own = {str(hydra_config.output_subdir), log.name, rundir.LOCK_FILE, rundir.HOLDER_FILE}
-    try:
-        empty_log = not log.exists() or log.stat().st_size == 0
-        fresh = empty_log and all(p.name in own for p in run_dir.iterdir())
-    except OSError:
-        return None, ()
-    if not fresh or run_dir == Path.cwd().resolve():
-        return None, ()
-    claim = rundir.claim_of(run_dir)
-    return run_dir, claim.created if claim else hydra_named_folders(run_dir)
-
-
-@contextlib.contextmanager
-def removed_if_refused(run_dir: Path | None, made: tuple[Path, ...]) -> Iterator[None]:
-    """Remove run_dir (just made) if the task refuses to start, and the now empty folders made for it.
-
-    Only a refusal counts (a user error), and only while the run has recorded
-    nothing (no checkpoint, no metrics): a run that trained keeps its directory.
-    """
-    try:
-        yield
-    except Exception as error:
-        if run_dir is not None and is_user_error(error) and context_from_environment().is_main \
-                and not has_records(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            for folder in made:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only while empty: never another run's
-        raise
-
-
-def has_records(run_dir: Path) -> bool:
-    """True once a run has recorded something worth keeping: a checkpoint, or a line of metrics."""
-    metrics = run_dir / "metrics.jsonl"
-    return any(run_dir.glob("*.pt")) or (metrics.is_file() and metrics.stat().st_size > 0)
-
-
-def hydra_named_folders(run_dir: Path) -> tuple[Path, ...]:
-    """The trailing folders of run_dir that hydra.run.dir names with interpolations: a start makes those.
-
-    outputs/${now:%Y-%m-%d}/${now:%H-%M-%S} gives the time's and the date's
-    folders; a fixed hydra.run.dir, or a sweep's job, the directory itself.
-    """
-    hydra_config = HydraConfig.get()
-    levels = 1
-    if hydra_config.mode != RunMode.MULTIRUN:
-        parts = Path(str(OmegaConf.to_container(hydra_config.run, resolve=False)["dir"])).parts
-        levels = len(parts) - next((i for i, part in enumerate(parts) if "${" in part), len(parts) - 1)
-    return (run_dir, *run_dir.parents)[:levels]
-
-
-def is_config_error(error: BaseException) -> bool:
-    """True for a mistake in the composed config, which every process of a job meets alike."""
-    return isinstance(error, (ConfigError, HydraException, OmegaConfBaseException))
-
-
-def is_user_error(error: BaseException) -> bool:
-    """True for errors caused by input the user controls, rather than by a bug."""
-    return isinstance(error, (UserError, HydraException, OmegaConfBaseException))
-
-
-# Hydra's launcher and sweeper options that come from plugin packages: (group, option) ->
-# (the plugin's module, the extra in pyproject.toml that installs it, its name on PyPI).
-HYDRA_PLUGINS = {
-    ("hydra/launcher", "joblib"): ("hydra_plugins.hydra_joblib_launcher", "sweeps", "hydra-joblib-launcher"),
-    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "sweeps", "hydra-optuna-sweeper"),
-    ("hydra/launcher", "submitit_local"): ("hydra_plugins.hydra_submitit_launcher", "slurm",
-                                           "hydra-submitit-launcher"),
-    ("hydra/launcher", "submitit_slurm"): ("hydra_plugins.hydra_submitit_launcher", "slurm",
-                                           "hydra-submitit-launcher"),
-}
-
-
-def missing_plugin(group: str, choice: str) -> MissingPackage | None:
-    """The error for a Hydra option whose plugin package is missing; None if that is not why it failed."""
-    module, extra, pip_name = HYDRA_PLUGINS.get((group, choice), (None, None, None))
-    if module is None or is_installed(module):
-        return None
-    return MissingPackage(
-        f"{group}={choice} needs the Hydra plugin {pip_name}, which is not installed: pip install {pip_name} "
-        f'(or, in a clone of nanogpt, pip install -e ".[{extra}]")')
-
-
-def describe_error(error: BaseException) -> str:
-    """One line that names the key or path at fault and what would work."""
-    if isinstance(error, UserError):
-        return str(error)
-    if isinstance(error, MissingConfigException):
-        group, _, choice = (error.missing_cfg_file or "").rpartition("/")
-        plugin = missing_plugin(group, choice)
-        if plugin is not None:  # e.g. hydra/launcher=joblib, or slurm_ddp, whose defaults name submitit_slurm
-            within = re.match(rf"In '{re.escape(group)}/([^']+)'", str(error))
-            built_on = f"{group}={within.group(1)} (built on {choice})" if within else f"{group}={choice}"
-            return str(plugin).replace(f"{group}={choice}", built_on, 1)
-        if group and error.options:
-            return f"{group}={choice} is not an option; choose one of: {', '.join(sorted(error.options))}"
-    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
-        return f"unknown key '{cause.full_key}'{known_keys_hint(cause)}"
-    if isinstance(error, OverrideParseException):
-        return (
-            f"{first_line(str(error))}; quote values with spaces or non-ASCII characters "
-            """for Hydra, e.g. 'prompt="ROMÉO:"'"""
-        )
-    if isinstance(cause, OmegaConfBaseException):
-        message = first_line(getattr(cause, "msg", None) or str(cause))
-        key = getattr(cause, "full_key", None)
-        return f"{key}: {message}" if key else message
-    return first_line(str(error))
-
-
-def known_keys_hint(error: OmegaConfBaseException) -> str:
-    """'; valid keys here: ...' listing the fields of the schema the bad key was looked up in."""
-    schema = getattr(error, "object_type", None)
-    if schema is None or not dataclasses.is_dataclass(schema):
-        return ""
-    return "; valid keys here: " + ", ".join(f.name for f in dataclasses.fields(schema))

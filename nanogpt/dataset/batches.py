@@ -1,15 +1,23 @@
-"""A prepared dataset as training reads it: token files, memory-mapped, and random batches of windows."""
+"""A prepared dataset as training reads it: token files, memory-mapped, and random batches of windows.
+
+Instruction data (dataset=sft, nanogpt/dataset/sft.py) is served a whole example
+per row instead (ExampleWindows), with targets only on the answers.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanogpt.dataset.sft import ExampleWindows
 from nanogpt.errors import DataError
+
+log = logging.getLogger("nanogpt.data")
+
+WIDTH_MULTIPLE = 64  # instruction batches' widths are rounded up to this (capped at block_size)
 
 
 @dataclass
@@ -53,7 +61,7 @@ class BatchSampler:
     a run evaluates does not change which batches it trains on.
     rank and world_size give a process of a distributed job its share of each batch.
     Instruction data (dataset=sft) is served a whole example per row instead,
-    with targets only on the answers (ExampleWindows, nanogpt/dataset/sft.py).
+    with targets only on the answers (ExampleWindows below).
     """
 
     def __init__(
@@ -115,3 +123,45 @@ class BatchSampler:
             # Pinned host memory lets the copy overlap with the GPU's work.
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
+
+
+class ExampleWindows:
+    """Batches of whole examples from prepared sft data: inputs, and targets with the prompts masked (-1)."""
+
+    def __init__(self, data: PreparedData, block_size: int):
+        self.block_size = block_size
+        self.tokens = {split: data.tokens(split) for split in ("train", "val")}
+        self.learned = {split: np.memmap(data.directory / f"{split}.mask.bin", dtype=np.uint8, mode="r")
+                        for split in ("train", "val")}
+        self.offsets = {split: np.fromfile(data.directory / f"{split}.offsets.bin", dtype=np.int64)
+                        for split in ("train", "val")}
+        for split, offsets in self.offsets.items():
+            lengths = np.diff(offsets)
+            cut = int((lengths > block_size + 1).sum())
+            if cut:
+                log.info("sft: %d of %d %s examples are longer than block_size + 1 = %d tokens; they are cut "
+                         "from the left (the start of the prompt)", cut, len(lengths), split, block_size + 1)
+
+    @staticmethod
+    def holds(data: PreparedData) -> bool:
+        """True for a dataset prepared from instruction data."""
+        return "examples" in data.meta
+
+    def count(self, split: str) -> int:
+        return len(self.offsets[split]) - 1
+
+    def batch(self, split: str, picks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) as int64 arrays (rows, width) for the examples picked; padding is masked."""
+        offsets, tokens, learned = self.offsets[split], self.tokens[split], self.learned[split]
+        ends = offsets[picks + 1]
+        starts = np.maximum(offsets[picks], ends - (self.block_size + 1))
+        longest = int((ends - starts).max()) - 1
+        width = min(self.block_size, -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+        inputs = np.zeros((len(picks), width), dtype=np.int64)
+        targets = np.full((len(picks), width), -1, dtype=np.int64)
+        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            ids = tokens[start:end].astype(np.int64)
+            n = len(ids) - 1
+            inputs[row, :n] = ids[:-1]
+            targets[row, :n] = np.where(learned[start + 1:end] == 1, ids[1:], -1)
+        return inputs, targets

@@ -23,18 +23,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nanogpt import options
-from nanogpt.dataset import sft  # noqa: F401 (defining SftSource registers dataset.loader=sft)
 from nanogpt.dataset.download import is_url
-from nanogpt.dataset.sources import SOURCES, is_document_corpus
-from nanogpt.dataset.tokenizers import (
+from nanogpt.errors import is_installed, require_package
+from nanogpt.text.tokenizers import (
     BYTE_ALPHABET,
     OWN_TOKENIZERS,
     is_tokenizer_file,
     knows_tokenizer,
     tiktoken_names,
 )
-from nanogpt.errors import is_installed, require_package
 
+# dataset.loader: what each reads (pipeline.py's SOURCES holds the class that prepares each).
+LOADERS = {
+    "text": "text files (or .jsonl/.parquet documents)",
+    "hf": "a Hugging Face dataset",
+    "bin": "nanoGPT's pre-tokenized files",
+    "sft": "instruction data (.jsonl), learned on the answers",
+}
+# File extensions of document corpora and the ``datasets`` builder that reads each.
+DOCUMENT_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DATA_ROOT_ENV = "NANOGPT_DATA_ROOT"
 DATA_ROOT = "~/.cache/nanogpt"
 
@@ -69,9 +76,8 @@ class DatasetConfig:
     val_fraction: float = options.option(
         0.1, "share held out for validation: the last characters of a text, the last documents of a corpus")
     loader: str = options.option(
-        "text", "text: text files (or .jsonl/.parquet documents); hf: a Hugging Face dataset; "
-        "bin: nanoGPT's pre-tokenized files; sft: instruction data (.jsonl), learned on the answers",
-        choices=lambda: tuple(SOURCES))
+        "text", "; ".join(f"{name}: {reads}" for name, reads in LOADERS.items()),
+        choices=lambda: tuple(LOADERS))
     subset: str | None = options.option(None, "hf: the dataset's configuration, e.g. FineWeb's sample-10BT")
     text_field: str = options.option("text", "documents: the column holding each document's text")
     num_proc: int | None = options.option(None, "processes that tokenize in parallel; null: all cores")
@@ -138,3 +144,14 @@ def derived_name(config: DatasetConfig) -> str:
     stem = Path(config.source.rstrip("/")).stem or "source"
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:40].strip("._") or "source"
     return f"{config.loader}-{stem}-{digest}"
+
+
+def is_document_corpus(source: str) -> bool:
+    """True for a local .jsonl/.json/.parquet file, or a folder holding such files and no .txt."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.suffix in DOCUMENT_BUILDERS
+    if path.is_dir():
+        suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
+        return bool(suffixes & set(DOCUMENT_BUILDERS)) and ".txt" not in suffixes
+    return False

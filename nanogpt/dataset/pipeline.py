@@ -41,10 +41,11 @@ from filelock import FileLock
 
 from nanogpt.dataset.batches import PreparedData
 from nanogpt.dataset.config import DatasetConfig
-from nanogpt.dataset.sources import Source, TextSource, open_source
-from nanogpt.dataset.tokenizers import OWN_TOKENIZERS, tokenizer_description
+from nanogpt.dataset.sft import SftSource
+from nanogpt.dataset.sources import BinSource, DocumentSource, Source, TextSource
 from nanogpt.errors import DataError, WriteFailed
-from nanogpt.fileio import resource_dir, sha256_of_file, write_atomically
+from nanogpt.fileio import sha256_of_file, write_atomically
+from nanogpt.text.tokenizers import OWN_TOKENIZERS, tokenizer_description
 
 log = logging.getLogger("nanogpt.data")
 
@@ -53,6 +54,9 @@ PREPARED_FORMAT = 2
 PRODUCTS = ("meta.json", "train.bin", "val.bin", "input.txt")  # what a preparation puts in the folder
 STAGING = ".preparing"  # where a preparation writes, inside the folder (same file system: renames)
 SPLITS = ("train", "val")
+# The class that prepares each dataset.loader (config.py's LOADERS says what each reads).
+SOURCES: dict[str, type[Source]] = {"text": TextSource, "hf": DocumentSource, "bin": BinSource,
+                                    "sft": SftSource}
 
 
 def prepare_dataset(config: DatasetConfig, data_root: Path | str,
@@ -125,7 +129,7 @@ def other_tokens(directory: Path, meta: dict, why: str) -> str:
 
 def plan(config: DatasetConfig, model_tokenizer: dict | None = None) -> tuple[Source, dict | None, dict]:
     """(source, named tokenizer's description, settings that decide the tokens), checked before any work."""
-    source = open_source(config)
+    source = SOURCES[config.loader].from_config(config)
     # A tokenizer that needs no training is checked (file parses, encoding loads) before any work.
     named = None if config.tokenizer in OWN_TOKENIZERS else tokenizer_description(config.tokenizer)
     encoding = source.encoding_tokenizer(config, named, model_tokenizer)
@@ -255,17 +259,3 @@ def prepare_data(name: str, source: str, data_root: Path, sha256: str | None = N
     config = DatasetConfig(name=name, source=source, sha256=sha256, val_fraction=val_fraction,
                            tokenizer=tokenizer, **settings)
     return prepare_dataset(config, data_root)
-
-
-def download_shakespeare(dest: Path, source: str | None = None, sha256: str | None = None) -> Path:
-    """Fetch Tiny Shakespeare (1,115,394 characters) to dest, from a URL or a local copy.
-
-    Its address and checksum are declared once, in conf/dataset/shakespeare_char.yaml
-    (where NANOGPT_SHAKESPEARE_SOURCE can replace the address); they are read from there,
-    with OmegaConf, which resolves that variable as the command line would.
-    """
-    from omegaconf import OmegaConf
-
-    preset = OmegaConf.load(resource_dir("conf") / "dataset" / "shakespeare_char.yaml")
-    TextSource(source or preset.source, sha256 or preset.sha256).fetch(Path(dest))
-    return Path(dest)

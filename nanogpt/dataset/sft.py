@@ -3,7 +3,7 @@
 ``dataset.source`` is a .jsonl file or a folder of them (read in sorted order),
 one example a line, either ``{"prompt": ..., "response": ...}`` or
 ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``.
-Each example is rendered with the chat template (nanogpt/generation/chat_template.py),
+Each example is rendered with the chat template (nanogpt/text/chat_template.py),
 ends with the end-of-text token, and is encoded with the base model's tokenizer:
 the train command passes model.init_from's to prepare_dataset, and
 ``dataset.tokenizer`` must name the same (``gpt2`` for GPT-2, ``char`` for a
@@ -16,7 +16,7 @@ the loss covers) and ``<split>.offsets.bin`` (int64, where each example starts,
 and the end). The split is by example: a fixed pseudo-random val_fraction of
 them validate.
 
-Batches (ExampleWindows, used by BatchSampler) hold one example per row,
+Batches (ExampleWindows in batches.py, used by BatchSampler) hold one example per row,
 padded at the end, rather than packing several examples into a window: padding
 needs no attention mask for examples not to see each other, and each example
 starts at position 0, as a conversation does in chat. A batch is only as wide as
@@ -34,25 +34,20 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from tqdm import tqdm
 
+from nanogpt.dataset.config import DatasetConfig
 from nanogpt.dataset.sources import Source, local_files, stamp
-from nanogpt.dataset.tokenizers import description_json, load_tokenizer, token_dtype, tokenizer_name
 from nanogpt.dataset.workers import write_tokens
 from nanogpt.errors import ConfigError, DataError
-from nanogpt.generation.chat_template import ChatTemplate, messages_problem
-
-if TYPE_CHECKING:
-    from nanogpt.dataset.batches import PreparedData
-    from nanogpt.dataset.config import DatasetConfig
+from nanogpt.text.chat_template import ChatTemplate, messages_problem
+from nanogpt.text.tokenizers import description_json, load_tokenizer, token_dtype, tokenizer_name
 
 log = logging.getLogger("nanogpt.data")
 
 SPLIT_SEED = 0  # the same file always splits the same way
-WIDTH_MULTIPLE = 64  # batch widths are rounded up to this (capped at block_size)
 MAX_LISTED = 10  # characters listed when a character vocabulary cannot encode the data
 
 
@@ -60,7 +55,6 @@ MAX_LISTED = 10  # characters listed when a character vocabulary cannot encode t
 class SftSource(Source):
     """Instruction examples from .jsonl files, encoded with the base model's tokenizer."""
 
-    loader: ClassVar[str] = "sft"
     source: str
     tokenizer: dict | None = None  # set by encoding_tokenizer: what the examples are encoded with
 
@@ -218,45 +212,3 @@ def check_characters(examples: list[tuple[list[dict], str]], template: ChatTempl
         raise DataError(f"the base model's {len(vocabulary)}-character vocabulary cannot encode "
                         f"{len(first)} character(s) of dataset.source: {listed}{more}; remove or replace "
                         "them")
-
-
-class ExampleWindows:
-    """Batches of whole examples from prepared sft data: inputs, and targets with the prompts masked (-1)."""
-
-    def __init__(self, data: PreparedData, block_size: int):
-        self.block_size = block_size
-        self.tokens = {split: data.tokens(split) for split in ("train", "val")}
-        self.learned = {split: np.memmap(data.directory / f"{split}.mask.bin", dtype=np.uint8, mode="r")
-                        for split in ("train", "val")}
-        self.offsets = {split: np.fromfile(data.directory / f"{split}.offsets.bin", dtype=np.int64)
-                        for split in ("train", "val")}
-        for split, offsets in self.offsets.items():
-            lengths = np.diff(offsets)
-            cut = int((lengths > block_size + 1).sum())
-            if cut:
-                log.info("sft: %d of %d %s examples are longer than block_size + 1 = %d tokens; they are cut "
-                         "from the left (the start of the prompt)", cut, len(lengths), split, block_size + 1)
-
-    @staticmethod
-    def holds(data: PreparedData) -> bool:
-        """True for a dataset prepared from instruction data."""
-        return "examples" in data.meta
-
-    def count(self, split: str) -> int:
-        return len(self.offsets[split]) - 1
-
-    def batch(self, split: str, picks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets) as int64 arrays (rows, width) for the examples picked; padding is masked."""
-        offsets, tokens, learned = self.offsets[split], self.tokens[split], self.learned[split]
-        ends = offsets[picks + 1]
-        starts = np.maximum(offsets[picks], ends - (self.block_size + 1))
-        longest = int((ends - starts).max()) - 1
-        width = min(self.block_size, -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
-        inputs = np.zeros((len(picks), width), dtype=np.int64)
-        targets = np.full((len(picks), width), -1, dtype=np.int64)
-        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-            ids = tokens[start:end].astype(np.int64)
-            n = len(ids) - 1
-            inputs[row, :n] = ids[:-1]
-            targets[row, :n] = np.where(learned[start + 1:end] == 1, ids[1:], -1)
-        return inputs, targets

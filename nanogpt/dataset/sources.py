@@ -4,7 +4,7 @@ prepare_dataset (nanogpt/dataset/pipeline.py) holds the cache's lock and asks a
 Source two things: what identifies its content (fingerprint, to tell whether a
 prepared cache is current) and to write train.bin and val.bin into a staging
 folder inside the cache folder, whose files replace the cache's once all are
-written (prepare). Subclassing Source registers it under its ``loader`` name:
+written (prepare). pipeline.py's SOURCES names the class of each ``dataset.loader``:
 
 * TextSource (``text``): a URL, a text file, or a folder of ``.txt`` files, joined
   in sorted order into ``input.txt``; the first 90% of its characters train.
@@ -25,14 +25,11 @@ import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from nanogpt.dataset.config import DOCUMENT_BUILDERS, DatasetConfig, is_document_corpus
 from nanogpt.dataset.download import copy_and_hash, download, is_url
-from nanogpt.dataset.nanogpt_files import read_char_vocabulary
-from nanogpt.dataset.tokenizers import CLEAN_CUT as CLEAN_CUT_TEXT
-from nanogpt.dataset.tokenizers import description_json, load_tokenizer, train_bpe
 from nanogpt.dataset.workers import (
     encode_task,
     scan_task,
@@ -42,29 +39,19 @@ from nanogpt.dataset.workers import (
 )
 from nanogpt.errors import DataError, require_package
 from nanogpt.fileio import sha256_of_file, write_atomically
-
-if TYPE_CHECKING:
-    from nanogpt.dataset.config import DatasetConfig
+from nanogpt.text.nanogpt_meta import read_char_vocabulary
+from nanogpt.text.tokenizers import CLEAN_CUT as CLEAN_CUT_TEXT
+from nanogpt.text.tokenizers import description_json, load_tokenizer, train_bpe
 
 CHUNK_BYTES = 4 << 20  # a piece of text per task: large enough to amortise, small enough for memory
 CUT_WINDOW = 1 << 16  # how far past a nominal chunk end to look for a clean place to cut
 DOCUMENTS_PER_TASK = 1024
-# File extensions of document corpora and the ``datasets`` builder that reads each.
-DOCUMENT_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # tokenizer.CLEAN_CUT for bytes: where a piece of text may end without changing any ids.
 CLEAN_CUT = re.compile(CLEAN_CUT_TEXT.pattern.encode())
-SOURCES: dict[str, type[Source]] = {}  # dataset.loader -> its Source class
 
 
 class Source(ABC):
-    """One kind of dataset source. A subclass sets ``loader`` and is registered by being defined."""
-
-    loader: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.loader:
-            SOURCES[cls.loader] = cls
+    """One kind of dataset source: what a ``dataset.loader`` reads and how it becomes token files."""
 
     @classmethod
     @abstractmethod
@@ -98,11 +85,6 @@ class Source(ABC):
         """
 
 
-def open_source(config: DatasetConfig) -> Source:
-    """The Source that config.loader names."""
-    return SOURCES[config.loader].from_config(config)
-
-
 def stamp(files: list[Path]) -> list[list]:
     """Local files by their path, size and modification time: what a fingerprint keeps of them."""
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
@@ -128,7 +110,6 @@ def local_files(source: str, suffix: str, what_works: str) -> list[Path]:
 class TextSource(Source):
     """Plain text: a URL, a file, or a folder whose ``*.txt`` files are joined in sorted order."""
 
-    loader: ClassVar[str] = "text"
     source: str
     sha256: str | None = None
 
@@ -265,7 +246,6 @@ class TextReader:
 class DocumentSource(Source):
     """A corpus of documents: a Hugging Face dataset name, or .jsonl/.json/.parquet files."""
 
-    loader: ClassVar[str] = "hf"
     source: str  # e.g. "Skylion007/openwebtext", or a file or folder of them
     subset: str | None = None  # the dataset's configuration, e.g. FineWeb's "sample-10BT"
     text_field: str = "text"  # the column holding each document's text
@@ -340,17 +320,6 @@ class DocumentSource(Source):
         return {**made, **encode_splits(config, directory, reader, splits, tokenizer, processes, scanned)}
 
 
-def is_document_corpus(source: str) -> bool:
-    """True for a local .jsonl/.json/.parquet file, or a folder holding such files and no .txt."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path.suffix in DOCUMENT_BUILDERS
-    if path.is_dir():
-        suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
-        return bool(suffixes & set(DOCUMENT_BUILDERS)) and ".txt" not in suffixes
-    return False
-
-
 def document_ranges(start: int, end: int) -> list[tuple[int, int]]:
     """Documents start..end-1 in tasks of DOCUMENTS_PER_TASK."""
     return [(i, min(i + DOCUMENTS_PER_TASK, end)) for i in range(start, end, DOCUMENTS_PER_TASK)]
@@ -413,7 +382,6 @@ def encode_splits(config: DatasetConfig, directory: Path, reader, splits: dict[s
 class BinSource(Source):
     """A folder of token ids prepared by karpathy/nanoGPT: train.bin, val.bin (uint16), maybe meta.pkl."""
 
-    loader: ClassVar[str] = "bin"
     source: str
     names: tuple[str, ...] = field(default=("train.bin", "val.bin"))
 

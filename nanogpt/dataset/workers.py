@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nanogpt.dataset.tokenizers import code_points, description_json, load_tokenizer
 from nanogpt.fileio import write_atomically
+from nanogpt.text.tokenizers import code_points, description_json, load_tokenizer
 
 
 @contextmanager

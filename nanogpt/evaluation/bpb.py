@@ -26,7 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt.dataset.tokenizers import (
+from nanogpt.errors import ConfigError, DataError
+from nanogpt.evaluation.loss import summed_loss
+from nanogpt.evaluation.tasks import Subject, Task, task_name
+from nanogpt.options import option
+from nanogpt.text.tokenizers import (
     CharTokenizer,
     IdsTokenizer,
     TiktokenTokenizer,
@@ -34,10 +38,6 @@ from nanogpt.dataset.tokenizers import (
     load_tokenizer,
     tiktoken_encoding,
 )
-from nanogpt.errors import ConfigError, DataError
-from nanogpt.evaluation.loss import summed_loss
-from nanogpt.evaluation.tasks import Subject, Task, task_name
-from nanogpt.options import option
 
 
 @dataclass

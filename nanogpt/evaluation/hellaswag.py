@@ -34,11 +34,11 @@ import numpy as np
 from requests import RequestException
 
 from nanogpt.dataset.download import describe_request_error, download
-from nanogpt.dataset.tokenizers import UnknownTokenError, description_json, load_tokenizer
 from nanogpt.errors import DataError
 from nanogpt.evaluation.scoring import encode_pair, score_requests
 from nanogpt.evaluation.tasks import Subject, Task, task_name
 from nanogpt.options import option, require
+from nanogpt.text.tokenizers import UnknownTokenError, description_json, load_tokenizer
 
 VALIDATION_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VALIDATION_EXAMPLES = 10_042

@@ -19,12 +19,11 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from nanogpt.dataset.tokenizers import description_json, load_tokenizer
 from nanogpt.errors import ConfigError
 from nanogpt.evaluation.scoring import score_requests
-from nanogpt.generation.decoding import decode
 from nanogpt.model import GPT
 from nanogpt.runtime.device import autocast
+from nanogpt.text.tokenizers import description_json, load_tokenizer
 
 MAX_GEN_TOKS = 256  # lm-eval's default for generate_until requests that name none
 
@@ -101,7 +100,7 @@ class NanoGPTLM(TemplateLM):
             temperature = settings.get("temperature", 0.0) if settings.get("do_sample") else 0.0
             made, text = [], ""
             with autocast(self.device, self.dtype):
-                for token in decode(self.model, ids, new_tokens, temperature=temperature):
+                for token in self.model.stream(ids, new_tokens, temperature=temperature):
                     made.append(int(token[0, 0]))
                     text = self.tok_decode(made)
                     if any(stop and stop in text for stop in stops):

@@ -18,8 +18,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from nanogpt.dataset.batches import BatchSampler
-from nanogpt.dataset.sft import ExampleWindows
+from nanogpt.dataset.batches import BatchSampler, ExampleWindows
 from nanogpt.errors import DataError
 from nanogpt.evaluation.tasks import Subject, Task, task_name
 from nanogpt.model import GPT

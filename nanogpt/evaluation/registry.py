@@ -18,7 +18,6 @@ import torch
 
 from nanogpt.dataset.batches import PreparedData
 from nanogpt.dataset.config import DatasetConfig
-from nanogpt.dataset.tokenizers import tokenizer_name
 from nanogpt.errors import ConfigError
 from nanogpt.evaluation.bpb import BpbOptions, BpbTask
 from nanogpt.evaluation.harness import LmEvalOptions, LmEvalTask
@@ -28,6 +27,7 @@ from nanogpt.evaluation.tasks import TASKS, Subject, Task, options_from, task_fo
 from nanogpt.evaluation.tokens import TokenSplit, dataset_tokens
 from nanogpt.model import GPT
 from nanogpt.options import option
+from nanogpt.text.tokenizers import tokenizer_name
 from nanogpt.weights.loading import LoadedSource
 
 __all__ = ["TASKS", "BpbTask", "HellaSwagTask", "LmEvalTask", "LossOptions", "LossTask", "Subject", "Task",

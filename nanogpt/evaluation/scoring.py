@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from nanogpt.errors import DataError
-from nanogpt.model import GPT
+from nanogpt.model import GPT, KVCache
 from nanogpt.runtime.device import autocast
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
@@ -63,19 +63,19 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
 
 
 def next_token_logits(model: GPT, idx: torch.Tensor, rows: torch.Tensor,
-                      positions: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+                      positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
     """The model's logits (N, vocab) for the token after positions[i] of row rows[i] of idx.
 
     GPT.forward without targets computes the output layer at the last position
     only; the final hidden states of every position are taken as they leave the
     last norm (ln_f), and only those asked for go through the output layer and
-    the logit cap, as GPT.forward would apply them. With caches, idx continues
-    what they hold (positions count from idx's first token).
+    the logit cap, as GPT.forward would apply them. With a cache, idx continues
+    what it holds (positions count from idx's first token).
     """
     hidden = []
     hook = model.transformer.ln_f.register_forward_hook(lambda module, args, output: hidden.append(output))
     try:
-        model(idx, caches=caches)
+        model(idx, cache=cache)
     finally:
         hook.remove()
     logits = model.lm_head(hidden[0][rows, positions])[..., : model.config.vocab_size]
@@ -146,12 +146,12 @@ def shares_contexts(model: GPT) -> bool:
 
 
 def results_of_rows(model: GPT, requests: Sequence[Request], batch: list[int], rows_ids: list[list[int]],
-                    device: torch.device, dtype: torch.dtype, results: list, caches: list | None = None,
+                    device: torch.device, dtype: torch.dtype, results: list, cache: KVCache | None = None,
                     first_logits: torch.Tensor | None = None) -> None:
-    """Score requests batch, row r reading rows_ids[r] (after caches, where given), into results.
+    """Score requests batch, row r reading rows_ids[r] (after the cache, where given), into results.
 
     first_logits (one row per request), where given, predicts each continuation's
-    first token: the context's last position, already run into the caches.
+    first token: the context's last position, already run into the cache.
     """
     width = max(map(len, rows_ids))
     idx = torch.zeros(len(batch), max(width, 1), dtype=torch.long)
@@ -174,7 +174,7 @@ def results_of_rows(model: GPT, requests: Sequence[Request], batch: list[int], r
     if rows:
         with autocast(device, dtype):
             logits.append(next_token_logits(model, idx.to(device), torch.tensor(rows, device=device),
-                                            torch.tensor(positions, device=device), caches))
+                                            torch.tensor(positions, device=device), cache))
     logits = torch.cat([part.float() for part in logits])
     target = torch.tensor(targets, device=device)
     # log_softmax at the target alone: the (N, vocab) table of every log-probability is never needed.
@@ -203,17 +203,18 @@ def score_shared_contexts(model: GPT, requests: Sequence[Request], groups: list[
                           device: torch.device, dtype: torch.dtype, results: list) -> None:
     """Score groups of requests (each group one context; all contexts of one length), one pass per context."""
     contexts = torch.tensor([requests[members[0]][0] for members in groups], dtype=torch.long, device=device)
-    caches = model.new_caches(len(groups), contexts.size(1))
+    length = contexts.size(1)
     with autocast(device, dtype):
-        first, _ = model(contexts, caches=caches)  # the logits after each context's last token
+        cache = model.new_cache(len(groups), length)
+        first, _ = model(contexts, cache=cache)  # the logits after each context's last token
     # Every request gets its context's keys and values, and the logits that predict its first token.
     counts = torch.tensor([len(members) for members in groups], device=device)
     batch = [i for members in groups for i in members]
     rows_ids = [list(requests[i][1][:-1]) for i in batch]  # each continuation but its last token
-    rows_caches = model.new_caches(len(batch), contexts.size(1) + max(map(len, rows_ids)))
-    for cache, context_cache in zip(rows_caches, caches, strict=True):
-        cache.append(*(t[:, :, :context_cache.length].repeat_interleave(counts, dim=0)
-                       for t in (context_cache.keys, context_cache.values)))
+    rows_cache = model.new_cache(len(batch), length + max(map(len, rows_ids)), cache.keys.dtype)
+    rows_cache.keys[:, :, :, :length] = cache.keys.repeat_interleave(counts, dim=1)
+    rows_cache.values[:, :, :, :length] = cache.values.repeat_interleave(counts, dim=1)
+    rows_cache.lengths.fill_(length)
     first_logits = first[:, -1].repeat_interleave(counts, dim=0)
     results_of_rows(model, requests, batch, rows_ids, device, dtype, results,
-                    caches=rows_caches if any(rows_ids) else None, first_logits=first_logits)
+                    cache=rows_cache if any(rows_ids) else None, first_logits=first_logits)

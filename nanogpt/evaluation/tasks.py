@@ -38,7 +38,7 @@ class Subject:
     """
 
     model: GPT  # in eval mode, on device
-    tokenizer: dict  # the description nanogpt.dataset.tokenizers reads
+    tokenizer: dict  # the description nanogpt.text.tokenizers reads
     device: torch.device
     dtype: torch.dtype
     batch_size: int  # sequences per forward pass: memory, never the result

@@ -1,3 +1,4 @@
-"""Generation: from a model to text. decoding.py (the KV cache and the token-by-token loop), sampling.py
-(choosing the next token), language_model.py (nanogpt.load and LanguageModel: text in, text out).
+"""Generation: from a trained model to text. language_model.py (nanogpt.load and LanguageModel: text
+in, text out, chat), inference.py (the options and open_model() that sample, chat and eval share).
+The KV cache and the token-by-token loop are the model's own (nanogpt/model.py).
 """

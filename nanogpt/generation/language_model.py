@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.dataset.tokenizers import UnknownTokenError, tokenizer_codec
 from nanogpt.errors import ConfigError, DataError
-from nanogpt.generation.chat_template import ChatTemplate, messages_problem
 from nanogpt.model import GPT
 from nanogpt.runtime.device import autocast, resolve_device, resolve_dtype
+from nanogpt.text.chat_template import ChatTemplate, messages_problem
+from nanogpt.text.tokenizers import UnknownTokenError, tokenizer_codec
 from nanogpt.weights.loading import LoadedSource, resolve_source
 from nanogpt.weights.quantize import QUANTIZATIONS, quantize_model
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.dataset.tokenizers import GPT2_TOKENIZER, write_hf_tokenizer
 from nanogpt.errors import CheckpointError, ConfigError, require_package
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, write_hf_tokenizer
 
 # OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
 PRETRAINED = {

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.dataset.nanogpt_files import read_char_vocabulary
-from nanogpt.dataset.tokenizers import GPT2_TOKENIZER
 from nanogpt.errors import CheckpointError, ConfigError, UserError, require_package
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.text.nanogpt_meta import read_char_vocabulary
+from nanogpt.text.tokenizers import GPT2_TOKENIZER
 from nanogpt.weights import lora
 from nanogpt.weights.checkpoint import (
     BEST,

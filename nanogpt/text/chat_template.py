@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from nanogpt.dataset.tokenizers import description_json, load_tokenizer
+from nanogpt.text.tokenizers import description_json, load_tokenizer
 
 ROLES = ("system", "user", "assistant")
 BLANK_LINE = "\n\n"  # how an answer ends where the vocabulary has no end-of-text token

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt.dataset.gpt2_files import GPT2_ENCODING, gpt2_encoding, tiktoken_cache_dir
 from nanogpt.errors import DataError, require_package
+from nanogpt.text.gpt2_files import GPT2_ENCODING, gpt2_encoding, tiktoken_cache_dir
 
 GPT2_TOKENIZER = {"kind": "tiktoken", "encoding": GPT2_ENCODING}
 END_OF_TEXT = "<|endoftext|>"
