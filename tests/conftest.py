@@ -1,13 +1,20 @@
-"""Shared fixtures: small corpora, an isolated data root, and running entry points for real."""
+"""Shared fixtures: small corpora, an isolated data root, one trained run, and running entry points.
+
+run_module starts a real ``python -m`` process; tests/commands.py's run_in_process runs the
+same command inside the test process, for tables of inputs where starting an interpreter per
+row would cost more than the row (each table keeps one real process per entry point).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 # The offline copy sits beside the checkout (../shared), or two levels up from a git worktree.
@@ -57,6 +64,53 @@ def run_module(module: str, *args: str, cwd: Path, env: dict | None = None, time
         [sys.executable, "-m", module, *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+# The shared run's text: a learnable play, and every printable ASCII character (the pages' Python
+# blocks chat with it) but "Q", which tests/test_bad_input.py offers as a prompt outside the vocabulary.
+RUN_TEXT = ("".join(f"{n}: I am {n}, and I speak of {t}.\n" for n in ("ROMEO", "JULIET", "NURSE")
+                    for t in ("love", "the moon", "swords", "Verona")) * 120
+            + "".join(c for c in map(chr, range(32, 127)) if c != "Q") + "\n")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """(work, run_dir, process): one tiny real training run, shared by every module that needs one.
+
+    Trained once per session, by a real ``python -m nanogpt.train`` in Hydra's default
+    outputs/DATE/TIME layout, even under pytest-xdist: the first worker to get here trains,
+    under a lock in the directory all workers share, and the others read what it left.
+    Read it only: a test that changes a run takes a copy (copy_of_trained_run).
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    work = shared / "trained_run"
+    with FileLock(str(shared / "trained_run.lock")):
+        if not (work / "done").is_file():
+            shutil.rmtree(work, ignore_errors=True)  # a worker that died half-way
+            work.mkdir()
+            corpus = work / "corpus.txt"
+            corpus.write_text(RUN_TEXT)
+            result = run_module(
+                "nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}",
+                f"data_root={work / 'data'}", "max_iters=80", "eval_interval=20",
+                "optimizer.lr=3e-3", "optimizer.warmup_iters=5", cwd=work,
+            )
+            assert result.returncode == 0, result.stderr
+            (work / "done").write_text(f"{result.returncode}\n")
+            (work / "stdout").write_text(result.stdout)
+            (work / "stderr").write_text(result.stderr)
+    run_dirs = list((work / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1, run_dirs
+    process = subprocess.CompletedProcess([], 0, (work / "stdout").read_text(), (work / "stderr").read_text())
+    return work, run_dirs[0], process
+
+
+def copy_of_trained_run(trained_run, into: Path) -> Path:
+    """A copy of the shared run's directory in into, for a test that writes in or beside it."""
+    _, run_dir, _ = trained_run
+    return Path(shutil.copytree(run_dir, into / "run"))
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,12 @@
 """Every kind of bad input, through every entry point, fails the same way.
 
 One table of (area, entry point, arguments, expected words). Each row runs the
-real ``python -m nanogpt.<entry>`` and must end with exit status 2, exactly one
+command (``python -m nanogpt.<entry>``) and must end with exit status 2, exactly one
 ``error:`` line on stderr naming the key or file and what would work, no
 traceback, no run directory left behind, and never code run from a checkpoint.
-The rows run a few at a time, since each process spends most of its life starting.
+The first row of each entry point starts a real process; the others run the same
+main() in the test process (tests/commands.py), since a process would spend most
+of its life starting.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import os
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import TINY_RUN, run_module
+from .commands import run_in_process
+from .conftest import copy_of_trained_run, run_module
 
 
 @dataclass(frozen=True)
@@ -137,18 +139,18 @@ class NotFoundServer:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+# The rows that start a real ``python -m`` process: the first of each entry point.
+REAL = {next(c.label for c in CASES if c.entry == entry) for entry in {c.entry for c in CASES}}
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, trained_run):
     """A trained tiny run and a collection of broken files to feed the entry points."""
     root = tmp_path_factory.mktemp("bad")
     corpus = root / "corpus.txt"
     corpus.write_text("".join(f"{n}: I speak of {t}.\n" for n in ("ROMEO", "JULIET")
                               for t in ("love", "the moon")) * 200)
-    run = root / "run"
-    trained = run_module("nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}",
-                         f"data_root={root / 'data'}", "max_iters=2", "eval_interval=1",
-                         f"hydra.run.dir={run}", cwd=root)
-    assert trained.returncode == 0, trained.stderr
+    run = copy_of_trained_run(trained_run, root)
     files = {"corpus": corpus, "run": run, "evil": root / "evil.pt", "truncated": root / "truncated.pt",
              "plain": root / "plain.pt", "empty_dir": root / "empty", "binary": root / "binary.txt"}
     marker = root / "code-ran"
@@ -164,31 +166,25 @@ def world(tmp_path_factory):
     server.server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def results(world):
-    """Run every case (three processes at a time); {label: (case dir, completed process)}."""
-    root, files, _ = world
-
-    def run_case(number: int, case: Case):
-        cwd = root / f"case{number}"
-        cwd.mkdir()
-        args = [a.format(**files) for a in case.args]
-        resuming = any(a.startswith("resume=") for a in args)
-        if case.entry == "train" and not resuming:
-            args.append(f"hydra.run.dir={cwd / 'run'}")
-            if not any(a.startswith("max_iters=") for a in args):
-                args.append("max_iters=1")  # a row that wrongly passes must not train for long
-        if case.entry in ("train", "data") and not any(a.startswith("data_root=") for a in args):
-            args.append(f"data_root={cwd / 'data'}")
-        return case.label, (cwd, run_module(f"nanogpt.{case.entry}", *args, cwd=cwd))
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(pool.map(lambda item: run_case(*item), enumerate(CASES)))
+def run_case(case: Case, files: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """The row's command in its own empty directory cwd."""
+    args = [a.format(**files) for a in case.args]
+    resuming = any(a.startswith("resume=") for a in args)
+    if case.entry == "train" and not resuming:
+        args.append(f"hydra.run.dir={cwd / 'run'}")
+        if not any(a.startswith("max_iters=") for a in args):
+            args.append("max_iters=1")  # a row that wrongly passes must not train for long
+    if case.entry in ("train", "data") and not any(a.startswith("data_root=") for a in args):
+        args.append(f"data_root={cwd / 'data'}")
+    run = run_module if case.label in REAL else run_in_process
+    return run(f"nanogpt.{case.entry}", *args, cwd=cwd)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
-def test_bad_input_fails_with_one_clear_line(case, results, world):
-    cwd, result = results[case.label]
+def test_bad_input_fails_with_one_clear_line(case, world, tmp_path):
+    cwd = tmp_path / "case"
+    cwd.mkdir()
+    result = run_case(case, world[1], cwd)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -214,9 +210,13 @@ def test_the_crafted_checkpoint_would_run_code_if_unpickled_unsafely(world, tmp_
 
 @pytest.mark.parametrize("value", ["0", "yes", "", "1"])
 def test_hydra_full_error_is_on_only_for_1_as_in_hydra(value, tmp_path):
-    env = {**os.environ, "HYDRA_FULL_ERROR": value, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    result = subprocess.run([sys.executable, "-m", "nanogpt.train", "model=huge"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    env = {"HYDRA_FULL_ERROR": value}
+    if value == "1":  # the traceback the interpreter itself prints, from a real process
+        env = {**os.environ, **env, "PYTHONPATH": str(Path(__file__).parent.parent)}
+        result = subprocess.run([sys.executable, "-m", "nanogpt.train", "model=huge"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=120)
+    else:
+        result = run_in_process("nanogpt.train", "model=huge", cwd=tmp_path, env=env)
     assert result.returncode != 0
     if value == "1":  # the full report, for debugging
         assert "Traceback" in result.stderr

@@ -1,24 +1,27 @@
 """The first hour: optional parts that fail politely, refused starts that leave nothing, --help as typed.
 
-Each missing package is tested for real, in a process that cannot import it:
-tests/without_packages/sitecustomize.py hides the packages named in
-$NANOGPT_TEST_HIDE from import, from importlib's find_spec and from the module
-listing Hydra's plugin discovery walks, as if they had never been installed.
+Each missing package is tested for real, with the package hidden from import, from
+importlib's find_spec and from the module listing Hydra's plugin discovery walks, as if it had
+never been installed (tests/without_packages/hiding.py). The first row of each entry point
+runs in a process of its own, where tests/without_packages/sitecustomize.py hides the packages
+named in $NANOGPT_TEST_HIDE from start-up; the others run the command in the test process,
+hiding the package around it (tests/commands.py).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from .commands import packages_hidden, run_in_process
 from .conftest import REPO, run_module
 
 WITHOUT_PACKAGES = Path(__file__).parent / "without_packages"
@@ -105,26 +108,21 @@ def files(tmp_path_factory) -> dict[str, Path]:
             "out": root / "exported"}
 
 
-@pytest.fixture(scope="module")
-def missing_results(files, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """Every row run in its own empty directory, three at a time."""
-    root = tmp_path_factory.mktemp("missing")
-
-    def run(number: int, case: Missing):
-        cwd = root / f"case{number}"
-        cwd.mkdir()
-        args = [a.format(**files) for a in case.args]
-        if case.entry in ("train", "data"):
-            args.append(f"data_root={cwd / 'data'}")
-        return case.label, (cwd, run_without(case.hidden, f"nanogpt.{case.entry}", *args, cwd=cwd))
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(pool.map(lambda item: run(*item), enumerate(MISSING)))
+# The rows that start a real process: the first of each entry point.
+REAL = {next(m.label for m in MISSING if m.entry == entry) for entry in {m.entry for m in MISSING}}
 
 
 @pytest.mark.parametrize("case", MISSING, ids=[c.label for c in MISSING])
-def test_a_missing_optional_package_is_one_line_before_any_work(case, missing_results, files):
-    cwd, result = missing_results[case.label]
+def test_a_missing_optional_package_is_one_line_before_any_work(case, files, tmp_path):
+    cwd = tmp_path / "case"
+    cwd.mkdir()
+    args = [a.format(**files) for a in case.args]
+    if case.entry in ("train", "data"):
+        args.append(f"data_root={cwd / 'data'}")
+    if case.label in REAL:
+        result = run_without(case.hidden, f"nanogpt.{case.entry}", *args, cwd=cwd)
+    else:
+        result = run_in_process(f"nanogpt.{case.entry}", *args, cwd=cwd, hidden=case.hidden.split(","))
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -137,11 +135,14 @@ def test_a_missing_optional_package_is_one_line_before_any_work(case, missing_re
 
 
 def test_the_hidden_packages_are_really_there_otherwise(tmp_path):
-    """The rows above fail because the package is hidden: the same interpreter imports them unhidden."""
+    """The rows above fail because the package is hidden: this interpreter imports them unhidden."""
     names = sorted({m.hidden for m in MISSING})
+    for name in names:
+        importlib.import_module(name)
+    for name in names:  # hidden in this process, as the in-process rows hide them
+        with packages_hidden([name]), pytest.raises(ModuleNotFoundError, match="No module named"):
+            importlib.import_module(name)
     check = "import importlib, sys; [importlib.import_module(n) for n in sys.argv[1:]]; print('ok')"
-    found = subprocess.run([sys.executable, "-c", check, *names], capture_output=True, text=True, timeout=300)
-    assert found.stdout.strip() == "ok", found.stderr
     hide = {"NANOGPT_TEST_HIDE": ",".join(names),
             "PYTHONPATH": os.pathsep.join([str(WITHOUT_PACKAGES), str(REPO)])}
     probe = subprocess.run([sys.executable, "-c", check, *names], capture_output=True, text=True, timeout=300,
@@ -169,7 +170,8 @@ def test_a_refused_start_leaves_no_directory(args, tmp_path):
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     for cwd in (tmp_path, fresh):
-        result = run_module("nanogpt.train", *args, "logger=none", f"data_root={tmp_path / 'data'}", cwd=cwd)
+        result = run_in_process("nanogpt.train", *args, "logger=none", f"data_root={tmp_path / 'data'}",
+                                cwd=cwd)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["2020-01-01"]  # no empty date folder
     assert [p.name for p in (tmp_path / "outputs" / "2020-01-01").iterdir()] == ["10-00-00"]
@@ -180,7 +182,7 @@ def test_a_refusal_in_a_directory_someone_made_keeps_their_files(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("my notes")
-    result = run_module("nanogpt.train", "device=mps", f"hydra.run.dir={mine}", cwd=tmp_path)
+    result = run_in_process("nanogpt.train", "device=mps", f"hydra.run.dir={mine}", cwd=tmp_path)
     assert result.returncode == 2
     assert (mine / "notes.txt").read_text() == "my notes"
 
@@ -197,8 +199,8 @@ def test_help_lists_the_users_own_config_files_and_the_command_as_typed(tmp_path
     (own / "logger").mkdir()
     (own / "logger" / "quiet.yaml").write_text("name: none\n")
 
-    by_dir = run_module("nanogpt.train", "--config-dir", str(own), "model=mine", "--help", cwd=tmp_path)
-    by_path = run_module("nanogpt.train", f"hydra.searchpath=[file://{own}]", "--help", cwd=tmp_path)
+    by_dir = run_in_process("nanogpt.train", "--config-dir", str(own), "model=mine", "--help", cwd=tmp_path)
+    by_path = run_in_process("nanogpt.train", f"hydra.searchpath=[file://{own}]", "--help", cwd=tmp_path)
     for result in (by_dir, by_path):
         assert result.returncode == 0, result.stderr
         groups = dict(line.strip().split(": ", 1) for line in result.stdout.splitlines()
