@@ -25,8 +25,9 @@ from nanogpt.dataset.config import DatasetConfig
 from nanogpt.dataset.pipeline import prepare_dataset
 from nanogpt.weights.checkpoint import load_checkpoint
 
-from .conftest import TINY_RUN, run_module
+from .conftest import REPO, TINY_RUN, run_module
 from .test_concurrency import TextServer
+from .test_stops import Running
 
 QUICK = [*TINY_RUN, "logger=none", "sample_tokens=0", "max_iters=2", "eval_interval=2"]
 BOOK = "".join(f"{n}: I speak of {t}.\n" for n in ("ROMEO", "JULIET") for t in ("love", "the moon")) * 300
@@ -125,28 +126,24 @@ def test_a_named_folder_taken_by_other_data_is_left_alone_by_eval_and_resume(boo
 def test_a_prepare_of_other_data_into_a_named_folder_waits_for_the_one_before_it(books, data_root):
     server = TextServer(BOOK, hold_first=True)  # the first preparation's download waits for us
     try:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("HYDRA_FULL_ERROR", None)
-
-        def start(source: str) -> subprocess.Popen:
-            command = [sys.executable, "-m", "nanogpt.data", "dataset=text", "dataset.name=shared",
-                       f"dataset.source={source}", f"data_root={data_root}"]
-            return subprocess.Popen(command, cwd=books, env=env, text=True, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
+        def start(source: str) -> Running:  # nanogpt.data, saying when it waits for the folder's lock
+            return Running([sys.executable, "-m", "tests.lock_waits", "dataset=text", "dataset.name=shared",
+                            f"dataset.source={source}", f"data_root={data_root}"], books,
+                           env={"PYTHONPATH": str(REPO)})
 
         first = start(server.url)
         deadline = time.monotonic() + 120
         while server.requests == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         second = start(str(books / "book2.txt"))
-        time.sleep(4)
-        assert second.poll() is None  # waiting on the folder's lock, not writing beside the first
+        second.wait_for(f"waiting for {data_root / 'shared' / '.lock'}")
+        assert second.process.poll() is None  # waiting on the folder's lock, not writing beside the first
         assert not (data_root / "shared" / "meta.json").exists()
         server.release.set()
-        outputs = [job.communicate(timeout=300) for job in (first, second)]
+        outputs = [(job.finish(timeout=300), "\n".join(job.stderr)) for job in (first, second)]
     finally:
         server.close()
-    assert [first.returncode, second.returncode] == [0, 0], outputs
+    assert [first.process.returncode, second.process.returncode] == [0, 0], outputs
     for (out, _), text in zip(outputs, (BOOK, BOOK2), strict=True):  # each prepared its own text, whole
         assert out.startswith(f"shared: {int(len(text) * 0.9):,} train and "), out
     meta = json.loads((data_root / "shared" / "meta.json").read_text())

@@ -15,7 +15,8 @@ import pytest
 
 from nanogpt.dataset.pipeline import prepare_data
 
-from .conftest import run_module
+from .conftest import REPO, run_module
+from .test_stops import Running
 
 TEXT = "".join(f"{n}: I speak of {t}.\n" for n in ("ROMEO", "JULIET") for t in ("love", "swords")) * 3000
 
@@ -75,21 +76,19 @@ def test_four_processes_prepare_once_and_agree(tmp_path):
     server = TextServer(TEXT, hold_first=True)
     try:
         root = tmp_path / "shared_root"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("HYDRA_FULL_ERROR", None)
-        command = [sys.executable, "-m", "nanogpt.data", *prepare_command(server.url, root)]
-        jobs = [subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                for _ in range(4)]
-        # Hold the first download until every process has had time to start and reach
-        # the lock, so the four really race (the assertions below need no timing).
-        deadline = time.monotonic() + 20
-        while server.requests == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(3)
+        # nanogpt.data, saying when it waits for the folder's lock (tests/lock_waits.py)
+        command = [sys.executable, "-m", "tests.lock_waits", *prepare_command(server.url, root)]
+        jobs = [Running(command, tmp_path, env={"PYTHONPATH": str(REPO)}) for _ in range(4)]
+        # Hold the first download until the three others wait on the lock, so the four
+        # really race (the assertions below need no timing).
+        waiting = f"waiting for {root / 'web' / '.lock'}"
+        deadline = time.monotonic() + 120
+        while server.requests < 1 or sum(job.said(waiting) for job in jobs) < 3:
+            assert time.monotonic() < deadline, [job.stderr for job in jobs]
+            time.sleep(0.05)
         server.release.set()
-        outputs = [job.communicate(timeout=300) for job in jobs]
-        assert [job.returncode for job in jobs] == [0] * 4, outputs
+        outputs = [(job.finish(timeout=300), "\n".join(job.stderr)) for job in jobs]
+        assert [job.process.returncode for job in jobs] == [0] * 4, outputs
         assert server.requests == 1  # exactly one process downloaded and prepared; three reused
         assert all("web: " in out for out, _ in outputs)
 

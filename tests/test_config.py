@@ -13,6 +13,7 @@ from nanogpt.errors import ConfigError
 from nanogpt.sample import SampleConfig
 from nanogpt.training.config import TrainConfig
 
+from .commands import run_in_process
 from .conftest import register_commands, run_module
 
 GROUPS = ["model", "dataset", "optimizer", "device", "logger"]
@@ -121,7 +122,9 @@ def test_bad_train_input_fails_with_one_clear_line(args, expected, tmp_path, cor
         pytest.skip("MPS is available here")
     run_dir = tmp_path / "run"
     args = [a.format(corpus=corpus) for a in args]
-    result = run_module(
+    # The first row in a real process, the others in this one (tests/commands.py).
+    run = run_module if args == BAD_TRAIN_INPUTS[0][0] else run_in_process
+    result = run(
         "nanogpt.train", *args, f"data_root={data_root}", f"hydra.run.dir={run_dir}",
         "max_iters=1", cwd=tmp_path,
     )

@@ -1,4 +1,7 @@
-"""Train and sample through real ``python -m`` processes, as a user would."""
+"""Train and sample through real ``python -m`` processes, as a user would.
+
+The run is conftest's trained_run: tiny, on a small corpus, in Hydra's default outputs/ layout.
+"""
 
 import json
 
@@ -7,40 +10,20 @@ import pytest
 from nanogpt.tracking.metrics import read_metrics
 from nanogpt.weights.checkpoint import load_checkpoint
 
+from .commands import run_in_process
 from .conftest import TINY_RUN, run_module
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny training run on a small corpus, in Hydra's default outputs/ layout."""
-    from .conftest import REPO  # noqa: F401  (the package must be importable from anywhere)
-
-    work = tmp_path_factory.mktemp("work")
-    corpus = work / "corpus.txt"
-    lines = [f"{n}: I am {n}, and I speak of {t}.\n" for n in ("ROMEO", "JULIET", "NURSE")
-             for t in ("love", "the moon", "swords", "Verona")]
-    corpus.write_text("".join(lines) * 120)
-    result = run_module(
-        "nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}",
-        f"data_root={work / 'data'}", "max_iters=80", "eval_interval=20",
-        "optimizer.lr=3e-3", "optimizer.warmup_iters=5", cwd=work,
-    )
-    assert result.returncode == 0, result.stderr
-    run_dirs = list((work / "outputs").glob("*/*"))
-    assert len(run_dirs) == 1, run_dirs
-    return work, run_dirs[0], result
-
-
-def test_run_directory_holds_everything(trained):
-    _, run_dir, _ = trained
+def test_run_directory_holds_everything(trained_run):
+    _, run_dir, _ = trained_run
     for name in ("config.yaml", "train.log", "metrics.jsonl", "best.pt", "last.pt", ".hydra/config.yaml"):
         assert (run_dir / name).exists(), name
     assert "n_embd: 32" in (run_dir / "config.yaml").read_text()
     assert "eval 80" in (run_dir / "train.log").read_text()
 
 
-def test_loss_falls(trained):
-    _, run_dir, _ = trained
+def test_loss_falls(trained_run):
+    _, run_dir, _ = trained_run
     evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
     assert [r["iter"] for r in evals] == [0, 20, 40, 60, 80]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
@@ -48,8 +31,8 @@ def test_loss_falls(trained):
     assert all(r["tokens_per_sec"] > 0 and r["lr"] > 0 for r in train_records)
 
 
-def test_checkpoint_carries_what_sampling_needs(trained):
-    _, run_dir, _ = trained
+def test_checkpoint_carries_what_sampling_needs(trained_run):
+    _, run_dir, _ = trained_run
     state = load_checkpoint(run_dir / "last.pt")
     assert state["iter_num"] == 80
     assert state["model_config"]["n_embd"] == 32
@@ -59,13 +42,13 @@ def test_checkpoint_carries_what_sampling_needs(trained):
     assert best["best_val_loss"] <= state["best_val_loss"] + 1e-9
 
 
-def test_end_of_run_sample_is_printed(trained):
-    _, _, result = trained
+def test_end_of_run_sample_is_printed(trained_run):
+    _, _, result = trained_run
     assert "sample:" in result.stdout
 
 
-def test_sample_from_run_dir_streams_text(trained):
-    work, run_dir, _ = trained
+def test_sample_from_run_dir_streams_text(trained_run):
+    work, run_dir, _ = trained_run
     result = run_module("nanogpt.sample", f"ckpt={run_dir}", "prompt=ROMEO:", "num_tokens=60",
                         "num_samples=2", cwd=work)
     assert result.returncode == 0, result.stderr
@@ -78,16 +61,16 @@ def test_sample_from_run_dir_streams_text(trained):
         assert set(text) <= vocabulary
 
 
-def test_sample_without_ckpt_uses_the_newest_run(trained):
-    work, run_dir, _ = trained
+def test_sample_without_ckpt_uses_the_newest_run(trained_run):
+    work, run_dir, _ = trained_run
     result = run_module("nanogpt.sample", "num_tokens=10", cwd=work)
     assert result.returncode == 0, result.stderr
     assert str((run_dir / "best.pt").relative_to(work)) in result.stderr
 
 
-def test_sample_is_reproducible_and_reads_prompt_files(trained):
-    work, run_dir, _ = trained
-    prompt = work / "prompt.txt"
+def test_sample_is_reproducible_and_reads_prompt_files(trained_run, tmp_path):
+    work, run_dir, _ = trained_run
+    prompt = tmp_path / "prompt.txt"
     prompt.write_text("JULIET:")
     runs = [run_module("nanogpt.sample", f"ckpt={run_dir / 'best.pt'}", f"prompt_file={prompt}",
                        "num_tokens=40", "seed=5", cwd=work) for _ in range(2)]
@@ -105,14 +88,15 @@ def test_sample_is_reproducible_and_reads_prompt_files(trained):
     (["temperature=-1"], "temperature=-1.0 must be >= 0"),
     (["device=cuda"], "device=cuda"),
 ])
-def test_bad_sample_input_fails_with_one_clear_line(trained, args, expected):
+def test_bad_sample_input_fails_with_one_clear_line(trained_run, args, expected):
     import torch
 
     if args == ["device=cuda"] and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    work, run_dir, _ = trained
+    work, run_dir, _ = trained_run
     ckpt = [] if args[0].startswith("ckpt") else [f"ckpt={run_dir}"]
-    result = run_module("nanogpt.sample", *ckpt, *args, cwd=work)
+    run = run_module if args == ["ckpt=/no/such/run"] else run_in_process  # one real process
+    result = run("nanogpt.sample", *ckpt, *args, cwd=work)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr

@@ -61,6 +61,17 @@ class Running:
                 raise AssertionError(f"never saw {text!r}:\n" + "\n".join(self.stdout + self.stderr))
             time.sleep(0.05)
 
+    def said(self, text: str) -> bool:
+        """Whether a line of output so far contains text."""
+        return any(text in line for line in self.stdout + self.stderr)
+
+    def finish(self, timeout: float) -> str:
+        """Wait for the process to exit by itself; its whole stdout."""
+        self.process.wait(timeout=timeout)
+        for reader in self.readers:
+            reader.join(timeout=5)
+        return "".join(line + "\n" for line in self.stdout)
+
     def stop(self, signum: int, pid: int | None = None) -> float:
         """Send signum (to pid, default the process) and return the seconds until the process exited."""
         sent = time.monotonic()
