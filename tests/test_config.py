@@ -137,7 +137,7 @@ def test_bad_train_input_fails_with_one_clear_line(args, expected, tmp_path, cor
 
 
 def test_help_lists_groups_and_options(tmp_path):
-    result = run_module("nanogpt.train", "--help", cwd=tmp_path)
+    result = run_in_process("nanogpt.train", "--help", cwd=tmp_path)
     assert result.returncode == 0
     for word in ("model: gpt2, gpt2-large, gpt2-medium, gpt2-xl, medium, small, tiny",
                  "device: auto, cpu, cuda, mps", "experiment:"):
@@ -145,7 +145,7 @@ def test_help_lists_groups_and_options(tmp_path):
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):
-    result = run_module("nanogpt.train", "model=tiny", "--cfg", "job", cwd=tmp_path)
+    result = run_in_process("nanogpt.train", "model=tiny", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0
     assert "n_embd: 128" in result.stdout and "batch_size: 64" in result.stdout
 
@@ -153,14 +153,15 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 def test_experiment_found_from_any_directory(tmp_path):
     elsewhere = tmp_path / "somewhere" / "else"
     elsewhere.mkdir(parents=True)
-    result = run_module("nanogpt.train", "+experiment=shakespeare_char_cpu", "--cfg", "job", cwd=elsewhere)
+    result = run_in_process("nanogpt.train", "+experiment=shakespeare_char_cpu", "--cfg", "job",
+                            cwd=elsewhere)
     assert result.returncode == 0, result.stderr
     assert "batch_size: 12" in result.stdout
     assert Path(CONFIG_DIR).is_dir()
 
 
 def test_help_explains_every_key_with_the_values_the_command_line_would_use(tmp_path):
-    result = run_module("nanogpt.train", "model=tiny", "--help", cwd=tmp_path)
+    result = run_in_process("nanogpt.train", "model=tiny", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "model: gpt2, gpt2-large" in text and "+experiment: " in text
@@ -171,6 +172,7 @@ def test_help_explains_every_key_with_the_values_the_command_line_would_use(tmp_
 
 @pytest.mark.parametrize("entry", ["sample", "eval", "export", "data", "bench"])
 def test_every_entry_point_explains_its_keys(entry, tmp_path):
+    # Real processes: the other --help tests here run the command in this one (tests/commands.py).
     result = run_module(f"nanogpt.{entry}", "--help", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.startswith(f"python -m nanogpt.{entry}"), result.stderr
     keys = result.stdout.split("Keys")[1].splitlines()[1:]
@@ -178,7 +180,7 @@ def test_every_entry_point_explains_its_keys(entry, tmp_path):
 
 
 def test_sample_help_lists_only_the_groups_sampling_uses(tmp_path):
-    result = run_module("nanogpt.sample", "--help", cwd=tmp_path)
+    result = run_in_process("nanogpt.sample", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     groups = result.stdout.split("Keys")[0]
     assert "device: auto" in groups and "optimizer" not in groups and "dataset" not in groups
