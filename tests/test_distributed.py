@@ -42,6 +42,7 @@ def test_every_rank_draws_its_own_share_of_the_single_process_batches(corpus, da
         assert torch.equal(torch.cat(shares), expected)
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path, data_root):
     common = [*DDP_RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}"]
     single = run([sys.executable, "-m", "nanogpt.train", *common, "hydra.run.dir=single"], tmp_path)
@@ -80,6 +81,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(cor
     assert worst < 1e-4
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_accumulation_not_divisible_by_processes_is_one_error_line(corpus, tmp_path, data_root):
     result = run([*TORCHRUN, "-m", "nanogpt.train", *DDP_RUN, "gradient_accumulation_steps=3",
                   "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}"], tmp_path)
@@ -90,6 +92,7 @@ def test_accumulation_not_divisible_by_processes_is_one_error_line(corpus, tmp_p
     assert not list(tmp_path.rglob("config.yaml")), "no half-made run directory is left behind"
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_gloo_rank_failure_before_training_does_not_hang(tmp_path):
     # A bad option fails while composing on rank 0; rank 1 must not wait for it forever.
     result = run([*TORCHRUN, "-m", "nanogpt.train", "model=huge"], tmp_path)
@@ -125,6 +128,7 @@ def weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "last.pt", weights_only=True)
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_torchrun_stops_together_and_resumes_bitwise_exact(corpus, tmp_path, data_root):
     common = [*STOP_RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}"]
     reference = torchrun("nanogpt.train", *common, "hydra.run.dir=reference", cwd=tmp_path)
@@ -156,6 +160,7 @@ def test_torchrun_stops_together_and_resumes_bitwise_exact(corpus, tmp_path, dat
         assert len(keys) == len(set(keys)) and ("eval", 8) in keys
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_resume_with_another_number_of_processes_is_one_line(corpus, tmp_path, data_root):
     run_dir = tmp_path / "one"
     single = run([sys.executable, "-m", "nanogpt.train", *STOP_RUN, "max_iters=2", "dataset=text",
@@ -169,6 +174,7 @@ def test_resume_with_another_number_of_processes_is_one_line(corpus, tmp_path, d
     assert weights(run_dir)["iter_num"] == 2  # untouched
 
 
+@pytest.mark.slow  # torchrun jobs
 @pytest.mark.parametrize("target", ["agent", "every rank"])
 def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(target, corpus, tmp_path,
                                                                               data_root):
@@ -199,6 +205,7 @@ def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(tar
     assert weights(run_dir)["iter_num"] == saved["iter_num"] + 3
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_a_user_error_on_one_rank_reaches_the_user(corpus, tmp_path, data_root):
     result = torchrun("nanogpt.train", *STOP_RUN, "dataset=text", f"dataset.source={corpus}",
                       f"data_root={data_root}", "hydra.run.dir=run", cwd=tmp_path,

@@ -341,6 +341,7 @@ def test_without_peft_lora_is_one_line_and_loading_a_lora_run_still_works(run, w
     assert "pip install peft" in train.stderr
 
 
+@pytest.mark.slow  # a torchrun job
 def test_torchrun_trains_lora_on_instructions(work, base, task, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from nanogpt.runtime import rundir
@@ -95,6 +96,7 @@ def test_a_requeued_job_waits_for_the_previous_attempt_to_let_go(corpus, data_ro
     assert torch.load(run_dir / "last.pt", weights_only=True)["iter_num"] == 4
 
 
+@pytest.mark.slow  # a torchrun job
 def test_rank_0_holds_the_directory_for_the_whole_torchrun_job(corpus, data_root, tmp_path):
     run_dir = tmp_path / "run"
     args = common(corpus, data_root, run_dir)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -34,6 +35,7 @@ def run(args: list[str], cwd) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # a minute of training per attempt, by design
 def test_timed_out_job_requeues_and_auto_resume_finishes_it_exactly(corpus, tmp_path, data_root):
     common = [*RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}"]
     reference = run([*common, "hydra.run.dir=reference"], tmp_path)
