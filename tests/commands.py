@@ -77,7 +77,7 @@ def as_a_fresh_process(module: str, args: Iterable[str], cwd: Path, env: dict | 
     """The arguments, directory and environment of the subprocess; the process's state put back after."""
     saved_argv, saved_path, saved_cwd = sys.argv[:], sys.path[:], os.getcwd()
     saved_environ = dict(os.environ)
-    saved_handlers, saved_level = logging.root.handlers[:], logging.root.level
+    saved_logging = logging_state()
     saved_hydra_config, threads = HydraConfig.instance().cfg, torch.get_num_threads()
     sys.argv = [importlib.import_module(module).__file__, *args]
     sys.path.insert(0, str(cwd))
@@ -91,14 +91,40 @@ def as_a_fresh_process(module: str, args: Iterable[str], cwd: Path, env: dict | 
         sys.argv, sys.path[:] = saved_argv, saved_path
         os.environ.clear()
         os.environ.update(saved_environ)
-        for handler in logging.root.handlers:
-            if handler not in saved_handlers:
-                handler.close()
-        logging.root.handlers[:], logging.root.level = saved_handlers, saved_level
+        restore_logging(saved_logging)
         if GlobalHydra.instance().is_initialized():
             GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = saved_hydra_config
         torch.set_num_threads(threads)
+
+
+def all_loggers() -> dict[str, logging.Logger]:
+    loggers = {name: logger for name, logger in logging.Logger.manager.loggerDict.items()
+               if isinstance(logger, logging.Logger)}
+    return {**loggers, "": logging.root}
+
+
+def logging_state() -> dict:
+    """Every logger's level, handlers, propagation and whether it is disabled, and logging.disable's level."""
+    return {"disable": logging.root.manager.disable,
+            "loggers": {name: (logger.level, logger.handlers[:], logger.propagate, logger.disabled)
+                        for name, logger in all_loggers().items()}}
+
+
+def restore_logging(saved: dict) -> None:
+    """Logging as logging_state() found it; loggers made since as new, their handlers closed.
+
+    A command configures logging for its run (Hydra's job logging, a run's log file); left
+    so, the records of tests that run later in this process would go there instead of pytest.
+    """
+    logging.disable(saved["disable"])
+    for name, logger in all_loggers().items():
+        level, handlers, propagate, disabled = saved["loggers"].get(name, (logging.NOTSET, [], True, False))
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.setLevel(level)
+        logger.handlers[:], logger.propagate, logger.disabled = handlers, propagate, disabled
 
 
 @contextlib.contextmanager
