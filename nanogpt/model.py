@@ -202,6 +202,12 @@ class KVCache:
         view.lengths = self.lengths[start:stop]
         return view
 
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row source into row target: a server packs its busy rows together as requests leave."""
+        self.keys[:, target] = self.keys[:, source]
+        self.values[:, target] = self.values[:, source]
+        self.lengths[target] = self.lengths[source]
+
     def store(self, layer: int, positions: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Put layer's new keys and values (batch, heads, T, head_size) at positions (batch, T).

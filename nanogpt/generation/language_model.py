@@ -150,6 +150,19 @@ class LanguageModel:
         if len(rest) > len(shown) and rest.startswith(shown):
             yield rest[len(shown):]
 
+    def chat_prompt(self, conversation: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
+        """(prompt ids, turns dropped) for the answer to a checked conversation, as stream_chat writes it.
+
+        The server (nanogpt/serving) builds its chat prompts here, so they are
+        the ones stream_chat builds for the same messages and max_new_tokens.
+        """
+        block_size = self.model.config.block_size
+        room = max(1, min(max_new_tokens, block_size // 2))  # for the answer
+        try:
+            return self.template.prompt(conversation, self.encode, block_size - room)
+        except UnknownTokenError as e:
+            raise DataError(f"message: {e} of {self.source.where}") from None
+
 
 def load(source: str | Path, device: str = "auto", dtype: str = "auto",
          meta: str | Path | None = None, quantize: str | None = None) -> LanguageModel:
