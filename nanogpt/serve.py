@@ -20,9 +20,10 @@ from nanogpt.serving.config import ServeConfig
 @hydra_entry("serve", ServeConfig)
 def main(cfg: DictConfig) -> None:
     """Entry point: compose serve.yaml and serve until stopped."""
-    from nanogpt.serving.server import serve  # imports uvicorn: only once the packages are checked
+    config = to_dataclass(cfg, ServeConfig)  # checks the optional packages first
+    from nanogpt.serving.server import serve  # imports fastapi and uvicorn
 
-    serve(to_dataclass(cfg, ServeConfig))
+    serve(config)
 
 
 if __name__ == "__main__":

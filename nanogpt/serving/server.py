@@ -66,11 +66,11 @@ class StoppingServer(uvicorn.Server):
 
 def serve(config: ServeConfig) -> None:
     """Serve config's model until a stop signal."""
-    sock = bind(config.host, config.port)
     key = config.key()
     if not is_loopback(config.host) and key is None:
         print(f"warning: serving on {config.host} without an API key: anyone who can reach this machine may "
-              f"use the model; set api_key=... (or {API_KEY_VARIABLE})", file=sys.stderr)
+              f"use the model; set api_key=... (or {API_KEY_VARIABLE})", file=sys.stderr, flush=True)
+    sock = bind(config.host, config.port)
     lm = open_model(config, "serving")
     name = config.name or config.ckpt or str(lm.source.where)
     engine = Engine(lm.model, config.slots, lm.device, lm.dtype).start()
