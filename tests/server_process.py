@@ -27,7 +27,9 @@ class ServerProcess:
     def __init__(self, *args: str, cwd: Path, env: dict | None = None, startup_s: float = 180):
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         full_env.pop("HYDRA_FULL_ERROR", None)
-        command = [sys.executable, "-m", "nanogpt.serve", "port=0", "device=cpu", *args]
+        # One thread: the tests' own process and the server share the cores, and torch's threads
+        # wait for each other badly when cores are scarce.
+        command = [sys.executable, "-m", "nanogpt.serve", "port=0", "device=cpu", "device.threads=1", *args]
         self.process = subprocess.Popen(command, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
         self.stderr_lines: list[str] = []

@@ -1,4 +1,4 @@
-"""The field's own clients against one server: lm-evaluation-harness over HTTP, and a real browser on the page.
+"""The field's own clients against one server: lm-evaluation-harness over HTTP, a real browser on the page.
 
 A small random GPT-2-BPE model of ours is served on a loopback port.
 
@@ -67,11 +67,13 @@ def test_lm_eval_over_http_scores_hellaswag_as_nanogpt_eval_does(root, server):
     # As docs/serving.md has it: the model's name, the completions URL, the model's block as max_length.
     over_http = subprocess.Popen(
         ["lm_eval", "--model", "local-completions", "--model_args",
-         f"model={NAME},base_url={server.url}/v1/completions,num_concurrent=4,max_length={BPE_MODEL.block_size}",
-         "--tasks", "hellaswag_local", "--include_path", str(tasks), "--output_path", str(root / "lm_eval_out")],
+         f"model={NAME},base_url={server.url}/v1/completions,num_concurrent=4,"
+         f"max_length={BPE_MODEL.block_size}",
+         "--tasks", "hellaswag_local", "--include_path", str(tasks),
+         "--output_path", str(root / "lm_eval_out")],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ours = run_module("nanogpt.eval", "ckpt=run", "task=hellaswag", "task.source=hellaswag.jsonl", "device=cpu",
-                      cwd=root)
+    ours = run_module("nanogpt.eval", "ckpt=run", "task=hellaswag", "task.source=hellaswag.jsonl",
+                      "device=cpu", cwd=root)
     _, errors = over_http.communicate(timeout=600)
     assert over_http.returncode == 0, errors[-3000:]
     assert "Using remote tokenizer" in errors  # lm-eval found the server's tokenizer routes by itself
@@ -87,7 +89,8 @@ def test_lm_eval_over_http_scores_hellaswag_as_nanogpt_eval_does(root, server):
 def browser(tmp_path_factory):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        message = "Debian's chromium and chromium-driver are needed (apt-get install chromium chromium-driver)"
+        message = "Debian's chromium and chromium-driver are needed (apt-get install chromium " \
+                  "chromium-driver)"
         if os.environ.get("CI"):
             pytest.fail(message + "; .ci/run installs them")
         pytest.skip(message)
@@ -123,7 +126,8 @@ def test_the_chat_page_streams_answers_keeps_the_conversation_and_stops(browser,
         new MutationObserver(() => {
           const answers = document.querySelectorAll('.message.assistant .content');
           if (answers.length) window.lengths.push(answers[answers.length - 1].textContent.length);
-        }).observe(document.getElementById('conversation'), {subtree: true, childList: true, characterData: true});
+        }).observe(document.getElementById('conversation'),
+                   {subtree: true, childList: true, characterData: true});
     """)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     conversation = []
@@ -132,10 +136,12 @@ def test_the_chat_page_streams_answers_keeps_the_conversation_and_stops(browser,
         box = browser.find_element(By.ID, "input")
         box.send_keys(message)
         box.send_keys(Keys.ENTER)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".message.assistant")) == len(conversation) // 2 + 1
+        answers = len(conversation) // 2 + 1
+        wait.until(lambda d, answers=answers:
+                   len(d.find_elements(By.CSS_SELECTOR, ".message.assistant")) == answers
                    and d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
-        shown = browser.execute_script(
-            "const a = document.querySelectorAll('.message.assistant .content'); return a[a.length - 1].textContent;")
+        shown = browser.execute_script("const a = document.querySelectorAll('.message.assistant .content'); "
+                                       "return a[a.length - 1].textContent;")
         conversation.append({"role": "user", "content": message})
         expected = client.chat.completions.create(model=NAME, messages=conversation, max_tokens=200, seed=7,
                                                   temperature=0.8).choices[0].message.content
