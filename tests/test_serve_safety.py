@@ -96,6 +96,16 @@ def test_refusals_come_before_any_work_in_one_line(server, run, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_help_explains_every_key(tmp_path):
+    from nanogpt.options import describe_options
+    from nanogpt.serving.config import ServeConfig
+
+    result = run_module("nanogpt.serve", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("python -m nanogpt.serve"), result.stderr
+    for key, _, _, meaning in describe_options(ServeConfig):
+        assert meaning and f"  {key}: " in result.stdout, key
+
+
 def test_sigterm_ends_open_streams_and_exits_promptly(server):
     """Last: stops the server. An open stream gets an error event and [DONE]; the exit status is 0."""
     body = {"prompt": "ROMEO:", "max_tokens": 100000, "stream": True}

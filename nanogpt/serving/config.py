@@ -26,8 +26,9 @@ class ServeConfig(SamplingOptions):
     host: str = option("127.0.0.1", "the address to listen on; 127.0.0.1: this machine only, 0.0.0.0: every "
                                     "network it is on (set api_key then)")
     port: int = option(8000, "the port; 0: any free one (the address is printed)")
-    api_key: str | None = option(None, "requests to /v1 need `Authorization: Bearer KEY`; null: the "
-                                       f"{API_KEY_VARIABLE} environment variable, else no key")
+    api_key: str | None = option(None, "every request but the page and /health needs `Authorization: "
+                                       f"Bearer KEY`; null: the {API_KEY_VARIABLE} environment variable, "
+                                       "else no key")
     name: str | None = option(None, "the model's name in /v1/models and in requests; null: ckpt as given")
     slots: int = option(8, "requests decoded together, one KV-cache row each; more wait their turn")
     queue: int = option(64, "requests that may wait for a slot; beyond, a 503 asks the client to retry")
