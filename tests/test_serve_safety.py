@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import httpx
 import openai
 import pytest
 
 import nanogpt
+from nanogpt.errors import ConfigError
 from nanogpt.model import GPTConfig
+from nanogpt.serving.config import ServeConfig
 
 from .conftest import run_module
 from .server_process import ServerProcess
@@ -83,11 +86,12 @@ def test_refusals_come_before_any_work_in_one_line(server, run, tmp_path):
     assert busy.returncode == 2
     assert busy.stderr.strip() == (f"error: port={port} is in use on 127.0.0.1; choose another port, or "
                                    "port=0 for any free one")
-    for override, message in (("slots=0", "error: slots=0 must be at least 1"),
-                              ("port=70000", "error: port=70000 must be in 0..65535"),
-                              ("api_key=' '", "error: api_key is empty")):
-        refused = run_module("nanogpt.serve", f"ckpt={run}", override, cwd=tmp_path)
-        assert refused.returncode == 2 and refused.stderr.strip().startswith(message), refused.stderr
+    for settings, message in (({"slots": 0}, "slots=0 must be at least 1"),
+                              ({"port": 70000}, "port=70000 must be in 0..65535"),
+                              ({"api_key": " "}, "api_key is empty"),
+                              ({"max_tokens": 0}, "max_tokens=0 must be at least 1")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            ServeConfig(**settings)  # what the command line's key=value builds, checked the same way
     hidden = run_module("nanogpt.serve", f"ckpt={run}", cwd=tmp_path,
                         env={"NANOGPT_TEST_HIDE": "fastapi",
                              "PYTHONPATH": os.pathsep.join([str(WITHOUT_PACKAGES), os.getcwd()])})
@@ -98,7 +102,6 @@ def test_refusals_come_before_any_work_in_one_line(server, run, tmp_path):
 
 def test_help_explains_every_key(tmp_path):
     from nanogpt.options import describe_options
-    from nanogpt.serving.config import ServeConfig
 
     result = run_module("nanogpt.serve", "--help", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("python -m nanogpt.serve"), result.stderr

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -123,8 +124,6 @@ class Service:
 
         Runs in the engine's thread, so the model is used by one thread only.
         """
-        import torch
-
         if len(ids) < 2:
             return [None] * len(ids)
         with torch.no_grad(), autocast(self.lm.device, self.lm.dtype):
