@@ -43,6 +43,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def exposure_warning(config: ServeConfig) -> str | None:
+    """What to say before listening beyond this machine without an API key, else None."""
+    if is_loopback(config.host) or config.key() is not None:
+        return None
+    return (f"warning: serving on {config.host} without an API key: anyone who can reach this machine may "
+            f"use the model; set api_key=... (or {API_KEY_VARIABLE})")
+
+
 class StoppingServer(uvicorn.Server):
     """uvicorn's server, which on a stop signal also stops the engine (so open streams end at once).
 
@@ -66,11 +74,10 @@ class StoppingServer(uvicorn.Server):
 
 def serve(config: ServeConfig) -> None:
     """Serve config's model until a stop signal."""
-    key = config.key()
-    if not is_loopback(config.host) and key is None:
-        print(f"warning: serving on {config.host} without an API key: anyone who can reach this machine may "
-              f"use the model; set api_key=... (or {API_KEY_VARIABLE})", file=sys.stderr, flush=True)
+    if (warning := exposure_warning(config)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     sock = bind(config.host, config.port)
+    key = config.key()
     lm = open_model(config, "serving")
     name = config.name or config.ckpt or str(lm.source.where)
     engine = Engine(lm.model, config.slots, lm.device, lm.dtype).start()
