@@ -215,6 +215,8 @@ async def mixups(url: str, api_key: str | None, model: str | None, requests: int
 
 
 async def run_all(args: argparse.Namespace) -> dict:
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     server = (args.url, args.api_key, args.model)
     one = await throughput(*server, 1, args.requests_each * args.clients // 2, args.max_tokens)
     many = await throughput(*server, args.clients, args.requests_each, args.max_tokens)
@@ -222,8 +224,8 @@ async def run_all(args: argparse.Namespace) -> dict:
     loaded = await first_token(*server, args.probes, args.clients - 1, args.max_tokens)
     checked = await mixups(*server, args.mixup_requests, args.mixup_clients)
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "load_average_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "date": started,
+        "load_average_before": load_average,
         "url": args.url, "max_tokens": args.max_tokens,
         "one_client": one, "many_clients": many,
         "aggregate_speedup": round(many["tokens_per_s"] / one["tokens_per_s"], 2),
