@@ -19,6 +19,7 @@ import json
 import re
 import shlex
 import socket
+import time
 
 import httpx
 import openai
@@ -185,6 +186,9 @@ BAD_REQUESTS = [
     ("/v1/completions", b'{"prompt": "ROMEO:", "max_tokens": ', 400, None, "not valid JSON"),
     ("/v1/completions", b"\xff\xfe", 400, None, "not valid JSON"),
     ("/v1/completions", [1, 2], 400, None, "must be a JSON object"),
+    ("/v1/completions", b"[" * 30_000 + b"]" * 30_000, 400, None, "nested too deeply"),
+    ("/v1/completions", b'{"prompt": "A", "temperature": NaN}', 400, "temperature", "less than or equal"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", "prompt is an empty list"),
     ("/v1/completions", {"max_tokens": 5}, 400, "prompt", "prompt is required"),
     ("/v1/completions", {"prompt": "A", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
     ("/v1/completions", {"prompt": "A", "temperature": "hot"}, 400, "temperature", "valid number"),
@@ -229,6 +233,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "x"}, 404, "model",
      "does not exist"),
     ("/v1/completions", {"prompt": "A" * 70_000}, 413, None, "this server takes at most 65,536"),
+    ("/v1/completions", b"[" * 40_000 + b"]" * 40_000, 413, None, "this server takes at most 65,536"),
     ("/tokenize", {"text": "A"}, 400, "prompt", "prompt is required"),
     ("/detokenize", {"tokens": [70]}, 400, "tokens", "token id 70 is not in the vocabulary"),
     ("/v1/embeddings", {"input": "A"}, 404, None, "no route POST /v1/embeddings"),
@@ -279,8 +284,9 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(server):
         body = json.dumps({"prompt": "JULIET:", "max_tokens": LIMIT}).encode()
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 60  # a hang guard
         while server.health()["busy"] == 0:
-            pass
+            assert time.monotonic() < deadline, "the request never started"
     server.wait_until_idle()
     # Both were cut short: together far fewer tokens than one of them would have made.
     assert server.health()["tokens_generated"] - before < LIMIT // 2

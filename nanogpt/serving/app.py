@@ -225,6 +225,8 @@ async def read_json(request: Request, limit: int) -> object:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"the request body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
 
 
 async def until_disconnected(request: Request) -> None:
@@ -374,6 +376,8 @@ def create_app(service: Service) -> FastAPI:
             raise APIError(400, "best_of is not supported by this server (only best_of = n)", "best_of")
         max_tokens = service.max_tokens if body.max_tokens is None else body.max_tokens
         service.check_room(body, max_tokens)
+        if not body.prompts():
+            raise APIError(400, "prompt is an empty list; give at least one prompt", "prompt")
         prompts = [service.prompt_ids(prompt) for prompt in body.prompts()]
         prompt_texts = [(p if isinstance(p, str) else service.lm.decode(ids)) if body.echo else ""
                         for p, ids in zip(body.prompts(), prompts, strict=True)]
