@@ -144,10 +144,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Each query scores every key by a dot product, scaled by √d so the scores do
     not grow with the head size; softmax turns a query's scores into weights
     that sum to 1, and the output is the weighted sum of the values. mask says
-    which keys each query may see (True: seen); without one, query i sees keys
-    0 .. i (the causal mask): never the future. This is what
-    F.scaled_dot_product_attention computes in one fused kernel, without ever
-    storing the (T, S) weights; model.attention=explicit runs this instead.
+    which keys each query may see; without one, query i sees keys 0 .. i, never
+    the future. F.scaled_dot_product_attention computes this in one fused kernel,
+    never storing the (T, S) weights; model.attention=explicit runs this instead.
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     if mask is None:
@@ -179,13 +178,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class KVCache:
     """The keys and values a model has computed so far: each new token then costs one position.
 
-    Generating one token at a time would otherwise run the whole context through
-    the model again for every token. The cache keeps every layer's keys and
-    values in buffers allocated once (block_size positions), so a step of
-    generation always computes with the same shapes: torch.compile compiles it
-    once, and a GPU can replay it as a CUDA graph. Each row (one sequence) has
-    its own length: the rows of a batch may hold sequences of different lengths,
-    as a server's requests do, each joining when it arrives.
+    Without it, every new token would run the whole context through the model
+    again. The buffers are allocated once, so a step of generation always has
+    the same shapes (torch.compile compiles it once; a GPU replays it as a CUDA
+    graph). Each row (one sequence) has its own length, so one batch can hold a
+    server's requests, each joining when it arrives.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, length: int, device: torch.device,
@@ -206,9 +203,9 @@ class KVCache:
               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Put layer's new keys and values (batch, heads, T, head_size) at positions (batch, T).
 
-        Returns all of the layer's keys and values, and which of them each new
-        query may see, (batch, 1, T, length): those up to its own position. The
-        slots after it hold nothing yet, or what an earlier sequence left there.
+        Returns all the layer's keys and values, and which each new query may
+        see (batch, 1, T, length): those up to its own position, never the slots
+        after it, which hold nothing yet or what an earlier sequence left there.
         """
         rows = torch.arange(k.size(0), device=k.device)[:, None]
         keys, values = self.keys[layer], self.values[layer]
@@ -437,14 +434,12 @@ class GPT(nn.Module):
                step: Callable[..., tuple] | None = None) -> Iterator[torch.Tensor]:
         """Yield each new token, shape (batch, 1), as soon as it is sampled, so text shows live.
 
-        With use_cache, the context runs through the model once, into a KVCache,
-        and each new token then costs one position. Positions stop at
-        block_size: when the cache is full it is filled again from the newest
-        half of the window, so every token still sees at least block_size // 2
-        tokens of context, at correct positions. Up to block_size tokens the
-        output equals use_cache=False, which reruns the last block_size tokens at
-        every step. step computes one token's logits with the cache: the model
-        itself, or a compiled copy (whose shapes never change).
+        With use_cache the context runs through the model once, into a KVCache,
+        then each new token costs one position. Positions end at block_size: a
+        full cache is refilled from the newest half of the window, so each token
+        still sees at least block_size // 2 of context. Until then the tokens equal
+        use_cache=False's, which reruns the last block_size tokens at every step.
+        step computes a token's logits from the cache: the model, or a compiled copy.
         """
         block, step = self.config.block_size, step or self
         cache, held = None, 0  # held: tokens in the cache, the same for every row
