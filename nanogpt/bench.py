@@ -27,7 +27,7 @@ from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.cli.overrides import merge_overrides, parse_overrides
 from nanogpt.options import option, require
 from nanogpt.training.config import TrainConfig
-from nanogpt.training.trainer import build_trainer
+from nanogpt.training.setup import build_trainer
 
 
 @dataclass
