@@ -65,20 +65,34 @@ class LanguageModel:
         yielded, so a character made of several BPE tokens appears once it is
         whole. generator, if given, is used instead of a fresh one seeded with seed.
         """
+        for pieces in self.stream_rows(prompt, 1, max_new_tokens, temperature, top_k, top_p, seed,
+                                       use_cache, generator):
+            yield pieces[0]
+
+    def stream_rows(self, prompt: str, rows: int, max_new_tokens: int = 500, temperature: float = 0.8,
+                    top_k: int | None = 200, top_p: float | None = None, seed: int | None = 1337,
+                    use_cache: bool = True, generator: torch.Generator | None = None) -> Iterator[list[str]]:
+        """stream() for rows samples of one prompt at once: at each step, each row's new text.
+
+        The rows are decoded together, one batch: on a GPU, 16 take little more time than one.
+        """
         if not prompt:
             raise ConfigError("the prompt is empty; the model needs at least one token to continue")
         try:
             prompt_ids = self.encode(prompt)
         except UnknownTokenError as e:
             raise DataError(f"prompt: {e} of {self.source.where}") from None
-        ids: list[int] = []
-        shown = ""
-        for token in self.new_tokens(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, generator,
-                                     use_cache):
-            ids.append(token)
-            text = self.decode(ids)
-            yield text[len(shown):]
-            shown = text
+        ids: list[list[int]] = [[] for _ in range(rows)]
+        shown = [""] * rows
+        for tokens in self.new_rows(prompt_ids, rows, max_new_tokens, temperature, top_k, top_p, seed,
+                                    generator, use_cache):
+            pieces = []
+            for row, token in enumerate(tokens):
+                ids[row].append(token)
+                text = self.decode(ids[row])
+                pieces.append(text[len(shown[row]):])
+                shown[row] = text
+            yield pieces
 
     def new_tokens(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int | None, generator: torch.Generator | None,
