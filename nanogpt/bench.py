@@ -38,6 +38,7 @@ class BenchSettings:
     train_steps: int = option(30, "training steps timed")
     gen_tokens: int = option(1000, "new tokens generated per timed generation")
     gen_uncached: bool = option(True, "also time generation without the KV cache")
+    gen_rows: int = option(1, "also time this many sequences decoded together (1: only one)")
     output: str = option("bench.json", "written inside the bench's run directory")
     nanogpt_dir: str | None = option(None, "suite=gpu: a karpathy/nanoGPT checkout to run beside ours")
     nanogpt_args: list[str] = option(default_factory=list, help="suite=gpu: more arguments for its train.py")
@@ -49,6 +50,7 @@ class BenchSettings:
         require(not unknown, f"bench.suite_runs: {sorted(unknown)} unknown; choose among {list(SUITE_RUNS)}")
         require(self.train_steps >= 1 and self.gen_tokens >= 1 and self.warmup_steps >= 0,
                 "train_steps and gen_tokens must be >= 1, warmup_steps >= 0")
+        require(self.gen_rows >= 1, f"bench.gen_rows={self.gen_rows} must be at least 1")
 
 
 @dataclass
@@ -87,6 +89,10 @@ def run_benchmark(cfg: BenchConfig, out_dir: Path) -> dict:
             "train": time_training(trainer, settings.warmup_steps, settings.train_steps),
             "generate_cached": time_generation(trainer, settings.gen_tokens, use_cache=True),
         }
+        if settings.gen_rows > 1:
+            rows = time_generation(trainer, settings.gen_tokens, use_cache=True, rows=settings.gen_rows)
+            results["generate_rows"] = {**rows, "time_vs_one": rows["ms_per_token"]
+                                        / results["generate_cached"]["ms_per_token"]}
         if settings.gen_uncached:
             results["generate_uncached"] = time_generation(trainer, settings.gen_tokens, use_cache=False)
             results["cache_speedup"] = (

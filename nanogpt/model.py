@@ -193,6 +193,9 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens per row
         self.static = static  # attend over every slot, so that a compiled step never changes shape
+        if static and device.type == "cuda":  # CUDA graphs replay reads, writes at fixed addresses
+            for buffer in (self.keys, self.values, self.lengths):
+                torch._dynamo.mark_static_address(buffer)
 
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows start .. stop-1 as a cache of their own: views, so what they store lands here."""
@@ -446,8 +449,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-               generator: torch.Generator | None = None,
-               step: Callable[..., tuple] | None = None) -> Iterator[torch.Tensor]:
+               generator: torch.Generator | None = None, step: Callable[..., tuple] | None = None,
+               cache: KVCache | None = None) -> Iterator[torch.Tensor]:
         """Yield each new token, shape (batch, 1), as soon as it is sampled, so text shows live.
 
         With use_cache the context runs through the model once, into a KVCache,
@@ -455,21 +458,23 @@ class GPT(nn.Module):
         full cache is refilled from the newest half of the window, so each token
         still sees at least block_size // 2 of context. Until then the tokens equal
         use_cache=False's, which reruns the last block_size tokens at every step.
-        step computes a token's logits from the cache: the model, or a compiled copy
-        (whose cache is static: its shapes never change).
+        step computes a token's logits from the cache: the model, or a compiled copy,
+        whose cache is static (shapes that never change); a caller may keep one cache
+        for all its calls, so that the compiled step always sees the same buffers.
         """
-        block, step = self.config.block_size, step or self
-        cache, held = None, 0  # held: tokens in the cache, the same for every row
+        block, step = self.config.block_size, self if step is None else step
+        held, token = 0, None  # held: tokens in the cache, the same for every row
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -block:])
-            elif cache is None or held == block:
-                held = min(idx.size(1), block if cache is None else max(1, block // 2))
-                cache = cache or self.new_cache(idx.size(0), static=step is not self)
+            elif held in (0, block):  # fill the cache from the (newest part of the) context
+                held = min(idx.size(1), block if held == 0 else max(1, block // 2))
+                if cache is None:
+                    cache = self.new_cache(idx.size(0), static=step is not self)
                 cache.lengths.zero_()
                 logits, _ = self(idx[:, -held:], cache=cache)
             else:
-                logits, _ = step(idx[:, -1:], cache=cache)
+                logits, _ = step(token, cache=cache)  # the token sampled last
                 held += 1
             token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat((idx, token), dim=1)

@@ -86,9 +86,7 @@ class Trainer:
                                 agree=self.runtime.vote.poll, alone=not self.runtime.dist.enabled)
         with self.stop, self.stop.stopping_early(self.stop_early):
             while True:
-                lr = learning_rate_at(self.iter_num, cfg.optimizer, cfg.max_iters)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                lr = self.set_learning_rate()
                 it = self.iter_num
                 # A resumed run has already evaluated at the iteration it was saved at.
                 due = it % cfg.eval_interval == 0 and (it > 0 or cfg.eval_at_start)
@@ -104,6 +102,13 @@ class Trainer:
                 self.stop.stop_here()  # every process of the job stops after the same step
             self.finish()
         return self.best_val_loss
+
+    def set_learning_rate(self) -> float:
+        """Set the schedule's rate for this iteration on every parameter group (scaled per group)."""
+        lr = learning_rate_at(self.iter_num, self.cfg.optimizer, self.cfg.max_iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over gradient_accumulation_steps micro-batches; their mean loss."""
