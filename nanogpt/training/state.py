@@ -83,6 +83,11 @@ class SavedRun:
         return self.state["iter_num"]
 
     @property
+    def sharded(self) -> bool:
+        """True for an FSDP job's checkpoint: its weights and optimizer state are in a folder of shards."""
+        return "shards" in self.state
+
+    @property
     def world_size(self) -> int:
         """How many processes trained it (their random states are saved one per rank)."""
         return self.state["training"].get("world_size", 1)
