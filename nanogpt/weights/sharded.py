@@ -26,9 +26,11 @@ before anything is read.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,8 +45,6 @@ METADATA = ".metadata"  # DCP's name for its table of contents
 RECORD_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 RECORD_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
                 ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
-# DCP warns whenever it reads or writes in a process outside a torchrun job, which is what readers mean to do.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def holds_shards(state: dict) -> bool:
@@ -131,12 +131,21 @@ def holds(folder: Path, key: str) -> bool:
     return any(name.startswith(f"{key}.") for name in names)
 
 
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Quiet DCP's warning that it reads in a process outside a torchrun job: what a reader means to do."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
+        yield
+
+
 def read_into(folder: Path, tensors: dict) -> None:
     """Fill tensors (nested dicts of this process's tensors or DTensors) from folder, in place.
 
     Under torchrun every process calls it together; each reads the pieces its shares need.
     """
-    dcp.load(tensors, storage_reader=CheckedReader(folder))
+    with alone():
+        dcp.load(tensors, storage_reader=CheckedReader(folder))
 
 
 def read_whole(folder: Path, named_by: Path, key: str = "model") -> dict[str, torch.Tensor]:
@@ -145,5 +154,6 @@ def read_whole(folder: Path, named_by: Path, key: str = "model") -> dict[str, to
     prefix = f"{key}."
     tensors = {name.removeprefix(prefix): torch.empty(entry.size, dtype=entry.properties.dtype)
                for name, entry in metadata.state_dict_metadata.items() if name.startswith(prefix)}
-    dcp.load({key: tensors}, storage_reader=CheckedReader(folder), no_dist=True)
+    with alone():
+        dcp.load({key: tensors}, storage_reader=CheckedReader(folder), no_dist=True)
     return tensors
