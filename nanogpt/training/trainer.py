@@ -196,23 +196,21 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         """Continue from state (a state_dict(), or a last.pt) exactly where it was."""
         training, context = state["training"], self.runtime.dist
-        if "optimizer" in state:  # sharded (checkpoint or job): at any job size, see own_share
-            sharded = self.runtime.sharded or "shards" in state
-            distributed.check_world_size(training.get("world_size", 1), context.world_size, sharded)
-            if sharded:
+        if "optimizer" in state:
+            if self.runtime.sharded or "shards" in state:  # at any job size (distributed.own_share)
                 sharding.load_state(self.model, self.optimizer, state)
             else:
+                distributed.check_world_size(training.get("world_size", 1), context.world_size)
                 lora.load_trainable_weights(self.model, state["model"], state.get("lora"))
                 self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(training["scaler"])
         self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
         self.last_eval_iter = training["last_eval_iter"]
         self.sampler.load_state_dict(training)
-        own = distributed.own_share(training, context)
-        batch = own and own["batch"]
+        own = distributed.own_share(training, context) or {"batch": None, "rng": None}  # None: draw afresh
+        batch = own["batch"]
         self.batch = None if batch is None else tuple(t.to(self.runtime.device) for t in batch)
-        if own:
-            restore_rng_state(own["rng"])
+        restore_rng_state(own["rng"])
 
     def rewind_point(self) -> Callable[[], None]:
         """What puts the run back where it stands now, should a stop abandon what begins next.
