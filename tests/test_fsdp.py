@@ -114,13 +114,12 @@ def test_a_sharded_run_is_read_directly_by_every_command(pair, tmp_path):
     where = pair["where"]
     run_dir = where / "fsdp"
     expected = whole(where / "ddp" / "best.pt")
-    # What nanogpt.load, sample, eval and export read; what model.init_from starts from.
-    for loaded in (resolve_source(run_dir).model, load_pretrained(str(run_dir))[0]):
+    source = resolve_source(run_dir)  # what nanogpt.load, sample, eval and export read
+    for loaded in (source.model, load_pretrained(str(run_dir))[0]):  # and what model.init_from starts from
         worst = max((loaded.state_dict()[k] - expected[k]).abs().max().item() for k in expected)
         assert worst < 1e-4
-    out = export_model(resolve_source(run_dir).model, resolve_source(run_dir).tokenizer, tmp_path / "hf")
-    exported, _ = read_hf_directory(out)
-    assert torch.equal(exported.state_dict()["lm_head.weight"], resolve_source(run_dir).model.lm_head.weight)
+    exported, _ = read_hf_directory(export_model(source.model, source.tokenizer, tmp_path / "hf"))
+    assert torch.equal(exported.state_dict()["lm_head.weight"], source.model.lm_head.weight)
 
     sample = run([sys.executable, "-m", "nanogpt.sample", f"ckpt={run_dir}", "num_tokens=20"], tmp_path)
     assert sample.returncode == 0 and sample.stderr.strip() == "", sample.stderr
