@@ -104,7 +104,9 @@ def checkpoint_to_resume(resume: str | None, auto_resume: bool, run_dir: Path, c
     saved = saved_run(path)
     _read.pop(saved.path)  # the Trainer takes it from here; nothing else keeps the weights alive
     check_resume_compatible(saved.config, config)
-    check_world_size(saved.world_size, context_from_environment().world_size)
+    world_size = context_from_environment().world_size
+    sharded_job = world_size > 1 and config.get("distributed", {}).get("strategy") == "fsdp"
+    check_world_size(saved.world_size, world_size, sharded=saved.sharded or sharded_job)
     log.info("resuming %s from iteration %d (%s)", run_dir, saved.iter_num, path)
     return saved.state
 

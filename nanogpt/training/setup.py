@@ -33,7 +33,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    runtime = Runtime.start(cfg.device)
+    runtime = Runtime.start(cfg.device, cfg.distributed.strategy)
     with distributed.set_up_together(runtime.dist):  # a rank that fails here stops the others quietly
         base = pretrained_base(cfg.model)  # model.init_from's (model, tokenizer); None: from scratch
         base_tokenizer = base and base[1]
@@ -47,7 +47,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
     log.info("model: %.2fM parameters, %s", model.num_params() / 1e6, model.config)
     log.info("device: %s, dtype %s, compile %s, %d threads", runtime.device,
              str(runtime.dtype).removeprefix("torch."), runtime.compile, torch.get_num_threads())
-    if runtime.dist.enabled:  # the same weights everywhere (DDP broadcasts rank 0's), other dropout
+    if runtime.dist.enabled:  # the same weights everywhere (seeded alike, and DDP broadcasts), other dropout
         torch.manual_seed(cfg.seed + runtime.dist.rank)
     # What the run is: everything sampling, eval and resume need besides the weights.
     about = {"model_config": asdict(model.config), "tokenizer": data.meta["tokenizer"],

@@ -40,8 +40,10 @@ def capture_rng_state() -> dict:
     return state
 
 
-def restore_rng_state(state: dict) -> None:
-    """Put every random generator back where capture_rng_state() found it."""
+def restore_rng_state(state: dict | None) -> None:
+    """Put every random generator back where capture_rng_state() found it (None: leave them as they are)."""
+    if state is None:
+        return
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"],
@@ -81,6 +83,11 @@ class SavedRun:
     @property
     def iter_num(self) -> int:
         return self.state["iter_num"]
+
+    @property
+    def sharded(self) -> bool:
+        """True for an FSDP job's checkpoint: its weights and optimizer state are in a folder of shards."""
+        return "shards" in self.state
 
     @property
     def world_size(self) -> int:

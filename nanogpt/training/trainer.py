@@ -20,7 +20,7 @@ from nanogpt.evaluation.loss import estimate_loss
 from nanogpt.evaluation.registry import TrainingEvaluation
 from nanogpt.generation.language_model import sample_text
 from nanogpt.model import GPT
-from nanogpt.runtime import distributed
+from nanogpt.runtime import distributed, sharding
 from nanogpt.runtime.process import Runtime
 from nanogpt.runtime.stops import Interrupted, StopSignals, check_finite
 from nanogpt.tracking.forecast import RunPlan
@@ -50,12 +50,12 @@ class Trainer:
         self.cfg, self.run_dir, self.runtime, self.data = cfg, run_dir, runtime, data
         self.model, self.about, self.overrides = model.to(runtime.device), about or {}, overrides
         dist = runtime.dist
+        self.forward = runtime.wrap(self.model)  # before the optimizer: sharding replaces the parameters
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler(runtime.device.type,
                                            enabled=runtime.dtype == torch.float16)
         self.ctx = runtime.autocast()
-        self.forward = runtime.wrap(self.model)
         # Every rank draws the same global batch from the same seed and keeps its own share.
         self.sampler = BatchSampler(data, cfg.model.block_size, cfg.batch_size, runtime.device,
                                     cfg.seed, rank=dist.rank, world_size=dist.world_size)
@@ -146,7 +146,7 @@ class Trainer:
         with self.stop.interruptible(self.rewind_point()):  # a stop abandons it (stops.py)
             losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx,
                                    self.eval_batch_done)
-            scores = self.eval_tasks.score(self.model) if dist.is_main else {}
+            scores = self.eval_tasks.score(self.model) if dist.is_main or self.runtime.sharded else {}
         losses = distributed.all_reduce_mean(losses, dist, self.runtime.device)
         it = self.last_eval_iter = self.iter_num
         for split in ("train", "val"):
@@ -194,21 +194,25 @@ class Trainer:
         ranks = distributed.gather_to_main({k: training[k] for k in ("rng", "batch")}, dist)
         training.update(world_size=dist.world_size, overrides=list(self.overrides),
                         tracker_run_id=self.records.run_id, ranks=ranks if dist.enabled else None)
-        return {**self.about, **state, "model": lora.trainable_weights(self.model),
-                "optimizer": self.optimizer.state_dict(), **lora.record(self.model)}
+        weights = (sharding.state_of(self.model, self.optimizer) if self.runtime.sharded else
+                   {"model": lora.trainable_weights(self.model), "optimizer": self.optimizer.state_dict()})
+        return {**self.about, **state, **weights, **lora.record(self.model)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from state (a state_dict(), or a last.pt) exactly where it was."""
         training, context = state["training"], self.runtime.dist
-        if "model" in state:
-            distributed.check_world_size(training.get("world_size", 1), context.world_size)
-            lora.load_trainable_weights(self.model, state["model"], state.get("lora"))
-            self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            if self.runtime.sharded or "shards" in state:  # at any job size (distributed.own_share)
+                sharding.load_state(self.model, self.optimizer, state)
+            else:
+                distributed.check_world_size(training.get("world_size", 1), context.world_size)
+                lora.load_trainable_weights(self.model, state["model"], state.get("lora"))
+                self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(training["scaler"])
         self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
         self.last_eval_iter = training["last_eval_iter"]
         self.sampler.load_state_dict(training)
-        own = training["ranks"][context.rank] if training.get("ranks") else training
+        own = distributed.own_share(training, context) or {"batch": None, "rng": None}  # None: draw afresh
         batch = own["batch"]
         self.batch = None if batch is None else tuple(t.to(self.runtime.device) for t in batch)
         restore_rng_state(own["rng"])
@@ -250,12 +254,13 @@ class Trainer:
     def finish(self) -> None:
         """Show (and track) a short sample of what the model learned; close the trackers."""
         log.info("best val loss %.4f; run directory %s", self.best_val_loss, self.run_dir)
+        model = self.runtime.whole(self.model) if self.cfg.sample_tokens > 0 else None
         distributed.barrier(self.runtime.dist)  # ranks tear the job down together, as after a stop
         self.runtime.close()
         try:
             with self.stop.interruptible(alone=True), self.ctx:  # no collectives left to wait for
                 if self.cfg.sample_tokens > 0 and self.runtime.dist.is_main:
-                    text = sample_text(self.model, self.data.meta["tokenizer"],
+                    text = sample_text(model, self.data.meta["tokenizer"],
                                        self.cfg.sample_tokens, self.runtime.device)
                     log.info("sample:\n%s", text)
                     self.records.log_sample(text)
