@@ -14,10 +14,13 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -86,18 +89,62 @@ def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_failed(dest: Path, error: OSError) -> WriteFailed:
-    """The one-line report of a refused write: what, why, and how much room is left where."""
+def write_failed(dest: Path, error: OSError, appending: bool = False) -> WriteFailed:
+    """The one-line report of a refused write: what, why, and how much room is left where.
+
+    appending: the write was to add to dest (a log, metrics.jsonl), which keeps what it held before.
+    """
     try:
         free = f"{format_bytes(shutil.disk_usage(dest.parent).free)} free there"
     except OSError:
         free = "free space unknown"
     reason = error.strerror or str(error) or type(error).__name__
-    kept = f"the previous {dest.name} is unchanged" if dest.exists() else f"no {dest.name} was written"
-    failed = WriteFailed(f"could not write {dest}: {reason} ({free}); {kept}. Free some space "
+    if appending:
+        what, kept = f"add to {dest}", "what it held before is kept"
+    else:
+        what = f"write {dest}"
+        kept = f"the previous {dest.name} is unchanged" if dest.exists() else f"no {dest.name} was written"
+    failed = WriteFailed(f"could not {what}: {reason} ({free}); {kept}. Free some space "
                          "(or choose another directory) and run again")
     failed.reason, failed.free = reason, free  # for callers that say it in their own terms
     return failed
+
+
+def is_refused_write(error: BaseException) -> bool:
+    """True for an OSError by which the file system refused bytes (full, quota, too large, read-only)."""
+    return isinstance(error, OSError) and error.errno in REFUSED_WRITES
+
+
+class LogFileHandler(logging.FileHandler):
+    """logging's FileHandler (a run's train.log), whose refused write is the one-line full-disk message.
+
+    logging would print a "--- Logging error ---" traceback for each line and go
+    on; instead the first refused line stops the run with WriteFailed, raised
+    where the line was logged (in the main thread; another thread's line is
+    dropped and the main thread's next one raises). After it, the file is left
+    alone, so the lines that report the stop still reach the console.
+    """
+
+    failed: OSError | None = None  # the refused write, once one was
+    reported = False  # whether the main thread has raised it
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failed is None:
+            super().emit(record)
+        elif threading.current_thread() is threading.main_thread() and not self.reported:
+            self.reported = True
+            raise write_failed(Path(self.baseFilename), self.failed, appending=True)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        if not is_refused_write(error):
+            super().handleError(record)
+            return
+        self.failed = error
+        stream, self.stream = self.stream, None  # what it still buffers cannot be written either
+        with contextlib.suppress(OSError, ValueError):
+            stream.close()
+        self.emit(record)
 
 
 def format_bytes(size: int) -> str:

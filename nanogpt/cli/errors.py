@@ -18,11 +18,21 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from nanogpt.errors import ConfigError, MissingPackage, UserError, exit_with_error, first_line, is_installed
+from nanogpt.errors import (
+    ConfigError,
+    MissingPackage,
+    UserError,
+    WriteFailed,
+    exit_with_error,
+    first_line,
+    is_installed,
+)
+from nanogpt.fileio import is_refused_write, write_failed
 from nanogpt.runtime.distributed import context_from_environment
 from nanogpt.runtime.stops import STOP_SIGNALS, STOPPED_STATUSES, Interrupted, exit_at_once
 
@@ -44,6 +54,7 @@ def reporting_user_errors(debugging: bool | None = None, in_task: bool = False) 
     except Exception as error:
         if debugging or not is_user_error(error):
             raise
+        error = as_write_failed(error) if is_refused_write(error) else error
         context = context_from_environment()
         status = getattr(error, "exit_status", 2)
         if context.is_main:
@@ -89,8 +100,21 @@ def is_config_error(error: BaseException) -> bool:
 
 
 def is_user_error(error: BaseException) -> bool:
-    """True for errors caused by input the user controls, rather than by a bug."""
-    return isinstance(error, (UserError, HydraException, OmegaConfBaseException))
+    """True for errors caused by input the user controls, rather than by a bug.
+
+    A write the file system refused (a full disk, a quota) is the user's to fix
+    too, wherever it happened: the places that write files say so in their own
+    terms (fileio.write_failed), and as_write_failed says it for any other.
+    """
+    return isinstance(error, (UserError, HydraException, OmegaConfBaseException)) or is_refused_write(error)
+
+
+def as_write_failed(error: OSError) -> WriteFailed:
+    """The full-disk message for a refused write that no writer reported in its own terms."""
+    if error.filename is not None:
+        return write_failed(Path(error.filename), error)
+    return WriteFailed(f"a write was refused: {error.strerror or error}; free some space (or choose another "
+                       "directory) and run again")
 
 
 # Hydra's launcher and sweeper options that come from plugin packages: (group, option) ->
