@@ -28,9 +28,11 @@ from nanogpt.errors import (
     MissingPackage,
     UserError,
     WriteFailed,
+    describe_library_error,
     exit_with_error,
     first_line,
     is_installed,
+    library_failure,
 )
 from nanogpt.fileio import is_refused_write, write_failed
 from nanogpt.runtime.distributed import context_from_environment
@@ -104,9 +106,12 @@ def is_user_error(error: BaseException) -> bool:
 
     A write the file system refused (a full disk, a quota) is the user's to fix
     too, wherever it happened: the places that write files say so in their own
-    terms (fileio.write_failed), and as_write_failed says it for any other.
+    terms (fileio.write_failed), and as_write_failed says it for any other. So
+    is a failure inside a library we drive (errors.library_failure): it comes of
+    what the user gave it.
     """
-    return isinstance(error, (UserError, HydraException, OmegaConfBaseException)) or is_refused_write(error)
+    return (isinstance(error, (UserError, HydraException, OmegaConfBaseException)) or is_refused_write(error)
+            or library_failure(error) is not None)
 
 
 def as_write_failed(error: OSError) -> WriteFailed:
@@ -160,10 +165,19 @@ def describe_error(error: BaseException) -> str:
             f"{first_line(str(error))}; quote values with spaces or non-ASCII characters "
             """for Hydra, e.g. 'prompt="ROMÉO:"'"""
         )
+    ambiguous = re.match(r"Ambiguous value for argument '([^=']+)=(.*)'", str(error))
+    if ambiguous:  # Hydra's advice takes three more lines; the same, in one
+        key, value = ambiguous.groups()
+        return (f"{key}={value}: Hydra reads a comma as several values; for one value that holds commas, "
+                f"""quote it inside the shell's quotes: "{key}='{value}'"; for a list: {key}=[{value}]; """
+                "to sweep over the values: add -m")
     if isinstance(cause, OmegaConfBaseException):
         message = first_line(getattr(cause, "msg", None) or str(cause))
         key = getattr(cause, "full_key", None)
         return f"{key}: {message}" if key else message
+    library = library_failure(error)
+    if library is not None:
+        return f"{library} failed: {describe_library_error(error)}; NANOGPT_DEBUG=1 shows the whole traceback"
     return first_line(str(error))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.errors import CheckpointError, ConfigError, require_package
+from nanogpt.errors import CheckpointError, ConfigError, describe_library_error, first_line, require_package
 from nanogpt.fileio import write_directory
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.text.tokenizers import GPT2_TOKENIZER, write_hf_tokenizer
@@ -115,8 +115,18 @@ def read_hf_directory(directory: Path) -> tuple[GPT, dict]:
         raise CheckpointError(
             f"{directory} must hold config.json and model.safetensors (as save_pretrained writes them)"
         )
-    config = config_from_hf(json.loads((directory / "config.json").read_text()), directory)
-    hf_state = {key.removeprefix("transformer."): value for key, value in load_file(weights_file).items()}
+    try:
+        config = config_from_hf(json.loads((directory / "config.json").read_text()), directory)
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a GPT-2 config
+        reason = f"it has no {e}" if isinstance(e, KeyError) else first_line(str(e))
+        raise CheckpointError(f"{directory}/config.json is not a Hugging Face GPT-2 config ({reason}); give "
+                              "a directory that save_pretrained wrote") from None
+    try:
+        weights = load_file(weights_file)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError for a damaged file)
+        raise CheckpointError(f"{weights_file} cannot be read: safetensors says {describe_library_error(e)}; "
+                              "is it complete? (save it again with save_pretrained)") from None
+    hf_state = {key.removeprefix("transformer."): value for key, value in weights.items()}
     model = GPT(config)
     with torch.no_grad():
         for key, target in model.state_dict().items():
