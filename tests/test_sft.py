@@ -134,7 +134,7 @@ def test_a_bad_line_is_named_by_file_and_number_and_leaves_nothing(line, message
     path = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "fine", "response": "yes"}', line])
     with pytest.raises(DataError, match=f"^{path}:2: {message}"):
         prepare(path, data_root)
-    assert [p.name for p in (data_root / "sft_test").iterdir()] == [".lock"]
+    assert list(data_root.iterdir()) == []  # no cache folder, no lock file: the refusal made them
 
 
 def test_characters_a_character_base_cannot_encode_are_listed(tmp_path, data_root):
