@@ -22,8 +22,8 @@ linked), so a finished run's directory holds its results alone.
 
 A requeued scheduler job (SLURM_RESTART_COUNT > 0) may find its directory still
 held by its previous attempt (saving and exiting, or a lock that outlives its
-process: a forked child that inherited it, a network file system that has not
-noticed a lost node). It waits while that attempt can be seen alive and takes
+process: a process that inherited its descriptor, a network file system that
+has not noticed a lost node). It waits while that attempt can be seen alive and takes
 the directory over as soon as it is gone: its pid has ended (on this host),
 or, on another host, it was an earlier attempt of this same SLURM job, which
 SLURM never runs beside a later one. A holder that is not its predecessor
@@ -163,7 +163,7 @@ def take_lock(run_dir: Path) -> FileLock:
         if not is_requeued_job() or not is_predecessor(holder):
             raise RunDirInUse(in_use_message(run_dir, holder))
         if holder_gone(holder):
-            # Its lock outlived it (a forked child that inherited it, a lost node's lease): a new lock file,
+            # Its lock outlived it (a process that inherited it, a lost node's lease): a new lock file,
             # which this process holds; whatever holds the old one no longer names this directory.
             log.warning("%s was held by %s, which has ended; this requeued job takes it over", run_dir,
                         describe_holder(holder))
