@@ -142,8 +142,9 @@ class LogFileHandler(logging.FileHandler):
             return
         self.failed = error
         stream, self.stream = self.stream, None  # what it still buffers cannot be written either
-        with contextlib.suppress(OSError, ValueError):
-            stream.close()
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()
         self.emit(record)
 
 
