@@ -17,6 +17,7 @@ from nanogpt.runtime import distributed
 from nanogpt.runtime.device import (
     DeviceConfig,
     autocast,
+    compile_mode,
     peak_flops,
     resolve_device,
     resolve_dtype,
@@ -36,6 +37,7 @@ class Runtime:
     peak_flops: float | None  # for MFU; None where the device's peak is unknown
     owns_process_group: bool = False
     vote: distributed.StopVote | None = None  # how the job's processes agree to stop
+    compile_mode: str | None = None  # torch.compile's: reduce-overhead replays CUDA graphs
 
     def __post_init__(self):
         self.vote = self.vote or distributed.StopVote(self.dist, self.device)
@@ -48,8 +50,14 @@ class Runtime:
         owns_group = distributed.init_process_group(context)
         distributed.silence_other_ranks(context)
         device = distributed.device_for(context, resolve_device(cfg.name))
+        if device.type == "cpu" and should_compile(cfg.compile, device):
+            # Compiled CPU kernels add some gradients (the embedding's) with atomic adds across
+            # threads, in an order that varies; deterministic mode orders them, so that a resumed
+            # run is bitwise the one that never stopped, as it is eagerly.
+            torch.use_deterministic_algorithms(True, warn_only=True)
         return cls(context, device, resolve_dtype(cfg.dtype, device), should_compile(cfg.compile, device),
-                   peak_flops(device, cfg.peak_flops), owns_group)
+                   peak_flops(device, cfg.peak_flops), owns_group,
+                   compile_mode=compile_mode(cfg.cuda_graphs, device, generating=False))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
@@ -60,7 +68,7 @@ class Runtime:
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        return torch.compile(forward) if self.compile else forward
+        return torch.compile(forward, mode=self.compile_mode) if self.compile else forward
 
     def close(self) -> None:
         """Leave the torchrun job, if this runtime joined it."""

@@ -18,6 +18,7 @@ import torch
 from nanogpt.errors import CheckpointError
 from nanogpt.fileio import write_atomically
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.runtime.distributed import DistributedContext, launch_command
 
 CHECKPOINT_FORMAT = 1
 BEST, LAST = "best.pt", "last.pt"
@@ -138,6 +139,40 @@ def newest_checkpoint(outputs: str | Path) -> Path:
         )
     newest_run = max(found, key=lambda p: p.stat().st_mtime).parent
     return find_checkpoint(newest_run)
+
+
+class RunCheckpoints:
+    """A training run's two checkpoints: last.pt (to resume from) and best.pt (what sampling reads).
+
+    Only the process that owns the run (rank 0) writes; every process keeps
+    track of the newest, for the messages a stop or a divergence prints.
+    """
+
+    def __init__(self, run_dir: Path, job: DistributedContext, saved_iter: int | None = None):
+        self.run_dir, self.job, self.saved_iter = Path(run_dir), job, saved_iter
+        self.writes = job.is_main
+        if saved_iter is not None and self.writes:
+            remove_stale_temporaries(self.run_dir)  # left by a process killed while saving
+
+    def save(self, state: dict, best: bool) -> None:
+        """Write state (a Trainer.state_dict()) to last.pt and, if best, its model to best.pt."""
+        if self.writes:
+            if best:  # sampling needs neither the optimizer nor the training position
+                save_checkpoint(self.run_dir / BEST, {key: value for key, value in state.items()
+                                                      if key not in ("training", "optimizer")})
+            save_checkpoint(self.run_dir / LAST, state)
+        self.saved_iter = state["iter_num"]
+
+    def describe(self) -> str:
+        """Where the newest good checkpoint is, for messages about stopping."""
+        if self.saved_iter is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is {self.run_dir / LAST} (iteration {self.saved_iter})"
+
+    def how_to_resume(self) -> str:
+        """What a stopped run says: where it saved, and the command that goes on (as it was launched)."""
+        again = launch_command(f"nanogpt.train resume={self.run_dir}", self.job)
+        return f"saved {self.run_dir / LAST}; resume with: {again}"
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
