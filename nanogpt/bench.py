@@ -39,7 +39,8 @@ class BenchSettings:
     gen_tokens: int = option(1000, "new tokens generated per timed generation")
     gen_uncached: bool = option(True, "also time generation without the KV cache")
     gen_rows: int = option(1, "also time this many sequences decoded together (1: only one)")
-    output: str = option("bench.json", "written inside the bench's run directory")
+    output: str = option("bench.json", "a file name, written inside the bench's run directory (which must be "
+                                       "new or empty)")
     nanogpt_dir: str | None = option(None, "suite=gpu: a karpathy/nanoGPT checkout to run beside ours")
     nanogpt_args: list[str] = option(default_factory=list, help="suite=gpu: more arguments for its train.py")
     suite_runs: list[str] = option(default_factory=lambda: list(SUITE_RUNS),
@@ -51,6 +52,10 @@ class BenchSettings:
         require(self.train_steps >= 1 and self.gen_tokens >= 1 and self.warmup_steps >= 0,
                 "train_steps and gen_tokens must be >= 1, warmup_steps >= 0")
         require(self.gen_rows >= 1, f"bench.gen_rows={self.gen_rows} must be at least 1")
+        # The bench's own (new) directory holds it: a path elsewhere could name a file of the user's.
+        require(Path(self.output).name == self.output and self.output not in ("", ".", ".."),
+                f"output={self.output} must be a file name, which the bench writes in its run directory "
+                "(choose where that is with hydra.run.dir=NEW)")
 
 
 @dataclass

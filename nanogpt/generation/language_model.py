@@ -7,6 +7,7 @@ so generate() with the same settings returns the same text as the command.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,9 +16,11 @@ from nanogpt.errors import ConfigError, DataError
 from nanogpt.model import GPT, KVCache
 from nanogpt.runtime.device import autocast, compile_mode, resolve_device, resolve_dtype, should_compile
 from nanogpt.text.chat_template import ChatTemplate, messages_problem
-from nanogpt.text.tokenizers import UnknownTokenError, tokenizer_codec
+from nanogpt.text.tokenizers import UnknownTokenError, description_json, load_tokenizer, tokenizer_codec
 from nanogpt.weights.loading import LoadedSource, resolve_source
 from nanogpt.weights.quantize import QUANTIZATIONS, quantize_model
+
+DOCUMENT_BREAK = "\n\n"  # what a sample shows where the model wrote end-of-text
 
 
 class LanguageModel:
@@ -134,11 +137,15 @@ class LanguageModel:
     def stream_chat(self, messages: str | list[dict], max_new_tokens: int = 256, temperature: float = 0.8,
                     top_k: int | None = 200, top_p: float | None = None, seed: int | None = 1337,
                     system: str | None = None, generator: torch.Generator | None = None,
-                    dropped: list[int] | None = None) -> Iterator[str]:
+                    fit: ChatFit | None = None) -> Iterator[str]:
         """Yield the answer piece by piece (what chat() returns whole); the end-of-text is never shown.
 
-        The prompt keeps within block_size, leaving room for the answer: the
-        oldest turns are dropped first, and how many is appended to dropped.
+        The prompt and the answer share the model's block_size, and the answer
+        never pushes the prompt out: the oldest turns are dropped to leave the
+        answer min(max_new_tokens, block_size // 2) tokens; a newest message
+        longer than that is kept whole while it fits (the answer then has less
+        room), else cut from the left. fit, if given, is filled in with what
+        was dropped and cut, the answer's room and why it ended (ChatFit).
         """
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
@@ -148,18 +155,13 @@ class LanguageModel:
         problem = messages_problem(conversation, for_training=False)
         if problem is not None:
             raise ConfigError(f"chat: {problem}")
-        template, block_size = self.template, self.model.config.block_size
-        room = max(1, min(max_new_tokens, block_size // 2))  # for the answer
-        try:
-            prompt_ids, left_out = template.prompt(conversation, self.encode, block_size - room)
-        except UnknownTokenError as e:
-            raise DataError(f"message: {e} of {self.source.where}") from None
-        if dropped is not None:
-            dropped.append(left_out)
+        template = self.template
+        prompt_ids, fit = self.chat_prompt(conversation, max_new_tokens, fit)
         ids: list[int] = []
         shown = ""
-        for token in self.new_tokens(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, generator):
+        for token in self.new_tokens(prompt_ids, fit.room, temperature, top_k, top_p, seed, generator):
             if token == template.end_id:
+                fit.ended = "end"
                 break
             ids.append(token)
             text = self.decode(ids)
@@ -175,23 +177,47 @@ class LanguageModel:
                 yield safe[len(shown):]
                 shown = safe
             if ended:
+                fit.ended = "end"
                 return
         rest = self.decode(ids).removeprefix(template.answer_start) if ids else ""
         if len(rest) > len(shown) and rest.startswith(shown):
             yield rest[len(shown):]
 
-    def chat_prompt(self, conversation: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
-        """(prompt ids, turns dropped) for the answer to a checked conversation, as stream_chat writes it.
+    def chat_prompt(self, conversation: list[dict], max_new_tokens: int,
+                    fit: ChatFit | None = None) -> tuple[list[int], ChatFit]:
+        """The prompt ids of the answer to a checked conversation, and how it fits (see stream_chat).
 
-        The server (nanogpt/serving) builds its chat prompts here, so they are
+        The server (nanogpt/serving) builds its chat prompts here too, so they are
         the ones stream_chat builds for the same messages and max_new_tokens.
         """
         block_size = self.model.config.block_size
-        room = max(1, min(max_new_tokens, block_size // 2))  # for the answer
+        reserve = max(1, min(max_new_tokens, block_size // 2))  # what older turns make room for
         try:
-            return self.template.prompt(conversation, self.encode, block_size - room)
+            prompt_ids, dropped, cut = self.template.prompt(conversation, self.encode, block_size - reserve,
+                                                            longest=block_size - 1)
         except UnknownTokenError as e:
             raise DataError(f"message: {e} of {self.source.where}") from None
+        fit = fit if fit is not None else ChatFit()
+        fit.dropped, fit.cut, fit.block_size = dropped, cut, block_size
+        fit.room = min(max_new_tokens, block_size - len(prompt_ids))  # new tokens never slide the prompt out
+        fit.ended = "context" if fit.room < max_new_tokens else "max_new_tokens"
+        return prompt_ids, fit
+
+    @property
+    def finetuned_for_chat(self) -> bool:
+        """True when the model was finetuned on instruction data (its checkpoint records the template)."""
+        return self.source.chat_template is not None
+
+
+@dataclass
+class ChatFit:
+    """How one answer fitted the model's context, for chat to say: nothing is left out without a word."""
+
+    dropped: int = 0  # the oldest turns left out of the prompt
+    cut: int = 0  # tokens cut from the start of the newest message, longer than the context
+    room: int = 0  # the most tokens the answer could take: max_new_tokens, or what the context had left
+    block_size: int = 0  # the model's context
+    ended: str = ""  # why the answer ended: "end" (the model ended it), "max_new_tokens", "context" (full)
 
 
 def compiled_step(model: GPT, device: torch.device, graphs: bool | None = None) -> GPT:
@@ -225,12 +251,23 @@ def load(source: str | Path, device: str = "auto", dtype: str = "auto",
 
 
 def sample_text(model: GPT, tokenizer: dict, num_tokens: int, device: torch.device) -> str:
-    """What the model writes after a newline (temperature 1, top_k 200): a glance at what it learned."""
-    encode, decode = tokenizer_codec(tokenizer)
+    """What the model writes after a newline (temperature 1, top_k 200): a glance at what it learned.
+
+    Text, not token markers: where the model ends a document (the end-of-text
+    token, which a model trained on documents or instruction data writes often,
+    and an undertrained one many times in a row), the sample has a blank line.
+    """
+    codec = load_tokenizer(description_json(tokenizer))
     try:
-        start = encode("\n")
+        start = codec.encode("\n")
     except UnknownTokenError:  # a character vocabulary without newlines
         start = [0]
     model.eval()
     ids = model.generate(torch.tensor([start], device=device), num_tokens, temperature=1.0, top_k=200)
-    return decode(ids[0].tolist())
+    documents = [[]]
+    for token in ids[0].tolist():
+        if token == codec.eot:
+            documents.append([])
+        else:
+            documents[-1].append(token)
+    return DOCUMENT_BREAK.join(codec.decode(document) for document in documents if document)

@@ -463,7 +463,8 @@ def create_app(service: Service) -> FastAPI:
         if problem is not None:
             raise APIError(400, problem, "messages")
         try:
-            prompt, _ = service.lm.chat_prompt(conversation, max_tokens)
+            prompt, fit = service.lm.chat_prompt(conversation, max_tokens)
+            max_tokens = fit.room  # as lm.chat: the answer never pushes the prompt out of the block
         except UserError as error:  # a character the vocabulary lacks
             raise APIError(400, str(error), "messages") from None
         template = service.lm.template
