@@ -19,7 +19,6 @@ model is computed or stored, not what it is.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -141,12 +140,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
     """softmax(q kᵀ / √d + mask) v: queries (..., T, d), keys and values (..., S, d).
 
-    Each query scores every key by a dot product, scaled by √d so the scores do
-    not grow with the head size; softmax turns a query's scores into weights
-    that sum to 1, and the output is the weighted sum of the values. The mask is
-    0 where a query may look and -inf where it may not (weight 0); without one,
-    query i sees keys 0 .. i, never the future. F.scaled_dot_product_attention
-    computes this in one fused kernel; model.attention=explicit runs this instead.
+    Each query scores every key by a dot product, scaled by √d so the scores do not
+    grow with the head size; softmax turns them into weights that sum to 1, and the
+    output is the weighted sum of the values. The mask is 0 where a query may look,
+    -inf where it may not; without one, query i sees keys 0 .. i, never the future.
+    F.scaled_dot_product_attention fuses this; model.attention=explicit runs this.
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     if mask is None:
@@ -179,11 +177,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class KVCache:
     """The keys and values a model has computed so far: each new token then costs one position.
 
-    Without it, every new token would run the whole context through the model
-    again. The buffers are allocated once, so a step of generation always has
-    the same shapes (torch.compile compiles it once; a GPU replays it as a CUDA
-    graph). Each row (one sequence) has its own length, so one batch can hold a
-    server's requests, each joining when it arrives.
+    The buffers are allocated once, so a step of generation always has the same
+    shapes (torch.compile compiles it once; a GPU replays it as a CUDA graph).
+    Each row (one sequence) has its own length: a batch can hold a server's
+    requests, each joining when it arrives (generation/batching.py).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, length: int, device: torch.device,
@@ -196,19 +193,6 @@ class KVCache:
         if static and device.type == "cuda":  # CUDA graphs replay reads, writes at fixed addresses
             for buffer in (self.keys, self.values, self.lengths):
                 torch._dynamo.mark_static_address(buffer)
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        """Rows start .. stop-1 as a cache of their own: views, so what they store lands here."""
-        view = copy.copy(self)
-        view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
-        view.lengths = self.lengths[start:stop]
-        return view
-
-    def move_row(self, source: int, target: int) -> None:
-        """Copy row source into row target: a server packs its busy rows together as requests leave."""
-        self.keys[:, target] = self.keys[:, source]
-        self.values[:, target] = self.values[:, source]
-        self.lengths[target] = self.lengths[source]
 
     def visible(self, positions: torch.Tensor) -> torch.Tensor:
         """The attention mask of new tokens at positions (batch, T): (batch, 1, T, slots read).
@@ -453,14 +437,12 @@ class GPT(nn.Module):
                cache: KVCache | None = None) -> Iterator[torch.Tensor]:
         """Yield each new token, shape (batch, 1), as soon as it is sampled, so text shows live.
 
-        With use_cache the context runs through the model once, into a KVCache,
-        then each new token costs one position. Positions end at block_size: a
-        full cache is refilled from the newest half of the window, so each token
-        still sees at least block_size // 2 of context. Until then the tokens equal
-        use_cache=False's, which reruns the last block_size tokens at every step.
-        step computes a token's logits from the cache: the model, or a compiled copy,
-        whose cache is static (shapes that never change); a caller may keep one cache
-        for all its calls, so that the compiled step always sees the same buffers.
+        With use_cache the context runs through the model once, into a KVCache, then
+        each new token costs one position. A full cache is refilled from the newest
+        half of the window: each token sees at least block_size // 2 of context. Until
+        then the tokens equal use_cache=False's, which reruns the whole window each time.
+        step computes a token's logits: the model, or a compiled copy over a static cache
+        (which a caller may keep, so that the step always sees the same buffers).
         """
         block, step = self.config.block_size, self if step is None else step
         held, token = 0, None  # held: tokens in the cache, the same for every row

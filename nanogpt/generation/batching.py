@@ -6,10 +6,10 @@ would make them fight over the same cores. Instead one thread (the Engine) owns
 the model and a KVCache with a row per slot, and repeats a step:
 
 * requests that left (finished, or their client went away) free their rows at
-  once; the busiest rows stay packed at the front (KVCache.move_row), so the
+  once; the busiest rows stay packed at the front (move_row), so the
   rows that decode are always rows 0 .. d-1;
 * waiting requests join: each is prefilled into a free row of its own (its
-  length zeroed, then its prompt run through ``cache.rows(r, r + 1)``);
+  length zeroed, then its prompt run through ``cache_rows(cache, r, r + 1)``);
 * one call, decode(), computes the next token's logits for rows 0 .. d-1 at
   once: a batch of d single tokens, whose cost on a CPU or GPU is little more
   than one row's. It is the one place a compiled, fixed-shape step can take over;
@@ -28,6 +28,7 @@ an Engine, and tests drive one directly (Engine.generate).
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -38,13 +39,28 @@ from dataclasses import dataclass
 
 import torch
 
-from nanogpt.model import GPT, sample_next_token
+from nanogpt.model import GPT, KVCache, sample_next_token
 from nanogpt.runtime.device import autocast
 
 log = logging.getLogger("nanogpt.batching")
 
 # Why a generation ended. LENGTH and STOP are OpenAI's finish_reason values.
 LENGTH, STOP, CANCELLED, ABORTED, FAILED = "length", "stop", "cancelled", "aborted", "failed"
+
+
+def cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
+    """Rows start .. stop-1 of cache as a cache of their own: views, so what they store lands there."""
+    view = copy.copy(cache)
+    view.keys, view.values = cache.keys[:, start:stop], cache.values[:, start:stop]
+    view.lengths = cache.lengths[start:stop]
+    return view
+
+
+def move_row(cache: KVCache, source: int, target: int) -> None:
+    """Copy row source of cache into row target: the busy rows are packed as requests leave."""
+    cache.keys[:, target] = cache.keys[:, source]
+    cache.values[:, target] = cache.values[:, source]
+    cache.lengths[target] = cache.lengths[source]
 
 
 @dataclass(frozen=True)
@@ -257,7 +273,7 @@ class Engine:
         The hot path: every row in step costs one position. A compiled step with
         fixed shapes (all slots, always) can replace this call.
         """
-        logits, _ = self.model(tokens, cache=self.cache.rows(0, rows))
+        logits, _ = self.model(tokens, cache=cache_rows(self.cache, 0, rows))
         return logits[:, -1]
 
     def prefill(self, row: int) -> torch.Tensor:
@@ -271,7 +287,7 @@ class Engine:
         if generation.held == 0:
             generation.generator = torch.Generator(device=self.device).manual_seed(generation.sampling.seed)
         held = min(len(generation.ids), self.block if generation.held == 0 else max(1, self.block // 2))
-        cache = self.cache.rows(row, row + 1)
+        cache = cache_rows(self.cache, row, row + 1)
         cache.lengths.zero_()
         context = torch.tensor([generation.ids[-held:]], device=self.device)
         logits, _ = self.model(context, cache=cache)
@@ -312,7 +328,7 @@ class Engine:
         movers = [r for r in range(first, len(self.rows)) if id(self.rows[r]) not in to_end]
         for hole, mover in zip(holes, movers, strict=True):
             # The generation in `hole` is about to be prefilled again: its keys need not be kept.
-            self.cache.move_row(mover, hole)
+            move_row(self.cache, mover, hole)
             self.rows[hole], self.rows[mover] = self.rows[mover], self.rows[hole]
 
     def release(self, leaving: list[Generation]) -> None:
@@ -321,6 +337,6 @@ class Engine:
             row = next(r for r, g in enumerate(self.rows) if g is generation)
             last = len(self.rows) - 1
             if row != last:
-                self.cache.move_row(last, row)
+                move_row(self.cache, last, row)
                 self.rows[row] = self.rows[last]
             self.rows.pop()

@@ -1,16 +1,13 @@
-"""The training loop and the state it owns.
+"""The training loop: Trainer.run(), read top to bottom like nanoGPT's.
 
-Trainer.run() is the loop, read top to bottom like nanoGPT's. Trainer.state_dict()
-/ load_state_dict() is the one place that says what training state is, and so what
-a last.pt holds: checkpoints save it, resume loads it, a stop that abandons a step
-rewinds with it. Nothing here sees Hydra; setup.py builds a Trainer from a TrainConfig.
+A Trainer is a TrainingState (state.py: what a run has reached, so what a last.pt
+holds) with the loop that moves it on. setup.py builds one from a TrainConfig.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +17,7 @@ from nanogpt.evaluation.loss import estimate_loss
 from nanogpt.evaluation.registry import TrainingEvaluation
 from nanogpt.generation.language_model import sample_text
 from nanogpt.model import GPT
-from nanogpt.runtime import distributed, sharding
+from nanogpt.runtime import distributed
 from nanogpt.runtime.process import Runtime
 from nanogpt.runtime.stops import Interrupted, StopSignals, check_finite
 from nanogpt.tracking.forecast import RunPlan
@@ -30,15 +27,14 @@ from nanogpt.training.config import TrainConfig
 from nanogpt.training.divergence import LossWatch
 from nanogpt.training.optim import build_optimizer, learning_rate_at
 from nanogpt.training.speed import Throughput
-from nanogpt.training.state import capture_rng_state, restore_rng_state
-from nanogpt.weights import lora
+from nanogpt.training.state import TrainingState
 from nanogpt.weights.checkpoint import RunCheckpoints
 
 log = logging.getLogger("nanogpt.train")
 
 
-class Trainer:
-    """One training run: its loop, and the state the loop changes (weights, optimizer, position).
+class Trainer(TrainingState):
+    """One training run: the loop, and the state it changes (weights, optimizer, position).
 
     about says what the run is (model shape, tokenizer, config, data), overrides how it was
     started; both are saved with its state. resume: a last.pt's state_dict() to go on from.
@@ -50,7 +46,7 @@ class Trainer:
         self.cfg, self.run_dir, self.runtime, self.data = cfg, run_dir, runtime, data
         self.model, self.about, self.overrides = model.to(runtime.device), about or {}, overrides
         dist = runtime.dist
-        self.forward = runtime.wrap(self.model)  # before the optimizer: sharding replaces the parameters
+        self.forward = runtime.wrap(self.model)  # before the optimizer: sharding swaps parameters
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler(runtime.device.type,
@@ -59,7 +55,8 @@ class Trainer:
         # Every rank draws the same global batch from the same seed and keeps its own share.
         self.sampler = BatchSampler(data, cfg.model.block_size, cfg.batch_size, runtime.device,
                                     cfg.seed, rank=dist.rank, world_size=dist.world_size)
-        self.accumulation = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps, dist)
+        self.accumulation = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps,
+                                                              dist)
         self.throughput = Throughput.of_run(cfg, model, runtime.peak_flops)
         self.iter_num, self.best_val_loss, self.grad_norm = 0, math.inf, torch.zeros(())
         self.loss_watch = LossWatch(runtime.device)
@@ -68,14 +65,16 @@ class Trainer:
         self.last_eval_iter: int | None = None
         self.stopped_by: int | None = None  # the signal that stopped the run early, if any
         self.stop = StopSignals()  # replaced by the active one while run() runs
+        self.tracker_run_id = cfg.logger.run_id  # the logger's run; a resumed run goes on with its
         if resume is not None:
             self.load_state_dict(resume)
         self.checkpoints = RunCheckpoints(run_dir, dist, resume and self.iter_num)
-        run_id = cfg.logger.run_id or (resume or {}).get("training", {}).get("tracker_run_id")
-        self.records = RunRecords(run_dir, cfg.logger, self.about.get("config"), run_id=run_id,
-                                  plan=RunPlan(cfg.max_iters, cfg.eval_interval,
-                                               cfg.gradient_accumulation_steps, runtime.device.type),
-                                  resumed=resume and Resumed(self.iter_num, self.last_eval_iter))
+        plan = RunPlan(cfg.max_iters, cfg.eval_interval, cfg.gradient_accumulation_steps,
+                       runtime.device.type)
+        resumed = resume and Resumed(self.iter_num, self.last_eval_iter)
+        self.records = RunRecords(run_dir, cfg.logger, self.about.get("config"),
+                                  run_id=self.tracker_run_id, plan=plan, resumed=resumed)
+        self.tracker_run_id = self.records.run_id  # a new run's is the logger's choice
 
     def run(self) -> float:
         """Train to max_iters, evaluating every eval_interval; return the best validation loss."""
@@ -104,7 +103,7 @@ class Trainer:
         return self.best_val_loss
 
     def set_learning_rate(self) -> float:
-        """Set the schedule's rate for this iteration on every parameter group (scaled per group)."""
+        """Set the schedule's rate for this iteration on each parameter group (scaled per group)."""
         lr = learning_rate_at(self.iter_num, self.cfg.optimizer, self.cfg.max_iters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -146,14 +145,15 @@ class Trainer:
         with self.stop.interruptible(self.rewind_point()):  # a stop abandons it (stops.py)
             losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx,
                                    self.eval_batch_done)
-            scores = self.eval_tasks.score(self.model) if dist.is_main or self.runtime.sharded else {}
+            scoring = dist.is_main or self.runtime.sharded  # sharded, every process holds a part
+            scores = self.eval_tasks.score(self.model) if scoring else {}
         losses = distributed.all_reduce_mean(losses, dist, self.runtime.device)
         it = self.last_eval_iter = self.iter_num
         for split in ("train", "val"):
             check_finite(losses[split], it, f"the {split} loss", self.checkpoints.describe())
         tokens = it * self.throughput.tokens_per_iter
-        self.records.log({"kind": "eval", "iter": it, "tokens": tokens, "train_loss": losses["train"],
-                          "val_loss": losses["val"], **scores})
+        self.records.log({"kind": "eval", "iter": it, "tokens": tokens,
+                          "train_loss": losses["train"], "val_loss": losses["val"], **scores})
         improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
         if self.cfg.save_checkpoints:
@@ -174,64 +174,6 @@ class Trainer:
         self.records.log({"kind": "train", "iter": it, "tokens": tokens, "loss": loss, "lr": lr,
                           **self.throughput.measure(), "grad_norm": self.grad_norm.item()})
         self.throughput.restart()
-
-    def state_dict(self, weights: bool = True) -> dict:
-        """Training state as tensors and plain data: what a last.pt holds, on rank 0.
-
-        Every process calls it: each one's random state and next batch go into
-        rank 0's (under "ranks"). weights=False gives this process's position
-        alone (no model, optimizer or run description), which a step changes
-        before its very end: what rewinding an abandoned step needs.
-        """
-        training = {"scaler": self.scaler.state_dict(), "last_eval_iter": self.last_eval_iter,
-                    "rng": capture_rng_state(), "batch": self.batch, **self.sampler.state_dict()}
-        state = {"iter_num": self.iter_num, "best_val_loss": self.best_val_loss,
-                 "training": training}
-        if not weights:
-            return state
-        training["batch"] = None if self.batch is None else [t.cpu() for t in self.batch]
-        dist = self.runtime.dist
-        ranks = distributed.gather_to_main({k: training[k] for k in ("rng", "batch")}, dist)
-        training.update(world_size=dist.world_size, overrides=list(self.overrides),
-                        tracker_run_id=self.records.run_id, ranks=ranks if dist.enabled else None)
-        weights = (sharding.state_of(self.model, self.optimizer) if self.runtime.sharded else
-                   {"model": lora.trainable_weights(self.model), "optimizer": self.optimizer.state_dict()})
-        return {**self.about, **state, **weights, **lora.record(self.model)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from state (a state_dict(), or a last.pt) exactly where it was."""
-        training, context = state["training"], self.runtime.dist
-        if "optimizer" in state:
-            if self.runtime.sharded or "shards" in state:  # at any job size (distributed.own_share)
-                sharding.load_state(self.model, self.optimizer, state)
-            else:
-                distributed.check_world_size(training.get("world_size", 1), context.world_size)
-                lora.load_trainable_weights(self.model, state["model"], state.get("lora"))
-                self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(training["scaler"])
-        self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
-        self.last_eval_iter = training["last_eval_iter"]
-        self.sampler.load_state_dict(training)
-        own = distributed.own_share(training, context) or {"batch": None, "rng": None}  # None: draw afresh
-        batch = own["batch"]
-        self.batch = None if batch is None else tuple(t.to(self.runtime.device) for t in batch)
-        restore_rng_state(own["rng"])
-
-    def rewind_point(self) -> Callable[[], None]:
-        """What puts the run back where it stands now, should a stop abandon what begins next.
-
-        Until the optimizer's update, a step changes only the batch fetched ahead, the
-        random generators and the gradients, and an evaluation its sampler's generator
-        and the model's mode: put back, the state is the last completed step's.
-        """
-        saved = self.state_dict(weights=False)
-
-        def rewind() -> None:
-            self.load_state_dict(saved)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.model.train()
-
-        return rewind
 
     def save_checkpoints(self, best: bool) -> None:
         """Write last.pt and, if the model is the best so far, best.pt (on every process)."""
