@@ -38,7 +38,7 @@ def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_ro
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "suite.json").read_text())
     runs = report["runs"]
-    assert set(runs) == {"default", "gpt2", "recipe", "nanogpt"}
+    assert set(runs) == {"default", "default_graphs", "gpt2", "recipe", "nanogpt"}
     for name in ("default", "gpt2"):
         assert runs[name]["iters_per_sec"] > 0 and runs[name]["ms_per_token"] > 0
         assert runs[name]["mfu"] is None  # no known peak on a CPU

@@ -66,9 +66,10 @@ class Runtime:
             # threads, in an order that varies; deterministic mode orders them, so that a resumed
             # run is bitwise the one that never stopped, as it is eagerly.
             torch.use_deterministic_algorithms(True, warn_only=True)
+        # CUDA graphs cannot hold DDP's gradient all-reduce, which runs between the graph's kernels.
+        mode = None if context.enabled else compile_mode(cfg.cuda_graphs, device, generating=False)
         return cls(context, device, dtype, should_compile(cfg.compile, device),
-                   peak_flops(device, cfg.peak_flops), owns_group, sharded=sharded,
-                   compile_mode=compile_mode(cfg.cuda_graphs, device, generating=False))
+                   peak_flops(device, cfg.peak_flops), owns_group, sharded=sharded, compile_mode=mode)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
@@ -84,7 +85,10 @@ class Runtime:
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        return torch.compile(forward, mode=self.compile_mode) if self.compile else forward
+        if not self.compile:
+            return forward
+        compiled = torch.compile(forward, mode=self.compile_mode)
+        return GraphedSteps(compiled) if self.compile_mode == "reduce-overhead" else compiled
 
     def whole(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The model as one process can run it alone: itself; sharded, a whole copy on rank 0 (or None)."""
@@ -96,3 +100,20 @@ class Runtime:
         if self.owns_process_group:
             torch.distributed.destroy_process_group()
             self.owns_process_group = False
+
+
+class GraphedSteps(torch.nn.Module):
+    """A model compiled as CUDA graphs (reduce-overhead), each call of which begins a new graph step.
+
+    A graph's outputs live in memory that its next replay writes over; telling
+    torch that a new step begins lets it reuse that memory at once, since the
+    training loop has read the last step's loss by then.
+    """
+
+    def __init__(self, compiled: torch.nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args, **kwargs)
