@@ -27,7 +27,7 @@ from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.cli.overrides import merge_overrides, parse_overrides
 from nanogpt.options import option, require
 from nanogpt.training.config import TrainConfig
-from nanogpt.training.trainer import build_trainer
+from nanogpt.training.setup import build_trainer
 
 
 @dataclass
@@ -38,7 +38,9 @@ class BenchSettings:
     train_steps: int = option(30, "training steps timed")
     gen_tokens: int = option(1000, "new tokens generated per timed generation")
     gen_uncached: bool = option(True, "also time generation without the KV cache")
-    output: str = option("bench.json", "written inside the bench's run directory")
+    gen_rows: int = option(1, "also time this many sequences decoded together (1: only one)")
+    output: str = option("bench.json", "a file name, written inside the bench's run directory (which must be "
+                                       "new or empty)")
     nanogpt_dir: str | None = option(None, "suite=gpu: a karpathy/nanoGPT checkout to run beside ours")
     nanogpt_args: list[str] = option(default_factory=list, help="suite=gpu: more arguments for its train.py")
     suite_runs: list[str] = option(default_factory=lambda: list(SUITE_RUNS),
@@ -49,6 +51,11 @@ class BenchSettings:
         require(not unknown, f"bench.suite_runs: {sorted(unknown)} unknown; choose among {list(SUITE_RUNS)}")
         require(self.train_steps >= 1 and self.gen_tokens >= 1 and self.warmup_steps >= 0,
                 "train_steps and gen_tokens must be >= 1, warmup_steps >= 0")
+        require(self.gen_rows >= 1, f"bench.gen_rows={self.gen_rows} must be at least 1")
+        # The bench's own (new) directory holds it: a path elsewhere could name a file of the user's.
+        require(Path(self.output).name == self.output and self.output not in ("", ".", ".."),
+                f"output={self.output} must be a file name, which the bench writes in its run directory "
+                "(choose where that is with hydra.run.dir=NEW)")
 
 
 @dataclass
@@ -87,6 +94,10 @@ def run_benchmark(cfg: BenchConfig, out_dir: Path) -> dict:
             "train": time_training(trainer, settings.warmup_steps, settings.train_steps),
             "generate_cached": time_generation(trainer, settings.gen_tokens, use_cache=True),
         }
+        if settings.gen_rows > 1:
+            rows = time_generation(trainer, settings.gen_tokens, use_cache=True, rows=settings.gen_rows)
+            results["generate_rows"] = {**rows, "time_vs_one": rows["ms_per_token"]
+                                        / results["generate_cached"]["ms_per_token"]}
         if settings.gen_uncached:
             results["generate_uncached"] = time_generation(trainer, settings.gen_tokens, use_cache=False)
             results["cache_speedup"] = (

@@ -4,7 +4,10 @@ A read-eval-print loop: each line you type is the user's message; the answer
 streams back as it is generated and ends at the end-of-text token. The
 conversation is written with the chat template the checkpoint was finetuned
 with (nanogpt/text/chat_template.py) and kept within the model's
-block_size by dropping the oldest turns first. ``/clear`` starts over;
+block_size by dropping the oldest turns first. Nothing is left out or cut
+short without a word on stderr: old turns dropped, a message too long for the
+context, an answer the context stopped, an answer the model ended before any
+text, and (once) a model that was never finetuned on instruction data. ``/clear`` starts over;
 Ctrl-D or Ctrl-C leaves. With stdin piped, each line is a message and only the
 answers are printed, one after another, so scripts and tests can talk to it.
 The answers are what ``nanogpt.load(ckpt).chat(...)`` returns for the same settings.
@@ -23,6 +26,7 @@ from omegaconf import DictConfig
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.errors import UserError
 from nanogpt.generation.inference import SamplingOptions, open_model
+from nanogpt.generation.language_model import ChatFit, LanguageModel
 from nanogpt.options import option, require
 from nanogpt.runtime.stops import Interrupted
 
@@ -52,6 +56,8 @@ def converse(cfg: ChatConfig, lines: TextIO = sys.stdin, out: TextIO = sys.stdou
             pass
         print(f"chatting with {lm.source.where} ({lm.model.config.block_size}-token context); "
               f"{CLEAR} starts over, Ctrl-D or Ctrl-C leaves", file=sys.stderr)
+    if not lm.finetuned_for_chat:
+        print(not_finetuned_note(lm), file=sys.stderr)
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)
     generator = torch.Generator(device=lm.device).manual_seed(cfg.seed)
@@ -68,15 +74,14 @@ def converse(cfg: ChatConfig, lines: TextIO = sys.stdin, out: TextIO = sys.stdou
                 print("(a new conversation)", file=sys.stderr)
                 continue
             messages.append({"role": "user", "content": text})
-            dropped: list[int] = []
+            fit = ChatFit()
             answer = ""
             try:
                 pieces = lm.stream_chat(messages, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                        generator=generator, dropped=dropped)
+                                        generator=generator, fit=fit)
                 first = next(pieces, "")  # the prompt is fitted (and checked) before anything is shown
-                if dropped[0]:
-                    print(f"(the {dropped[0]} oldest messages no longer fit the context and are left out)",
-                          file=sys.stderr)
+                for note in prompt_notes(fit):
+                    print(note, file=sys.stderr)
                 for piece in itertools.chain([first], pieces):
                     out.write(piece)
                     out.flush()
@@ -87,12 +92,46 @@ def converse(cfg: ChatConfig, lines: TextIO = sys.stdin, out: TextIO = sys.stdou
                 continue
             out.write("\n")
             out.flush()
+            note = answer_note(fit, answer, cfg.temperature)
+            if note:
+                print(note, file=sys.stderr)
             messages.append({"role": "assistant", "content": answer})
         except (EOFError, KeyboardInterrupt, Interrupted):
             if interactive:
                 print(file=sys.stderr)
             break
     return messages
+
+
+def not_finetuned_note(lm: LanguageModel) -> str:
+    """Said once, before talking to a model never finetuned on instruction data: why it answers poorly."""
+    return (f"note: {lm.source.where} was not finetuned on instruction data, so it continues the "
+            "conversation's text rather than answering it (often with nothing); finetune it first: "
+            f"python -m nanogpt.train model.init_from={lm.source.where} dataset=sft "
+            "dataset.source=CHATS.jsonl (docs/finetuning.md)")
+
+
+def prompt_notes(fit: ChatFit) -> list[str]:
+    """What was left out of the prompt to fit the model's context, in words (nothing is left out silently)."""
+    notes = []
+    if fit.dropped:
+        notes.append(f"(the {fit.dropped} oldest messages no longer fit the context and are left out)")
+    if fit.cut:
+        notes.append(f"(your message is longer than the model's {fit.block_size}-token context: its first "
+                     f"{fit.cut} tokens are left out)")
+    return notes
+
+
+def answer_note(fit: ChatFit, answer: str, temperature: float) -> str | None:
+    """Why an answer is empty or short, when the model did not end it of its own accord with some text."""
+    if fit.ended == "end" and not answer.strip():
+        again = (": greedy decoding (temperature=0) will do so every time; try temperature=0.8, or finetune "
+                 "longer") if temperature == 0 else ""
+        return f"(the model ended its answer at once, before any text{again})"
+    if fit.ended == "context":
+        return (f"(the answer stopped at {fit.room} tokens: the prompt and the answer fill the model's "
+                f"{fit.block_size}-token context; {CLEAR} starts a conversation with more room)")
+    return None
 
 
 @hydra_entry("chat", ChatConfig)

@@ -4,6 +4,11 @@ Entry points print a UserError as one line and exit with its exit_status (2,
 or 1 for a write the machine refused), without a traceback; anything else is a
 bug and keeps its traceback.
 
+An error raised inside one of the libraries nanogpt drives (LIBRARIES: lm-eval,
+peft, transformers, tokenizers, ...) is one line too, naming the library and
+keeping its own message (library_failure): it comes of what the user handed
+it (a task's YAML, a weights file, a LoRA option), not of a bug of ours.
+
 Optional packages are checked before any work (check_packages): a config
 section whose options need one declares it in a ``require_packages()`` method
 that calls require_package(), e.g. LoggerConfig for logger=tensorboard. Every
@@ -12,11 +17,18 @@ section joins by defining that method; no central table lists them.
 """
 
 import dataclasses
+import functools
 import importlib.util
 import sys
+import traceback
+from pathlib import Path
 from typing import NoReturn
 
 EXIT_USER_ERROR = 2
+# The libraries whose failures are reported in one line (by their import name, as the user knows them).
+LIBRARIES = {"lm_eval": "lm-eval", "peft": "peft", "transformers": "transformers", "tokenizers": "tokenizers",
+             "safetensors": "safetensors", "huggingface_hub": "huggingface_hub", "datasets": "datasets",
+             "tiktoken": "tiktoken", "requests": "requests"}
 
 
 class UserError(Exception):
@@ -98,3 +110,52 @@ def exit_with_error(message: str, status: int = EXIT_USER_ERROR) -> NoReturn:
     """Print the one ``error:`` line a user error gets and exit with status (EXIT_USER_ERROR)."""
     print(f"error: {first_line(message)}", file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+@functools.cache
+def package_folder(module: str) -> Path | None:
+    """Where an installed package's files are, if it is installed (found without importing it)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]).resolve() if locations else None
+
+
+def library_failure(error: BaseException) -> str | None:
+    """The library (of LIBRARIES) in whose code error was raised, or None.
+
+    That is the library of the first frame after the last frame of nanogpt's own
+    code (or of the first frame, when none is ours): an error that our code
+    raised, or that was raised in code of ours the library called back (our
+    lm-eval model), is not the library's, and keeps its traceback as a bug.
+    """
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = package_folder("nanogpt")
+    last_ours = max((i for i, frame in enumerate(frames)
+                     if ours is not None and Path(frame.filename).resolve().is_relative_to(ours)), default=-1)
+    for frame in frames[last_ours + 1:]:
+        path = Path(frame.filename).resolve()
+        for module, name in LIBRARIES.items():
+            folder = package_folder(module)
+            if folder is not None and path.is_relative_to(folder):
+                return name
+    return None
+
+
+def describe_library_error(error: BaseException) -> str:
+    """'TypeError: what it said (in lm_eval/api/task.py, process_results)': a library's error in one line."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (in {library_path(frames[-1].filename)}, {frames[-1].name})" if frames else ""
+    return f"{type(error).__name__}: {first_line(str(error)) or 'no message'}{where}"
+
+
+def library_path(filename: str) -> str:
+    """A file of a library as 'lm_eval/api/task.py' (from its package down); another file by its name."""
+    path = Path(filename).resolve()
+    for module in LIBRARIES:
+        folder = package_folder(module)
+        if folder is not None and path.is_relative_to(folder):
+            return path.relative_to(folder.parent).as_posix()
+    return path.name

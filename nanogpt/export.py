@@ -8,20 +8,27 @@ run's adapters alone, as a PEFT adapter directory for its base model.
 A character-level vocabulary matches no Hugging Face tokenizer: its characters
 are kept in nanogpt_tokenizer.json (``model.init_from=DIR`` reads it back), and
 text must be turned into ids with it by hand.
+
+out= is a new or empty directory, or one an earlier export wrote (it records
+its files there); anything else is refused before any work, naming what is in
+it. The export is written beside out and moved into place once complete, so an
+export that fails or is stopped leaves out as it was.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import MISSING, DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.errors import require_package
+from nanogpt.fileio import check_new_directory
 from nanogpt.options import option
 from nanogpt.weights.checkpoint import find_checkpoint, load_checkpoint
-from nanogpt.weights.huggingface import export_adapter, export_model, require_export_packages
+from nanogpt.weights.huggingface import EXPORT_COMMAND, export_adapter, export_model, require_export_packages
 from nanogpt.weights.loading import require_source_packages, resolve_source
 
 
@@ -31,7 +38,8 @@ class ExportConfig:
 
     ckpt: str = option(MISSING, "any source sample takes: a run dir (its best.pt, else last.pt), a .pt "
                              "file, nanoGPT's out_dir, a Hugging Face dir")
-    out: str = option(MISSING, "the Hugging Face model directory to write (replaced if it exists)")
+    out: str = option(MISSING, "the Hugging Face model directory to write: new, empty, or an earlier export "
+                             "(which it replaces)")
     adapter_only: bool = option(False, "a LoRA run: write only its adapters, as a PEFT adapter directory "
                                        "(adapter_config.json, adapter_model.safetensors) for its base model")
 
@@ -46,6 +54,7 @@ class ExportConfig:
 def main(cfg: DictConfig) -> None:
     """Entry point: export cfg.ckpt to cfg.out and say what was written."""
     config = to_dataclass(cfg, ExportConfig)
+    check_new_directory(Path(config.out), EXPORT_COMMAND, "out")  # before the model is read
     if config.adapter_only:
         path = find_checkpoint(config.ckpt)
         out = export_adapter(load_checkpoint(path), config.out, where=str(path))

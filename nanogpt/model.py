@@ -19,7 +19,6 @@ model is computed or stored, not what it is.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -139,20 +138,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q kᵀ / √d, hidden keys masked) v: queries (..., T, d), keys, values (..., S, d).
+    """softmax(q kᵀ / √d + mask) v: queries (..., T, d), keys and values (..., S, d).
 
-    Each query scores every key by a dot product, scaled by √d so the scores do
-    not grow with the head size; softmax turns a query's scores into weights
-    that sum to 1, and the output is the weighted sum of the values. mask says
-    which keys each query may see (True: seen); without one, query i sees keys
-    0 .. i (the causal mask): never the future. This is what
-    F.scaled_dot_product_attention computes in one fused kernel, without ever
-    storing the (T, S) weights; model.attention=explicit runs this instead.
+    Each query scores every key by a dot product, scaled by √d so the scores do not
+    grow with the head size; softmax turns them into weights that sum to 1, and the
+    output is the weighted sum of the values. The mask is 0 where a query may look,
+    -inf where it may not; without one, query i sees keys 0 .. i, never the future.
+    F.scaled_dot_product_attention fuses this; model.attention=explicit runs this.
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     if mask is None:
-        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-    weights = F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1), p=dropout)
+        mask = torch.full(scores.shape[-2:], float("-inf"), device=q.device).triu(diagonal=1)
+    weights = F.dropout((scores + mask).softmax(dim=-1), p=dropout)
     return weights @ v
 
 
@@ -167,6 +164,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     dtype = q.dtype
     if q.device.type == "cpu":
         q, k, v = q.float(), k.float(), v.float()
+        mask = None if mask is None else mask.float()
     with torch.autocast(q.device.type, enabled=False):
         if explicit:
             y = attention(q, k, v, mask, dropout)
@@ -179,43 +177,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class KVCache:
     """The keys and values a model has computed so far: each new token then costs one position.
 
-    Generating one token at a time would otherwise run the whole context through
-    the model again for every token. The cache keeps every layer's keys and
-    values in buffers allocated once (block_size positions), so a step of
-    generation always computes with the same shapes: torch.compile compiles it
-    once, and a GPU can replay it as a CUDA graph. Each row (one sequence) has
-    its own length: the rows of a batch may hold sequences of different lengths,
-    as a server's requests do, each joining when it arrives.
+    The buffers are allocated once, so a step of generation always has the same
+    shapes (torch.compile compiles it once; a GPU replays it as a CUDA graph).
+    Each row (one sequence) has its own length: a batch can hold a server's
+    requests, each joining when it arrives (generation/batching.py).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, length: int, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, static: bool = False):
         shape = (config.n_layer, batch_size, config.n_head, length, config.head_size)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens per row
+        self.static = static  # attend over every slot, so that a compiled step never changes shape
+        if static and device.type == "cuda":  # CUDA graphs replay reads, writes at fixed addresses
+            for buffer in (self.keys, self.values, self.lengths):
+                torch._dynamo.mark_static_address(buffer)
 
-    def rows(self, start: int, stop: int) -> KVCache:
-        """Rows start .. stop-1 as a cache of their own: views, so what they store lands here."""
-        view = copy.copy(self)
-        view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
-        view.lengths = self.lengths[start:stop]
-        return view
+    def visible(self, positions: torch.Tensor) -> torch.Tensor:
+        """The attention mask of new tokens at positions (batch, T): (batch, 1, T, slots read).
 
-    def store(self, layer: int, positions: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Put layer's new keys and values (batch, heads, T, head_size) at positions (batch, T).
-
-        Returns all of the layer's keys and values, and which of them each new
-        query may see, (batch, 1, T, length): those up to its own position. The
-        slots after it hold nothing yet, or what an earlier sequence left there.
+        Each sees the slots up to its own position (0), never those after it (-inf),
+        which hold nothing yet or what an earlier sequence left there. A static cache
+        reads all its slots; another only up to the furthest position: less work.
         """
-        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        end = self.keys.size(3) if self.static else int(positions.max()) + 1
+        after = torch.arange(end, device=positions.device) > positions[..., None]
+        return torch.zeros(after.shape, dtype=self.keys.dtype, device=after.device).masked_fill(
+            after, float("-inf"))[:, None]
+
+    def store(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put layer's new keys and values (batch, heads, T, head_size) at positions (batch, T);
+        return the layer's keys and values in its first slots.
+        """
         keys, values = self.keys[layer], self.values[layer]
-        keys[rows, :, positions] = k.transpose(1, 2).to(keys.dtype)
-        values[rows, :, positions] = v.transpose(1, 2).to(values.dtype)
-        seen = torch.arange(keys.size(2), device=k.device) <= positions[..., None]
-        return keys, values, seen[:, None]
+        where = positions[:, None, :, None].expand_as(k)  # each row's own positions, every head
+        keys.scatter_(2, where, k.to(keys.dtype))
+        values.scatter_(2, where, v.to(values.dtype))
+        return keys[:, :, :slots], values[:, :, :slots]
 
 
 class CausalSelfAttention(nn.Module):
@@ -242,11 +242,11 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend over x (batch, time, n_embd), at positions (batch or 1, time; default 0, 1, ...).
 
         With a cache, x continues the sequences the cache holds: its keys and
-        values join the cached ones, and its queries attend to all of them.
+        values join the cached ones, and its queries attend to those mask shows.
         """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -261,9 +261,8 @@ class CausalSelfAttention(nn.Module):
             at = positions if positions is not None else torch.arange(T, device=x.device)[None]
             cos, sin = self.rope_cos[at][:, None], self.rope_sin[at][:, None]
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        mask = None  # causal
         if cache is not None:
-            k, v, mask = cache.store(self.layer, positions, k, v)
+            k, v = cache.store(self.layer, positions, k, v, mask.size(-1))
         y = attend(q, k, v, mask, self.dropout if self.training else 0.0, self.explicit)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -310,9 +309,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Apply attention then the MLP, each as a residual update of x."""
-        x = x + self.attn(self.ln_1(x), positions, cache)
+        x = x + self.attn(self.ln_1(x), positions, cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -378,9 +377,10 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size "
                              f"{self.config.block_size}")
-        positions = torch.arange(T, device=idx.device)[None]
+        positions, mask = torch.arange(T, device=idx.device)[None], None  # None: causal
         if cache is not None:
             positions = cache.lengths[:, None] + positions
+            mask = cache.visible(positions)
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(positions)
@@ -392,7 +392,7 @@ class GPT(nn.Module):
                 # Keep only the block's input; rerun the block in the backward pass.
                 x = checkpoint(block, x, positions, use_reentrant=False)
             else:
-                x = block(x, positions, cache)
+                x = block(x, positions, cache, mask)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.lengths += T
@@ -409,7 +409,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def new_cache(self, batch_size: int, length: int | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
+                  dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
         """An empty KVCache for batch_size sequences of up to length (block_size) tokens.
 
         dtype: the keys' precision; by default the weights', or autocast's on a GPU.
@@ -420,7 +420,7 @@ class GPT(nn.Module):
             gpu_autocast = kind != "cpu" and torch.is_autocast_enabled(kind)
             dtype = torch.get_autocast_dtype(kind) if gpu_autocast else weight.dtype
         length = length or self.config.block_size
-        return KVCache(self.config, batch_size, length, weight.device, dtype)
+        return KVCache(self.config, batch_size, length, weight.device, dtype, static)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -433,31 +433,30 @@ class GPT(nn.Module):
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-               generator: torch.Generator | None = None,
-               step: Callable[..., tuple] | None = None) -> Iterator[torch.Tensor]:
+               generator: torch.Generator | None = None, step: Callable[..., tuple] | None = None,
+               cache: KVCache | None = None) -> Iterator[torch.Tensor]:
         """Yield each new token, shape (batch, 1), as soon as it is sampled, so text shows live.
 
-        With use_cache, the context runs through the model once, into a KVCache,
-        and each new token then costs one position. Positions stop at
-        block_size: when the cache is full it is filled again from the newest
-        half of the window, so every token still sees at least block_size // 2
-        tokens of context, at correct positions. Up to block_size tokens the
-        output equals use_cache=False, which reruns the last block_size tokens at
-        every step. step computes one token's logits with the cache: the model
-        itself, or a compiled copy (whose shapes never change).
+        With use_cache the context runs through the model once, into a KVCache, then
+        each new token costs one position. A full cache is refilled from the newest
+        half of the window: each token sees at least block_size // 2 of context. Until
+        then the tokens equal use_cache=False's, which reruns the whole window each time.
+        step computes a token's logits: the model, or a compiled copy over a static cache
+        (which a caller may keep, so that the step always sees the same buffers).
         """
-        block, step = self.config.block_size, step or self
-        cache, held = None, 0  # held: tokens in the cache, the same for every row
+        block, step = self.config.block_size, self if step is None else step
+        held, token = 0, None  # held: tokens in the cache, the same for every row
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -block:])
-            elif cache is None or held == block:
-                held = min(idx.size(1), block if cache is None else max(1, block // 2))
-                cache = cache or self.new_cache(idx.size(0))
+            elif held in (0, block):  # fill the cache from the (newest part of the) context
+                held = min(idx.size(1), block if held == 0 else max(1, block // 2))
+                if cache is None:
+                    cache = self.new_cache(idx.size(0), static=step is not self)
                 cache.lengths.zero_()
                 logits, _ = self(idx[:, -held:], cache=cache)
             else:
-                logits, _ = step(idx[:, -1:], cache=cache)
+                logits, _ = step(token, cache=cache)  # the token sampled last
                 held += 1
             token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat((idx, token), dim=1)

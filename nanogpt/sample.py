@@ -10,6 +10,7 @@ LanguageModel.stream.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,23 +61,22 @@ def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:
     if not prompt:
         raise ConfigError("prompt is empty; give prompt=TEXT or prompt_file=PATH")
 
-    # One generator for all samples, so each sample differs and the set is reproducible.
+    # The samples are decoded together, as one batch; the first streams as it is written and
+    # the others follow it. One seeded generator draws them all: the set is reproducible.
     generator = torch.Generator(device=lm.device).manual_seed(cfg.seed)
-    samples = []
-    for n in range(cfg.num_samples):
-        if n:
-            out.write("\n---------------\n")
-        pieces = lm.stream(prompt, cfg.num_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+    steps = lm.stream_rows(prompt, cfg.num_samples, cfg.num_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                            use_cache=cfg.use_cache, generator=generator)
-        text = next(pieces, "")  # the prompt is checked before anything is written
-        out.write(prompt + text)
-        for piece in pieces:
-            out.write(piece)
-            out.flush()
-            text += piece
-        out.write("\n")
-        samples.append(prompt + text)
-    return samples
+    texts = [""] * cfg.num_samples
+    first = next(steps, texts)  # the prompt is checked before anything is written
+    out.write(prompt)
+    for pieces in itertools.chain([first], steps):
+        out.write(pieces[0])
+        out.flush()
+        texts = [text + piece for text, piece in zip(texts, pieces, strict=True)]
+    out.write("\n")
+    for text in texts[1:]:
+        out.write(f"\n---------------\n{prompt}{text}\n")
+    return [prompt + text for text in texts]
 
 
 @hydra_entry("sample", SampleConfig)

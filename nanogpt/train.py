@@ -28,7 +28,7 @@ from nanogpt.cli.sweeps import name_tracking_run
 from nanogpt.runtime import distributed, rundir
 from nanogpt.runtime.device import DeviceConfig
 from nanogpt.training.config import TrainConfig
-from nanogpt.training.trainer import build_trainer
+from nanogpt.training.setup import build_trainer
 
 
 @hydra_entry("train", TrainConfig, rewrite_arguments=resume.resume_arguments)

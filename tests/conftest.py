@@ -134,9 +134,10 @@ def register_commands() -> None:
     from nanogpt.eval import EvalConfig
     from nanogpt.export import ExportConfig
     from nanogpt.sample import SampleConfig
+    from nanogpt.serving.config import ServeConfig
     from nanogpt.training.config import TrainConfig
 
     for name, schema in (("train", TrainConfig), ("sample", SampleConfig), ("chat", ChatConfig),
                          ("eval", EvalConfig), ("data", DataConfig), ("export", ExportConfig),
-                         ("bench", BenchConfig)):
+                         ("bench", BenchConfig), ("serve", ServeConfig)):
         register_configs(name, schema)

@@ -33,7 +33,7 @@ import sys
 from nanogpt import train
 from nanogpt.dataset import batches, pipeline, sources, workers
 from nanogpt.errors import DataError
-from nanogpt.training import trainer
+from nanogpt.training import setup, trainer
 from nanogpt.weights import checkpoint
 
 
@@ -111,8 +111,8 @@ def install(faults: dict[str, str]) -> None:
             raise DataError(f"dataset.source={dataset.source} does not exist on this node")
         return original_prepare(dataset, data_root, *args, **kwargs)
 
-    original_prepare = trainer.prepare_dataset
-    trainer.prepare_dataset = prepare_dataset
+    original_prepare = setup.prepare_dataset
+    setup.prepare_dataset = prepare_dataset
     trainer.Trainer.train_step = train_step
     batches.BatchSampler.get_batch = get_batch
     trainer.Trainer.eval_batch_done = eval_batch_done

@@ -12,7 +12,7 @@ from nanogpt.runtime.stops import TrainingDiverged
 from nanogpt.tracking.loggers import LoggerConfig
 from nanogpt.training.config import ModelConfig, TrainConfig
 from nanogpt.training.divergence import LossWatch
-from nanogpt.training.trainer import build_trainer
+from nanogpt.training.setup import build_trainer
 
 
 def test_loss_watch_names_the_first_bad_iteration():

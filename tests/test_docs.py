@@ -139,7 +139,7 @@ def page_commands() -> tuple[list[Command], list[str]]:
 
 
 COMMANDS, UNPARSED = page_commands()
-HYDRA_COMMANDS = [c for c in COMMANDS if c.module not in ("report", "text.gpt2_files")]
+HYDRA_COMMANDS = [c for c in COMMANDS if c.module not in ("report", "text.gpt2_files", "benchmarks.serving")]
 
 
 def once_each(commands: list[Command]) -> list[Command]:

@@ -26,6 +26,7 @@ from nanogpt.evaluation.bpb import BpbOptions
 from nanogpt.evaluation.hellaswag import HellaSwagOptions, example_from, read_examples, validation_file
 from nanogpt.evaluation.scoring import encode_pair, score_requests
 from nanogpt.evaluation.tasks import TASKS, Subject
+from nanogpt.fileio import sha256_of_file
 from nanogpt.model import GPTConfig
 from nanogpt.runtime.device import DeviceConfig
 from nanogpt.text.tokenizers import GPT2_TOKENIZER, tiktoken_encoding
@@ -73,8 +74,8 @@ def test_continuations_score_as_transformers_does_batched_and_cut_from_the_left(
 
 
 def test_continuations_of_one_context_share_its_pass_and_score_as_transformers_does(monkeypatch):
-    """Four endings for each of several contexts (some of one length, so batched together), beside
-    requests read whole: contexts alone in their length, and one cut from the left.
+    """Four endings for each of several contexts of different lengths (batched together, each row's
+    cache at its own length), beside a request read whole: one cut from the left.
     """
     config = GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     model = random_gpt(config)
@@ -91,7 +92,9 @@ def test_continuations_of_one_context_share_its_pass_and_score_as_transformers_d
     for batch_size in (1, 2, 16):
         shared.clear()
         scores = score_requests(model, requests, batch_size, CPU, progress=False)
-        assert len(shared) == 5  # the contexts of lengths 5 and 8 share; 3, 11 and 14 are each alone
+        # Every context is read once; the 14-token one for the three endings that fit the block
+        # with it, while its 4-token ending (18 tokens in all) is cut from the left and read whole.
+        assert sorted(map(len, shared)) == [3] + [4] * 7
         for (context, continuation), (logprob, greedy) in zip(requests, scores, strict=True):
             expected, expected_greedy = hf_loglikelihood(hf, context, continuation, 16)
             assert logprob == pytest.approx(expected, abs=1e-4)
@@ -165,15 +168,22 @@ def test_hellaswag_is_downloaded_once_checked_and_only_then_cached(tmp_path, mon
     folder = tmp_path / "served"
     folder.mkdir()
     write_jsonl(folder / "hellaswag_val.jsonl", generated(10_042))
-    write_jsonl(folder / "short.jsonl", generated(100))
+    write_jsonl(folder / "other.jsonl", generated(100))
     server = FileServer(folder)
     root = tmp_path / "data_root"
+    root.mkdir()
     try:
-        monkeypatch.setattr(hellaswag, "VALIDATION_URL", f"{server.url}/short.jsonl")
-        with pytest.raises(DataError, match="has 100 examples, not HellaSwag's 10,042; nothing was cached"):
+        # Not the published file (its sha256 differs): refused; the cache is as it was, no hellaswag/ in it.
+        monkeypatch.setattr(hellaswag, "VALIDATION_URL", f"{server.url}/other.jsonl")
+        with pytest.raises(DataError, match="sent [0-9,]+ bytes with sha256 [0-9a-f]{64}, not the "
+                                            "published validation set \\(12,246,618 bytes, sha256 "
+                                            "0aa3b888.*nothing was cached"):
             validation_file(root)
-        assert not [p for p in root.rglob("*") if p.is_file()]  # nothing half-written, nothing unchecked
+        assert list(root.iterdir()) == []
+        # The download machinery, with the checksum of the file this server has (the real one cannot be
+        # fetched here): checked, then cached, then read from the cache.
         monkeypatch.setattr(hellaswag, "VALIDATION_URL", f"{server.url}/hellaswag_val.jsonl")
+        monkeypatch.setattr(hellaswag, "VALIDATION_SHA256", sha256_of_file(folder / "hellaswag_val.jsonl"))
         path = validation_file(root)
         assert path == root / "hellaswag" / "hellaswag_val.jsonl"
         assert path.read_bytes() == (folder / "hellaswag_val.jsonl").read_bytes()
@@ -184,8 +194,10 @@ def test_hellaswag_is_downloaded_once_checked_and_only_then_cached(tmp_path, mon
     with pytest.raises(DataError) as error:
         validation_file(tmp_path / "elsewhere")
     assert str(error.value) == (f"could not download HellaSwag's validation set from {server.url}/"
-                                "hellaswag_val.jsonl (could not connect); offline, fetch that file elsewhere "
-                                "and give task.source=PATH")
+                                "hellaswag_val.jsonl (could not connect: Failed to establish a new "
+                                "connection: [Errno 111] Connection refused); offline, fetch that file "
+                                "elsewhere and give task.source=PATH")
+    assert not (tmp_path / "elsewhere").exists()  # no hellaswag/ folder: a failed download leaves none
 
 
 def test_bits_per_byte_counts_the_utf8_bytes_of_the_scored_text(bpe_cache, tmp_path):

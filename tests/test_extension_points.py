@@ -23,7 +23,7 @@ from nanogpt.runtime.device import DeviceConfig
 from nanogpt.text.tokenizers import TOKENIZERS, Tokenizer, load_tokenizer
 from nanogpt.tracking.loggers import LOGGERS, Logger, LoggerConfig
 from nanogpt.training.config import ModelConfig, TrainConfig
-from nanogpt.training.trainer import build_trainer
+from nanogpt.training.setup import build_trainer
 
 BASE = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 

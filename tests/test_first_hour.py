@@ -88,6 +88,7 @@ MISSING = [
     Missing("peft", "train", ("lora.rank=4", *RUN), "lora.rank=4", "peft", "peft"),
     Missing("peft", "export", ("ckpt={hf_dir}", "out={out}", "adapter_only=true"),
             "nanogpt.export adapter_only=true", "peft", "peft"),
+    Missing("fastapi", "serve", ("ckpt={hf_dir}",), "nanogpt.serve", "fastapi", "serve"),
 ]
 
 

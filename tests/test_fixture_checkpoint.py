@@ -43,7 +43,7 @@ def test_old_checkpoint_is_scored_by_eval(tmp_path):
 def test_old_last_pt_resumes(tmp_path):
     from nanogpt.cli.entry import to_dataclass
     from nanogpt.training.config import TrainConfig
-    from nanogpt.training.trainer import build_trainer
+    from nanogpt.training.setup import build_trainer
     from nanogpt.weights.checkpoint import load_checkpoint
 
     cfg = OmegaConf.load(FIXTURE / "config.yaml")
@@ -52,7 +52,7 @@ def test_old_last_pt_resumes(tmp_path):
     run_dir.mkdir()
     shutil.copy(FIXTURE / "last.pt", run_dir / "last.pt")
     trainer = build_trainer(to_dataclass(cfg, TrainConfig), run_dir, OmegaConf.to_container(cfg),
-                            resume_state=load_checkpoint(run_dir / "last.pt"))
+                            resume=load_checkpoint(run_dir / "last.pt"))
     assert trainer.iter_num == EXPECTED["iter_num"]
     trainer.run()
     assert trainer.iter_num == 8

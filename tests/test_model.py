@@ -299,7 +299,7 @@ def test_logit_softcap_bounds_the_logits_smoothly():
 
 @pytest.mark.parametrize("queries", [16, 1, 5])
 def test_attention_written_out_is_what_the_fused_kernel_computes(queries):
-    """softmax(q kᵀ/√d, hidden keys masked) v against F.scaled_dot_product_attention: the causal
+    """softmax(q kᵀ/√d + mask) v against F.scaled_dot_product_attention: the causal
     window, and queries at positions of their own over a cache's keys (one new token, a few).
     """
     torch.manual_seed(0)
@@ -308,8 +308,9 @@ def test_attention_written_out_is_what_the_fused_kernel_computes(queries):
     if queries == 16:
         torch.testing.assert_close(attention(q, k, v), sdpa(q, k, v, is_causal=True))
     positions = torch.tensor([[3 + i for i in range(queries)], [10 + i for i in range(queries)]])
-    mask = (torch.arange(16) <= positions[..., None])[:, None]  # each row's queries at its positions
-    torch.testing.assert_close(attention(q, k, v, mask), sdpa(q, k, v, attn_mask=mask))
+    seen = (torch.arange(16) <= positions[..., None])[:, None]  # each row's queries at its positions
+    mask = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))
+    torch.testing.assert_close(attention(q, k, v, mask), sdpa(q, k, v, attn_mask=seen))
 
 
 def test_the_model_with_explicit_attention_matches_the_fused_one():

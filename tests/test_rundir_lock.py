@@ -87,7 +87,8 @@ def test_a_requeued_job_waits_for_the_previous_attempt_to_let_go(corpus, data_ro
     requeued = Running([sys.executable, "-m", "nanogpt.train", *common(corpus, data_root, run_dir),
                         "max_iters=4", "eval_interval=2"], tmp_path, env={"SLURM_RESTART_COUNT": "1"})
     requeued.wait_for(f"is held by pid {previous.pid}")
-    assert any("this requeued job waits up to" in line for line in requeued.stderr + requeued.stdout)
+    assert any("this job's previous attempt; this requeued job waits for it to end" in line
+               for line in requeued.stderr + requeued.stdout)
     time.sleep(1)
     assert requeued.process.poll() is None and not (run_dir / "last.pt").exists()  # waiting, not training
     previous.communicate("done\n", timeout=60)  # the previous attempt exits

@@ -134,7 +134,7 @@ def test_a_bad_line_is_named_by_file_and_number_and_leaves_nothing(line, message
     path = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "fine", "response": "yes"}', line])
     with pytest.raises(DataError, match=f"^{path}:2: {message}"):
         prepare(path, data_root)
-    assert [p.name for p in (data_root / "sft_test").iterdir()] == [".lock"]
+    assert list(data_root.iterdir()) == []  # no cache folder, no lock file: the refusal made them
 
 
 def test_characters_a_character_base_cannot_encode_are_listed(tmp_path, data_root):
@@ -198,14 +198,14 @@ def test_a_long_conversation_keeps_its_newest_turns_within_the_budget():
         messages += [{"role": "user", "content": f"question {c}"},
                      {"role": "assistant", "content": f"answer {c}"}]
     messages.append({"role": "user", "content": "last one"})
-    ids, dropped = template.prompt(messages, encode, budget=130)
+    ids, dropped, _ = template.prompt(messages, encode, budget=130)
     text = decode(ids)
     assert len(ids) <= 130 and dropped == 16  # 8 of the 10 turns, each a question with its answer
     assert text.startswith("System: Be brief.\n") and text.endswith("User: last one\nAssistant:")
     assert "question a" not in text and "answer j" in text
     # A single message longer than the budget loses its beginning, as a long training example does.
-    ids, _ = template.prompt([{"role": "user", "content": "a" * 200}], encode, budget=50)
-    assert len(ids) == 50 and decode(ids).endswith("aaa\nAssistant:")
+    ids, _, cut = template.prompt([{"role": "user", "content": "a" * 200}], encode, budget=50)
+    assert len(ids) == 50 and cut > 0 and decode(ids).endswith("aaa\nAssistant:")
 
 
 def test_two_unnamed_files_get_their_own_caches_and_another_base_prepares_again(tmp_path, data_root):

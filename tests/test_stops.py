@@ -125,6 +125,7 @@ def test_ctrl_c_during_training_stops_within_a_step(tmp_path, slow_run):
     assert run.stdout[-1] == (f"stopped by SIGINT before iteration {saved['iter_num']}: saved "
                               f"{run_dir / 'last.pt'}; resume with: python -m nanogpt.train resume={run_dir}")
     assert saved["iter_num"] > 20 and not list(run_dir.glob(".*.tmp"))
+    assert not list(run_dir.glob(".run.*"))  # stopped, it let go of the directory: no lock or holder file
     # The records end where the checkpoint does: nothing is logged that the checkpoint lacks.
     assert max(r["iter"] for r in read_metrics(run_dir)) < saved["iter_num"]
 

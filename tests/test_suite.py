@@ -38,7 +38,7 @@ def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_ro
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "suite.json").read_text())
     runs = report["runs"]
-    assert set(runs) == {"default", "gpt2", "recipe", "nanogpt"}
+    assert set(runs) == {"default", "default_graphs", "gpt2", "recipe", "nanogpt"}
     for name in ("default", "gpt2"):
         assert runs[name]["iters_per_sec"] > 0 and runs[name]["ms_per_token"] > 0
         assert runs[name]["mfu"] is None  # no known peak on a CPU
@@ -51,6 +51,7 @@ def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_ro
     targets = {row["target"]: row for row in report["targets"]}
     assert targets["GPT-2 124M MFU >= 50% (H100 goal)"]["met"] is None  # unmeasured, not failed
     assert targets["default config fits in 8 GB"]["met"] is True
+    assert runs["default"]["rows_time_vs_one"] > 0  # 16 rows decoded together, timed against one
     assert "| target | measured | met |" in result.stdout
     assert (out / "suite.md").read_text().strip() in result.stdout
 
@@ -84,10 +85,16 @@ def test_nanogpt_output_is_parsed_and_targets_are_judged():
               "step 5000: train loss 1.01, val loss 1.47\n")
     assert nanogpt_figures(output) == {"iter": 5000, "val_loss": 1.47, "train_loss": 1.01,
                                        "best_val_loss": 1.47}
-    default = {"iters_per_sec": 150.0, "peak_memory_mb": 9000.0, "ms_per_token": 4.0}
-    rows = {row["target"]: row["met"] for row in check_targets({"default": default, "gpt2": {"error": "x"}})}
-    assert rows["default config > 100 iter/s"] is True and rows["default config fits in 8 GB"] is False
+    default = {"iters_per_sec": 150.0, "peak_memory_mb": 9000.0, "ms_per_token": 4.0, "rows_time_vs_one": 1.5}
+    recipe = {"best_val_loss": 1.4618, "wall_ratio_to_nanogpt": 0.92}
+    rows = {row["target"]: row["met"]
+            for row in check_targets({"default": default, "gpt2": {"error": "x"}, "recipe": recipe})}
+    assert rows["default config >= 150 iter/s"] is True and rows["default config fits in 8 GB"] is False
+    assert rows["generation <= 2 ms/token (default config)"] is False
+    assert rows["16 sequences <= 2x the time of one"] is True
     assert rows["GPT-2 124M MFU >= 50% (H100 goal)"] is None
+    assert rows["shakespeare_char best val <= 1.47 in 5000 iters"] is True
+    assert rows["shakespeare_char in <= 0.5x nanoGPT's wall time"] is False
 
 
 def test_unknown_suite_is_refused(tmp_path):

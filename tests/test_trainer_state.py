@@ -12,7 +12,7 @@ from nanogpt.dataset.config import DatasetConfig
 from nanogpt.runtime.device import DeviceConfig
 from nanogpt.tracking.loggers import LoggerConfig
 from nanogpt.training.config import ModelConfig, TrainConfig
-from nanogpt.training.trainer import build_trainer
+from nanogpt.training.setup import build_trainer
 
 
 def config(corpus, data_root, optimizer: str = "adamw") -> TrainConfig:

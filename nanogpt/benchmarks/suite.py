@@ -4,13 +4,13 @@ One command that measures, on whatever GPU it finds, what the project promises
 for GPUs, and writes one report (suite.json, suite.md):
 
 - default: the default config (6/6/384, block 256, batch 64) through nanogpt.bench:
-  iterations per second, peak GPU memory, and ms per generated token (KV cache),
-  each set against the target (> 100 iter/s, < 8 GB, < 10 ms/token);
+  iterations per second, peak GPU memory, ms per generated token at batch 1 with
+  each token streamed to the host, and 16 sequences decoded together against one;
 - gpt2: GPT-2 124M (model=gpt2 on GPT-2 BPE) training in bf16 with torch.compile
   and scaled_dot_product_attention (flash attention where the GPU has it):
-  tokens/s and MFU against the GPU's dense bf16 peak (goal: >= 50% on an H100);
-- recipe: ``python -m nanogpt.train +experiment=shakespeare_char`` (val loss at
-  5000 iterations, wall time) and, if bench.nanogpt_dir names a karpathy/nanoGPT
+  tokens/s and MFU against the GPU's dense bf16 peak, and ms per generated token;
+- recipe: ``python -m nanogpt.train +experiment=shakespeare_char`` (best val loss
+  over 5000 iterations, wall time) and, if bench.nanogpt_dir names a karpathy/nanoGPT
   checkout, nanoGPT's own ``train.py config/train_shakespeare_char.py`` beside it.
 
 Each measurement is its own process, so one run's compiled graphs and GPU
@@ -35,16 +35,24 @@ from nanogpt.tracking.metrics import read_metrics
 
 # The project's GPU targets: (what, the figure's key in a run's results, comparison, bound).
 GPU_TARGETS = (
-    ("default config > 100 iter/s", ("default", "iters_per_sec"), ">", 100.0),
+    ("default config >= 150 iter/s", ("default", "iters_per_sec"), ">=", 150.0),
     ("default config fits in 8 GB", ("default", "peak_memory_mb"), "<", 8192.0),
-    ("generation < 10 ms/token", ("default", "ms_per_token"), "<", 10.0),
+    ("generation <= 2 ms/token (default config)", ("default", "ms_per_token"), "<=", 2.0),
+    ("16 sequences <= 2x the time of one", ("default", "rows_time_vs_one"), "<=", 2.0),
+    ("GPT-2 124M generation <= 5 ms/token", ("gpt2", "ms_per_token"), "<=", 5.0),
     ("GPT-2 124M MFU >= 50% (H100 goal)", ("gpt2", "mfu"), ">=", 0.5),
-    ("shakespeare_char best val < 1.5 in 5000 iters", ("recipe", "best_val_loss"), "<", 1.5),
+    ("shakespeare_char best val <= 1.47 in 5000 iters", ("recipe", "best_val_loss"), "<=", 1.47),
+    ("shakespeare_char in <= 0.5x nanoGPT's wall time", ("recipe", "wall_ratio_to_nanogpt"), "<=", 0.5),
 )
 
 # What each of our runs is, before the suite's own overrides are laid over it.
 RUNS = {
-    "default": ("nanogpt.bench", ["bench.gen_tokens=1000", "bench.gen_uncached=false"]),
+    "default": ("nanogpt.bench", ["bench.gen_tokens=1000", "bench.gen_uncached=false",
+                                  "bench.gen_rows=16"]),
+    # The default config with its training step replayed as CUDA graphs, which is not yet the
+    # default (no GPU has measured it): beside "default", whether it pays.
+    "default_graphs": ("nanogpt.bench", ["bench.gen_tokens=200", "bench.gen_uncached=false",
+                                         "device.cuda_graphs=true"]),
     "gpt2": ("nanogpt.bench", ["model=gpt2", "dataset=shakespeare", "batch_size=16",
                                "device.dtype=bfloat16", "device.compile=true",
                                "bench.warmup_steps=10", "bench.train_steps=50",
@@ -77,7 +85,8 @@ def bench_figures(results: dict) -> dict:
     return {"device": results["machine"]["device"], "settings": results["settings"],
             "ms_per_iter": train["train_ms_per_iter"], "iters_per_sec": 1000 / train["train_ms_per_iter"],
             "tokens_per_sec": train["train_tokens_per_sec"], "mfu": train["mfu"],
-            "peak_memory_mb": train["peak_memory_mb"], "ms_per_token": generation["ms_per_token"]}
+            "peak_memory_mb": train["peak_memory_mb"], "ms_per_token": generation["ms_per_token"],
+            "rows_time_vs_one": results.get("generate_rows", {}).get("time_vs_one")}
 
 
 def recipe_figures(run_dir: Path) -> dict:
@@ -146,7 +155,7 @@ def run_nanogpt(checkout: Path, extra_args: list[str], dataset_source: str | Non
 
 def check_targets(runs: dict) -> list[dict]:
     """Each target with the measured figure and whether it is met (None where not measured)."""
-    compare = {">": float.__gt__, "<": float.__lt__, ">=": float.__ge__}
+    compare = {">": float.__gt__, "<": float.__lt__, ">=": float.__ge__, "<=": float.__le__}
     rows = []
     for what, (run, key), op, bound in GPU_TARGETS:
         value = runs.get(run, {}).get(key)
@@ -170,6 +179,8 @@ def format_report(report: dict) -> str:
                        f"compile {s['compile']}: {run['iters_per_sec']:.1f} iter/s, "
                        f"{run['tokens_per_sec']:,.0f} tok/s, MFU {mfu}, {run['peak_memory_mb']:,.0f} MB, "
                        f"{run['ms_per_token']:.2f} ms/token")
+            if run.get("rows_time_vs_one") is not None:
+                figures += f"; 16 rows {run['rows_time_vs_one']:.2f}x one row's time"
         else:
             figures = f"val {run['val_loss']:.4f} at iter {run['iter']} (best {run['best_val_loss']:.4f})"
             if "wall_ratio_to_nanogpt" in run:

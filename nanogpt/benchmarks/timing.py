@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nanogpt.generation.language_model import compiled_step
 from nanogpt.training.trainer import Trainer
 
 
@@ -43,21 +44,30 @@ def time_training(trainer: Trainer, warmup_steps: int, train_steps: int) -> dict
             "mfu": speed.get("mfu"), "peak_memory_mb": peak_memory_mb(device)}
 
 
-def time_generation(trainer: Trainer, new_tokens: int, use_cache: bool) -> dict:
-    """Milliseconds per generated token from a one-token prompt, after a short warm-up."""
+def time_generation(trainer: Trainer, new_tokens: int, use_cache: bool, rows: int = 1) -> dict:
+    """Milliseconds per generation step (rows sequences decoded together) from a one-token prompt.
+
+    Generation runs as sampling does: compiled where training compiles (its one-token
+    steps over a static cache, as CUDA graphs on a GPU unless device.cuda_graphs=false),
+    after a warm-up that covers the compilation and the cache's refill at block_size.
+    """
     model, device = trainer.model, trainer.runtime.device
     model.eval()
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    step = compiled_step(model, device, trainer.cfg.device.cuda_graphs) if trainer.runtime.compile else None
+    cache = model.new_cache(rows, static=True) if step is not None and use_cache else None
+    prompt = torch.zeros((rows, 1), dtype=torch.long, device=device)
+    warmup = model.config.block_size + 8 if step is not None else 8
     with trainer.ctx:
-        for _ in model.stream(prompt, 8, use_cache=use_cache):
+        for _ in model.stream(prompt, warmup, use_cache=use_cache, step=step, cache=cache):
             pass
         synchronize(device)
         start = time.perf_counter()
-        for token in model.stream(prompt, new_tokens, top_k=200, use_cache=use_cache):
-            token.item()  # a streaming caller needs each token on the host
+        for token in model.stream(prompt, new_tokens, top_k=200, use_cache=use_cache, step=step, cache=cache):
+            token.tolist()  # a streaming caller needs each token on the host
         seconds = time.perf_counter() - start
     model.train()
-    return {"ms_per_token": seconds * 1000 / new_tokens, "tokens_per_sec": new_tokens / seconds}
+    return {"ms_per_token": seconds * 1000 / new_tokens, "tokens_per_sec": rows * new_tokens / seconds,
+            "rows": rows}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -108,6 +118,10 @@ def format_table(results: dict) -> str:
         ("generate ms/token (KV cache)", f"{results['generate_cached']['ms_per_token']:.2f}"),
         ("generate tokens/s (KV cache)", f"{results['generate_cached']['tokens_per_sec']:,.0f}"),
     ]
+    if "generate_rows" in results:
+        together = results["generate_rows"]
+        rows.append((f"generate {together['rows']} rows: ms/step", f"{together['ms_per_token']:.2f} "
+                     f"({together['time_vs_one']:.2f}x one row's)"))
     if "generate_uncached" in results:
         rows += [
             ("generate ms/token (no cache)", f"{results['generate_uncached']['ms_per_token']:.2f}"),

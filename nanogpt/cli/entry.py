@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nanogpt.cli.errors import reporting_user_errors, stopping_with_one_line
 from nanogpt.cli.help import command_as_typed, help_text
-from nanogpt.cli.hydra_run_dir import new_run_dir, removed_if_refused
+from nanogpt.cli.hydra_run_dir import new_run_dir, remove_refused_sweeps, removed_if_refused
 from nanogpt.cli.paths import CONFIG_DIR, EXPERIMENTS_DIR
 from nanogpt.cli.sweeps import register_resolvers
 from nanogpt.dataset.config import DatasetConfig
@@ -108,6 +108,7 @@ def hydra_entry(
                         sys.argv[1:] = rewrite_arguments(sys.argv[1:])
                     hydra_main()
             finally:
+                remove_refused_sweeps()
                 if previous is None:
                     os.environ.pop("HYDRA_FULL_ERROR", None)
                 else:

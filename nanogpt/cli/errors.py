@@ -18,11 +18,23 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from nanogpt.errors import ConfigError, MissingPackage, UserError, exit_with_error, first_line, is_installed
+from nanogpt.errors import (
+    ConfigError,
+    MissingPackage,
+    UserError,
+    WriteFailed,
+    describe_library_error,
+    exit_with_error,
+    first_line,
+    is_installed,
+    library_failure,
+)
+from nanogpt.fileio import is_refused_write, write_failed
 from nanogpt.runtime.distributed import context_from_environment
 from nanogpt.runtime.stops import STOP_SIGNALS, STOPPED_STATUSES, Interrupted, exit_at_once
 
@@ -44,6 +56,7 @@ def reporting_user_errors(debugging: bool | None = None, in_task: bool = False) 
     except Exception as error:
         if debugging or not is_user_error(error):
             raise
+        error = as_write_failed(error) if is_refused_write(error) else error
         context = context_from_environment()
         status = getattr(error, "exit_status", 2)
         if context.is_main:
@@ -89,8 +102,24 @@ def is_config_error(error: BaseException) -> bool:
 
 
 def is_user_error(error: BaseException) -> bool:
-    """True for errors caused by input the user controls, rather than by a bug."""
-    return isinstance(error, (UserError, HydraException, OmegaConfBaseException))
+    """True for errors caused by input the user controls, rather than by a bug.
+
+    A write the file system refused (a full disk, a quota) is the user's to fix
+    too, wherever it happened: the places that write files say so in their own
+    terms (fileio.write_failed), and as_write_failed says it for any other. So
+    is a failure inside a library we drive (errors.library_failure): it comes of
+    what the user gave it.
+    """
+    return (isinstance(error, (UserError, HydraException, OmegaConfBaseException)) or is_refused_write(error)
+            or library_failure(error) is not None)
+
+
+def as_write_failed(error: OSError) -> WriteFailed:
+    """The full-disk message for a refused write that no writer reported in its own terms."""
+    if error.filename is not None:
+        return write_failed(Path(error.filename), error)
+    return WriteFailed(f"a write was refused: {error.strerror or error}; free some space (or choose another "
+                       "directory) and run again")
 
 
 # Hydra's launcher and sweeper options that come from plugin packages: (group, option) ->
@@ -136,10 +165,19 @@ def describe_error(error: BaseException) -> str:
             f"{first_line(str(error))}; quote values with spaces or non-ASCII characters "
             """for Hydra, e.g. 'prompt="ROMÉO:"'"""
         )
+    ambiguous = re.match(r"Ambiguous value for argument '([^=']+)=(.*)'", str(error))
+    if ambiguous:  # Hydra's advice takes three more lines; the same, in one
+        key, value = ambiguous.groups()
+        return (f"{key}={value}: Hydra reads a comma as several values; for one value that holds commas, "
+                f"""quote it inside the shell's quotes: "{key}='{value}'"; for a list: {key}=[{value}]; """
+                "to sweep over the values: add -m")
     if isinstance(cause, OmegaConfBaseException):
         message = first_line(getattr(cause, "msg", None) or str(cause))
         key = getattr(cause, "full_key", None)
         return f"{key}: {message}" if key else message
+    library = library_failure(error)
+    if library is not None:
+        return f"{library} failed: {describe_library_error(error)}; NANOGPT_DEBUG=1 shows the whole traceback"
     return first_line(str(error))
 
 

@@ -9,6 +9,8 @@ again, with the dated folders made for it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli.errors import is_user_error
 from nanogpt.errors import UserError, exit_with_error
+from nanogpt.fileio import describe_names, folders_to_make, remove_if_empty
 from nanogpt.runtime import rundir
 from nanogpt.runtime.distributed import context_from_environment
+
+MULTIRUN_FILE = "multirun.yaml"  # what Hydra's sweepers write into the sweep directory first
 
 
 class ClaimRunDir(Callback):
@@ -30,20 +35,64 @@ class ClaimRunDir(Callback):
 
     Hydra creates the directory, opens the log there and writes .hydra/ before
     the task runs; a second process aiming at a directory that a live run holds
-    is refused here, first, so it touches none of that run's files. (A sweep's
-    jobs are given their directories later, inside the launcher: the task claims
-    those, after Hydra's own .hydra/ files.) The task lets go when it ends.
+    is refused here, first, so it touches none of that run's files; so is a new
+    run aimed at a directory that already holds a run (unless it resumes it:
+    resumable commands' resume= and auto_resume=true) or the user's files
+    (rundir.check_new_run). (A sweep's jobs are given their directories later,
+    inside the launcher: the task claims those, after Hydra's own .hydra/ files;
+    their sweep directory is checked here when the sweep starts.) The task lets
+    go when it ends.
     """
+
+    def __init__(self, resumable: bool = False):
+        self.resumable = resumable  # train: resume= and auto_resume=true may continue a run in its directory
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not context_from_environment().is_main:
             return  # torchrun's other ranks work in rank 0's directory, which rank 0 holds
+        check = functools.partial(
+            rundir.check_new_run, command=str(config.hydra.job.name),
+            resuming=self.resumable and bool(OmegaConf.select(config, "resume", default=None)),
+            may_resume=self.resumable and bool(OmegaConf.select(config, "auto_resume", default=False)))
         try:
             # Resolved as Hydra is about to resolve it (${now:} is cached in the config).
-            rundir.claim(Path(str(config.hydra.run.dir)))
+            rundir.claim(Path(str(config.hydra.run.dir)), check)
         except UserError as error:
             # Hydra turns a callback's exceptions into warnings and goes on; this one must stop the run.
             exit_with_error(str(error), error.exit_status)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Refuse a sweep directory that holds anything (an earlier sweep, the user's files), and note the
+        folders this sweep will make, so that a sweep whose every job is refused removes them again.
+
+        auto_resume=true may go on with an earlier sweep in its own directory.
+        """
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        contents = sorted(os.listdir(sweep_dir)) if sweep_dir.is_dir() else []
+        may_resume = self.resumable and bool(OmegaConf.select(config, "auto_resume", default=False))
+        if contents and not (may_resume and (sweep_dir / MULTIRUN_FILE).is_file()):
+            again = " (to go on with an earlier sweep there: auto_resume=true)" if self.resumable else ""
+            exit_with_error(f"the sweep directory {sweep_dir} already holds {describe_names(contents)}; a "
+                            "sweep writes a directory of its own: give a fresh one (hydra.sweep.dir=NEW, or "
+                            f"leave it out for a dated one){again}")
+        _sweeps.append((sweep_dir, tuple(folders_to_make(sweep_dir))))
+
+
+_sweeps: list[tuple[Path, tuple[Path, ...]]] = []  # (sweep directory, folders made for it) of this process
+
+
+def remove_refused_sweeps() -> None:
+    """Remove the sweep directories this process started whose every job was refused (and removed).
+
+    Such a sweep directory holds only Hydra's multirun.yaml; it goes, with the
+    folders made for it, as every refusal leaves the disk as it found it.
+    """
+    while _sweeps:
+        sweep_dir, made = _sweeps.pop()
+        with contextlib.suppress(OSError):
+            if os.listdir(sweep_dir) == [MULTIRUN_FILE]:
+                (sweep_dir / MULTIRUN_FILE).unlink()
+                remove_if_empty(made)
 
 
 def new_run_dir() -> tuple[Path | None, tuple[Path, ...]]:

@@ -1,13 +1,13 @@
 """Resuming a run from the command line: where from, and what may change.
 
-What a last.pt holds of training, and how it is put back, is the Trainer's
-(Trainer.state_dict); besides it, a last.pt keeps the command-line overrides
-the run was started with. ``python -m nanogpt.train resume=RUN_DIR_OR_CKPT
-[safe overrides]`` re-composes
-the run's own overrides, lets the new ones replace theirs, refuses any change to
-what the run means (model, dataset, optimizer, seed, batch) and trains on in the
-same run directory. ``auto_resume=true`` does the same for a run whose (fixed)
-run directory already holds a last.pt, as a preempted cluster job restarts.
+What a last.pt holds, and how it is put back, is the Trainer's (Trainer.state_dict;
+training/state.py's SavedRun reads it back). ``python -m nanogpt.train
+resume=RUN_DIR_OR_CKPT [safe overrides]`` re-composes the run's own overrides, lets
+the new ones replace theirs, refuses any change to what the run means (model,
+dataset, optimizer, seed, batch) and trains on in the same run directory.
+``auto_resume=true`` does the same for a run whose (fixed) run directory already
+holds a last.pt, as a preempted cluster job restarts. Each process reads the
+last.pt once: the command line's rewrite keeps what it read for the task.
 """
 
 from __future__ import annotations
@@ -24,13 +24,16 @@ from nanogpt.cli.paths import CONFIG_DIR
 from nanogpt.errors import CheckpointError, ConfigError
 from nanogpt.runtime.distributed import check_world_size, context_from_environment
 from nanogpt.training.config import TrainConfig
-from nanogpt.weights.checkpoint import LAST, load_checkpoint
+from nanogpt.training.state import SavedRun
+from nanogpt.weights.checkpoint import LAST
 
 log = logging.getLogger("nanogpt.resume")
 
 # Config keys (and groups) that define what a run is; a resumed run must keep them.
 MEANING_KEYS = ("model", "dataset", "optimizer", "lora", "seed", "batch_size", "gradient_accumulation_steps")
 SAFE_EXAMPLES = "max_iters, eval_interval, eval_iters, log_interval, sample_tokens, device, logger, data_root"
+# last.pt files this process has read (while rewriting its command line), kept for its task.
+_read: dict[Path, SavedRun] = {}
 
 
 # ---------------------------------------------------------------- where to resume from
@@ -51,15 +54,12 @@ def resume_checkpoint_path(target: str | Path) -> Path:
     raise CheckpointError(f"resume={target} does not exist; give a run directory or its last.pt")
 
 
-def load_resumable(path: Path) -> dict:
-    """Load a checkpoint (never executing code) that holds a full training state."""
-    state = load_checkpoint(path)
-    if "training" not in state or "optimizer" not in state:
-        raise CheckpointError(
-            f"{path} holds weights but no training state (optimizer, random generators); "
-            f"resume from the run's {LAST}"
-        )
-    return state
+def saved_run(path: Path) -> SavedRun:
+    """The last.pt at path, read once per process."""
+    path = path.resolve()
+    if path not in _read:
+        _read[path] = SavedRun.read(path)
+    return _read[path]
 
 
 def check_resume_compatible(saved: dict, new: dict) -> None:
@@ -101,11 +101,14 @@ def checkpoint_to_resume(resume: str | None, auto_resume: bool, run_dir: Path, c
         path = run_dir / LAST
     else:
         return None
-    state = load_resumable(path)
-    check_resume_compatible(state.get("config", {}), config)
-    check_world_size(state["training"].get("world_size", 1), context_from_environment().world_size)
-    log.info("resuming %s from iteration %d (%s)", run_dir, state["iter_num"], path)
-    return state
+    saved = saved_run(path)
+    _read.pop(saved.path)  # the Trainer takes it from here; nothing else keeps the weights alive
+    check_resume_compatible(saved.config, config)
+    world_size = context_from_environment().world_size
+    sharded_job = world_size > 1 and config.get("distributed", {}).get("strategy") == "fsdp"
+    check_world_size(saved.world_size, world_size, sharded=saved.sharded or sharded_job)
+    log.info("resuming %s from iteration %d (%s)", run_dir, saved.iter_num, path)
+    return saved.state
 
 
 def resume_arguments(argv: list[str]) -> list[str]:
@@ -128,7 +131,7 @@ def resume_arguments(argv: list[str]) -> list[str]:
     if target is None:  # resume=null
         return argv
     path = resume_checkpoint_path(str(target))
-    state = load_resumable(path)
+    saved = saved_run(path)
     run_dir = path.parent
     # Naming the run's own directory is harmless (torchrun's other ranks are handed rank 0's).
     if any(o.key_or_group.startswith("hydra.run") and not is_dir_override(o, run_dir) for o in given):
@@ -138,13 +141,13 @@ def resume_arguments(argv: list[str]) -> list[str]:
     def key(override) -> str:
         return f"{override.key_or_group}@{override.package}"
 
-    saved = parse_overrides(list(state["training"].get("overrides", [])))
+    started = parse_overrides(saved.overrides)
     new_keys = {key(o) for o in given}
-    kept = [o.input_line for o in saved if key(o) not in new_keys and o.key_or_group != "resume"]
+    kept = [o.input_line for o in started if key(o) not in new_keys and o.key_or_group != "resume"]
     # The source as the run recorded it (absolute), so a relative path given then still finds it from here.
-    source = (state.get("config") or {}).get("dataset", {}).get("source")
+    source = saved.config.get("dataset", {}).get("source")
     given_source = any(o.key_or_group == "dataset.source" for o in given)
-    if source is not None and any(o.key_or_group == "dataset.source" for o in saved) and not given_source:
+    if source is not None and any(o.key_or_group == "dataset.source" for o in started) and not given_source:
         kept = [line for line in kept if not line.startswith("dataset.source=")]
         kept.append(f"dataset.source={quote(str(source))}")
     overrides = kept + [o.input_line for o in given if o.key_or_group != "resume"]
@@ -153,7 +156,7 @@ def resume_arguments(argv: list[str]) -> list[str]:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         composed = compose(config_name="train", overrides=overrides)
     config = to_dataclass(composed, TrainConfig)  # wrong keys or types fail now, not in the run directory
-    check_resume_compatible(state.get("config", {}), recorded_config(composed, config))
+    check_resume_compatible(saved.config, recorded_config(composed, config))
     return overrides + [f"hydra.run.dir={quote(str(run_dir))}"]
 
 

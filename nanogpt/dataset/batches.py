@@ -135,12 +135,8 @@ class ExampleWindows:
                         for split in ("train", "val")}
         self.offsets = {split: np.fromfile(data.directory / f"{split}.offsets.bin", dtype=np.int64)
                         for split in ("train", "val")}
-        for split, offsets in self.offsets.items():
-            lengths = np.diff(offsets)
-            cut = int((lengths > block_size + 1).sum())
-            if cut:
-                log.info("sft: %d of %d %s examples are longer than block_size + 1 = %d tokens; they are cut "
-                         "from the left (the start of the prompt)", cut, len(lengths), split, block_size + 1)
+        for split in ("train", "val"):
+            log_cut_examples(split, self.offsets[split], self.learned[split], block_size)
 
     @staticmethod
     def holds(data: PreparedData) -> bool:
@@ -165,3 +161,22 @@ class ExampleWindows:
             inputs[row, :n] = ids[:-1]
             targets[row, :n] = np.where(learned[start + 1:end] == 1, ids[1:], -1)
         return inputs, targets
+
+
+def log_cut_examples(split: str, offsets: np.ndarray, learned: np.ndarray, block_size: int) -> None:
+    """Say how many examples are too long for the block, and what of them is cut: prompt, or answer too.
+
+    A row holds an example's last block_size + 1 tokens, so a longer one loses
+    its beginning: usually part of the prompt, but where what is learned (an
+    answer, or an earlier turn's) reaches back further than that, part of it.
+    """
+    lengths = np.diff(offsets)
+    too_long = np.flatnonzero(lengths > block_size + 1)
+    if not len(too_long):
+        return
+    into_answers = sum(bool(learned[offsets[i]:offsets[i + 1] - (block_size + 1)].any()) for i in too_long)
+    prompts_only = len(too_long) - into_answers
+    log.info("sft: %d of %d %s examples are longer than block_size + 1 = %d tokens and are cut from the "
+             "left: %d lose only part of their prompt, %d part of an answer too (what they learn is longer "
+             "than the block)", len(too_long), len(lengths), split, block_size + 1, prompts_only,
+             into_answers)

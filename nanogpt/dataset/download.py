@@ -15,7 +15,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
-from nanogpt.errors import DataError
+from nanogpt.errors import DataError, first_line
 from nanogpt.fileio import sha256_of_file, write_atomically
 
 
@@ -59,14 +59,20 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
 
 
 def describe_request_error(error: requests.RequestException) -> str:
-    """A few words on why a request failed."""
+    """A few words on why a request failed, with what the network library said (why it could not connect)."""
     if isinstance(error, requests.HTTPError) and error.response is not None:
         return f"HTTP {error.response.status_code}"
     if isinstance(error, requests.Timeout):
-        return "timed out"
-    if isinstance(error, requests.ConnectionError):
-        return "could not connect"
-    return type(error).__name__
+        words = "timed out"
+    elif isinstance(error, requests.ConnectionError):
+        words = "could not connect"
+    else:
+        words = type(error).__name__
+    # urllib3 wraps the cause: MaxRetryError(reason=NewConnectionError("HTTPConnection(...): Failed to ...")).
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    # The connection's repr before the message ("HTTPConnection(host=..., port=...): ") says nothing new.
+    said = first_line(str(reason if reason is not None else error)).split("): ", 1)[-1]
+    return f"{words}: {said}" if said else words
 
 
 def check_sha256(path: Path, expected: str | None, source: str, actual: str | None = None) -> None:

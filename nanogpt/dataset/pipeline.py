@@ -20,6 +20,9 @@ Nothing half-made is ever read, and nothing good is lost:
   complete preparation. A later preparation renames new files over them, which
   leaves the files a running job has open (memory-mapped) as they were: a run
   reads, to its end, the tokens it started with.
+* A folder that holds files but no preparation's meta.json is the user's, and
+  is refused (check_cache_folder); a preparation that fails in a folder it
+  made removes the folder again, lock file and all (locked_cache).
 * A run's checkpoints record which data it trained on (data_record: the folder
   and the token files' sha256). recorded_dataset() gives back exactly those
   tokens to eval and resume, or says why it cannot; it never re-prepares a
@@ -34,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +48,7 @@ from nanogpt.dataset.config import DatasetConfig
 from nanogpt.dataset.sft import SftSource
 from nanogpt.dataset.sources import BinSource, DocumentSource, Source, TextSource
 from nanogpt.errors import DataError, WriteFailed
-from nanogpt.fileio import sha256_of_file, write_atomically
+from nanogpt.fileio import describe_names, folders_to_make, remove_if_empty, sha256_of_file, write_atomically
 from nanogpt.text.tokenizers import OWN_TOKENIZERS, tokenizer_description
 
 log = logging.getLogger("nanogpt.data")
@@ -53,6 +57,7 @@ log = logging.getLogger("nanogpt.data")
 PREPARED_FORMAT = 2
 PRODUCTS = ("meta.json", "train.bin", "val.bin", "input.txt")  # what a preparation puts in the folder
 STAGING = ".preparing"  # where a preparation writes, inside the folder (same file system: renames)
+LOCK_FILE = ".lock"  # inside the folder: one preparation at a time, and readers see a whole one
 SPLITS = ("train", "val")
 # The class that prepares each dataset.loader (config.py's LOADERS says what each reads).
 SOURCES: dict[str, type[Source]] = {"text": TextSource, "hf": DocumentSource, "bin": BinSource,
@@ -71,7 +76,7 @@ def prepare_dataset(config: DatasetConfig, data_root: Path | str,
     """
     source, named, settings = plan(config, model_tokenizer)
     directory = cache_directory(config, data_root)
-    with FileLock(str(directory / ".lock")):
+    with locked_cache(directory, data_root):
         meta = current_meta(directory, settings)
         if meta is None:
             meta = prepare_into(directory, config, source, named, settings)
@@ -89,7 +94,7 @@ def recorded_dataset(config: DatasetConfig, data_root: Path | str, record: dict 
     one that holds other tokens is left alone. model_tokenizer is as for prepare_dataset.
     """
     directory = cache_directory(config, data_root)
-    with FileLock(str(directory / ".lock")):
+    with locked_cache(directory, data_root):
         meta = complete_meta(directory)
         if meta is None:  # never prepared here, or removed: nobody is reading it
             try:
@@ -146,20 +151,69 @@ def plan(config: DatasetConfig, model_tokenizer: dict | None = None) -> tuple[So
 
 
 def cache_directory(config: DatasetConfig, data_root: Path | str) -> Path:
-    """The dataset's cache folder, created if needed."""
-    directory = Path(data_root).expanduser() / config.name
+    """The dataset's cache folder (locked_cache makes it)."""
+    return Path(data_root).expanduser() / config.name
+
+
+@contextlib.contextmanager
+def locked_cache(directory: Path, data_root: Path | str) -> Iterator[None]:
+    """Hold the cache folder's lock, making the folder if needed; a refusal leaves the disk as it found it.
+
+    If what runs under the lock fails, a lock file made here is removed (while
+    still held: a process waiting on it finds it unlinked once it gets it, as
+    filelock checks, and starts again), and so is the folder, with any folders
+    made for it, if this made it and nothing else is in it.
+    """
+    while True:
+        made = folders_to_make(directory)
+        had_lock_file = (directory / LOCK_FILE).exists()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(directory / LOCK_FILE))
+            lock.acquire()
+            break
+        except FileNotFoundError:  # removed by a preparation that failed while this one waited: again
+            continue
+        except OSError as e:
+            raise DataError(f"data_root={data_root}: cannot create {directory} ({e.strerror}); give a "
+                            "writable directory") from None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(
-            f"data_root={data_root}: cannot create {directory} ({e.strerror}); give a writable directory"
-        ) from None
-    return directory
+        yield
+    except BaseException:
+        if not had_lock_file:
+            (directory / LOCK_FILE).unlink(missing_ok=True)
+            remove_if_empty(made)
+        raise
+    finally:
+        lock.release()
+
+
+def check_cache_folder(directory: Path) -> None:
+    """Refuse to prepare into a folder that holds files but no preparation of ours: they are the user's.
+
+    A preparation writes train.bin, val.bin, meta.json and input.txt there and
+    removes those of an earlier preparation; in a folder of the user's they
+    would replace files of those names.
+    """
+    contents = sorted(set(os.listdir(directory)) - {LOCK_FILE, STAGING})
+    if contents and not is_prepared_folder(directory):
+        raise DataError(f"{directory} already holds {describe_names(contents)}, which no preparation wrote; "
+                        "prepared data gets a folder of its own: give another dataset.name (or data_root)")
+
+
+def is_prepared_folder(directory: Path) -> bool:
+    """True when directory holds a meta.json that a preparation wrote (any format, complete or not)."""
+    try:
+        meta = read_meta(directory)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and ("format" in meta or "train_tokens" in meta)
 
 
 def prepare_into(directory: Path, config: DatasetConfig, source: Source, named: dict | None,
                  settings: dict) -> dict:
     """Prepare config's data in a staging folder, then move it into directory (locked); its meta.json."""
+    check_cache_folder(directory)
     staging = directory / STAGING
     shutil.rmtree(staging, ignore_errors=True)  # left by a preparation that was killed
     staging.mkdir()

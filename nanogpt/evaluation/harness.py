@@ -16,7 +16,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanogpt.errors import ConfigError, DataError, require_package
+import yaml
+
+from nanogpt.errors import (
+    ConfigError,
+    DataError,
+    UserError,
+    describe_library_error,
+    first_line,
+    library_failure,
+    require_package,
+)
 from nanogpt.evaluation.tasks import Subject, Task, task_name
 from nanogpt.options import option, require
 
@@ -68,12 +78,21 @@ class LmEvalTask(Task):
         from nanogpt.evaluation.lm_adapter import NanoGPTLM
 
         include = str(Path(options.include_path).expanduser()) if options.include_path else None
-        manager = TaskManager(include_path=include)
+        try:
+            manager = TaskManager(include_path=include)
+        except Exception as e:  # noqa: BLE001 (reported as lm-eval's, or re-raised as ours)
+            raise lm_eval_failure(e, "reading its tasks", self.key) from None
         unknown = [name for name in options.tasks if name not in manager.all_tasks]
         if unknown:
+            unreadable = unreadable_yaml(Path(include)) if include else []
+            if unreadable:  # lm-eval skips a file it cannot read without a word: say which, and why
+                (path, reason), more = unreadable[0], len(unreadable) - 1
+                why = f"; {path} is not valid YAML: {reason}" + (f" ({more} more files there are not either)"
+                                                                   if more else "")
+            else:
+                why = f"; `lm_eval ls tasks` lists them, {self.key}.include_path=DIR adds your own"
             raise ConfigError(f"{self.key}.tasks: lm-eval knows no task {', '.join(unknown)}"
-                              + (f" (nor does {options.include_path})" if include else "")
-                              + f"; `lm_eval ls tasks` lists them, {self.key}.include_path=DIR adds your own")
+                              + (f" (nor does {options.include_path})" if include else "") + why)
         lm = NanoGPTLM(subject.model, subject.tokenizer, subject.device, subject.dtype, subject.batch_size,
                        subject.progress)
         try:
@@ -84,6 +103,8 @@ class LmEvalTask(Task):
             raise DataError(f"task=lm_eval could not load the data of {', '.join(options.tasks)} "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); offline, point a task "
                             f"YAML of your own at local files with {self.key}.include_path=DIR") from None
+        except Exception as e:  # noqa: BLE001 (reported as lm-eval's, or re-raised as ours)
+            raise lm_eval_failure(e, f"running {', '.join(options.tasks)}", self.key) from None
         # lm-eval's numbers may be numpy scalars; its own serializer makes them plain JSON.
         results = json.loads(json.dumps(output["results"], default=handle_non_serializable))
         examples = sum(int(counts.get("effective", 0)) for counts in output.get("n-samples", {}).values())
@@ -104,3 +125,39 @@ class LmEvalTask(Task):
                 suffix = "" if filtered in ("", "none") else f"_{filtered}"
                 figures[re.sub(r"[^\w.-]", "_", f"{task}_{metric}{suffix}")] = float(value)
         return figures
+
+
+def lm_eval_failure(error: Exception, doing: str, key: str) -> Exception:
+    """A failure inside lm-eval as one line, with its message and where it happened; anything else as it is.
+
+    A task's YAML is handed to lm-eval as it is, and some of its mistakes (a
+    metric option, an aggregation lm-eval lacks) only show when it scores.
+    """
+    if isinstance(error, UserError) or library_failure(error) != "lm-eval":
+        return error  # ours (a ConfigError of our model, or a bug: its traceback)
+    return DataError(f"task=lm_eval: lm-eval failed {doing} ({describe_library_error(error)}); check the "
+                     f"task's YAML (its metric_list, doc_to_* and generation_kwargs; {key}.include_path)")
+
+
+class _AnyTag(yaml.SafeLoader):
+    """PyYAML's safe loader that reads lm-eval's own tags (!function) as plain values: for syntax alone."""
+
+
+_AnyTag.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def unreadable_yaml(folder: Path) -> list[tuple[Path, str]]:
+    """(file, what PyYAML said, with its line and column) for each YAML file under folder that does not parse.
+
+    lm-eval skips such a file without a word (it logs it at debug level), so a
+    task named in it is only "unknown"; this says why.
+    """
+    found = []
+    for path in sorted(folder.rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=_AnyTag)  # noqa: S506 (a safe loader)
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            found.append((path, f"{getattr(e, 'problem', None) or first_line(str(e))}{at}"))
+    return found

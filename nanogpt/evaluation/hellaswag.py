@@ -17,9 +17,10 @@ Each example is a context and four endings, one of them right. As lm-eval
 The data is the 10,042-example validation set from the dataset's own repository,
 downloaded once into the data root (the same file Hugging Face's Rowan/hellaswag,
 which lm-eval reads, was built from), or any JSONL file in its schema
-(``task.source=FILE``). No checksum of that file is published that could be
-found from this machine, so a download is accepted when every line is an example
-of the schema and there are 10,042 of them; only then does it enter the cache.
+(``task.source=FILE``). A download enters the cache only once its sha256 is the
+one published for it (Hugging Face ``datasets``' card for ``hellaswag``:
+hellaswag_val.jsonl, 12,246,618 bytes); one that fails leaves nothing behind,
+not even the folder it was to go in.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ from nanogpt.dataset.download import describe_request_error, download
 from nanogpt.errors import DataError
 from nanogpt.evaluation.scoring import encode_pair, score_requests
 from nanogpt.evaluation.tasks import Subject, Task, task_name
+from nanogpt.fileio import removed_unless_filled, sha256_of_file
 from nanogpt.options import option, require
 from nanogpt.text.tokenizers import UnknownTokenError, description_json, load_tokenizer
 
 VALIDATION_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-VALIDATION_EXAMPLES = 10_042
+VALIDATION_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"  # as published
+VALIDATION_BYTES = 12_246_618
 CACHE_FILE = Path("hellaswag") / "hellaswag_val.jsonl"  # under the data root
 TARGET_DELIMITER = " "
 
@@ -160,23 +163,25 @@ def validation_file(data_root: Path, key: str = "task") -> Path:
     if path.is_file():
         return path
     staged = path.with_name(f".{path.name}.{os.getpid()}.download")
-    try:
+    with removed_unless_filled(path.parent):  # a failed download leaves no empty hellaswag/ behind
         try:
-            download(VALIDATION_URL, staged)
-        except DataError as e:
-            cause = e.__context__  # what requests raised, kept although download() reports it its own way
-            reason = describe_request_error(cause) if isinstance(cause, RequestException) else str(e)
-            raise DataError(f"could not download HellaSwag's validation set from {VALIDATION_URL} "
-                            f"({reason}); offline, fetch that file elsewhere and give {key}.source=PATH") \
-                from None
-        count = len(read_examples(staged))
-        if count != VALIDATION_EXAMPLES:
-            raise DataError(f"{VALIDATION_URL} has {count:,} examples, not HellaSwag's "
-                            f"{VALIDATION_EXAMPLES:,}; nothing was cached (give {key}.source=PATH for a file "
-                            "of your own)")
-        os.replace(staged, path)  # only a complete, checked file enters the cache
-    finally:
-        staged.unlink(missing_ok=True)
+            try:
+                download(VALIDATION_URL, staged)
+            except DataError as e:
+                cause = e.__context__  # what requests raised, kept although download() reports it its own way
+                reason = describe_request_error(cause) if isinstance(cause, RequestException) else str(e)
+                raise DataError(f"could not download HellaSwag's validation set from {VALIDATION_URL} "
+                                f"({reason}); offline, fetch that file elsewhere and give "
+                                f"{key}.source=PATH") from None
+            digest = sha256_of_file(staged)
+            if digest != VALIDATION_SHA256:
+                raise DataError(f"{VALIDATION_URL} sent {staged.stat().st_size:,} bytes with sha256 "
+                                f"{digest}, not the published validation set ({VALIDATION_BYTES:,} bytes, "
+                                f"sha256 {VALIDATION_SHA256}); nothing was cached (give {key}.source=PATH "
+                                "for a file of your own)")
+            os.replace(staged, path)  # only a complete, checked file enters the cache
+        finally:
+            staged.unlink(missing_ok=True)
     return path
 
 

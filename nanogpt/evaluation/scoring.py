@@ -20,10 +20,9 @@ of the work, and the context's logits are never needed.
 
 Requests that share their context (HellaSwag's four endings, any multiple-choice
 task's choices) share one pass over it: the context runs once into a KV cache,
-and each continuation reads that cache. Only contexts of the same length are
-batched together, so that every row's positions are right with no padding before
-its continuation; a context whose length no other context has, and a request
-cut from the left (longer than the block), are read whole with the others.
+and each continuation reads that cache from its context's own length (the cache
+keeps a length per row, so contexts of any lengths share a batch). A request cut
+from the left (longer than the block) is read whole with the others.
 """
 
 from __future__ import annotations
@@ -110,16 +109,10 @@ def score_requests(model: GPT, requests: Sequence[Request], batch_size: int, dev
             by_context[tuple(context)].append(i)
         elif inputs[i]:
             alone.append(i)
-    # Sharing pays where a pass over contexts can be batched: contexts of one length, several of them.
-    by_length = defaultdict(list)
-    for context, members in by_context.items():
-        by_length[len(context)].append(members)
-    shared, share = [], shares_contexts(model)
-    for groups in by_length.values():
-        if share and len(groups) > 1 and any(len(members) > 1 for members in groups):
-            shared += groups
-        else:
-            alone += [i for members in groups for i in members]
+    # A context read once for several continuations saves work; one for a single continuation does not.
+    shared = sorted((members for members in by_context.values() if len(members) > 1),
+                    key=lambda members: -len(requests[members[0]][0]))
+    alone += [members[0] for members in by_context.values() if len(members) == 1]
     alone.sort(key=lambda i: -len(inputs[i]))
     bar = tqdm(total=sum(map(bool, inputs)), desc=desc, unit="request", disable=None if progress else True)
     with bar:
@@ -127,22 +120,10 @@ def score_requests(model: GPT, requests: Sequence[Request], batch_size: int, dev
             batch = alone[start:start + batch_size]
             results_of_rows(model, requests, batch, [inputs[i] for i in batch], device, dtype, results)
             bar.update(len(batch))
-        for batch in same_length_batches(shared, requests, batch_size):
+        for batch in context_batches(shared, requests, batch_size, block):
             score_shared_contexts(model, requests, batch, device, dtype, results)
             bar.update(sum(map(len, batch)))
     return results
-
-
-def shares_contexts(model: GPT) -> bool:
-    """Whether sharing a context's pass is faster: where the blocks outweigh the output layer.
-
-    Sharing saves work in the blocks only (every continuation token still goes
-    through the output layer) and costs a second, smaller pass. Measured on a
-    CPU: 0.76x of the time for GPT-2 124M's shape, none saved (0.9x to 1.1x) for
-    4 layers 256 wide with GPT-2's vocabulary, whose output layer is 4 times its blocks.
-    """
-    blocks = sum(p.numel() for p in model.transformer.h.parameters())
-    return blocks > model.lm_head.weight.numel()
 
 
 def results_of_rows(model: GPT, requests: Sequence[Request], batch: list[int], rows_ids: list[list[int]],
@@ -175,46 +156,68 @@ def results_of_rows(model: GPT, requests: Sequence[Request], batch: list[int], r
         with autocast(device, dtype):
             logits.append(next_token_logits(model, idx.to(device), torch.tensor(rows, device=device),
                                             torch.tensor(positions, device=device), cache))
-    logits = torch.cat([part.float() for part in logits])
-    target = torch.tensor(targets, device=device)
-    # log_softmax at the target alone: the (N, vocab) table of every log-probability is never needed.
-    chosen = logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    # log_softmax at the target alone: the (N, vocab) table of every log-probability is never
+    # needed, and each part of the logits is read where it is, never copied into one table.
+    chosen, wrong = [], []
+    for part, target in zip(logits, torch.tensor(targets, device=device).split([len(p) for p in logits]),
+                            strict=True):
+        part = part.float()
+        chosen.append(part.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(part, dim=-1))
+        wrong.append((part.argmax(dim=-1) != target).float())
     owner = torch.tensor(owners, device=device)
-    sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, owner, chosen.double())
-    missed = torch.zeros(len(batch), device=device).index_add_(
-        0, owner, (logits.argmax(dim=-1) != target).float())
+    sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(
+        0, owner, torch.cat(chosen).double())
+    missed = torch.zeros(len(batch), device=device).index_add_(0, owner, torch.cat(wrong))
     for row, i in enumerate(batch):
         results[i] = (sums[row].item(), bool(missed[row].item() == 0))
 
 
-def same_length_batches(groups: list[list[int]], requests: Sequence[Request],
-                        batch_size: int) -> Iterator[list[list[int]]]:
-    """Groups of requests sharing a context, batch_size contexts of one length a batch."""
-    by_length = defaultdict(list)
+def context_batches(groups: list[list[int]], requests: Sequence[Request], batch_size: int,
+                    block: int) -> Iterator[list[list[int]]]:
+    """Groups of requests sharing a context (longest first), batch_size groups a batch at most.
+
+    A batch's rows are padded to its longest continuation, after its longest
+    context: a batch ends before that would take a position past the block.
+    """
+    batch: list[list[int]] = []
+    widest = 0  # the longest continuation in the batch, as the model reads it (all but its last token)
     for members in groups:
-        by_length[len(requests[members[0]][0])].append(members)
-    for length in sorted(by_length, reverse=True):
-        same = by_length[length]
-        for start in range(0, len(same), batch_size):
-            yield same[start:start + batch_size]
+        width = max(widest, *(len(requests[i][1]) - 1 for i in members))
+        if batch and (len(batch) == batch_size or len(requests[batch[0][0]][0]) + width > block):
+            yield batch
+            batch, width = [], max(len(requests[i][1]) - 1 for i in members)
+        batch.append(members)
+        widest = width
+    if batch:
+        yield batch
 
 
 def score_shared_contexts(model: GPT, requests: Sequence[Request], groups: list[list[int]],
                           device: torch.device, dtype: torch.dtype, results: list) -> None:
-    """Score groups of requests (each group one context; all contexts of one length), one pass per context."""
-    contexts = torch.tensor([requests[members[0]][0] for members in groups], dtype=torch.long, device=device)
-    length = contexts.size(1)
+    """Score groups of requests (each group one context), one pass over each context.
+
+    The contexts are padded on the right into one batch; each row's cache then
+    keeps its context's own length, so its continuations' tokens take the
+    positions after it (overwriting the padding's keys, which no query sees).
+    """
+    lengths = [len(requests[members[0]][0]) for members in groups]
+    contexts = torch.zeros(len(groups), max(lengths), dtype=torch.long)
+    for row, members in enumerate(groups):
+        contexts[row, :lengths[row]] = torch.tensor(requests[members[0]][0], dtype=torch.long)
+    last = torch.tensor(lengths, device=device) - 1
     with autocast(device, dtype):
-        cache = model.new_cache(len(groups), length)
-        first, _ = model(contexts, cache=cache)  # the logits after each context's last token
+        cache = model.new_cache(len(groups), max(lengths))
+        # The logits after each context's last token predict its continuations' first tokens.
+        first = next_token_logits(model, contexts.to(device), torch.arange(len(groups), device=device),
+                                  last, cache)
     # Every request gets its context's keys and values, and the logits that predict its first token.
     counts = torch.tensor([len(members) for members in groups], device=device)
     batch = [i for members in groups for i in members]
     rows_ids = [list(requests[i][1][:-1]) for i in batch]  # each continuation but its last token
-    rows_cache = model.new_cache(len(batch), length + max(map(len, rows_ids)), cache.keys.dtype)
-    rows_cache.keys[:, :, :, :length] = cache.keys.repeat_interleave(counts, dim=1)
-    rows_cache.values[:, :, :, :length] = cache.values.repeat_interleave(counts, dim=1)
-    rows_cache.lengths.fill_(length)
-    first_logits = first[:, -1].repeat_interleave(counts, dim=0)
+    rows_cache = model.new_cache(len(batch), max(lengths) + max(map(len, rows_ids)), cache.keys.dtype)
+    rows_cache.keys[:, :, :, :max(lengths)] = cache.keys.repeat_interleave(counts, dim=1)
+    rows_cache.values[:, :, :, :max(lengths)] = cache.values.repeat_interleave(counts, dim=1)
+    rows_cache.lengths.copy_((last + 1).repeat_interleave(counts))
     results_of_rows(model, requests, batch, rows_ids, device, dtype, results,
-                    cache=rows_cache if any(rows_ids) else None, first_logits=first_logits)
+                    cache=rows_cache if any(rows_ids) else None,
+                    first_logits=first.repeat_interleave(counts, dim=0))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from nanogpt.generation.language_model import LanguageModel
 from nanogpt.options import check_choices, option, require
-from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype, set_threads
+from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype, set_threads, should_compile
 from nanogpt.weights.checkpoint import newest_checkpoint
 from nanogpt.weights.loading import require_source_packages, resolve_source
 from nanogpt.weights.quantize import QUANTIZATIONS
@@ -74,4 +74,5 @@ def open_model(options: ModelOptions, doing: str) -> LanguageModel:
     device = resolve_device(options.device.name)
     set_threads(options.device.threads)
     loaded = resolve_source(source, key="ckpt", meta=options.meta)
-    return LanguageModel(loaded, device, resolve_dtype(options.device.dtype, device), options.quantize)
+    return LanguageModel(loaded, device, resolve_dtype(options.device.dtype, device), options.quantize,
+                         should_compile(options.device.compile, device), options.device.cuda_graphs)

@@ -7,17 +7,20 @@ so generate() with the same settings returns the same text as the command.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nanogpt.errors import ConfigError, DataError
-from nanogpt.model import GPT
-from nanogpt.runtime.device import autocast, resolve_device, resolve_dtype
+from nanogpt.model import GPT, KVCache
+from nanogpt.runtime.device import autocast, compile_mode, resolve_device, resolve_dtype, should_compile
 from nanogpt.text.chat_template import ChatTemplate, messages_problem
-from nanogpt.text.tokenizers import UnknownTokenError, tokenizer_codec
+from nanogpt.text.tokenizers import UnknownTokenError, description_json, load_tokenizer, tokenizer_codec
 from nanogpt.weights.loading import LoadedSource, resolve_source
 from nanogpt.weights.quantize import QUANTIZATIONS, quantize_model
+
+DOCUMENT_BREAK = "\n\n"  # what a sample shows where the model wrote end-of-text
 
 
 class LanguageModel:
@@ -28,8 +31,12 @@ class LanguageModel:
     """
 
     def __init__(self, loaded: LoadedSource, device: torch.device, dtype: torch.dtype,
-                 quantize: str | None = None):
+                 quantize: str | None = None, compile: bool = False, graphs: bool | None = None):
         self.model = quantize_model(loaded.model.to(device).eval(), quantize, device)
+        # Compiled, a one-token step is one fused program over a static KV cache (CUDA graphs
+        # replay it on a GPU); the prompt still runs eagerly, as its length varies.
+        self.step = compiled_step(self.model, device, graphs) if compile else None
+        self.caches: dict[int, KVCache] = {}  # batch size -> the static cache the compiled step fills
         self.tokenizer = loaded.tokenizer
         self.encode, self.decode = tokenizer_codec(loaded.tokenizer)
         self.device, self.dtype = device, dtype
@@ -61,32 +68,58 @@ class LanguageModel:
         yielded, so a character made of several BPE tokens appears once it is
         whole. generator, if given, is used instead of a fresh one seeded with seed.
         """
+        for pieces in self.stream_rows(prompt, 1, max_new_tokens, temperature, top_k, top_p, seed,
+                                       use_cache, generator):
+            yield pieces[0]
+
+    def stream_rows(self, prompt: str, rows: int, max_new_tokens: int = 500, temperature: float = 0.8,
+                    top_k: int | None = 200, top_p: float | None = None, seed: int | None = 1337,
+                    use_cache: bool = True, generator: torch.Generator | None = None) -> Iterator[list[str]]:
+        """stream() for rows samples of one prompt at once: at each step, each row's new text.
+
+        The rows are decoded together, one batch: on a GPU, 16 take little more time than one.
+        """
         if not prompt:
             raise ConfigError("the prompt is empty; the model needs at least one token to continue")
         try:
             prompt_ids = self.encode(prompt)
         except UnknownTokenError as e:
             raise DataError(f"prompt: {e} of {self.source.where}") from None
-        ids: list[int] = []
-        shown = ""
-        for token in self.new_tokens(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, generator,
-                                     use_cache):
-            ids.append(token)
-            text = self.decode(ids)
-            yield text[len(shown):]
-            shown = text
+        ids: list[list[int]] = [[] for _ in range(rows)]
+        shown = [""] * rows
+        for tokens in self.new_rows(prompt_ids, rows, max_new_tokens, temperature, top_k, top_p, seed,
+                                    generator, use_cache):
+            pieces = []
+            for row, token in enumerate(tokens):
+                ids[row].append(token)
+                text = self.decode(ids[row])
+                pieces.append(text[len(shown[row]):])
+                shown[row] = text
+            yield pieces
 
     def new_tokens(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int | None, generator: torch.Generator | None,
                    use_cache: bool = True) -> Iterator[int]:
         """Each new token id after prompt_ids as it is sampled (generator, else one seeded with seed)."""
+        for tokens in self.new_rows(prompt_ids, 1, max_new_tokens, temperature, top_k, top_p, seed,
+                                    generator, use_cache):
+            yield tokens[0]
+
+    def new_rows(self, prompt_ids: list[int], rows: int, max_new_tokens: int, temperature: float,
+                 top_k: int | None, top_p: float | None, seed: int | None,
+                 generator: torch.Generator | None, use_cache: bool = True) -> Iterator[list[int]]:
+        """The next token of each of rows continuations of prompt_ids, decoded together, per step."""
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        idx = torch.tensor([prompt_ids] * rows, dtype=torch.long, device=self.device)
         with autocast(self.device, self.dtype):
-            for token in self.model.stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                           use_cache=use_cache, generator=generator):
-                yield int(token)
+            cache = None
+            if self.step is not None and use_cache:
+                cache = self.caches.get(rows) or self.caches.setdefault(
+                    rows, self.model.new_cache(rows, static=True))
+            for tokens in self.model.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache,
+                                            generator, self.step, cache):
+                yield tokens[:, 0].tolist()
 
 
     def chat(self, messages: str | list[dict], max_new_tokens: int = 256, temperature: float = 0.8,
@@ -104,11 +137,15 @@ class LanguageModel:
     def stream_chat(self, messages: str | list[dict], max_new_tokens: int = 256, temperature: float = 0.8,
                     top_k: int | None = 200, top_p: float | None = None, seed: int | None = 1337,
                     system: str | None = None, generator: torch.Generator | None = None,
-                    dropped: list[int] | None = None) -> Iterator[str]:
+                    fit: ChatFit | None = None) -> Iterator[str]:
         """Yield the answer piece by piece (what chat() returns whole); the end-of-text is never shown.
 
-        The prompt keeps within block_size, leaving room for the answer: the
-        oldest turns are dropped first, and how many is appended to dropped.
+        The prompt and the answer share the model's block_size, and the answer
+        never pushes the prompt out: the oldest turns are dropped to leave the
+        answer min(max_new_tokens, block_size // 2) tokens; a newest message
+        longer than that is kept whole while it fits (the answer then has less
+        room), else cut from the left. fit, if given, is filled in with what
+        was dropped and cut, the answer's room and why it ended (ChatFit).
         """
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
@@ -118,18 +155,13 @@ class LanguageModel:
         problem = messages_problem(conversation, for_training=False)
         if problem is not None:
             raise ConfigError(f"chat: {problem}")
-        template, block_size = self.template, self.model.config.block_size
-        room = max(1, min(max_new_tokens, block_size // 2))  # for the answer
-        try:
-            prompt_ids, left_out = template.prompt(conversation, self.encode, block_size - room)
-        except UnknownTokenError as e:
-            raise DataError(f"message: {e} of {self.source.where}") from None
-        if dropped is not None:
-            dropped.append(left_out)
+        template = self.template
+        prompt_ids, fit = self.chat_prompt(conversation, max_new_tokens, fit)
         ids: list[int] = []
         shown = ""
-        for token in self.new_tokens(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, generator):
+        for token in self.new_tokens(prompt_ids, fit.room, temperature, top_k, top_p, seed, generator):
             if token == template.end_id:
+                fit.ended = "end"
                 break
             ids.append(token)
             text = self.decode(ids)
@@ -145,14 +177,62 @@ class LanguageModel:
                 yield safe[len(shown):]
                 shown = safe
             if ended:
+                fit.ended = "end"
                 return
         rest = self.decode(ids).removeprefix(template.answer_start) if ids else ""
         if len(rest) > len(shown) and rest.startswith(shown):
             yield rest[len(shown):]
 
+    def chat_prompt(self, conversation: list[dict], max_new_tokens: int,
+                    fit: ChatFit | None = None) -> tuple[list[int], ChatFit]:
+        """The prompt ids of the answer to a checked conversation, and how it fits (see stream_chat).
+
+        The server (nanogpt/serving) builds its chat prompts here too, so they are
+        the ones stream_chat builds for the same messages and max_new_tokens.
+        """
+        block_size = self.model.config.block_size
+        reserve = max(1, min(max_new_tokens, block_size // 2))  # what older turns make room for
+        try:
+            prompt_ids, dropped, cut = self.template.prompt(conversation, self.encode, block_size - reserve,
+                                                            longest=block_size - 1)
+        except UnknownTokenError as e:
+            raise DataError(f"message: {e} of {self.source.where}") from None
+        fit = fit if fit is not None else ChatFit()
+        fit.dropped, fit.cut, fit.block_size = dropped, cut, block_size
+        fit.room = min(max_new_tokens, block_size - len(prompt_ids))  # new tokens never slide the prompt out
+        fit.ended = "context" if fit.room < max_new_tokens else "max_new_tokens"
+        return prompt_ids, fit
+
+    @property
+    def finetuned_for_chat(self) -> bool:
+        """True when the model was finetuned on instruction data (its checkpoint records the template)."""
+        return self.source.chat_template is not None
+
+
+@dataclass
+class ChatFit:
+    """How one answer fitted the model's context, for chat to say: nothing is left out without a word."""
+
+    dropped: int = 0  # the oldest turns left out of the prompt
+    cut: int = 0  # tokens cut from the start of the newest message, longer than the context
+    room: int = 0  # the most tokens the answer could take: max_new_tokens, or what the context had left
+    block_size: int = 0  # the model's context
+    ended: str = ""  # why the answer ended: "end" (the model ended it), "max_new_tokens", "context" (full)
+
+
+def compiled_step(model: GPT, device: torch.device, graphs: bool | None = None) -> GPT:
+    """Model compiled for one-token steps over a static KVCache: one graph, never recompiled.
+
+    GPT.stream calls it for every token after the prompt; graphs (device.cuda_graphs)
+    replays it as a CUDA graph on a GPU (by default: yes).
+    """
+    return torch.compile(model, mode=compile_mode(graphs, device, generating=True), fullgraph=True,
+                         dynamic=False)
+
 
 def load(source: str | Path, device: str = "auto", dtype: str = "auto",
-         meta: str | Path | None = None, quantize: str | None = None) -> LanguageModel:
+         meta: str | Path | None = None, quantize: str | None = None,
+         compile: bool | None = None) -> LanguageModel:
     """A model ready to generate text, from any source nanogpt knows (see ACCEPTED).
 
     device is auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps; dtype
@@ -160,21 +240,34 @@ def load(source: str | Path, device: str = "auto", dtype: str = "auto",
     float16. meta points at a karpathy/nanoGPT meta.pkl that is not where
     nanoGPT's own sample.py would find it. quantize="int8" stores the Linear
     weights as int8 for faster generation on a CPU (nanogpt/weights/quantize.py).
+    compile: torch.compile each one-token step (None: on CUDA, where it pays).
     """
     if quantize not in QUANTIZATIONS:
         raise ConfigError(f"quantize={quantize!r} is not one of {', '.join(map(repr, QUANTIZATIONS))}")
     torch_device = resolve_device(device)
     loaded = resolve_source(source, key="source", meta=meta)
-    return LanguageModel(loaded, torch_device, resolve_dtype(dtype, torch_device), quantize)
+    return LanguageModel(loaded, torch_device, resolve_dtype(dtype, torch_device), quantize,
+                         should_compile(compile, torch_device))
 
 
 def sample_text(model: GPT, tokenizer: dict, num_tokens: int, device: torch.device) -> str:
-    """What the model writes after a newline (temperature 1, top_k 200): a glance at what it learned."""
-    encode, decode = tokenizer_codec(tokenizer)
+    """What the model writes after a newline (temperature 1, top_k 200): a glance at what it learned.
+
+    Text, not token markers: where the model ends a document (the end-of-text
+    token, which a model trained on documents or instruction data writes often,
+    and an undertrained one many times in a row), the sample has a blank line.
+    """
+    codec = load_tokenizer(description_json(tokenizer))
     try:
-        start = encode("\n")
+        start = codec.encode("\n")
     except UnknownTokenError:  # a character vocabulary without newlines
         start = [0]
     model.eval()
     ids = model.generate(torch.tensor([start], device=device), num_tokens, temperature=1.0, top_k=200)
-    return decode(ids[0].tolist())
+    documents = [[]]
+    for token in ids[0].tolist():
+        if token == codec.eot:
+            documents.append([])
+        else:
+            documents[-1].append(token)
+    return DOCUMENT_BREAK.join(codec.decode(document) for document in documents if document)

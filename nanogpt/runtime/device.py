@@ -24,7 +24,11 @@ class DeviceConfig:
     dtype: str = option("auto", "compute precision; auto: bf16 (else fp16) on CUDA, float32 elsewhere; "
                                 "fastest: as auto, but bf16 also on CPUs with bf16 instructions",
                         choices=(*PER_DEVICE_DTYPES, *DTYPES))
-    compile: bool | None = option(None, "torch.compile the model; null: on CUDA only")
+    compile: bool | None = option(None, "torch.compile the model (training, and generation's one-token "
+                                         "steps); null: on CUDA only")
+    cuda_graphs: bool | None = option(None, "replay compiled steps as CUDA graphs (torch.compile's "
+                                            "reduce-overhead mode), which removes the launch cost of "
+                                            "every kernel; null: for generation only")
     peak_flops: float | None = option(None, "peak FLOP/s for MFU; null: looked up from the GPU's name")
     threads: int | None = option(None, "CPU threads torch computes with; null: all cores, "
                                        "shared out among the jobs a sweep runs side by side")
@@ -146,8 +150,23 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def should_compile(setting: bool | None, device: torch.device) -> bool:
-    """torch.compile by default on CUDA only, where it pays off reliably."""
+    """torch.compile by default on CUDA only, where it pays off reliably.
+
+    On a CPU, compiling takes longer than a sampling command or a short run saves
+    with it; device.compile=true asks for it anyway.
+    """
     return device.type == "cuda" if setting is None else setting
+
+
+def compile_mode(graphs: bool | None, device: torch.device, generating: bool) -> str | None:
+    """torch.compile's mode: reduce-overhead (CUDA graphs) where device.cuda_graphs asks for it.
+
+    By default only generation's one-token steps are replayed as graphs: each is a
+    few hundred small kernels, launch-bound on any GPU. Training steps have not yet
+    been measured on a GPU with graphs (docs/benchmarks.md), so they stay plain.
+    """
+    wanted = generating if graphs is None else graphs
+    return "reduce-overhead" if wanted and device.type == "cuda" else None
 
 
 def peak_flops(device: torch.device, configured: float | None) -> float | None:

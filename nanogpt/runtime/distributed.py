@@ -1,7 +1,8 @@
 """Training on many processes with torch.distributed: torchrun, multi-node, SLURM.
 
 One process per GPU (or several on a CPU, with gloo), all running the same
-training loop under DistributedDataParallel. The pieces here:
+training loop, the model under DistributedDataParallel, or sharded with FSDP2
+(distributed.strategy=fsdp; sharding.py). The pieces here:
 
 * DistributedContext: which process this is (rank, local rank, world size),
   read from the environment torchrun sets, or from SLURM's when Hydra's
@@ -36,9 +37,26 @@ import torch
 import torch.distributed as dist
 
 from nanogpt.errors import ConfigError
+from nanogpt.options import check_choices, option
 
 # Exit status of the other ranks when rank 0 stopped before training (it reports why).
 EXIT_RANK0_FAILED = 2
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class DistributedConfig:
+    """The ``distributed`` options: how the processes of a torchrun job hold the model."""
+
+    strategy: str = option(
+        "ddp", "ddp: every process holds all weights, gradients and optimizer state (fastest while they fit "
+               "one GPU); fsdp: each holds 1/N of them (FSDP2), for models larger than one GPU "
+               "(docs/distributed.md)", choices=STRATEGIES)
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 @dataclass
@@ -173,6 +191,15 @@ def gather_to_main(value: object, context: DistributedContext) -> list | None:
     return values
 
 
+def from_main(value: object, context: DistributedContext) -> object:
+    """Rank 0's value, on every rank (value itself for a single process)."""
+    if not context.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_Control.group)
+    return box[0]
+
+
 def barrier(context: DistributedContext) -> None:
     """Wait for every rank: e.g. for rank 0 to finish saving before anyone exits.
 
@@ -298,19 +325,35 @@ def maybe_no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
         yield
 
 
-def check_world_size(saved: int, world_size: int) -> None:
-    """Refuse to resume a run on a different number of processes than it was saved with.
+def check_world_size(saved: int, world_size: int, sharded: bool = False) -> None:
+    """Refuse to resume a run on a different number of processes than it was saved with, unless sharded.
 
     Each process's random state and its share of the next batch are saved per
     rank; with another number of ranks they would not add up to the same run.
+    A sharded checkpoint, or a sharded job, resumes at any size: DCP (or FSDP)
+    hands each process its share of every tensor, and the processes draw their
+    next batch and dropout afresh (own_share).
     """
-    if saved != world_size:
+    if saved != world_size and not sharded:
         launch = "python -m" if saved == 1 else f"torchrun --nproc_per_node={saved} -m"
         raise ConfigError(
             f"resume: the run was saved by {saved} process(es) and this job has {world_size}; resume it "
             f"with as many ({launch} nanogpt.train resume=...), or start a new run from its weights "
             "(model.init_from=RUN_DIR)"
         )
+
+
+def own_share(training: dict, context: DistributedContext) -> dict | None:
+    """The random state and next batch of this process in a saved training state; None from another job size.
+
+    A checkpoint keeps every rank's under "ranks" (None for a single process);
+    the state a stop rewinds to (Trainer.state_dict(weights=False)) is this process's own.
+    """
+    if "ranks" not in training:
+        return training
+    if training.get("world_size", 1) != context.world_size:
+        return None
+    return training["ranks"][context.rank] if training["ranks"] else training
 
 
 def launch_command(module_args: str, context: DistributedContext) -> str:

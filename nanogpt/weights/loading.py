@@ -3,7 +3,8 @@
 People arrive with checkpoints in four shapes, and every way into the platform
 takes all four, so a model that samples also evaluates, exports and finetunes:
 
-* our run directories (their best.pt, else last.pt) and .pt files;
+* our run directories (their best.pt, else last.pt) and .pt files, an FSDP
+  run's too (its weights assembled whole from the shards beside the file);
 * karpathy/nanoGPT's ``out_dir`` or its ``ckpt.pt`` (keys ``model``,
   ``model_args``, ``config``), whose character vocabulary sits in the nanoGPT
   checkout's ``data/<dataset>/meta.pkl``;
@@ -35,6 +36,7 @@ from nanogpt.weights.checkpoint import (
     is_our_checkpoint,
     model_from_checkpoint,
     read_torch_file,
+    with_weights,
 )
 from nanogpt.weights.huggingface import (
     PRETRAINED,
@@ -125,7 +127,7 @@ def read_file(path: Path, key: str, meta: str | Path | None) -> LoadedSource:
     """A .pt file: ours or karpathy/nanoGPT's, told apart by their keys."""
     state = read_torch_file(path)
     if is_our_checkpoint(state):
-        config = state.get("config") or {}
+        state, config = with_weights(state, path), state.get("config") or {}
         model = model_with_adapters(state, path) if state.get("lora") else model_from_checkpoint(state)
         return LoadedSource(model, state["tokenizer"], "run", str(path), config,
                             trained_on=state.get("data"), chat_template=state.get("chat_template"))

@@ -1,0 +1,159 @@
+"""Sharded checkpoints: the weights and optimizer state of an FSDP job, written by every process at once.
+
+The tensors are saved with PyTorch's Distributed Checkpoint (DCP), one folder
+per checkpoint, each process writing its own part; the small rest (the run's
+description, position, random states, the optimizer's hyperparameters) goes
+into the run's usual best.pt / last.pt, which names the folder beside it:
+
+    last.pt                       everything a last.pt holds but the sharded tensors; "shards": the folder
+    last.shards.000250-3fa9c1/    DCP: .metadata and one __R_0.distcp file per process
+    best.pt, best.shards.…/       the same for the best model (weights only)
+
+The .pt file is the commit point: the folder is written whole, under a name no
+earlier checkpoint used, before rank 0 replaces the .pt file atomically, and
+the folder it named before is removed only after. A crash at any moment leaves
+a .pt file naming a complete folder (RunCheckpoints in checkpoint.py).
+
+Reading needs neither torchrun nor the job's size: DCP assembles each tensor
+from whichever files hold its pieces, so a training job of any size takes its
+own share (read_into), and sample, eval, export and init_from take whole tensors
+(read_whole). DCP's .metadata is a pickle; it is read with an unpickler that
+admits only DCP's own record classes, so reading a checkpoint never runs code
+from it (as torch.load(weights_only=True) guarantees for .pt files). Its table
+of which bytes of which file hold each tensor names a missing or cut-short shard
+before anything is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.tensor import DTensor
+
+from nanogpt.errors import CheckpointError
+
+METADATA = ".metadata"  # DCP's name for its table of contents
+# What DCP's .metadata may name: its own record classes, tensor sizes, dtypes and layouts, paths.
+RECORD_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+RECORD_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
+
+
+def holds_shards(state: dict) -> bool:
+    """True for a training state whose weights are this process's shards (DTensors) of an FSDP job's."""
+    return any(isinstance(value, DTensor) for value in state.get("model", {}).values())
+
+
+def folder_name(checkpoint: str, tag: str) -> str:
+    """The folder that holds the shards of checkpoint (best.pt, last.pt) for one save, tagged tag."""
+    return f"{Path(checkpoint).stem}.shards.{tag}"
+
+
+def write(folder: Path, tensors: dict) -> None:
+    """Every process writes its part of tensors (nested dicts of tensors and DTensors) into folder."""
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder))
+
+
+def remove_others(run_dir: Path, checkpoint: str, keep: str | None) -> None:
+    """Delete the shard folders of checkpoint in run_dir but keep (superseded, or never committed)."""
+    for folder in run_dir.glob(folder_name(checkpoint, "*")):
+        if folder.name != keep and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class RecordUnpickler(pickle.Unpickler):
+    """Unpickles DCP's metadata records and refuses anything else, before importing or calling it."""
+
+    def find_class(self, module: str, name: str):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in RECORD_MODULES or (module, name) in RECORD_NAMES or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+class CheckedReader(dcp.FileSystemReader):
+    """DCP's file reader, reading .metadata without running code from it."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        with open(Path(self.path) / METADATA, "rb") as f:
+            metadata = RecordUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not DCP metadata")
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def check(folder: Path, named_by: Path) -> Metadata:
+    """The folder's table of contents, once every shard it lists is found whole; else the fault, named."""
+    where = f"checkpoint {named_by}"
+    if not folder.is_dir():
+        raise CheckpointError(f"{where} keeps its weights in {folder.name}/ beside it, which is missing; "
+                              "copy the run directory whole")
+    if not (folder / METADATA).is_file():
+        raise CheckpointError(f"{where}: {folder.name}/{METADATA} is missing, so its shards cannot be read; "
+                              "use another checkpoint of the run (best.pt or last.pt)")
+    try:
+        metadata = CheckedReader(folder).read_metadata()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {folder.name}/{METADATA} is damaged or holds more than checkpoint "
+                              f"records, and was refused (loading it could run code): {e}") from None
+    if any(isinstance(entry, BytesStorageMetadata) for entry in metadata.state_dict_metadata.values()):
+        raise CheckpointError(f"{where}: {folder.name} holds pickled objects beside its tensors and was "
+                              "refused (loading them could run code); it was not written by nanogpt")
+    needed: dict[str, int] = {}  # each file, and how many bytes of it the tensors occupy
+    for piece in metadata.storage_data.values():
+        needed[piece.relative_path] = max(needed.get(piece.relative_path, 0), piece.offset + piece.length)
+    for name, size in sorted(needed.items()):
+        shard = folder / name
+        if not shard.is_file():
+            present = sum((folder / other).is_file() for other in needed)
+            raise CheckpointError(f"{where}: its shard {folder.name}/{name} is missing ({present} of "
+                                  f"{len(needed)} shard files are there); copy the run directory whole, or "
+                                  "use another checkpoint of the run")
+        if shard.stat().st_size < size:
+            raise CheckpointError(f"{where}: its shard {folder.name}/{name} is cut short "
+                                  f"({shard.stat().st_size} of {size} bytes); use another checkpoint")
+    return metadata
+
+
+def holds(folder: Path, key: str) -> bool:
+    """True if the checkpoint in folder holds tensors under key ("model", "optimizer")."""
+    names = CheckedReader(folder).read_metadata().state_dict_metadata
+    return any(name.startswith(f"{key}.") for name in names)
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Quiet DCP's warning that it reads in a process outside a torchrun job: what a reader means to do."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
+        yield
+
+
+def read_into(folder: Path, tensors: dict) -> None:
+    """Fill tensors (nested dicts of this process's tensors or DTensors) from folder, in place.
+
+    Under torchrun every process calls it together; each reads the pieces its shares need.
+    """
+    with alone():
+        dcp.load(tensors, storage_reader=CheckedReader(folder))
+
+
+def read_whole(folder: Path, named_by: Path, key: str = "model") -> dict[str, torch.Tensor]:
+    """The whole tensors under key (every weight), assembled from all the shards, in this process alone."""
+    metadata = check(folder, named_by)
+    prefix = f"{key}."
+    tensors = {name.removeprefix(prefix): torch.empty(entry.size, dtype=entry.properties.dtype)
+               for name, entry in metadata.state_dict_metadata.items() if name.startswith(prefix)}
+    with alone():
+        dcp.load({key: tensors}, storage_reader=CheckedReader(folder), no_dist=True)
+    return tensors
