@@ -17,6 +17,8 @@ tensors and a checkpoint, sharded (FSDP, DCP on disk) or whole (DDP, one
 process), in any of those combinations: torch's get_state_dict/set_state_dict
 key the optimizer's state by parameter name, which is what lets a checkpoint
 of one layout be read into another.
+FSDP and its state dicts are imported where a sharded run uses them: they bring
+most of torch.distributed (0.7 s), which every other command would pay at start-up.
 """
 
 from __future__ import annotations
@@ -27,14 +29,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from nanogpt.errors import ConfigError
 from nanogpt.model import GPT
@@ -59,6 +53,9 @@ def shard(model: GPT, device: torch.device, dtype: torch.dtype, compile: bool) -
     init_from); fully_shard keeps each one's slice of them. compile compiles each
     block before it is wrapped, so FSDP's gathering stays outside the compiled code.
     """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
                                   reduce_dtype=torch.float32)
@@ -85,6 +82,8 @@ def torch_optimizers(optimizer) -> dict[str, torch.optim.Optimizer]:
 
 def state_of(model: nn.Module, optimizer) -> dict:
     """{"model", "optimizer"} as this process holds them: its shards (DTensors) under FSDP, keyed by name."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     parts = list(torch_optimizers(optimizer).values())
     stepped = any(part.state for part in parts)
     weights, optimizer_state = get_state_dict(model, parts)
@@ -111,6 +110,8 @@ def load_state(model: nn.Module, optimizer, state: dict) -> None:
     what its share needs, whatever the job's size and layout now; a whole one
     (DDP's, or a single process's) is cut into this process's shards.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
     parts = torch_optimizers(optimizer)
     if "shards" in state:
         folder = Path(state["shards"])
@@ -152,6 +153,8 @@ def whole_copy(model: GPT, device: torch.device, context: DistributedContext) ->
 
     Every process takes part in gathering the weights, into rank 0's CPU memory.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
     if not context.is_main:

@@ -22,6 +22,9 @@ admits only DCP's own record classes, so reading a checkpoint never runs code
 from it (as torch.load(weights_only=True) guarantees for .pt files). Its table
 of which bytes of which file hold each tensor names a missing or cut-short shard
 before anything is read.
+
+DCP is imported where a sharded checkpoint is written or read: it brings most of
+torch.distributed (0.7 s), which reading any other checkpoint would pay.
 """
 
 from __future__ import annotations
@@ -29,14 +32,12 @@ from __future__ import annotations
 import contextlib
 import pickle
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
-from torch.distributed.tensor import DTensor
 
 from nanogpt.errors import CheckpointError
 
@@ -49,7 +50,9 @@ RECORD_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pat
 
 def holds_shards(state: dict) -> bool:
     """True for a training state whose weights are this process's shards (DTensors) of an FSDP job's."""
-    return any(isinstance(value, DTensor) for value in state.get("model", {}).values())
+    dtensor = sys.modules.get("torch.distributed.tensor")  # imported by FSDP, before any shard exists
+    return dtensor is not None and any(isinstance(value, dtensor.DTensor)
+                                       for value in state.get("model", {}).values())
 
 
 def folder_name(checkpoint: str, tag: str) -> str:
@@ -59,6 +62,8 @@ def folder_name(checkpoint: str, tag: str) -> str:
 
 def write(folder: Path, tensors: dict) -> None:
     """Every process writes its part of tensors (nested dicts of tensors and DTensors) into folder."""
+    import torch.distributed.checkpoint as dcp
+
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder))
 
 
@@ -79,20 +84,25 @@ class RecordUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
 
-class CheckedReader(dcp.FileSystemReader):
-    """DCP's file reader, reading .metadata without running code from it."""
+def reader(folder: Path):
+    """DCP's file reader for folder, reading .metadata without running code from it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        with open(Path(self.path) / METADATA, "rb") as f:
-            metadata = RecordUnpickler(f).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not DCP metadata")
-        metadata.storage_meta = metadata.storage_meta or StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+    class CheckedReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            with open(Path(self.path) / METADATA, "rb") as f:
+                metadata = RecordUnpickler(f).load()
+            if not isinstance(metadata, Metadata):
+                raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not DCP metadata")
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return CheckedReader(folder)
 
 
-def check(folder: Path, named_by: Path) -> Metadata:
+def check(folder: Path, named_by: Path):
     """The folder's table of contents, once every shard it lists is found whole; else the fault, named."""
     where = f"checkpoint {named_by}"
     if not folder.is_dir():
@@ -102,10 +112,12 @@ def check(folder: Path, named_by: Path) -> Metadata:
         raise CheckpointError(f"{where}: {folder.name}/{METADATA} is missing, so its shards cannot be read; "
                               "use another checkpoint of the run (best.pt or last.pt)")
     try:
-        metadata = CheckedReader(folder).read_metadata()
+        metadata = reader(folder).read_metadata()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{where}: {folder.name}/{METADATA} is damaged or holds more than checkpoint "
                               f"records, and was refused (loading it could run code): {e}") from None
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
     if any(isinstance(entry, BytesStorageMetadata) for entry in metadata.state_dict_metadata.values()):
         raise CheckpointError(f"{where}: {folder.name} holds pickled objects beside its tensors and was "
                               "refused (loading them could run code); it was not written by nanogpt")
@@ -127,7 +139,7 @@ def check(folder: Path, named_by: Path) -> Metadata:
 
 def holds(folder: Path, key: str) -> bool:
     """True if the checkpoint in folder holds tensors under key ("model", "optimizer")."""
-    names = CheckedReader(folder).read_metadata().state_dict_metadata
+    names = reader(folder).read_metadata().state_dict_metadata
     return any(name.startswith(f"{key}.") for name in names)
 
 
@@ -144,8 +156,10 @@ def read_into(folder: Path, tensors: dict) -> None:
 
     Under torchrun every process calls it together; each reads the pieces its shares need.
     """
+    import torch.distributed.checkpoint as dcp
+
     with alone():
-        dcp.load(tensors, storage_reader=CheckedReader(folder))
+        dcp.load(tensors, storage_reader=reader(folder))
 
 
 def read_whole(folder: Path, named_by: Path, key: str = "model") -> dict[str, torch.Tensor]:
@@ -154,6 +168,8 @@ def read_whole(folder: Path, named_by: Path, key: str = "model") -> dict[str, to
     prefix = f"{key}."
     tensors = {name.removeprefix(prefix): torch.empty(entry.size, dtype=entry.properties.dtype)
                for name, entry in metadata.state_dict_metadata.items() if name.startswith(prefix)}
+    import torch.distributed.checkpoint as dcp
+
     with alone():
-        dcp.load({key: tensors}, storage_reader=CheckedReader(folder), no_dist=True)
+        dcp.load({key: tensors}, storage_reader=reader(folder), no_dist=True)
     return tensors
