@@ -22,10 +22,12 @@ SHAKESPEARE = next((p for p in (REPO.parent / "shared" / "data" / "tinyshakespea
                                 REPO.parent.parent / "shared" / "data" / "tinyshakespeare.txt")
                     if p.is_file()), REPO.parent / "shared" / "data" / "tinyshakespeare.txt")
 
-# A few fast settings for end-to-end runs on the CPU.
+# A few fast settings for end-to-end runs on the CPU. No W&B run: starting its service costs
+# a run more than its training; the tests of tracking add logger=wandb back.
 TINY_RUN = [
     "device=cpu", "model=tiny", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
     "model.block_size=32", "batch_size=8", "eval_iters=4", "log_interval=5", "sample_tokens=20",
+    "logger=none",
 ]
 
 

@@ -29,7 +29,7 @@ from .conftest import REPO, TINY_RUN, run_module
 from .test_concurrency import TextServer
 from .test_stops import Running
 
-QUICK = [*TINY_RUN, "logger=none", "sample_tokens=0", "max_iters=2", "eval_interval=2"]
+QUICK = [*TINY_RUN, "sample_tokens=0", "max_iters=2", "eval_interval=2"]
 BOOK = "".join(f"{n}: I speak of {t}.\n" for n in ("ROMEO", "JULIET") for t in ("love", "the moon")) * 300
 BOOK2 = "".join(f"{n} says {t}!\n" for n in ("MERCUTIO", "NURSE") for t in ("swords", "Verona")) * 300
 
@@ -183,7 +183,7 @@ def test_a_full_disk_while_preparing_leaves_the_previous_cache_whole(books, data
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(books, data_root):
     run_dir = books / "run"
-    full = run_module("tests.faults", "disk_full=last.pt@2", *TINY_RUN, "logger=none", "max_iters=20",
+    full = run_module("tests.faults", "disk_full=last.pt@2", *TINY_RUN, "max_iters=20",
                       "eval_interval=5", "dataset=text", "dataset.source=book.txt", f"data_root={data_root}",
                       f"hydra.run.dir={run_dir}", cwd=books)
     line = one_error_line(full, status=1)

@@ -25,7 +25,7 @@ from nanogpt.runtime import rundir
 from .conftest import REPO, TINY_RUN, run_module
 from .hellaswag_examples import write_jsonl
 
-QUICK = [*TINY_RUN, "logger=none", "sample_tokens=0"]
+QUICK = [*TINY_RUN, "sample_tokens=0"]
 WITHOUT_PACKAGES = Path(__file__).parent / "without_packages"
 
 

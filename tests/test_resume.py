@@ -83,7 +83,7 @@ def test_weights_really_depend_on_the_rng(work, reference):
 
 def test_sigterm_then_resume_is_bitwise_exact(work, reference):
     run_dir = work[0] / "sigterm"
-    stopped = train(work, f"hydra.run.dir={run_dir}", faults="signal_at_iter=6:SIGTERM")
+    stopped = train(work, f"hydra.run.dir={run_dir}", "logger=wandb", faults="signal_at_iter=6:SIGTERM")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     assert "Traceback" not in stopped.stderr
     assert "SIGTERM received: stopping" in stopped.stdout

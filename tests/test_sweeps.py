@@ -13,7 +13,7 @@ from .conftest import TINY_RUN, register_commands, run_module
 from .wandb_records import read_offline_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-QUICK = [*TINY_RUN, "max_iters=30", "eval_interval=10", "optimizer.warmup_iters=2"]
+QUICK = [*TINY_RUN, "logger=wandb", "max_iters=30", "eval_interval=10", "optimizer.warmup_iters=2"]
 
 
 def text_dataset(corpus, data_root):
@@ -141,7 +141,7 @@ def test_joblib_runs_jobs_in_parallel_and_prepares_data_once(tmp_path, corpus, d
 def test_optuna_search_minimises_the_best_val_loss(tmp_path, corpus, data_root):
     # Not QUICK: it fixes optimizer.warmup_iters, which the search varies.
     result = run_module("nanogpt.train", "-m", "+experiment=lr_search", "hydra.sweeper.n_trials=2",
-                        *TINY_RUN, "max_iters=20", "eval_interval=10", "logger=none",
+                        *TINY_RUN, "max_iters=20", "eval_interval=10",
                         *text_dataset(corpus, data_root), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()

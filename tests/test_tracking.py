@@ -8,7 +8,7 @@ from nanogpt.tracking.records import RunRecords
 from .conftest import TINY_RUN, run_module
 from .wandb_records import read_offline_run
 
-QUICK = [*TINY_RUN, "max_iters=10", "eval_interval=5", "sample_tokens=0"]
+QUICK = [*TINY_RUN, "logger=wandb", "max_iters=10", "eval_interval=5", "sample_tokens=0"]
 
 
 def train_once(tmp_path, corpus, data_root, *args, env=None):
