@@ -155,13 +155,26 @@ def test_the_chat_page_streams_answers_keeps_the_conversation_and_stops(browser,
     limit = browser.find_element(By.ID, "max-tokens")
     limit.clear()
     limit.send_keys(str(LONGEST))
+    # The page clicks Stop itself as soon as the answer shows: a click sent from here could come
+    # after a fast machine had finished the answer, when Stop is hidden again.
+    browser.execute_script("""
+        window.stopWasShown = null;
+        new MutationObserver((_, observer) => {
+          const answers = document.querySelectorAll('.message.assistant .content');
+          if (answers.length === 3 && answers[2].textContent.length > 0) {
+            observer.disconnect();
+            const stop = document.getElementById('stop');
+            window.stopWasShown = !stop.hidden;
+            stop.click();
+          }
+        }).observe(document.getElementById('conversation'),
+                   {subtree: true, childList: true, characterData: true});
+    """)
     box = browser.find_element(By.ID, "input")
     box.send_keys("Go on and on")
     box.send_keys(Keys.ENTER)
-    wait.until(lambda d: d.execute_script(
-        "const a = document.querySelectorAll('.message.assistant .content'); return a.length === 3 && "
-        "a[2].textContent.length > 0;"))
-    browser.find_element(By.ID, "stop").click()
+    wait.until(lambda d: d.execute_script("return window.stopWasShown !== null;"))
+    assert browser.execute_script("return window.stopWasShown;")  # Stop is offered while it streams
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
     assert browser.find_elements(By.CSS_SELECTOR, ".message.assistant.stopped")
     server.wait_until_idle()
