@@ -12,11 +12,8 @@ Unlike DDP's no_sync(), gradients are reduced after every micro-batch of
 gradient accumulation: holding whole unreduced gradients between micro-batches
 would give back the memory sharding saves.
 
-The state functions move weights and optimizer state between this process's
-tensors and a checkpoint, sharded (FSDP, DCP on disk) or whole (DDP, one
-process), in any of those combinations: torch's get_state_dict/set_state_dict
-key the optimizer's state by parameter name, which is what lets a checkpoint
-of one layout be read into another.
+state_of takes this process's weights and optimizer state for a checkpoint;
+weights/sharded.py's load_into puts a checkpoint's back, sharded or whole.
 FSDP and its state dicts are imported where a sharded run uses them: they bring
 most of torch.distributed (0.7 s), which every other command would pay at start-up.
 """
@@ -24,7 +21,6 @@ most of torch.distributed (0.7 s), which every other command would pay at start-
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,7 +29,6 @@ from torch import nn
 from nanogpt.errors import ConfigError
 from nanogpt.model import GPT
 from nanogpt.runtime.distributed import DistributedContext
-from nanogpt.weights import sharded
 
 COMPILED = "_orig_mod."  # torch.compile's prefix in a compiled module's parameter names
 
@@ -101,51 +96,6 @@ def forget_state(parts: list[torch.optim.Optimizer], optimizer_state: dict) -> N
     for part in parts:
         part.state.clear()
     optimizer_state["state"] = {}
-
-
-def load_state(model: nn.Module, optimizer, state: dict) -> None:
-    """Put a checkpoint's weights and optimizer state into this process's model and optimizer.
-
-    A sharded checkpoint (state["shards"]) is read by DCP, each process reading
-    what its share needs, whatever the job's size and layout now; a whole one
-    (DDP's, or a single process's) is cut into this process's shards.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
-    parts = torch_optimizers(optimizer)
-    if "shards" in state:
-        folder = Path(state["shards"])
-        weights, optimizer_state = get_state_dict(model, list(parts.values()))  # the shapes to read into
-        if not sharded.holds(folder, "optimizer"):  # saved before the first step
-            optimizer_state["state"] = {}
-        sharded.read_into(folder, {"model": weights, "optimizer": optimizer_state["state"]})
-        optimizer_state["param_groups"] = state["optimizer"]["param_groups"]
-        options = None
-    else:
-        weights, optimizer_state = state["model"], keyed_by_name(state["optimizer"], parts, model)
-        options = StateDictOptions(full_state_dict=True)
-    set_state_dict(model, list(parts.values()), model_state_dict=weights, optim_state_dict=optimizer_state,
-                   options=options)
-    if not optimizer_state["state"]:
-        forget_state(list(parts.values()), optimizer_state)
-
-
-def keyed_by_name(saved: dict, parts: dict[str, torch.optim.Optimizer], model: nn.Module) -> dict:
-    """A whole optimizer.state_dict() (parameters numbered in group order) keyed by parameter name instead.
-
-    The run builds its optimizer's groups over the same parameters in the same
-    order as the run that saved (resume keeps the model and optimizer), so the
-    n-th number of a saved group is the n-th parameter of the group now.
-    """
-    names = {param: name.replace(COMPILED, "") for name, param in model.named_parameters()}
-    state, groups = {}, []
-    for key, part in parts.items():
-        own = saved[key] if key else saved
-        for group, saved_group in zip(part.param_groups, own["param_groups"], strict=True):
-            name_of = dict(zip(saved_group["params"], (names[p] for p in group["params"]), strict=True))
-            state.update({name_of[n]: value for n, value in own["state"].items() if n in name_of})
-            groups.append({**saved_group, "params": list(name_of.values())})
-    return {"state": state, "param_groups": groups}
 
 
 def whole_copy(model: GPT, device: torch.device, context: DistributedContext) -> GPT | None:

@@ -22,7 +22,7 @@ import torch
 from nanogpt.errors import CheckpointError
 from nanogpt.runtime import distributed, sharding
 from nanogpt.runtime.process import Runtime
-from nanogpt.weights import lora
+from nanogpt.weights import lora, sharded
 from nanogpt.weights.checkpoint import LAST, load_checkpoint
 
 
@@ -149,7 +149,7 @@ class TrainingState:
         training, context = state["training"], self.runtime.dist
         if "optimizer" in state:
             if self.runtime.sharded or "shards" in state:  # at any job size (distributed.own_share)
-                sharding.load_state(self.model, self.optimizer, state)
+                sharded.load_into(self.model, self.optimizer, state)
             else:
                 distributed.check_world_size(training.get("world_size", 1), context.world_size)
                 lora.load_trainable_weights(self.model, state["model"], state.get("lora"))

@@ -16,8 +16,10 @@ a .pt file naming a complete folder (RunCheckpoints in checkpoint.py).
 
 Reading needs neither torchrun nor the job's size: DCP assembles each tensor
 from whichever files hold its pieces, so a training job of any size takes its
-own share (read_into), and sample, eval, export and init_from take whole tensors
-(read_whole). DCP's .metadata is a pickle; it is read with an unpickler that
+own share (read_into; load_into puts a checkpoint, sharded or whole, into a job's
+model and optimizer, whatever its layout: torch's get_state_dict/set_state_dict key
+the optimizer's state by parameter name), and sample, eval, export and init_from
+take whole tensors (read_whole). DCP's .metadata is a pickle; it is read with an unpickler that
 admits only DCP's own record classes, so reading a checkpoint never runs code
 from it (as torch.load(weights_only=True) guarantees for .pt files). Its table
 of which bytes of which file hold each tensor names a missing or cut-short shard
@@ -38,8 +40,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from nanogpt.errors import CheckpointError
+from nanogpt.runtime import sharding
 
 METADATA = ".metadata"  # DCP's name for its table of contents
 # What DCP's .metadata may name: its own record classes, tensor sizes, dtypes and layouts, paths.
@@ -173,3 +177,48 @@ def read_whole(folder: Path, named_by: Path, key: str = "model") -> dict[str, to
     with alone():
         dcp.load({key: tensors}, storage_reader=reader(folder), no_dist=True)
     return tensors
+
+
+def load_into(model: nn.Module, optimizer, state: dict) -> None:
+    """Put a checkpoint's weights and optimizer state into this process's model and optimizer.
+
+    A sharded checkpoint (state["shards"]) is read by DCP, each process reading
+    what its share needs, whatever the job's size and layout now; a whole one
+    (DDP's, or a single process's) is cut into this process's shards.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    parts = sharding.torch_optimizers(optimizer)
+    if "shards" in state:
+        folder = Path(state["shards"])
+        weights, optimizer_state = get_state_dict(model, list(parts.values()))  # the shapes to read into
+        if not holds(folder, "optimizer"):  # saved before the first step
+            optimizer_state["state"] = {}
+        read_into(folder, {"model": weights, "optimizer": optimizer_state["state"]})
+        optimizer_state["param_groups"] = state["optimizer"]["param_groups"]
+        options = None
+    else:
+        weights, optimizer_state = state["model"], keyed_by_name(state["optimizer"], parts, model)
+        options = StateDictOptions(full_state_dict=True)
+    set_state_dict(model, list(parts.values()), model_state_dict=weights, optim_state_dict=optimizer_state,
+                   options=options)
+    if not optimizer_state["state"]:
+        sharding.forget_state(list(parts.values()), optimizer_state)
+
+
+def keyed_by_name(saved: dict, parts: dict[str, torch.optim.Optimizer], model: nn.Module) -> dict:
+    """A whole optimizer.state_dict() (parameters numbered in group order) keyed by parameter name instead.
+
+    The run builds its optimizer's groups over the same parameters in the same
+    order as the run that saved (resume keeps the model and optimizer), so the
+    n-th number of a saved group is the n-th parameter of the group now.
+    """
+    names = {param: name.replace(sharding.COMPILED, "") for name, param in model.named_parameters()}
+    state, groups = {}, []
+    for key, part in parts.items():
+        own = saved[key] if key else saved
+        for group, saved_group in zip(part.param_groups, own["param_groups"], strict=True):
+            name_of = dict(zip(saved_group["params"], (names[p] for p in group["params"]), strict=True))
+            state.update({name_of[n]: value for n, value in own["state"].items() if n in name_of})
+            groups.append({**saved_group, "params": list(name_of.values())})
+    return {"state": state, "param_groups": groups}
