@@ -141,6 +141,9 @@ def test_no_import_circles():
 
 
 def test_the_lesson_and_the_loop_stay_short():
-    lines = {m: len((PACKAGE.parent / (m.replace(".", "/") + ".py")).read_text().splitlines())
+    texts = {m: (PACKAGE.parent / (m.replace(".", "/") + ".py")).read_text().splitlines()
              for m in ("nanogpt.model", "nanogpt.training.trainer")}
-    assert sum(lines.values()) <= 700, lines
+    assert sum(len(lines) for lines in texts.values()) <= 700, {m: len(lines) for m, lines in texts.items()}
+    # Short by reading well, not by packing: no line past 100 characters (ruff allows 110 elsewhere).
+    packed = [(m, n) for m, lines in texts.items() for n, line in enumerate(lines, 1) if len(line) > 100]
+    assert packed == []
