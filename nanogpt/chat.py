@@ -45,8 +45,13 @@ class ChatConfig(SamplingOptions):
         require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
 
 
-def converse(cfg: ChatConfig, lines: TextIO = sys.stdin, out: TextIO = sys.stdout) -> list[dict]:
-    """Answer each line of `lines` in turn, streaming to `out`; return the conversation."""
+def converse(cfg: ChatConfig, lines: TextIO | None = None, out: TextIO | None = None) -> list[dict]:
+    """Answer each line of `lines` in turn, streaming to `out`; return the conversation.
+
+    Both default to sys.stdin and sys.stdout as they are at the call, not at import:
+    a caller that redirected them (a notebook, a test) gets the text.
+    """
+    lines, out = lines or sys.stdin, out or sys.stdout
     lm = open_model(cfg, "chatting with")
     interactive = lines.isatty()
     if interactive:

@@ -54,8 +54,9 @@ def read_prompt(cfg: SampleConfig) -> str:
         raise DataError(f"prompt_file={path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
 
 
-def generate_samples(cfg: SampleConfig, out: TextIO = sys.stdout) -> list[str]:
-    """Write cfg.num_samples samples to out as they are generated; return them."""
+def generate_samples(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
+    """Write cfg.num_samples samples to out (sys.stdout as it is at the call) as they are generated."""
+    out = out or sys.stdout
     lm = open_model(cfg, "sampling from")
     prompt = read_prompt(cfg)
     if not prompt:
