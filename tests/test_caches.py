@@ -25,6 +25,7 @@ from nanogpt.dataset.config import DatasetConfig
 from nanogpt.dataset.pipeline import prepare_dataset
 from nanogpt.weights.checkpoint import load_checkpoint
 
+from .commands import run_in_process
 from .conftest import REPO, TINY_RUN, run_module
 from .test_concurrency import TextServer
 from .test_stops import Running
@@ -64,8 +65,8 @@ def books(tmp_path) -> Path:
 
 def test_unnamed_sources_get_own_folders_and_eval_finds_the_run_from_anywhere(books, data_root, tmp_path):
     for name in ("book", "book2"):
-        trained = run_module("nanogpt.train", *QUICK, "dataset=text", f"dataset.source={name}.txt",
-                             f"data_root={data_root}", f"hydra.run.dir=run_{name}", cwd=books)
+        trained = run_in_process("nanogpt.train", *QUICK, "dataset=text", f"dataset.source={name}.txt",
+                                 f"data_root={data_root}", f"hydra.run.dir=run_{name}", cwd=books)
         assert trained.returncode == 0, trained.stderr
     folders = sorted(p.name for p in data_root.iterdir())
     assert len(folders) == 2 and folders[0].startswith("text-book-") and folders[1].startswith("text-book2-")
@@ -81,7 +82,7 @@ def test_unnamed_sources_get_own_folders_and_eval_finds_the_run_from_anywhere(bo
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    scored = run_module("nanogpt.eval", f"ckpt={books / 'run_book'}", "device=cpu", cwd=elsewhere)
+    scored = run_in_process("nanogpt.eval", f"ckpt={books / 'run_book'}", "device=cpu", cwd=elsewhere)
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout.splitlines()[-1])["tokens_file"] == str(folder / "val.bin")
 
@@ -90,35 +91,35 @@ def test_unnamed_sources_get_own_folders_and_eval_finds_the_run_from_anywhere(bo
     for path in folder.iterdir():
         path.unlink()
     folder.rmdir()
-    again = run_module("nanogpt.eval", f"ckpt={books / 'run_book'}", "device=cpu", cwd=elsewhere)
+    again = run_in_process("nanogpt.eval", f"ckpt={books / 'run_book'}", "device=cpu", cwd=elsewhere)
     assert again.returncode == 0, again.stderr
     assert sha256(folder / "val.bin") == before
     # ... unless the source has changed since: then it says so, rather than scoring other text.
     (books / "book.txt").write_text(BOOK.replace("love", "hate"))
     for path in folder.iterdir():
         path.unlink()
-    changed = run_module("nanogpt.eval", f"ckpt={books / 'run_book'}", "device=cpu", cwd=elsewhere)
+    changed = run_in_process("nanogpt.eval", f"ckpt={books / 'run_book'}", "device=cpu", cwd=elsewhere)
     assert "the source has changed since" in one_error_line(changed)
 
 
 def test_a_named_folder_taken_by_other_data_is_left_alone_by_eval_and_resume(books, data_root):
     shared = ["dataset=text", "dataset.name=shared", f"data_root={data_root}"]
-    trained = run_module("nanogpt.train", *QUICK, *shared, "dataset.source=book.txt", "hydra.run.dir=run",
-                         cwd=books)
+    trained = run_in_process("nanogpt.train", *QUICK, *shared, "dataset.source=book.txt", "hydra.run.dir=run",
+                             cwd=books)
     assert trained.returncode == 0, trained.stderr
-    other = run_module("nanogpt.data", *shared, "dataset.source=book2.txt", cwd=books)  # the same name
+    other = run_in_process("nanogpt.data", *shared, "dataset.source=book2.txt", cwd=books)  # the same name
     assert other.returncode == 0, other.stderr
     taken = folder_state(data_root / "shared")
 
-    scored = run_module("nanogpt.eval", "ckpt=run", "device=cpu", cwd=books)
-    resumed = run_module("nanogpt.train", "resume=run", "max_iters=4", cwd=books)
+    scored = run_in_process("nanogpt.eval", "ckpt=run", "device=cpu", cwd=books)
+    resumed = run_in_process("nanogpt.train", "resume=run", "max_iters=4", cwd=books)
     for refused in (scored, resumed):
         line = one_error_line(refused)
         assert f"{data_root / 'shared'} now holds other tokens than this run trained on" in line
         assert f"prepared from {books / 'book2.txt'}" in line and "dataset.name=NEW" in line
     assert folder_state(data_root / "shared") == taken  # not prepared again, not touched
 
-    own = run_module("nanogpt.train", "resume=run", "max_iters=4", "dataset.name=book_again", cwd=books)
+    own = run_in_process("nanogpt.train", "resume=run", "max_iters=4", "dataset.name=book_again", cwd=books)
     assert own.returncode == 0, own.stderr
     assert load_checkpoint(books / "run" / "last.pt")["iter_num"] == 4
 
@@ -165,7 +166,7 @@ def test_a_reader_keeps_the_tokens_it_opened_while_another_process_replaces_them
 
 def test_a_full_disk_while_preparing_leaves_the_previous_cache_whole(books, data_root):
     shared = ["dataset=text", "dataset.name=shared", f"data_root={data_root}"]
-    prepared = run_module("nanogpt.data", *shared, "dataset.source=book.txt", cwd=books)
+    prepared = run_in_process("nanogpt.data", *shared, "dataset.source=book.txt", cwd=books)
     assert prepared.returncode == 0, prepared.stderr
     folder = data_root / "shared"
     before = folder_state(folder)
@@ -191,7 +192,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(books, data_root
     assert "free there); the previous last.pt is unchanged" in line
     saved = load_checkpoint(run_dir / "last.pt")  # whole and loadable: the save before the full disk
     assert saved["iter_num"] == 0 and not list(run_dir.glob(".*.tmp"))
-    resumed = run_module("nanogpt.train", f"resume={run_dir}", "max_iters=6", cwd=books)
+    resumed = run_in_process("nanogpt.train", f"resume={run_dir}", "max_iters=6", cwd=books)
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(run_dir / "last.pt", weights_only=True)["iter_num"] == 6
 
@@ -216,7 +217,7 @@ def run_limited(max_file_bytes: int, module: str, *args: str, cwd: Path) -> subp
 
 def test_a_write_the_kernel_refuses_is_one_line_for_token_files_and_checkpoints(books, data_root):
     shared = ["dataset=text", "dataset.name=shared", f"data_root={data_root}"]
-    prepared = run_module("nanogpt.data", *shared, "dataset.source=book.txt", cwd=books)
+    prepared = run_in_process("nanogpt.data", *shared, "dataset.source=book.txt", cwd=books)
     assert prepared.returncode == 0, prepared.stderr
     folder = data_root / "shared"
     before = folder_state(folder)
@@ -227,8 +228,8 @@ def test_a_write_the_kernel_refuses_is_one_line_for_token_files_and_checkpoints(
     assert folder_state(folder) == before and not (folder / ".preparing").exists()
 
     run_dir = books / "run"
-    trained = run_module("nanogpt.train", *QUICK, *shared, "dataset.source=book.txt",
-                         f"hydra.run.dir={run_dir}", cwd=books)
+    trained = run_in_process("nanogpt.train", *QUICK, *shared, "dataset.source=book.txt",
+                             f"hydra.run.dir={run_dir}", cwd=books)
     assert trained.returncode == 0, trained.stderr
     last = (run_dir / "last.pt").read_bytes()
     limit = len(last) - 1000  # each save of last.pt is as large as the first

@@ -63,7 +63,7 @@ def test_sample_from_run_dir_streams_text(trained_run):
 
 def test_sample_without_ckpt_uses_the_newest_run(trained_run):
     work, run_dir, _ = trained_run
-    result = run_module("nanogpt.sample", "num_tokens=10", cwd=work)
+    result = run_in_process("nanogpt.sample", "num_tokens=10", cwd=work)
     assert result.returncode == 0, result.stderr
     assert str((run_dir / "best.pt").relative_to(work)) in result.stderr
 
@@ -72,12 +72,13 @@ def test_sample_is_reproducible_and_reads_prompt_files(trained_run, tmp_path):
     work, run_dir, _ = trained_run
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("JULIET:")
-    runs = [run_module("nanogpt.sample", f"ckpt={run_dir / 'best.pt'}", f"prompt_file={prompt}",
-                       "num_tokens=40", "seed=5", cwd=work) for _ in range(2)]
+    # One real process and one in this process: the seed, not the process, fixes the text.
+    runs = [run("nanogpt.sample", f"ckpt={run_dir / 'best.pt'}", f"prompt_file={prompt}",
+                "num_tokens=40", "seed=5", cwd=work) for run in (run_module, run_in_process)]
     assert runs[0].returncode == 0, runs[0].stderr
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("JULIET:")
-    cached = run_module("nanogpt.sample", f"ckpt={run_dir}", f"prompt_file={prompt}",
-                        "num_tokens=40", "seed=5", "use_cache=false", cwd=work)
+    cached = run_in_process("nanogpt.sample", f"ckpt={run_dir}", f"prompt_file={prompt}",
+                            "num_tokens=40", "seed=5", "use_cache=false", cwd=work)
     assert cached.stdout == runs[0].stdout
 
 
@@ -113,8 +114,8 @@ def test_data_entry_prepares_only(tmp_path, corpus, data_root):
 
 
 def test_shakespeare_default_dataset_from_local_source(tmp_path, shakespeare, data_root):
-    result = run_module("nanogpt.data", f"data_root={data_root}", cwd=tmp_path,
-                        env={"NANOGPT_SHAKESPEARE_SOURCE": str(shakespeare)})
+    result = run_in_process("nanogpt.data", f"data_root={data_root}", cwd=tmp_path,
+                            env={"NANOGPT_SHAKESPEARE_SOURCE": str(shakespeare)})
     assert result.returncode == 0, result.stderr
     meta = json.loads((data_root / "shakespeare_char" / "meta.json").read_text())
     assert meta["vocab_size"] == 65
@@ -127,9 +128,9 @@ def test_variants_and_muon_train_resume_and_sample(tmp_path, corpus, data_root):
                 "model.activation=relu2", "optimizer=muon", "optimizer.lr=3e-3", "optimizer.warmup_iters=5"]
     common = [*TINY_RUN, *variants, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}",
               "eval_interval=15"]
-    first = run_module("nanogpt.train", *common, "max_iters=30", "hydra.run.dir=run", cwd=tmp_path)
+    first = run_in_process("nanogpt.train", *common, "max_iters=30", "hydra.run.dir=run", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    resumed = run_module("nanogpt.train", *common, "max_iters=45", "resume=run", cwd=tmp_path)
+    resumed = run_in_process("nanogpt.train", *common, "max_iters=45", "resume=run", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["iter_num"] == 45
@@ -137,7 +138,7 @@ def test_variants_and_muon_train_resume_and_sample(tmp_path, corpus, data_root):
     assert model_config["position_encoding"] == "rope" and model_config["activation"] == "relu2"
     evals = [r for r in read_metrics(tmp_path / "run") if r.get("kind") == "eval"]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
-    sampled = run_module("nanogpt.sample", "ckpt=run", "num_tokens=80", "seed=3", cwd=tmp_path)
+    sampled = run_in_process("nanogpt.sample", "ckpt=run", "num_tokens=80", "seed=3", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
     assert len(sampled.stdout) >= 80
 
@@ -146,7 +147,7 @@ def test_eval_at_start_false_skips_only_the_untrained_evaluation(tmp_path, corpu
     common = [*TINY_RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}",
               "max_iters=25", "eval_interval=10"]
     for name, extra in (("default", []), ("speedrun", ["eval_at_start=false"])):
-        result = run_module("nanogpt.train", *common, *extra, f"hydra.run.dir={name}", cwd=tmp_path)
+        result = run_in_process("nanogpt.train", *common, *extra, f"hydra.run.dir={name}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     iters = {name: [r["iter"] for r in read_metrics(tmp_path / name) if r.get("kind") == "eval"]
              for name in ("default", "speedrun")}

@@ -14,6 +14,7 @@ from nanogpt.cli.paths import CONFIG_DIR
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.weights.checkpoint import save_checkpoint
 from nanogpt.weights.loading import load_pretrained as load_gpt2_weights
+from tests.commands import run_in_process
 from tests.conftest import TINY_RUN, register_commands, run_module
 
 # Parameters of OpenAI's releases (embeddings tied, 50257 tokens, 1024 positions).
@@ -145,7 +146,7 @@ def test_export_refuses_an_architecture_variant(tmp_path):
                        position_encoding="rope", activation="relu2")
     vocabulary = [chr(c) for c in range(65)]
     train_checkpoint(tmp_path / "best.pt", config, {"kind": "char", "vocabulary": vocabulary})
-    result = run_module("nanogpt.export", f"ckpt={tmp_path}", "out=hf_out", cwd=tmp_path)
+    result = run_in_process("nanogpt.export", f"ckpt={tmp_path}", "out=hf_out", cwd=tmp_path)
     assert result.returncode == 2
     assert "model.position_encoding=rope model.activation=relu2" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "hf_out").exists()
@@ -157,7 +158,7 @@ def test_export_bpe_model_carries_gpt2_tokenizer(tmp_path, bpe_cache):
     config = GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0,
                        vocab_multiple=64, gelu_approximate="tanh")
     ours = train_checkpoint(tmp_path / "last.pt", config, {"kind": "tiktoken", "encoding": "gpt2"})
-    result = run_module("nanogpt.export", f"ckpt={tmp_path / 'last.pt'}", "out=hf_out", cwd=tmp_path)
+    result = run_in_process("nanogpt.export", f"ckpt={tmp_path / 'last.pt'}", "out=hf_out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     exported = GPT2LMHeadModel.from_pretrained(tmp_path / "hf_out").eval()
     assert json.loads((tmp_path / "hf_out" / "config.json").read_text())["activation_function"] == "gelu_new"
@@ -171,7 +172,7 @@ def test_export_bpe_model_carries_gpt2_tokenizer(tmp_path, bpe_cache):
 
 
 def test_export_of_a_missing_checkpoint_is_one_error_line(tmp_path):
-    result = run_module("nanogpt.export", "ckpt=nowhere", "out=x", cwd=tmp_path)
+    result = run_in_process("nanogpt.export", "ckpt=nowhere", "out=x", cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ckpt=nowhere does not exist and is no known model")
@@ -180,7 +181,7 @@ def test_export_of_a_missing_checkpoint_is_one_error_line(tmp_path):
 
 def test_finetune_from_a_local_hf_directory(tmp_path, shakespeare, data_root, bpe_cache):
     random_hf_model(tmp_path / "hf", vocab_size=50257)
-    result = run_module(
+    result = run_in_process(
         "nanogpt.train", *TINY_RUN, "dataset=shakespeare", f"dataset.source={shakespeare}",
         f"data_root={data_root}", f"model.init_from={tmp_path / 'hf'}", "model.block_size=16",
         "model.dropout=0.1", "max_iters=2", "eval_interval=2", "optimizer.warmup_iters=0",
@@ -195,7 +196,7 @@ def test_finetune_from_a_local_hf_directory(tmp_path, shakespeare, data_root, bp
 
 def test_init_from_with_a_different_tokenizer_is_one_error_line(tmp_path, corpus, data_root):
     random_hf_model(tmp_path / "hf")
-    result = run_module(
+    result = run_in_process(
         "nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}",
         f"model.init_from={tmp_path / 'hf'}", "hydra.run.dir=run", cwd=tmp_path,
     )
@@ -207,7 +208,7 @@ def test_init_from_with_a_different_tokenizer_is_one_error_line(tmp_path, corpus
 
 
 def test_init_from_an_unknown_name_is_one_error_line(tmp_path, corpus, data_root):
-    result = run_module(
+    result = run_in_process(
         "nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}",
         "model.init_from=gpt3", cwd=tmp_path,
     )

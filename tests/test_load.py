@@ -21,6 +21,7 @@ from nanogpt.text.nanogpt_meta import read_nanogpt_meta_pkl
 from nanogpt.weights.checkpoint import save_checkpoint
 from nanogpt.weights.loading import load_pretrained, resolve_source
 
+from .commands import run_in_process
 from .conftest import REPO, run_module
 
 VOCABULARY = sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))  # 65
@@ -134,8 +135,8 @@ def test_generate_returns_what_the_sample_command_prints(char_run, settings):
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + settings["max_new_tokens"]
     names = {"max_new_tokens": "num_tokens"}
     args = [f"{names.get(k, k)}={'null' if v is None else v}" for k, v in settings.items()]
-    result = run_module("nanogpt.sample", f"ckpt={run_dir}", "prompt=ROMEO:", "device=cpu", *args,
-                        cwd=run_dir.parent)
+    result = run_in_process("nanogpt.sample", f"ckpt={run_dir}", "prompt=ROMEO:", "device=cpu", *args,
+                            cwd=run_dir.parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout == text + "\n"
 
@@ -178,9 +179,9 @@ def test_nanogpt_checkpoint_greedy_text_equals_an_independent_greedy_decode(tmp_
     assert lm.generate(prompt, max_new_tokens=80, top_k=1, temperature=1.0, use_cache=False) == expected
     assert len(set(expected[6:])) > 3  # a text, not one character repeated
     # The sample command reads the same checkpoint the same way.
-    result = run_module("nanogpt.sample", "ckpt=out-shakespeare-char/ckpt.pt", "prompt=ROMEO:",
-                        "num_tokens=80", "top_k=1", "temperature=1.0", "use_cache=false", "device=cpu",
-                        cwd=tmp_path)
+    result = run_in_process("nanogpt.sample", "ckpt=out-shakespeare-char/ckpt.pt", "prompt=ROMEO:",
+                            "num_tokens=80", "top_k=1", "temperature=1.0", "use_cache=false", "device=cpu",
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
 
@@ -217,7 +218,7 @@ def test_malicious_meta_pkl_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(CheckpointError, match="nothing in it was run: it refers to (posix|os).system"):
         read_nanogpt_meta_pkl(tmp_path / "data" / "shakespeare_char" / "meta.pkl")
     for entry in ("sample", "eval"):
-        result = run_module(f"nanogpt.{entry}", "ckpt=out", cwd=tmp_path)
+        result = run_in_process(f"nanogpt.{entry}", "ckpt=out", cwd=tmp_path)
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "meta.pkl was refused, nothing in it was run" in lines[0], result.stderr
@@ -229,7 +230,7 @@ def test_malicious_meta_pkl_is_refused_and_nothing_runs(tmp_path):
 
 def test_nanogpt_checkpoint_without_meta_is_one_line(tmp_path):
     write_nanogpt_checkpoint(tmp_path / "out")
-    result = run_module("nanogpt.sample", "ckpt=out", cwd=tmp_path)
+    result = run_in_process("nanogpt.sample", "ckpt=out", cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
@@ -239,8 +240,8 @@ def test_nanogpt_checkpoint_without_meta_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("entry", ["sample", "eval", "export"])
 def test_unknown_source_is_one_line_listing_what_ckpt_takes(tmp_path, entry):
-    result = run_module(f"nanogpt.{entry}", "ckpt=gpt3", "out=x", cwd=tmp_path) if entry == "export" else \
-        run_module(f"nanogpt.{entry}", "ckpt=gpt3", cwd=tmp_path)
+    out = ["out=x"] if entry == "export" else []
+    result = run_in_process(f"nanogpt.{entry}", "ckpt=gpt3", *out, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: ckpt=gpt3 does not exist and is no known model name; ckpt= takes a run directory or .pt "

@@ -3,6 +3,9 @@
 Faults are injected deterministically by tests/faults.py, which patches them into a real run:
 a real SIGTERM or SIGINT sent by the process to itself before a chosen step, a
 real SIGKILL in the middle of writing a checkpoint, a NaN loss at a chosen step.
+The faulty runs are real processes; the runs without faults (the uninterrupted reference,
+the resumes and restarts, but for the W&B one) run in the test process (tests/commands.py),
+and must still be bitwise what the real processes computed.
 """
 
 import shutil
@@ -14,6 +17,7 @@ import torch
 from nanogpt.tracking.metrics import read_metrics
 from nanogpt.weights.checkpoint import load_checkpoint
 
+from .commands import run_in_process
 from .conftest import REPO, TINY_RUN, run_module
 from .wandb_records import read_offline_run
 
@@ -34,17 +38,17 @@ def work(tmp_path_factory):
 
 
 def train(work, *args, faults=None):
-    """Run ``python -m nanogpt.train`` in work with the shared arguments."""
+    """Run ``python -m nanogpt.train`` in work with the shared arguments: a real process if faults."""
     directory, common = work
     if faults:
         env = {"PYTHONPATH": str(REPO)}  # tests/faults.py patches the faults into the real entry point
         return run_module("tests.faults", faults, *common, *args, cwd=directory, env=env)
-    return run_module("nanogpt.train", *common, *args, cwd=directory)
+    return run_in_process("nanogpt.train", *common, *args, cwd=directory)
 
 
 def resume(work, run_dir, *args):
-    """Run ``python -m nanogpt.train resume=run_dir`` (no other arguments but args)."""
-    return run_module("nanogpt.train", f"resume={run_dir}", *args, cwd=work[0])
+    """Run ``python -m nanogpt.train resume=run_dir`` (no other arguments but args), in this process."""
+    return run_in_process("nanogpt.train", f"resume={run_dir}", *args, cwd=work[0])
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +95,9 @@ def test_sigterm_then_resume_is_bitwise_exact(work, reference):
     saved = load_checkpoint(run_dir / "last.pt")
     assert saved["iter_num"] == 6  # the signal came before step 6: it was not begun, and is next
 
-    resumed = resume(work, run_dir)
+    # A real process here too: W&B continues its run across two processes, and in this one
+    # wandb would leave its service, threads and excepthook behind for the tests after.
+    resumed = run_module("nanogpt.train", f"resume={run_dir}", cwd=work[0])
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {run_dir} from iteration 6" in resumed.stdout
     assert_same_as_reference(load_checkpoint(run_dir / "last.pt"), reference, "SIGTERM at step 6")
