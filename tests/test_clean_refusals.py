@@ -1,11 +1,12 @@
 """A refusal leaves the disk as it found it, and the run directory's lock goes when a run ends.
 
 Each refusal is made for real (a sweep refused for a missing extra, instruction data with a bad
-line) and the tree is listed before and after. The run directory's lock: a requeued job takes
-over as soon as its previous attempt is gone (its pid has ended though its lock is still held;
-a lost node's attempt of the same SLURM job), while anything else is refused at once. And a full
-disk refuses appends too: metrics.jsonl (the kernel's file-size limit) and train.log (/dev/full)
-end the run with the one-line message.
+line; the command's main() run in the test process, tests/commands.py) and the tree is listed before
+and after. The run directory's lock: a requeued job takes over as soon as its previous attempt is
+gone (its pid has ended though its lock is still held; a lost node's attempt of the same SLURM job),
+while anything else is refused at once. And a full disk refuses appends too: metrics.jsonl (the
+kernel's file-size limit, in a process of its own) and train.log (/dev/full) end the run with the
+one-line message.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import pytest
 
 from nanogpt.runtime import rundir
 
-from .conftest import REPO, TINY_RUN, run_module
+from .commands import run_in_process
+from .conftest import REPO, TINY_RUN
 from .hellaswag_examples import write_jsonl
 
 QUICK = [*TINY_RUN, "sample_tokens=0"]
-WITHOUT_PACKAGES = Path(__file__).parent / "without_packages"
 
 
 def listing(folder: Path) -> list[str]:
@@ -44,11 +45,9 @@ def one_error_line(result: subprocess.CompletedProcess, status: int = 2) -> str:
 def test_a_refused_sweep_leaves_no_sweep_directory(tmp_path, corpus):
     (tmp_path / "notes.txt").write_text("mine\n")
     before = listing(tmp_path)
-    hide = {"NANOGPT_TEST_HIDE": "tensorboard",
-            "PYTHONPATH": os.pathsep.join([str(WITHOUT_PACKAGES), str(REPO)])}
-    refused = run_module("nanogpt.train", "-m", *QUICK, "logger=tensorboard", "dataset=text",
-                         f"dataset.source={corpus}", f"data_root={tmp_path / 'data'}",
-                         "optimizer.lr=1e-3,1e-4", cwd=tmp_path, env=hide)
+    refused = run_in_process("nanogpt.train", "-m", *QUICK, "logger=tensorboard", "dataset=text",
+                             f"dataset.source={corpus}", f"data_root={tmp_path / 'data'}",
+                             "optimizer.lr=1e-3,1e-4", cwd=tmp_path, hidden=["tensorboard"])
     line = one_error_line(refused)
     assert line.startswith("error: logger=tensorboard needs the optional package tensorboard"), line
     assert listing(tmp_path) == before  # no outputs/sweeps/<time>/multirun.yaml, not even outputs/
@@ -62,13 +61,13 @@ def test_failed_instruction_data_leaves_no_cache_folder_or_lock(tmp_path, bpe_ca
     bad = write_jsonl(tmp_path / "chats.jsonl", [{"prompt": "hello", "response": "hi"},
                                                  {"prompt": "no answer"}])
     before = listing(tmp_path)
-    refused = run_module("nanogpt.data", "dataset=sft", f"dataset.source={bad}", "dataset.tokenizer=gpt2",
-                         f"data_root={data_root}", cwd=tmp_path)
+    refused = run_in_process("nanogpt.data", "dataset=sft", f"dataset.source={bad}", "dataset.tokenizer=gpt2",
+                             f"data_root={data_root}", cwd=tmp_path)
     assert one_error_line(refused) == (f"error: {bad}:2: a line needs \"prompt\" and \"response\", or "
                                        "\"messages\" (its keys: 'prompt')")
     assert listing(tmp_path) == before  # no sft-chats-<hash>/ and no .lock in it
-    fresh = run_module("nanogpt.data", "dataset=sft", f"dataset.source={bad}", "dataset.tokenizer=gpt2",
-                       f"data_root={tmp_path / 'new_root'}", cwd=tmp_path)
+    fresh = run_in_process("nanogpt.data", "dataset=sft", f"dataset.source={bad}", "dataset.tokenizer=gpt2",
+                           f"data_root={tmp_path / 'new_root'}", cwd=tmp_path)
     one_error_line(fresh)
     assert listing(tmp_path) == before  # nor the data root it made for it
 
@@ -134,8 +133,8 @@ def test_an_earlier_attempt_of_the_same_slurm_job_elsewhere_is_gone_another_job_
 def trained(tmp_path, corpus):
     """A finished tiny run, and its train arguments (data prepared)."""
     args = [*QUICK, "dataset=text", f"dataset.source={corpus}", f"data_root={tmp_path / 'data'}"]
-    done = run_module("nanogpt.train", *args, "max_iters=4", "eval_interval=2", "hydra.run.dir=run",
-                      cwd=tmp_path)
+    done = run_in_process("nanogpt.train", *args, "max_iters=4", "eval_interval=2", "hydra.run.dir=run",
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     return tmp_path / "run", args
 
@@ -164,7 +163,7 @@ def test_a_full_disk_refuses_appends_to_metrics_and_the_log_in_one_line(trained,
     shutil.copytree(run_dir, full)
     (full / "train.log").unlink()
     (full / "train.log").symlink_to("/dev/full")
-    resumed = run_module("nanogpt.train", f"resume={full}", "max_iters=8", cwd=tmp_path)
+    resumed = run_in_process("nanogpt.train", f"resume={full}", "max_iters=8", cwd=tmp_path)
     line = one_error_line(resumed, status=1)
     assert line.startswith(f"error: could not add to {full / 'train.log'}: No space left on device ("), line
     assert not list(full.glob(".run.*"))  # it let go of the directory on the way out

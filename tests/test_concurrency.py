@@ -1,4 +1,8 @@
-"""Shared data cache under concurrency and interrupted downloads, with real processes and a real server."""
+"""Shared data cache under concurrency and interrupted downloads, with real processes and a real server.
+
+Racing and killed downloads are real processes; a download that only fails, or only finishes, runs the
+command's main() in the test process (tests/commands.py).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ import pytest
 
 from nanogpt.dataset.pipeline import prepare_data
 
-from .conftest import REPO, run_module
+from .commands import run_in_process
+from .conftest import REPO
 from .test_stops import Running
 
 TEXT = "".join(f"{n}: I speak of {t}.\n" for n in ("ROMEO", "JULIET") for t in ("love", "swords")) * 3000
@@ -103,7 +108,7 @@ def test_connection_cut_mid_download_leaves_nothing_and_says_so(tmp_path):
     server = TextServer(TEXT, cut_after=len(TEXT) // 2)
     try:
         root = tmp_path / "root"
-        result = run_module("nanogpt.data", *prepare_command(server.url, root), cwd=tmp_path)
+        result = run_in_process("nanogpt.data", *prepare_command(server.url, root), cwd=tmp_path)
     finally:
         server.close()
     assert result.returncode == 2
@@ -135,7 +140,7 @@ def test_download_killed_midway_is_never_used_later(tmp_path):
 
     good = TextServer(TEXT)
     try:
-        result = run_module("nanogpt.data", *prepare_command(good.url, root), cwd=tmp_path)
+        result = run_in_process("nanogpt.data", *prepare_command(good.url, root), cwd=tmp_path)
     finally:
         good.close()
     assert result.returncode == 0, result.stderr

@@ -7,14 +7,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nanogpt.bench import BenchConfig
-from nanogpt.cli.entry import to_dataclass
+from nanogpt.cli.entry import register_configs, to_dataclass
 from nanogpt.cli.paths import CONFIG_DIR, EXPERIMENTS_DIR
 from nanogpt.errors import ConfigError
 from nanogpt.sample import SampleConfig
 from nanogpt.training.config import TrainConfig
 
 from .commands import run_in_process
-from .conftest import register_commands, run_module
+from .conftest import run_module
 
 GROUPS = ["model", "dataset", "optimizer", "device", "logger"]
 # Recipes for training; eval recipes (they name a ckpt to score) compose with conf/eval.yaml instead.
@@ -22,7 +22,7 @@ TRAIN_RECIPES = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if "ckpt" 
 
 
 def compose_train(overrides: list[str], config_name: str = "train", schema: type = TrainConfig):
-    register_commands()
+    register_configs(config_name, schema)  # as the command registers its own when it starts
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides)
     return to_dataclass(cfg, schema)
@@ -87,7 +87,7 @@ def test_validation_names_the_key():
 
 
 def test_sample_config_composes():
-    register_commands()
+    register_configs("sample", SampleConfig)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="sample", overrides=["prompt=ROMEO:", "top_p=0.9"])
     sample = to_dataclass(cfg, SampleConfig)

@@ -228,12 +228,12 @@ def test_help_groups_come_from_hydras_repository_of_train_options():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from nanogpt.cli.entry import register_configs
     from nanogpt.cli.help import group_options
     from nanogpt.cli.paths import CONFIG_DIR
+    from nanogpt.training.config import TrainConfig
 
-    from .conftest import register_commands
-
-    register_commands()
+    register_configs("train", TrainConfig)  # as nanogpt.train registers its own when it starts
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         options = group_options(["model", "dataset", "seed"], [])
         assert GlobalHydra.instance().is_initialized()

@@ -16,6 +16,7 @@ import torch
 
 from nanogpt.runtime import rundir
 
+from .commands import run_in_process
 from .conftest import REPO, TINY_RUN, run_module
 from .test_stops import Running
 
@@ -51,7 +52,8 @@ def test_a_second_process_is_refused_and_a_killed_runs_directory_is_taken_over(c
     before = snapshot(run_dir)
 
     again = run_module("nanogpt.train", *args, "max_iters=5", cwd=tmp_path)  # the same command, say requeued
-    resumed = run_module("nanogpt.train", f"resume={run_dir}", "max_iters=7", cwd=tmp_path)
+    # resume= refused too: its main() run in this process (tests/commands.py), a process other than the holder
+    resumed = run_in_process("nanogpt.train", f"resume={run_dir}", "max_iters=7", cwd=tmp_path)
     for second in (again, resumed):
         assert second.returncode == 2, second.stdout + second.stderr
         lines = second.stderr.strip().splitlines()

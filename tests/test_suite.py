@@ -1,6 +1,8 @@
 """The GPU suite's CPU-side logic: it runs every measurement, survives a failing one, and reports the targets.
 
 Speeds are not asserted (a benchmark, not a test); the report's structure and the parsing are.
+The suite command runs its main() in the test process (tests/commands.py); each of its runs is a real
+process of its own, as on the GPU.
 """
 
 import json
@@ -9,7 +11,7 @@ import math
 from nanogpt.bench import suite_commands
 from nanogpt.benchmarks.suite import check_targets, nanogpt_figures
 
-from .conftest import run_module
+from .commands import run_in_process
 
 TINY = ["device=cpu", "device.compile=false", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
         "model.block_size=16", "batch_size=2", "max_iters=4", "eval_interval=2", "eval_iters=2",
@@ -32,9 +34,9 @@ def fake_nanogpt(root):
 def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_root):
     out = tmp_path / "suite"
     # The gpt2 run asks for dataset=shakespeare (GPT-2 BPE); the suite's dataset=text wins over it.
-    result = run_module("nanogpt.bench", "suite=gpu", *TINY, "dataset=text", f"dataset.source={corpus}",
-                        f"data_root={data_root}", f"bench.nanogpt_dir={fake_nanogpt(tmp_path / 'ng')}",
-                        "bench.nanogpt_args=['--device=cpu']", f"hydra.run.dir={out}", cwd=tmp_path)
+    result = run_in_process("nanogpt.bench", "suite=gpu", *TINY, "dataset=text", f"dataset.source={corpus}",
+                            f"data_root={data_root}", f"bench.nanogpt_dir={fake_nanogpt(tmp_path / 'ng')}",
+                            "bench.nanogpt_args=['--device=cpu']", f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "suite.json").read_text())
     runs = report["runs"]
@@ -58,9 +60,9 @@ def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_ro
 
 def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, corpus, data_root):
     out = tmp_path / "suite"
-    result = run_module("nanogpt.bench", "suite=gpu", *TINY, "dataset=text", f"dataset.source={corpus}",
-                        f"data_root={data_root}", f"bench.nanogpt_dir={tmp_path / 'absent'}",
-                        "bench.suite_runs=[default,nanogpt]", f"hydra.run.dir={out}", cwd=tmp_path)
+    result = run_in_process("nanogpt.bench", "suite=gpu", *TINY, "dataset=text", f"dataset.source={corpus}",
+                            f"data_root={data_root}", f"bench.nanogpt_dir={tmp_path / 'absent'}",
+                            "bench.suite_runs=[default,nanogpt]", f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     runs = json.loads((out / "suite.json").read_text())["runs"]
     assert set(runs) == {"default", "nanogpt"}  # only the runs asked for (a suite split over commands)
@@ -98,7 +100,7 @@ def test_nanogpt_output_is_parsed_and_targets_are_judged():
 
 
 def test_unknown_suite_is_refused(tmp_path):
-    result = run_module("nanogpt.bench", "suite=tpu", cwd=tmp_path)
+    result = run_in_process("nanogpt.bench", "suite=tpu", cwd=tmp_path)
     assert result.returncode == 2 and "suite=tpu is unknown" in result.stderr
-    result = run_module("nanogpt.bench", "suite=gpu", "bench.suite_runs=[default,mfu]", cwd=tmp_path)
+    result = run_in_process("nanogpt.bench", "suite=gpu", "bench.suite_runs=[default,mfu]", cwd=tmp_path)
     assert result.returncode == 2 and "['mfu'] unknown" in result.stderr

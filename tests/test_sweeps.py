@@ -1,4 +1,8 @@
-"""Sweeps through real ``python -m nanogpt.train -m`` processes: job dirs, W&B runs, summaries, report."""
+"""Sweeps through the real ``python -m nanogpt.train -m``: job dirs, W&B runs, summaries, report.
+
+The commands run their main() in the test process (tests/commands.py); the joblib launcher's jobs run
+in its worker processes, as they would from a shell.
+"""
 
 import csv
 import json
@@ -9,7 +13,8 @@ import pytest
 from nanogpt.cli.sweeps import job_label, swept_keys
 from nanogpt.tracking.compare import job_sort_key
 
-from .conftest import TINY_RUN, register_commands, run_module
+from .commands import run_in_process
+from .conftest import TINY_RUN
 from .wandb_records import read_offline_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,8 +38,8 @@ def sweep(tmp_path_factory):
     corpus = work / "corpus.txt"
     corpus.write_text("".join(f"{n}: I speak of {t}.\n" for n in ("ROMEO", "JULIET", "NURSE")
                               for t in ("love", "the moon", "Verona")) * 150)
-    result = run_module("nanogpt.train", "-m", *QUICK, *text_dataset(corpus, work / "data"),
-                        "optimizer.lr=3e-3,1e-4", cwd=work)
+    result = run_in_process("nanogpt.train", "-m", *QUICK, *text_dataset(corpus, work / "data"),
+                            "optimizer.lr=3e-3,1e-4", cwd=work)
     assert result.returncode == 0, result.stderr
     (sweep_dir,) = (work / "outputs" / "sweeps").iterdir()
     return work, sweep_dir, result
@@ -87,7 +92,7 @@ def test_summary_table_ranks_jobs_and_is_printed(sweep):
 def test_report_on_a_run_dir_writes_its_loss_curve(sweep):
     work, sweep_dir, _ = sweep
     job = job_dirs(sweep_dir)[0]
-    result = run_module("nanogpt.report", str(job), cwd=work)
+    result = run_in_process("nanogpt.report", str(job), cwd=work)
     assert result.returncode == 0, result.stderr
     assert (job / "loss_curve.png").read_bytes().startswith(PNG_MAGIC)
     assert "best val loss" in result.stdout
@@ -97,7 +102,7 @@ def test_report_on_a_sweep_dir_rewrites_table_and_plot(sweep):
     work, sweep_dir, _ = sweep
     for name in ("summary.md", "summary.csv", "val_loss.png"):
         (sweep_dir / name).unlink()
-    result = run_module("nanogpt.report", str(sweep_dir), cwd=work)
+    result = run_in_process("nanogpt.report", str(sweep_dir), cwd=work)
     assert result.returncode == 0, result.stderr
     assert (sweep_dir / "val_loss.png").read_bytes().startswith(PNG_MAGIC)
     assert result.stdout.strip() == (sweep_dir / "summary.md").read_text().strip()
@@ -108,7 +113,7 @@ def test_report_compares_several_paths(sweep, tmp_path):
     work, sweep_dir, _ = sweep
     jobs = job_dirs(sweep_dir)
     out = tmp_path / "comparison"
-    result = run_module("nanogpt.report", str(jobs[1]), str(jobs[0]), "--out", str(out), cwd=work)
+    result = run_in_process("nanogpt.report", str(jobs[1]), str(jobs[0]), "--out", str(out), cwd=work)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [row["run"] for row in rows] == [jobs[0].name, jobs[1].name]  # ranked, not in argument order
@@ -116,16 +121,21 @@ def test_report_compares_several_paths(sweep, tmp_path):
 
 
 def test_report_on_a_missing_path_fails_with_one_line(tmp_path):
-    result = run_module("nanogpt.report", str(tmp_path / "nope"), cwd=tmp_path)
+    result = run_in_process("nanogpt.report", str(tmp_path / "nope"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'} does not exist; "
                                                   "give a run directory or a sweep directory"]
 
 
 def test_joblib_runs_jobs_in_parallel_and_prepares_data_once(tmp_path, corpus, data_root):
-    result = run_module("nanogpt.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                        *QUICK, "max_iters=10", "logger=none", *text_dataset(corpus, data_root),
-                        "seed=1,2", cwd=tmp_path)
+    from joblib.externals.loky import get_reusable_executor
+
+    try:  # the jobs run in joblib's worker processes; the launcher, in this one
+        result = run_in_process("nanogpt.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                                *QUICK, "max_iters=10", "logger=none", *text_dataset(corpus, data_root),
+                                "seed=1,2", cwd=tmp_path)
+    finally:  # as the launcher's process would at its exit: its workers end now, not when idle long enough
+        get_reusable_executor().shutdown(wait=True)
     assert result.returncode == 0, result.stderr
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()
@@ -140,9 +150,9 @@ def test_joblib_runs_jobs_in_parallel_and_prepares_data_once(tmp_path, corpus, d
 
 def test_optuna_search_minimises_the_best_val_loss(tmp_path, corpus, data_root):
     # Not QUICK: it fixes optimizer.warmup_iters, which the search varies.
-    result = run_module("nanogpt.train", "-m", "+experiment=lr_search", "hydra.sweeper.n_trials=2",
-                        *TINY_RUN, "max_iters=20", "eval_interval=10",
-                        *text_dataset(corpus, data_root), cwd=tmp_path)
+    result = run_in_process("nanogpt.train", "-m", "+experiment=lr_search", "hydra.sweeper.n_trials=2",
+                            *TINY_RUN, "max_iters=10", "eval_interval=5",
+                            *text_dataset(corpus, data_root), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()
     jobs = job_dirs(sweep_dir)
@@ -159,9 +169,11 @@ def test_optuna_search_minimises_the_best_val_loss(tmp_path, corpus, data_root):
 def test_lr_sweep_recipe_composes_three_jobs_on_the_cpu_recipe():
     from hydra import compose, initialize_config_dir
 
+    from nanogpt.cli.entry import register_configs
     from nanogpt.cli.paths import CONFIG_DIR
+    from nanogpt.training.config import TrainConfig
 
-    register_commands()
+    register_configs("train", TrainConfig)  # as nanogpt.train registers its own when it starts
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["+experiment=lr_sweep"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params["optimizer.lr"] == "3e-3,1e-3,3e-4"

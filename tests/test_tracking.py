@@ -1,11 +1,15 @@
-"""Trackers through real ``python -m nanogpt.train`` runs: none, TensorBoard, W&B online fallback."""
+"""Trackers through real training runs: none, TensorBoard, W&B online fallback.
+
+Each run is ``python -m nanogpt.train``'s main() called in the test process (tests/commands.py).
+"""
 
 import socket
 
 from nanogpt.tracking.metrics import read_metrics
 from nanogpt.tracking.records import RunRecords
 
-from .conftest import TINY_RUN, run_module
+from .commands import run_in_process
+from .conftest import TINY_RUN
 from .wandb_records import read_offline_run
 
 QUICK = [*TINY_RUN, "logger=wandb", "max_iters=10", "eval_interval=5", "sample_tokens=0"]
@@ -13,8 +17,8 @@ QUICK = [*TINY_RUN, "logger=wandb", "max_iters=10", "eval_interval=5", "sample_t
 
 def train_once(tmp_path, corpus, data_root, *args, env=None):
     """One quick run; returns (process, run directory)."""
-    result = run_module("nanogpt.train", *QUICK, "dataset=text", f"dataset.source={corpus}",
-                        f"data_root={data_root}", *args, cwd=tmp_path, env=env)
+    result = run_in_process("nanogpt.train", *QUICK, "dataset=text", f"dataset.source={corpus}",
+                            f"data_root={data_root}", *args, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "outputs").glob("*/*")
     return result, run_dir
@@ -67,8 +71,8 @@ def test_tensorboard_writes_event_files_in_the_run_dir(tmp_path, corpus, data_ro
 
 
 def test_bad_logger_fails_before_any_work(tmp_path, corpus, data_root):
-    result = run_module("nanogpt.train", *QUICK, "dataset=text", f"dataset.source={corpus}",
-                        f"data_root={data_root}", "logger.mode=sometimes", cwd=tmp_path)
+    result = run_in_process("nanogpt.train", *QUICK, "dataset=text", f"dataset.source={corpus}",
+                            f"data_root={data_root}", "logger.mode=sometimes", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: logger.mode='sometimes' is not one of offline, online, disabled"]

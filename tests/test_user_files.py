@@ -1,10 +1,12 @@
 """No command deletes or overwrites what it did not make: each is tried against the user's files, and every
 file's sha256 is checked after.
 
-Real commands in real processes: export, train (a new run into a finished run's directory, into one a
-killed run left, into a folder of the user's), bench, data, report and a sweep, each aimed at what it
-must not touch; then export's own rule, that it replaces only an earlier export of its own, and that an
-export stopped half-way (a real SIGTERM, a real SIGKILL) leaves the earlier one whole.
+The real commands: export, train (a new run into a finished run's directory, into one a killed run
+left, into a folder of the user's), bench, data, report and a sweep, each aimed at what it must not
+touch; then export's own rule, that it replaces only an earlier export of its own, and that an export
+stopped half-way (a real SIGTERM, a real SIGKILL, in real processes) leaves the earlier one whole. The
+other commands run their main() in the test process (tests/commands.py): a process would spend most of
+its life starting (tests/test_bad_input.py refuses through each entry point in a real process).
 """
 
 from __future__ import annotations
@@ -22,21 +24,20 @@ import pytest
 from nanogpt.fileio import WRITTEN_FILE
 from nanogpt.runtime import rundir
 
-from .conftest import REPO, SHAKESPEARE, TINY_RUN, run_module
+from .commands import run_in_process
+from .conftest import REPO, TINY_RUN, copy_of_trained_run
 
 QUICK = [*TINY_RUN, "logger=none", "sample_tokens=0", "max_iters=4", "eval_interval=2"]
 
 
 @pytest.fixture(scope="module")
-def place(tmp_path_factory) -> Path:
-    """A folder holding a finished run ("run"), its prepared data ("data") and a corpus."""
+def place(tmp_path_factory, trained_run) -> Path:
+    """A folder holding a finished run ("run"), its prepared data ("data") and its corpus (the shared run)."""
+    work, _, _ = trained_run
     root = tmp_path_factory.mktemp("user_files")
-    corpus = root / "corpus.txt"
-    text = SHAKESPEARE.read_text()[:60_000] if SHAKESPEARE.is_file() else "To be, or not to be.\n" * 3000
-    corpus.write_text(text)
-    trained = run_module("nanogpt.train", *QUICK, "dataset=text", f"dataset.source={corpus}",
-                         f"data_root={root / 'data'}", "hydra.run.dir=run", cwd=root)
-    assert trained.returncode == 0, trained.stderr
+    copy_of_trained_run(trained_run, root)
+    shutil.copytree(work / "data", root / "data")
+    shutil.copy(work / "corpus.txt", root / "corpus.txt")
     assert not (root / "run" / rundir.LOCK_FILE).exists()  # a finished run lets go of its lock file too
     return root
 
@@ -47,18 +48,11 @@ def tree(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*"))}
 
 
-def start(module: str, *args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def one_error_line(process: subprocess.Popen, what: str) -> str:
-    out, err = process.communicate(timeout=300)
-    lines = err.strip().splitlines()
-    assert process.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), f"{what}:\n{err}"
-    assert "Traceback" not in out + err, what
+def one_error_line(result: subprocess.CompletedProcess, what: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), \
+        f"{what}:\n{result.stderr}"
+    assert "Traceback" not in result.stdout + result.stderr, what
     return lines[0]
 
 
@@ -74,7 +68,7 @@ def users_folder(path: Path) -> Path:
 
 def test_no_command_writes_over_the_users_files_or_another_run(place, tmp_path):
     run, data = place / "run", place / "data"
-    exported_run = tmp_path / "exported_run"  # the run export aims at (a copy: the attempts run at once)
+    exported_run = tmp_path / "exported_run"  # the run export aims at (a copy of it)
     shutil.copytree(run, exported_run)
     killed = tmp_path / "killed"  # a run killed with -9: its lock file and holder file left behind
     shutil.copytree(run, killed)
@@ -85,26 +79,23 @@ def test_no_command_writes_over_the_users_files_or_another_run(place, tmp_path):
     before = tree(tmp_path), tree(place)
 
     train = [*QUICK, "dataset=text", f"dataset.source={place / 'corpus.txt'}", f"data_root={data}"]
-    attempts = {  # all at once, each aimed at a folder of its own: start-up times overlap, not add up
-        "export": start("nanogpt.export", f"ckpt={run}", f"out={mine['for_export']}", cwd=tmp_path),
-        "export into its run": start("nanogpt.export", f"ckpt={run}", f"out={exported_run}", cwd=tmp_path),
-        "export into .": start("nanogpt.export", f"ckpt={run}", "out=.", cwd=mine["for_dot"]),
-        "a new run into a finished run": start("nanogpt.train", *train, f"hydra.run.dir={run}",
-                                               cwd=tmp_path),
-        "a new run into a killed run": start("nanogpt.train", *train, f"hydra.run.dir={killed}",
-                                             cwd=tmp_path),
-        "train": start("nanogpt.train", *train, "auto_resume=true", f"hydra.run.dir={mine['for_train']}",
-                       cwd=tmp_path),
-        "bench": start("nanogpt.bench", "device=cpu", "model=tiny", f"hydra.run.dir={mine['for_bench']}",
-                       cwd=tmp_path),
-        "data": start("nanogpt.data", "dataset=text", f"dataset.source={place / 'corpus.txt'}",
-                      "dataset.name=for_data", f"data_root={tmp_path}", cwd=tmp_path),
-        "report": start("nanogpt.report", str(run), str(killed), "--out", str(mine["for_report"]),
-                        cwd=tmp_path),
-        "sweep": start("nanogpt.train", "-m", *train, "optimizer.lr=1e-3,1e-4",
-                       f"hydra.sweep.dir={mine['for_sweep']}", cwd=tmp_path),
+    attempts = {  # each aimed at a folder of its own, run in this process (tests/commands.py)
+        "export": ("nanogpt.export", f"ckpt={run}", f"out={mine['for_export']}"),
+        "export into its run": ("nanogpt.export", f"ckpt={run}", f"out={exported_run}"),
+        "export into .": ("nanogpt.export", f"ckpt={run}", "out=."),
+        "a new run into a finished run": ("nanogpt.train", *train, f"hydra.run.dir={run}"),
+        "a new run into a killed run": ("nanogpt.train", *train, f"hydra.run.dir={killed}"),
+        "train": ("nanogpt.train", *train, "auto_resume=true", f"hydra.run.dir={mine['for_train']}"),
+        "bench": ("nanogpt.bench", "device=cpu", "model=tiny", f"hydra.run.dir={mine['for_bench']}"),
+        "data": ("nanogpt.data", "dataset=text", f"dataset.source={place / 'corpus.txt'}",
+                 "dataset.name=for_data", f"data_root={tmp_path}"),
+        "report": ("nanogpt.report", str(run), str(killed), "--out", str(mine["for_report"])),
+        "sweep": ("nanogpt.train", "-m", *train, "optimizer.lr=1e-3,1e-4",
+                  f"hydra.sweep.dir={mine['for_sweep']}"),
     }
-    lines = {what: one_error_line(process, what) for what, process in attempts.items()}
+    results = {what: run_in_process(*command, cwd=mine["for_dot"] if what == "export into ." else tmp_path)
+               for what, command in attempts.items()}
+    lines = {what: one_error_line(result, what) for what, result in results.items()}
 
     assert (tree(tmp_path), tree(place)) == before  # not one byte changed, not one file or folder added
     assert lines["export"] == (
@@ -130,7 +121,7 @@ def test_no_command_writes_over_the_users_files_or_another_run(place, tmp_path):
 
 def test_export_replaces_only_its_own_export_and_a_stopped_one_leaves_it_whole(place, tmp_path):
     run, out = place / "run", tmp_path / "hf"
-    first = run_module("nanogpt.export", f"ckpt={run}", f"out={out}", cwd=tmp_path)
+    first = run_in_process("nanogpt.export", f"ckpt={run}", f"out={out}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     written = json.loads((out / WRITTEN_FILE).read_text())
     assert written["by"] == "nanogpt.export" and "model.safetensors" in written["files"]
@@ -163,11 +154,11 @@ def test_export_replaces_only_its_own_export_and_a_stopped_one_leaves_it_whole(p
     assert [p.name for p in tmp_path.iterdir() if p.name != "hf"][0].startswith(".hf.")
 
     (out / "README.md").write_text("my notes on this export\n")  # out now holds a file of the user's
-    refused = run_module("nanogpt.export", f"ckpt={run}", f"out={out}", cwd=tmp_path)
+    refused = run_in_process("nanogpt.export", f"ckpt={run}", f"out={out}", cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.startswith(f"error: out={out} already holds README.md, "
                                                                  "which nanogpt.export did not write")
     (out / "README.md").unlink()
-    again = run_module("nanogpt.export", f"ckpt={run}", f"out={out}", cwd=tmp_path)  # its own: replaced
+    again = run_in_process("nanogpt.export", f"ckpt={run}", f"out={out}", cwd=tmp_path)  # its own: replaced
     assert again.returncode == 0, again.stderr
     files = {name: digest for name, digest in tree(out).items() if name != WRITTEN_FILE}
     assert files == {name: digest for name, digest in exported.items() if name != WRITTEN_FILE}
