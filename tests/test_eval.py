@@ -15,7 +15,7 @@ from nanogpt.errors import DataError
 from nanogpt.evaluation.loss import exact_loss
 from nanogpt.model import GPT, GPTConfig
 
-from .conftest import run_module
+from .commands import run_in_process
 from .test_load import transformers_model, write_meta_pkl, write_nanogpt_checkpoint, write_our_checkpoint
 
 
@@ -41,7 +41,7 @@ def test_eval_of_our_run_matches_transformers_on_its_own_dataset(tmp_path, corpu
     dataset = {"name": "toy", "source": str(corpus), "tokenizer": "char", "val_fraction": 0.1}
     model = write_our_checkpoint(tmp_path / "run" / "best.pt", config, data.meta["tokenizer"],
                                  {"dataset": dataset, "data_root": str(data_root)})
-    result = run_module("nanogpt.eval", "ckpt=run", "device=cpu", "batch_size=5", cwd=tmp_path)
+    result = run_in_process("nanogpt.eval", "ckpt=run", "device=cpu", "batch_size=5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     scored = last_json(result.stdout)
 
@@ -56,9 +56,9 @@ def test_eval_of_our_run_matches_transformers_on_its_own_dataset(tmp_path, corpu
     assert scored["bits_per_char"] == pytest.approx(scored["loss"] / math.log(2))
 
     # dataset=... names another dataset (here: the same text, scored on its train split).
-    result = run_module("nanogpt.eval", "ckpt=run/best.pt", "device=cpu", "split=train", "dataset=text",
-                        f"dataset.source={corpus}", "dataset.name=toy", f"data_root={data_root}",
-                        cwd=tmp_path)
+    result = run_in_process("nanogpt.eval", "ckpt=run/best.pt", "device=cpu", "split=train", "dataset=text",
+                            f"dataset.source={corpus}", "dataset.name=toy", f"data_root={data_root}",
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     train_tokens = np.fromfile(data.split_path("train"), dtype=np.uint16)
     assert last_json(result.stdout)["windows"] == (len(train_tokens) - 1) // 32
@@ -70,7 +70,7 @@ def test_eval_of_a_nanogpt_checkpoint_reads_the_tokens_beside_its_meta(tmp_path)
     write_meta_pkl(data_dir)
     tokens = np.random.default_rng(0).integers(0, 65, size=1000).astype(np.uint16)
     tokens.tofile(data_dir / "val.bin")
-    result = run_module("nanogpt.eval", "ckpt=out", "device=cpu", cwd=tmp_path)
+    result = run_in_process("nanogpt.eval", "ckpt=out", "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     scored = last_json(result.stdout)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, dropout=0.0)).eval()
@@ -85,10 +85,10 @@ def test_eval_without_a_dataset_to_score_is_one_line(tmp_path):
 
     config = GPT2Config(vocab_size=65, n_positions=32, n_embd=32, n_layer=1, n_head=2)
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
-    result = run_module("nanogpt.eval", "ckpt=hf", "split=test", cwd=tmp_path)
+    result = run_in_process("nanogpt.eval", "ckpt=hf", "split=test", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: split='test' is not one of val, train"]
-    result = run_module("nanogpt.eval", "ckpt=hf", cwd=tmp_path)
+    result = run_in_process("nanogpt.eval", "ckpt=hf", cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ckpt=hf does not say which dataset to score")

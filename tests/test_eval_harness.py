@@ -22,7 +22,7 @@ import pytest
 
 from nanogpt.text.tokenizers import GPT2_TOKENIZER
 
-from .conftest import run_module
+from .commands import run_in_process
 from .hellaswag_examples import HAND_WRITTEN, write_jsonl
 from .test_eval import last_json
 from .test_eval_tasks import BPE_MODEL, one_line_error
@@ -48,12 +48,32 @@ def offline_env(root: Path) -> dict:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
+def offline_in_this_process(root: Path, monkeypatch) -> dict:
+    """offline_env(root), for a command run in this process (run_in_process) as in a fresh one.
+
+    datasets and huggingface_hub read these variables once, when first imported, which in a test
+    process was long before; what they would have made of them is set in their modules here too.
+    """
+    import datasets.config
+    import huggingface_hub.constants
+
+    env = offline_env(root)
+    cache = Path(env["HF_DATASETS_CACHE"])
+    downloads = cache / datasets.config.DOWNLOADED_DATASETS_DIR
+    for name, value in (("HF_DATASETS_CACHE", cache), ("DOWNLOADED_DATASETS_PATH", downloads),
+                        ("EXTRACTED_DATASETS_PATH", downloads / datasets.config.EXTRACTED_DATASETS_DIR),
+                        ("HF_HUB_OFFLINE", True), ("HF_DATASETS_OFFLINE", True)):
+        monkeypatch.setattr(datasets.config, name, value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return env
+
+
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory, bpe_cache) -> Path:
     """A run, its Hugging Face export, and a folder of task YAMLs over local JSONL files."""
     root = tmp_path_factory.mktemp("harness")
     write_our_checkpoint(root / "run" / "best.pt", BPE_MODEL, GPT2_TOKENIZER)
-    result = run_module("nanogpt.export", "ckpt=run", "out=hf", cwd=root)
+    result = run_in_process("nanogpt.export", "ckpt=run", "out=hf", cwd=root)
     assert result.returncode == 0, result.stderr
     tasks = root / "tasks"
     tasks.mkdir()
@@ -75,7 +95,7 @@ def harness(tmp_path_factory, bpe_cache) -> Path:
     return root
 
 
-def test_our_adapter_gives_lm_evals_numbers_for_hugging_faces_export(harness):
+def test_our_adapter_gives_lm_evals_numbers_for_hugging_faces_export(harness, monkeypatch):
     env = {**os.environ, **offline_env(harness)}
     env.pop("HYDRA_FULL_ERROR", None)
     reference = subprocess.run(
@@ -86,9 +106,10 @@ def test_our_adapter_gives_lm_evals_numbers_for_hugging_faces_export(harness):
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = json.loads(next((harness / "lm_eval_out").rglob("results_*.json")).read_text())["results"]
 
-    ours = run_module("nanogpt.eval", "ckpt=run", "task=lm_eval", f"task.tasks=[{','.join(TASKS)}]",
-                      "task.include_path=tasks", "device=cpu", "batch_size=3", cwd=harness,
-                      env=offline_env(harness))
+    # Our side in this process: the reference above is the real command line.
+    offline = offline_in_this_process(harness, monkeypatch)
+    ours = run_in_process("nanogpt.eval", "ckpt=run", "task=lm_eval", f"task.tasks=[{','.join(TASKS)}]",
+                          "task.include_path=tasks", "device=cpu", "batch_size=3", cwd=harness, env=offline)
     assert ours.returncode == 0, ours.stderr[-3000:]
     result = last_json(ours.stdout)
     assert result["task"] == "lm_eval"
@@ -109,16 +130,16 @@ def test_our_adapter_gives_lm_evals_numbers_for_hugging_faces_export(harness):
     assert expected["rolling_local"]["word_perplexity,none"] > 1  # a real figure, not a placeholder
 
     # task=hellaswag scores lm-eval's hellaswag task without lm-eval.
-    ours = run_module("nanogpt.eval", "ckpt=run", "task=hellaswag", "task.source=hellaswag.jsonl",
-                      "device=cpu", cwd=harness)
+    ours = run_in_process("nanogpt.eval", "ckpt=run", "task=hellaswag", "task.source=hellaswag.jsonl",
+                          "device=cpu", cwd=harness)
     assert ours.returncode == 0, ours.stderr
     scored = last_json(ours.stdout)
     assert (scored["acc"], scored["acc_norm"]) == (expected["hellaswag_local"]["acc,none"],
                                                    expected["hellaswag_local"]["acc_norm,none"])
 
     # A task lm-eval does not know is named in one line.
-    unknown = run_module("nanogpt.eval", "ckpt=run", "task=lm_eval", "task.tasks=[no_such_task]",
-                         "task.include_path=tasks", cwd=harness, env=offline_env(harness))
+    unknown = run_in_process("nanogpt.eval", "ckpt=run", "task=lm_eval", "task.tasks=[no_such_task]",
+                             "task.include_path=tasks", cwd=harness, env=offline)
     assert one_line_error(unknown) == (
         "error: task.tasks: lm-eval knows no task no_such_task (nor does tasks); `lm_eval ls tasks` lists "
         "them, task.include_path=DIR adds your own")

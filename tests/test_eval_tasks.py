@@ -32,6 +32,7 @@ from nanogpt.runtime.device import DeviceConfig
 from nanogpt.text.tokenizers import GPT2_TOKENIZER, tiktoken_encoding
 from nanogpt.training.config import TrainConfig
 
+from .commands import run_in_process
 from .conftest import register_commands, run_module
 from .hellaswag_examples import HAND_WRITTEN, generated, write_jsonl
 from .test_data import FileServer
@@ -242,8 +243,8 @@ def test_eval_without_ckpt_scores_the_newest_run(bpe_cache, tmp_path):
     write_our_checkpoint(newest, BPE_MODEL, GPT2_TOKENIZER)
     os.utime(tmp_path / "outputs" / "old" / "best.pt", (1, 1))
     write_jsonl(tmp_path / "hs.jsonl", HAND_WRITTEN)
-    result = run_module("nanogpt.eval", "task=hellaswag", "task.source=hs.jsonl", "task.limit=4",
-                        "device=cpu", cwd=tmp_path)
+    result = run_in_process("nanogpt.eval", "task=hellaswag", "task.source=hs.jsonl", "task.limit=4",
+                            "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"evaluating the newest run's checkpoint: {Path('outputs/new/best.pt')}" in result.stderr
     scored = last_json(result.stdout)
@@ -279,13 +280,15 @@ def test_bad_input_is_one_line_naming_what_to_fix(tmp_path):
     write_our_checkpoint(tmp_path / "run" / "best.pt", GPTConfig(vocab_size=65, block_size=64, n_layer=1,
                                                                  n_head=2, n_embd=16, dropout=0.0),
                          {"kind": "char", "vocabulary": VOCABULARY})
+    # One real process; the other refusals run in this one (tests/commands.py).
     assert one_line_error(run_module("nanogpt.eval", "ckpt=run", "task=hellaswag", f"task.source={bad}",
                                      "device=cpu", cwd=tmp_path)).startswith(
         f"error: {bad}:2 is not a HellaSwag example (")
-    assert one_line_error(run_module("nanogpt.eval", "task=glue", cwd=tmp_path)) == (
+    assert one_line_error(run_in_process("nanogpt.eval", "task=glue", cwd=tmp_path)) == (
         "error: task=glue is not an option; choose one of: bpb, hellaswag, lm_eval, loss")
     # A source that is not there is named before any model is read (there is none here either).
-    assert one_line_error(run_module("nanogpt.eval", "ckpt=nowhere", "task=bpb", "task.source=missing.txt",
-                                     cwd=tmp_path)) == (
+    missing = run_in_process("nanogpt.eval", "ckpt=nowhere", "task=bpb", "task.source=missing.txt",
+                             cwd=tmp_path)
+    assert one_line_error(missing) == (
         "error: task.source=missing.txt does not exist; give a UTF-8 text file")
     # Without lm-eval, task=lm_eval and eval_tasks=[lm_eval] say how to install it: tests/test_first_hour.py.

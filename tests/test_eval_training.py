@@ -12,7 +12,8 @@ from nanogpt.tracking.compare import report
 from nanogpt.tracking.metrics import read_metrics
 from nanogpt.weights.checkpoint import load_checkpoint
 
-from .conftest import TINY_RUN, run_module
+from .commands import run_in_process
+from .conftest import TINY_RUN
 from .hellaswag_examples import HAND_WRITTEN, write_jsonl
 from .test_eval import last_json
 from .test_eval_tasks import one_line_error
@@ -33,8 +34,8 @@ def bpe_run(tmp_path, corpus, data_root) -> list[str]:
 
 def test_eval_tasks_are_recorded_like_the_losses(tmp_path, bpe_run):
     run_dir = tmp_path / "run"
-    result = run_module("nanogpt.train", *bpe_run, "max_iters=4", "eval_interval=2", "logger=tensorboard",
-                        f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run_in_process("nanogpt.train", *bpe_run, "max_iters=4", "eval_interval=2", "logger=tensorboard",
+                            f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
     assert [r["iter"] for r in evals] == [0, 2, 4] and all(set(FIGURES) <= r.keys() for r in evals)
@@ -44,7 +45,7 @@ def test_eval_tasks_are_recorded_like_the_losses(tmp_path, bpe_run):
     assert summary["eval_tasks"] == {name: best[name] for name in FIGURES}
 
     # The figures are what nanogpt.eval measures on the checkpoint of that evaluation (best.pt).
-    scored = run_module("nanogpt.eval", f"ckpt={run_dir}", "task=bpb", "device=cpu", cwd=tmp_path)
+    scored = run_in_process("nanogpt.eval", f"ckpt={run_dir}", "task=bpb", "device=cpu", cwd=tmp_path)
     assert scored.returncode == 0, scored.stderr
     assert last_json(scored.stdout)["bits_per_byte"] == pytest.approx(best["bpb"], abs=1e-5)
 
@@ -101,12 +102,12 @@ def test_a_stop_during_the_eval_tasks_is_a_stop_during_evaluation(tmp_path, bpe_
 
 
 def test_eval_tasks_are_checked_before_training(tmp_path, corpus, data_root):
-    assert one_line_error(run_module("nanogpt.train", *TINY_RUN, "eval_tasks=[bpb,mmlu]", cwd=tmp_path)) == (
-        "error: eval_tasks: mmlu is not one of bpb, hellaswag, lm_eval")
+    unknown = run_in_process("nanogpt.train", *TINY_RUN, "eval_tasks=[bpb,mmlu]", cwd=tmp_path)
+    assert one_line_error(unknown) == "error: eval_tasks: mmlu is not one of bpb, hellaswag, lm_eval"
     run_dir = tmp_path / "run"
-    missing = run_module("nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}",
-                         f"data_root={data_root}", "logger=none", "eval_tasks=[hellaswag]",
-                         "tasks.hellaswag.source=nowhere.jsonl", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    missing = run_in_process("nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}",
+                             f"data_root={data_root}", "logger=none", "eval_tasks=[hellaswag]",
+                             "tasks.hellaswag.source=nowhere.jsonl", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert one_line_error(missing).startswith("error: tasks.hellaswag.source=nowhere.jsonl does not exist; ")
     assert not (run_dir / "last.pt").exists() and not (run_dir / "metrics.jsonl").exists()  # no step taken
 

@@ -35,7 +35,8 @@ from nanogpt.weights.checkpoint import load_checkpoint
 from nanogpt.weights.huggingface import export_adapter, export_model
 from nanogpt.weights.loading import LoadedSource, load_pretrained
 from nanogpt.weights.quantize import quantize_model
-from tests.conftest import REPO, run_module
+from tests.commands import run_in_process
+from tests.conftest import REPO
 from tests.test_sft import SHAKESPEARE_CHARS
 
 LORA_RUN = ["device=cpu", "logger=none", "model.block_size=64", "model.dropout=0", "dataset=sft",
@@ -81,9 +82,9 @@ def task(work) -> Path:
 @pytest.fixture(scope="module")
 def run(work, base, task) -> Path:
     """A LoRA run of 8 steps, saved at 4 and 8."""
-    done = run_module("nanogpt.train", *LORA_RUN, f"model.init_from={base}",
-                      f"dataset.source={task}/train.jsonl", f"data_root={work / 'data'}",
-                      f"hydra.run.dir={work / 'run'}", cwd=work)
+    done = run_in_process("nanogpt.train", *LORA_RUN, f"model.init_from={base}",
+                          f"dataset.source={task}/train.jsonl", f"data_root={work / 'data'}",
+                          f"hydra.run.dir={work / 'run'}", cwd=work)
     assert done.returncode == 0, done.stderr
     assert "lora: rank 4 on c_attn, c_proj, c_fc" in done.stdout
     return work / "run"
@@ -189,8 +190,8 @@ def test_a_changed_base_is_refused_in_one_line(run, base, work, tmp_path):
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[0, 0] += 0.01
     model.save_pretrained(moved)
-    done = run_module("nanogpt.sample", f"ckpt={tmp_path / 'best.pt'}", "device=cpu", "num_tokens=5",
-                      cwd=tmp_path)
+    done = run_in_process("nanogpt.sample", f"ckpt={tmp_path / 'best.pt'}", "device=cpu", "num_tokens=5",
+                          cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert f"the LoRA adapters were trained on {moved}" in done.stderr and "restore that base" in done.stderr
 
@@ -199,7 +200,7 @@ def test_the_peft_adapter_gives_our_logits_in_transformers(run, base, work):
     import peft
 
     out = work / "adapter"
-    done = run_module("nanogpt.export", f"ckpt={run}", f"out={out}", "adapter_only=true", cwd=work)
+    done = run_in_process("nanogpt.export", f"ckpt={run}", f"out={out}", "adapter_only=true", cwd=work)
     assert done.returncode == 0, done.stderr
     files = sorted(p.name for p in out.iterdir() if p.name != WRITTEN_FILE)  # and export's record of them
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
@@ -271,7 +272,7 @@ def test_chat_stops_at_the_end_of_text():
 
 
 def test_eval_scores_the_answers_of_the_runs_own_data(run, work):
-    done = run_module("nanogpt.eval", f"ckpt={run}", "device=cpu", cwd=work)
+    done = run_in_process("nanogpt.eval", f"ckpt={run}", "device=cpu", cwd=work)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     meta = json.loads((work / "data" / "reverse" / "meta.json").read_text())
@@ -307,7 +308,7 @@ def test_resume_continues_a_lora_run_exactly_and_refuses_another_base(work, base
 
 
 def test_resume_refuses_other_lora_settings_in_one_line(run, work):
-    done = run_module("nanogpt.train", f"resume={run}", "lora.rank=8", cwd=work)
+    done = run_in_process("nanogpt.train", f"resume={run}", "lora.rank=8", cwd=work)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "lora.rank=8 would change the run, which has lora.rank=4" in done.stderr
     # A run saved before LoRA existed had it off: resuming it with the default is no change.
@@ -319,11 +320,12 @@ def test_resume_refuses_other_lora_settings_in_one_line(run, work):
 def test_bench_measures_lora_with_checkpointing_in_bfloat16(work, corpus, data_root):
     """The command the GPU measurement runs (model=gpt2-xl there), on a tiny model on the CPU."""
     out = work / "bench"
-    done = run_module("nanogpt.bench", "device=cpu", "model=tiny", "model.n_layer=2", "model.n_embd=32",
-                      "model.n_head=2", "model.block_size=32", "dataset=text", f"dataset.source={corpus}",
-                      f"data_root={data_root}", "lora.rank=8", "model.gradient_checkpointing=true",
-                      "device.dtype=bfloat16", "batch_size=1", "bench.warmup_steps=1", "bench.train_steps=2",
-                      "bench.gen_tokens=10", "bench.gen_uncached=false", f"hydra.run.dir={out}", cwd=work)
+    done = run_in_process("nanogpt.bench", "device=cpu", "model=tiny", "model.n_layer=2", "model.n_embd=32",
+                          "model.n_head=2", "model.block_size=32", "dataset=text", f"dataset.source={corpus}",
+                          f"data_root={data_root}", "lora.rank=8", "model.gradient_checkpointing=true",
+                          "device.dtype=bfloat16", "batch_size=1", "bench.warmup_steps=1",
+                          "bench.train_steps=2", "bench.gen_tokens=10", "bench.gen_uncached=false",
+                          f"hydra.run.dir={out}", cwd=work)
     assert done.returncode == 0, done.stderr
     settings = json.loads((out / "bench.json").read_text())["settings"]
     assert settings["dtype"] == "bfloat16" and 0 < settings["trainable_params_m"] < settings["params_m"] / 2
@@ -335,9 +337,7 @@ def test_without_peft_lora_is_one_line_and_loading_a_lora_run_still_works(run, w
     load = subprocess.run([sys.executable, "-c", hide_peft + f"import nanogpt; nanogpt.load({str(run)!r}, "
                            "device='cpu'); print('loaded')"], capture_output=True, text=True, timeout=120)
     assert load.returncode == 0 and "loaded" in load.stdout, load.stderr
-    train = subprocess.run([sys.executable, "-c", hide_peft + "sys.argv[1:] = ['lora.rank=8', 'device=cpu']; "
-                            "from nanogpt.train import main; main()"], capture_output=True, text=True,
-                           timeout=120, cwd=work)
+    train = run_in_process("nanogpt.train", "lora.rank=8", "device=cpu", cwd=work, hidden=["peft"])
     assert train.returncode == 2 and train.stderr.count("\n") == 1, train.stderr
     assert "lora.rank=8 needs the optional package peft" in train.stderr
     assert "pip install peft" in train.stderr
@@ -359,9 +359,9 @@ def test_torchrun_trains_lora_on_instructions(work, base, task, tmp_path):
 
 
 def test_a_sweep_over_lora_settings_makes_one_run_each(work, base, task, tmp_path):
-    done = run_module("nanogpt.train", "-m", *LORA_RUN, "max_iters=2", "eval_interval=2", "lora.rank=2,4",
-                      f"model.init_from={base}", f"dataset.source={task}/train.jsonl",
-                      f"data_root={work / 'data'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    done = run_in_process("nanogpt.train", "-m", *LORA_RUN, "max_iters=2", "eval_interval=2", "lora.rank=2,4",
+                          f"model.init_from={base}", f"dataset.source={task}/train.jsonl",
+                          f"data_root={work / 'data'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     ranks = sorted(load_checkpoint(p)["lora"]["rank"] for p in (tmp_path / "sweep").glob("*/best.pt"))
     assert ranks == [2, 4]
@@ -385,7 +385,7 @@ def test_chat_help_explains_every_key(work):
     assert not [key for key, _, _, meaning in describe_options(ChatConfig) if not meaning]
     assert not [key for key, _, _, meaning in describe_options(TrainConfig) if key.startswith("lora.") and
                 not meaning]
-    done = run_module("nanogpt.chat", "--help", cwd=work)
+    done = run_in_process("nanogpt.chat", "--help", cwd=work)
     assert done.returncode == 0 and done.stdout.startswith("python -m nanogpt.chat"), done.stderr
     assert "max_new_tokens: int = 256" in done.stdout
 

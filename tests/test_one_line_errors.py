@@ -34,8 +34,9 @@ from nanogpt.weights.checkpoint import save_checkpoint
 from nanogpt.weights.huggingface import read_hf_directory
 from nanogpt.weights.loading import LoadedSource
 
-from .conftest import register_commands, run_module
-from .test_eval_harness import QUESTIONS, offline_env
+from .commands import run_in_process
+from .conftest import register_commands
+from .test_eval_harness import QUESTIONS, offline_in_this_process
 from .test_eval_tasks import BPE_MODEL
 from .test_load import VOCABULARY, write_our_checkpoint
 from .test_sft import CHAR_BASE, SHAKESPEARE_CHARS, prepare, write_jsonl
@@ -53,7 +54,7 @@ def one_error_line(result: subprocess.CompletedProcess, after_progress: bool = F
     return lines[0]
 
 
-def test_lm_eval_a_task_it_cannot_read_or_score_is_one_line_with_its_reason(tmp_path, bpe_cache):
+def test_lm_eval_a_task_it_cannot_read_or_score_is_one_line_with_its_reason(tmp_path, bpe_cache, monkeypatch):
     write_our_checkpoint(tmp_path / "run" / "best.pt", BPE_MODEL, GPT2_TOKENIZER)
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     local = ("dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
@@ -67,13 +68,13 @@ def test_lm_eval_a_task_it_cannot_read_or_score_is_one_line_with_its_reason(tmp_
         + 'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 2\n'
         + "metric_list:\n  - metric: exact_match\n    no_such_option: 3\n")
     common = ["ckpt=run", "task=lm_eval", "task.include_path=tasks", "device=cpu"]
-    offline = offline_env(tmp_path)
-    unread = run_module("nanogpt.eval", *common, "task.tasks=[broken]", cwd=tmp_path, env=offline)
+    offline = offline_in_this_process(tmp_path, monkeypatch)
+    unread = run_in_process("nanogpt.eval", *common, "task.tasks=[broken]", cwd=tmp_path, env=offline)
     assert one_error_line(unread) == (
         "error: task.tasks: lm-eval knows no task broken (nor does tasks); "
         "tasks/broken.yaml is not valid YAML: expected the node content, but found '-' (line 14, "
         "column 3)")
-    scored = run_module("nanogpt.eval", *common, "task.tasks=[odd_metric]", cwd=tmp_path, env=offline)
+    scored = run_in_process("nanogpt.eval", *common, "task.tasks=[odd_metric]", cwd=tmp_path, env=offline)
     line = one_error_line(scored, after_progress=True)
     assert line.startswith("error: task=lm_eval: lm-eval failed running odd_metric (TypeError: "
                            "exact_match_fn() "), line

@@ -1,7 +1,8 @@
 """Your own data: streaming preparation, token width, tokenizers, nanoGPT's .bin files.
 
 Everything runs for real: the worker pool, Hugging Face tokenizers, tiktoken,
-``python -m nanogpt.data`` in a subprocess.
+``python -m nanogpt.data`` (in a subprocess for the bad-input table's first row, else in
+this process: tests/commands.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from nanogpt.errors import ConfigError, DataError
 from nanogpt.text.nanogpt_meta import read_nanogpt_meta_pkl
 from nanogpt.text.tokenizers import tokenizer_codec, train_bpe
 
+from .commands import run_in_process
 from .conftest import TINY_RUN, run_module
 
 # sha256 of Tiny Shakespeare's token files as prepared before streaming preparation existed
@@ -67,8 +69,8 @@ def small_pieces(monkeypatch):
 def test_tiny_shakespeare_files_are_byte_identical_to_before(tokenizer, shakespeare, tmp_path, data_root,
                                                              bpe_cache):
     preset = {"char": "shakespeare_char", "gpt2": "shakespeare"}[tokenizer]
-    result = run_module("nanogpt.data", f"dataset={preset}", f"dataset.source={shakespeare}",
-                        f"data_root={data_root}", cwd=tmp_path)
+    result = run_in_process("nanogpt.data", f"dataset={preset}", f"dataset.source={shakespeare}",
+                            f"data_root={data_root}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for split, expected in SHAKESPEARE_BINS[tokenizer].items():
         assert sha256(data_root / preset / f"{split}.bin") == expected, split
@@ -136,10 +138,10 @@ def test_bpe_model_exports_a_tokenizer_that_autotokenizer_matches(text_file, tmp
     transformers = pytest.importorskip("transformers")
     common = [*TINY_RUN, "dataset=text", f"dataset.source={text_file}", "dataset.name=mine",
               "dataset.tokenizer=bpe", "dataset.vocab_size=320", f"data_root={tmp_path / 'data'}"]
-    trained = run_module("nanogpt.train", *common, "max_iters=2", "eval_interval=2", "logger=none",
-                         "hydra.run.dir=run", cwd=tmp_path)
+    trained = run_in_process("nanogpt.train", *common, "max_iters=2", "eval_interval=2", "logger=none",
+                             "hydra.run.dir=run", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
-    exported = run_module("nanogpt.export", "ckpt=run", "out=hf", cwd=tmp_path)
+    exported = run_in_process("nanogpt.export", "ckpt=run", "out=hf", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     ours, _ = tokenizer_codec(json.loads((tmp_path / "hf" / "nanogpt_tokenizer.json").read_text()))
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -175,8 +177,8 @@ def write_nanogpt_dir(folder: Path, text: str, meta: dict | None = "char") -> li
 def test_nanogpt_bin_folder_trains_unchanged(tmp_path, data_root):
     folder = tmp_path / "nanogpt_data"
     chars = write_nanogpt_dir(folder, TEXT)
-    result = run_module("nanogpt.data", "dataset=text", "dataset.loader=bin", f"dataset.source={folder}",
-                        "dataset.name=theirs", f"data_root={data_root}", cwd=tmp_path)
+    result = run_in_process("nanogpt.data", "dataset=text", "dataset.loader=bin", f"dataset.source={folder}",
+                            "dataset.name=theirs", f"data_root={data_root}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     meta = json.loads((data_root / "theirs" / "meta.json").read_text())
     assert meta["tokenizer"] == {"kind": "char", "vocabulary": chars} and meta["vocab_size"] == len(chars)
@@ -260,9 +262,10 @@ BAD = [
 @pytest.mark.parametrize("args, expected", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_own_data_is_one_line_and_leaves_nothing(args, expected, bad, tmp_path):
     root = tmp_path / "root"
+    run = run_module if (args, expected) == BAD[0] else run_in_process  # the table's one real process
     args = [a.format(**bad) for a in args]
-    result = run_module("nanogpt.data", "dataset=text", "dataset.name=mine", f"data_root={root}", *args,
-                        cwd=tmp_path, env={"TIKTOKEN_CACHE_DIR": str(tmp_path / "no_tiktoken_files")})
+    result = run("nanogpt.data", "dataset=text", "dataset.name=mine", f"data_root={root}", *args,
+                 cwd=tmp_path, env={"TIKTOKEN_CACHE_DIR": str(tmp_path / "no_tiktoken_files")})
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -272,8 +275,9 @@ def test_bad_own_data_is_one_line_and_leaves_nothing(args, expected, bad, tmp_pa
 
 
 def test_a_corpus_shorter_than_two_blocks_stops_training_with_one_line(bad, tmp_path):
-    result = run_module("nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={bad['short']}",
-                        "max_iters=1", f"data_root={tmp_path / 'root'}", "hydra.run.dir=run", cwd=tmp_path)
+    result = run_in_process("nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={bad['short']}",
+                            "max_iters=1", f"data_root={tmp_path / 'root'}", "hydra.run.dir=run",
+                            cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "too few for model.block_size=32" in lines[0], result.stderr

@@ -14,6 +14,7 @@ from nanogpt.errors import ConfigError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.weights.quantize import Int8Linear, quantize_model
 
+from .commands import run_in_process
 from .conftest import run_module
 from .test_eval import last_json
 from .test_load import REPO, char_run, write_our_checkpoint  # noqa: F401  (char_run is a fixture)
@@ -53,6 +54,8 @@ def test_load_with_int8_quantizes_every_linear_and_keeps_the_logits(char_run):  
     assert 0 < difference < 0.03, difference
     # The command prints what the Python face generates with the same settings.
     text = quantized.generate("ROMEO:", max_new_tokens=40, temperature=0.8, top_k=10, seed=5)
+    # A real process: generate_samples writes to the sys.stdout it was defined with, which run_in_process
+    # cannot capture.
     result = run_module("nanogpt.sample", f"ckpt={run_dir}", "prompt=ROMEO:", "device=cpu", "quantize=int8",
                         "num_tokens=40", "top_k=10", "seed=5", cwd=run_dir.parent)
     assert result.returncode == 0, result.stderr
@@ -67,7 +70,7 @@ def test_eval_measures_what_int8_costs(tmp_path, corpus, data_root):
                          {"dataset": dataset, "data_root": str(data_root)})
     losses = {}
     for how in ("null", "int8"):
-        result = run_module("nanogpt.eval", "ckpt=run", "device=cpu", f"quantize={how}", cwd=tmp_path)
+        result = run_in_process("nanogpt.eval", "ckpt=run", "device=cpu", f"quantize={how}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         losses[how] = last_json(result.stdout)["loss"]
     print(f"val loss: float32 {losses['null']:.5f}, int8 {losses['int8']:.5f}")
@@ -89,7 +92,7 @@ def test_int8_refuses_widths_its_kernel_cannot_take_and_other_devices():
 
 def test_unknown_quantization_on_the_command_line_is_one_line(char_run):  # noqa: F811
     run_dir, _ = char_run
-    result = run_module("nanogpt.sample", f"ckpt={run_dir}", "quantize=int4", cwd=run_dir.parent)
+    result = run_in_process("nanogpt.sample", f"ckpt={run_dir}", "quantize=int4", cwd=run_dir.parent)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "quantize='int4' is not one of null, int8" in result.stderr

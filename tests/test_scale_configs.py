@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from nanogpt.cli.entry import to_dataclass
 from nanogpt.cli.paths import CONFIG_DIR
 from nanogpt.training.config import TrainConfig
-from tests.conftest import register_commands, run_module
+from tests.commands import run_in_process
+from tests.conftest import register_commands
 from tests.test_gpt2 import random_hf_model
 
 
@@ -50,8 +51,8 @@ def test_slurm_ddp_launcher_preset_composes_onto_submitit():
 
 
 def test_slurm_ddp_launcher_resolves_from_the_command_line(tmp_path):
-    result = run_module("nanogpt.train", "hydra/launcher=slurm_ddp", "hydra.launcher.partition=gpu",
-                        "--cfg", "hydra", "--package", "hydra.launcher", cwd=tmp_path)
+    result = run_in_process("nanogpt.train", "hydra/launcher=slurm_ddp", "hydra.launcher.partition=gpu",
+                            "--cfg", "hydra", "--package", "hydra.launcher", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "SlurmLauncher" in result.stdout and "partition: gpu" in result.stdout
 
@@ -71,7 +72,7 @@ def test_eval_recipes_compose_for_the_eval_entry_point(size):
 def test_eval_recipe_scores_pretrained_weights(tmp_path, corpus, data_root, bpe_cache):
     """The recipe with a local GPT-2-shaped directory in place of the Hub and a small BPE text."""
     random_hf_model(tmp_path / "hf", vocab_size=50257)
-    result = run_module(
+    result = run_in_process(
         "nanogpt.eval", "+experiment=eval_gpt2", "device=cpu", f"ckpt={tmp_path / 'hf'}", "dataset=text",
         f"dataset.source={corpus}", "dataset.name=toy_bpe", "dataset.tokenizer=gpt2",
         f"data_root={data_root}", cwd=tmp_path,
