@@ -16,7 +16,7 @@ from nanogpt.dataset.pipeline import prepare_data
 from nanogpt.text.gpt2_files import GPT2_FILES, seed_tiktoken_cache
 from nanogpt.text.tokenizers import tokenizer_codec
 from tests.commands import run_in_process
-from tests.conftest import REPO, TINY_RUN, run_module
+from tests.conftest import REPO, TINY_RUN
 
 EOT = 50256
 
@@ -82,10 +82,8 @@ def test_training_and_sampling_on_bpe_tokens(shakespeare, tmp_path, data_root, b
     )
     assert result.returncode == 0, result.stderr
     assert "vocab 50257" in result.stdout
-    # A real process: generate_samples writes to the sys.stdout it was defined with, which run_in_process
-    # cannot capture.
-    sample = run_module("nanogpt.sample", "ckpt=run", "prompt=ROMEO:", "num_tokens=5", "device=cpu",
-                        cwd=tmp_path)
+    sample = run_in_process("nanogpt.sample", "ckpt=run", "prompt=ROMEO:", "num_tokens=5", "device=cpu",
+                            cwd=tmp_path)
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("ROMEO:")
 

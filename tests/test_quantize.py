@@ -15,7 +15,6 @@ from nanogpt.model import GPT, GPTConfig
 from nanogpt.weights.quantize import Int8Linear, quantize_model
 
 from .commands import run_in_process
-from .conftest import run_module
 from .test_eval import last_json
 from .test_load import REPO, char_run, write_our_checkpoint  # noqa: F401  (char_run is a fixture)
 
@@ -54,10 +53,8 @@ def test_load_with_int8_quantizes_every_linear_and_keeps_the_logits(char_run):  
     assert 0 < difference < 0.03, difference
     # The command prints what the Python face generates with the same settings.
     text = quantized.generate("ROMEO:", max_new_tokens=40, temperature=0.8, top_k=10, seed=5)
-    # A real process: generate_samples writes to the sys.stdout it was defined with, which run_in_process
-    # cannot capture.
-    result = run_module("nanogpt.sample", f"ckpt={run_dir}", "prompt=ROMEO:", "device=cpu", "quantize=int8",
-                        "num_tokens=40", "top_k=10", "seed=5", cwd=run_dir.parent)
+    result = run_in_process("nanogpt.sample", f"ckpt={run_dir}", "prompt=ROMEO:", "device=cpu",
+                            "quantize=int8", "num_tokens=40", "top_k=10", "seed=5", cwd=run_dir.parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout == text + "\n"
 
