@@ -49,6 +49,9 @@ def decoding():
     return model, step, cache, prompt
 
 
+pytestmark = pytest.mark.slow  # inductor compiles C++ for each graph: the slow tier
+
+
 def test_generation_compiles_once_for_1000_tokens_across_the_block_end(decoding):
     model, step, cache, prompt = decoding
     before = graphs_compiled()

@@ -95,6 +95,7 @@ def harness(tmp_path_factory, bpe_cache) -> Path:
     return root
 
 
+@pytest.mark.slow  # the real lm_eval command and two of ours, each indexing lm-eval's tasks
 def test_our_adapter_gives_lm_evals_numbers_for_hugging_faces_export(harness, monkeypatch):
     env = {**os.environ, **offline_env(harness)}
     env.pop("HYDRA_FULL_ERROR", None)

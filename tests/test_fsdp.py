@@ -2,8 +2,7 @@
 
 The two runs of `pair` (DDP and FSDP, 2 processes, the same seed and global batch,
 dropout on) are shared by the tests that only read them; tests that continue a
-run work on a copy; those that launch torchrun jobs of their own are in the slow
-tier (README "Tests").
+run work on a copy. Torchrun jobs: the slow tier (README "Tests").
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ RUN = [*TINY_RUN, "log_interval=1", "max_iters=8", "eval_interval=4", "optimizer
        "optimizer.warmup_iters=0", "gradient_accumulation_steps=4", "model.dropout=0.1",
        "model.gradient_checkpointing=true", "eval_tasks=[bpb]", "logger=none"]
 FSDP = "distributed.strategy=fsdp"
+pytestmark = pytest.mark.slow  # torchrun jobs
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -126,7 +126,6 @@ def test_a_sharded_run_is_read_directly_by_every_command(pair, tmp_path):
     assert sample.returncode == 0 and sample.stderr.strip() == "", sample.stderr
 
 
-@pytest.mark.slow  # torchrun jobs of its own, beyond the shared pair: the slow tier
 def test_stopped_or_killed_mid_save_a_sharded_run_resumes_bitwise(pair, tmp_path):
     where, common = pair["where"], pair["common"]
     expected = {key: whole(where / "fsdp" / "last.pt", key) for key in ("model", "optimizer")}
@@ -149,7 +148,6 @@ def test_stopped_or_killed_mid_save_a_sharded_run_resumes_bitwise(pair, tmp_path
         assert len(list(run_dir.glob("last.shards.*"))) == 1  # the uncommitted folder is gone
 
 
-@pytest.mark.slow  # torchrun jobs of its own, beyond the shared pair: the slow tier
 def test_saved_by_four_processes_resumed_by_two_or_one(pair, tmp_path):
     where, common = pair["where"], pair["common"]
     four = tmp_path / "four"
@@ -180,7 +178,6 @@ def test_saved_by_four_processes_resumed_by_two_or_one(pair, tmp_path):
     assert by2.keys() == by1.keys() and later < 0.05 and val[1] < val[0] - 0.1
 
 
-@pytest.mark.slow  # torchrun jobs of its own, beyond the shared pair: the slow tier
 def test_ddp_and_fsdp_resume_each_other(pair, tmp_path):
     where = pair["where"]
     results = {}
@@ -193,7 +190,6 @@ def test_ddp_and_fsdp_resume_each_other(pair, tmp_path):
     assert max(abs(results["fsdp"][k] - results["ddp"][k]) for k in results["fsdp"]) < 1e-5
 
 
-@pytest.mark.slow  # torchrun jobs of its own, beyond the shared pair: the slow tier
 def test_muon_under_fsdp_takes_ddps_steps(pair, tmp_path):
     where = pair["where"]
     common = [*pair["common"], "optimizer=muon", "max_iters=4", "eval_interval=4", "eval_tasks=[]"]

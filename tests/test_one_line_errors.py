@@ -54,6 +54,7 @@ def one_error_line(result: subprocess.CompletedProcess, after_progress: bool = F
     return lines[0]
 
 
+@pytest.mark.slow  # two lm-eval runs, each indexing its tasks for seconds
 def test_lm_eval_a_task_it_cannot_read_or_score_is_one_line_with_its_reason(tmp_path, bpe_cache, monkeypatch):
     write_our_checkpoint(tmp_path / "run" / "best.pt", BPE_MODEL, GPT2_TOKENIZER)
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)

@@ -53,6 +53,9 @@ def server(root):
     process.stop()
 
 
+pytestmark = pytest.mark.slow  # a browser and lm-eval, each starting up for seconds: the slow tier
+
+
 def test_lm_eval_over_http_scores_hellaswag_as_nanogpt_eval_does(root, server):
     tasks = root / "tasks"
     tasks.mkdir()
