@@ -20,6 +20,7 @@ import re
 import shlex
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -39,11 +40,16 @@ NAME = "tiny-char"
 LIMIT = 20_000  # the server's max_tokens: far past the block, so a long request can be cut short
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve_api") / "run"
+def char_run(folder) -> Path:
+    """A run directory in folder holding a random 2-layer character model (MODEL)."""
+    run = folder / "run"
     write_our_checkpoint(run / "best.pt", MODEL, {"kind": "char", "vocabulary": VOCABULARY})
     return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return char_run(tmp_path_factory.mktemp("serve_api"))
 
 
 @pytest.fixture(scope="module")

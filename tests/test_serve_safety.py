@@ -16,22 +16,18 @@ import pytest
 
 import nanogpt
 from nanogpt.errors import ConfigError
-from nanogpt.model import GPTConfig
 from nanogpt.serving.config import ServeConfig
 
 from .conftest import run_module
 from .server_process import ServerProcess
-from .test_load import VOCABULARY, write_our_checkpoint
+from .test_serve_api import char_run
 
-MODEL = GPTConfig(vocab_size=len(VOCABULARY), block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 KEY = "sesame-0123"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve_safety") / "run"
-    write_our_checkpoint(run / "best.pt", MODEL, {"kind": "char", "vocabulary": VOCABULARY})
-    return run
+    return char_run(tmp_path_factory.mktemp("serve_safety"))
 
 
 @pytest.fixture(scope="module")
