@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import torch
 from omegaconf import DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
@@ -64,9 +63,8 @@ def generate_samples(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
 
     # The samples are decoded together, as one batch; the first streams as it is written and
     # the others follow it. One seeded generator draws them all: the set is reproducible.
-    generator = torch.Generator(device=lm.device).manual_seed(cfg.seed)
-    steps = lm.stream_rows(prompt, cfg.num_samples, cfg.num_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                           use_cache=cfg.use_cache, generator=generator)
+    sampling = cfg.sampling(cfg.num_tokens)
+    steps = lm.stream_rows(prompt, cfg.num_samples, sampling, sampling.generator(lm.device), cfg.use_cache)
     texts = [""] * cfg.num_samples
     first = next(steps, texts)  # the prompt is checked before anything is written
     out.write(prompt)

@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from nanogpt.dataset.config import DatasetConfig
+from nanogpt.decoding import Decoder
 from nanogpt.generation.language_model import compiled_step
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.runtime.device import DeviceConfig
@@ -45,7 +46,7 @@ def decoding():
     step = compiled_step(model, CPU)
     cache = model.new_cache(1, static=True)
     prompt = torch.randint(0, 11, (1, 5))
-    list(model.stream(prompt, 3, step=step, cache=cache))  # compiles the step
+    list(model.stream(prompt, 3, decoder=Decoder(model, cache, step)))  # compiles the step
     return model, step, cache, prompt
 
 
@@ -56,8 +57,8 @@ def test_generation_compiles_once_for_1000_tokens_across_the_block_end(decoding)
     model, step, cache, prompt = decoding
     before = graphs_compiled()
     generator = torch.Generator().manual_seed(1)
-    tokens = list(model.stream(prompt, 1000, temperature=1.0, top_k=5, generator=generator, step=step,
-                               cache=cache))
+    tokens = list(model.stream(prompt, 1000, temperature=1.0, top_k=5, generator=generator,
+                               decoder=Decoder(model, cache, step)))
     assert len(tokens) == 1000  # the 64-token block filled and was refilled about 30 times
     assert graphs_compiled() == before
 
@@ -65,7 +66,8 @@ def test_generation_compiles_once_for_1000_tokens_across_the_block_end(decoding)
 def test_compiled_greedy_tokens_equal_eager_ones(decoding):
     model, step, cache, prompt = decoding
     eager = model.generate(prompt, 500, temperature=0)
-    compiled = torch.cat([prompt, *model.stream(prompt, 500, temperature=0, step=step, cache=cache)], dim=1)
+    decoder = Decoder(model, cache, step)
+    compiled = torch.cat([prompt, *model.stream(prompt, 500, temperature=0, decoder=decoder)], dim=1)
     assert torch.equal(compiled, eager)
 
 

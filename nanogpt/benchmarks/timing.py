@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nanogpt.decoding import Decoder
 from nanogpt.generation.language_model import compiled_step
 from nanogpt.training.trainer import Trainer
 
@@ -47,22 +48,27 @@ def time_training(trainer: Trainer, warmup_steps: int, train_steps: int) -> dict
 def time_generation(trainer: Trainer, new_tokens: int, use_cache: bool, rows: int = 1) -> dict:
     """Milliseconds per generation step (rows sequences decoded together) from a one-token prompt.
 
-    Generation runs as sampling does: compiled where training compiles (its one-token
-    steps over a static cache, as CUDA graphs on a GPU unless device.cuda_graphs=false),
-    after a warm-up that covers the compilation and the cache's refill at block_size.
+    Generation runs as sampling does, through GPT.stream and its Decoder: compiled where
+    training compiles (its one-token steps over a static cache, as CUDA graphs on a GPU
+    unless device.cuda_graphs=false), after a warm-up that covers the compilation and the
+    cache's refill at block_size.
     """
     model, device = trainer.model, trainer.runtime.device
     model.eval()
     step = compiled_step(model, device, trainer.cfg.device.cuda_graphs) if trainer.runtime.compile else None
-    cache = model.new_cache(rows, static=True) if step is not None and use_cache else None
     prompt = torch.zeros((rows, 1), dtype=torch.long, device=device)
     warmup = model.config.block_size + 8 if step is not None else 8
     with trainer.ctx:
-        for _ in model.stream(prompt, warmup, use_cache=use_cache, step=step, cache=cache):
+        cache = model.new_cache(rows, static=step is not None)
+
+        def decoder() -> Decoder | None:  # a new sequence in the buffers the step was compiled for
+            return Decoder(model, cache, step) if use_cache else None
+
+        for _ in model.stream(prompt, warmup, use_cache=use_cache, decoder=decoder()):
             pass
         synchronize(device)
         start = time.perf_counter()
-        for token in model.stream(prompt, new_tokens, top_k=200, use_cache=use_cache, step=step, cache=cache):
+        for token in model.stream(prompt, new_tokens, top_k=200, use_cache=use_cache, decoder=decoder()):
             token.tolist()  # a streaming caller needs each token on the host
         seconds = time.perf_counter() - start
     model.train()

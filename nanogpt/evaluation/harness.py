@@ -93,8 +93,7 @@ class LmEvalTask(Task):
                 why = f"; `lm_eval ls tasks` lists them, {self.key}.include_path=DIR adds your own"
             raise ConfigError(f"{self.key}.tasks: lm-eval knows no task {', '.join(unknown)}"
                               + (f" (nor does {options.include_path})" if include else "") + why)
-        lm = NanoGPTLM(subject.model, subject.tokenizer, subject.device, subject.dtype, subject.batch_size,
-                       subject.progress)
+        lm = NanoGPTLM(subject.lm, subject.batch_size, subject.progress)
         try:
             output = lm_eval.simple_evaluate(model=lm, tasks=list(options.tasks), limit=options.limit,
                                              num_fewshot=options.num_fewshot, task_manager=manager,

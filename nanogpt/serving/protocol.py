@@ -11,10 +11,12 @@ so a client is never silently given something other than what it asked for.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Literal
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # OpenAI's limits: at most 4 stop strings, top logprobs 0..5 for completions and 0..20 for chat.
@@ -178,6 +180,25 @@ def refusal(error: ValidationError) -> APIError:
     if param == "suffix":
         return APIError(400, "suffix is not supported by this server (no fill-in-the-middle)", param)
     return APIError(400, f"{'.'.join(location)}: {first['msg']}", param)
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """The request's JSON body, refused past limit bytes before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared):,} bytes; this server takes at most "
+                            f"{limit:,}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over {limit:,} bytes, the most this server takes")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"the request body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
 
 
 def parse(model: type[Strict], body: object) -> Strict:
