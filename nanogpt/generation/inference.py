@@ -67,4 +67,5 @@ def open_model(options: ModelOptions, doing: str) -> LanguageModel:
     set_threads(options.device.threads)
     loaded = resolve_source(source, key="ckpt", meta=options.meta)
     return LanguageModel(loaded, device, resolve_dtype(options.device.dtype, device), options.quantize,
-                         should_compile(options.device.compile, device), options.device.cuda_graphs)
+                         should_compile(options.device.compile, device, generating=True),
+                         options.device.cuda_graphs)

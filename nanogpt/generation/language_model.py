@@ -22,7 +22,15 @@ from nanogpt.errors import ConfigError, DataError
 from nanogpt.generation.detokenize import Detokenizer
 from nanogpt.generation.sampling import Sampling
 from nanogpt.model import GPT, KVCache
-from nanogpt.runtime.device import autocast, compile_mode, resolve_device, resolve_dtype, should_compile
+from nanogpt.runtime.device import (
+    CompiledOrEager,
+    autocast,
+    compile_mode,
+    compiled,
+    resolve_device,
+    resolve_dtype,
+    should_compile,
+)
 from nanogpt.text.chat_template import ChatTemplate, messages_problem
 from nanogpt.text.tokenizers import UnknownTokenError, description_json, load_tokenizer
 from nanogpt.weights.loading import LoadedSource, resolve_source
@@ -261,14 +269,15 @@ def not_finetuned_note(lm: LanguageModel) -> str:
             "dataset.source=CHATS.jsonl (docs/finetuning.md)")
 
 
-def compiled_step(model: GPT, device: torch.device, graphs: bool | None = None) -> GPT:
+def compiled_step(model: GPT, device: torch.device, graphs: bool | None = None) -> CompiledOrEager:
     """Model compiled for one-token steps over a static KVCache: one graph, never recompiled.
 
     The Decoder calls it for every token after the prompt; graphs (device.cuda_graphs)
-    replays it as a CUDA graph on a GPU (by default: yes).
+    replays it as a CUDA graph on a GPU. If compiling or capturing fails, it warns once and
+    the tokens come from the model itself.
     """
-    return torch.compile(model, mode=compile_mode(graphs, device, generating=True), fullgraph=True,
-                         dynamic=False)
+    return compiled(model, "generation's one-token step", compile_mode(graphs, device), fullgraph=True,
+                    dynamic=False)
 
 
 def load(source: str | Path, device: str = "auto", dtype: str = "auto",
@@ -281,14 +290,14 @@ def load(source: str | Path, device: str = "auto", dtype: str = "auto",
     float16. meta points at a karpathy/nanoGPT meta.pkl that is not where
     nanoGPT's own sample.py would find it. quantize="int8" stores the Linear
     weights as int8 for faster generation on a CPU (nanogpt/weights/quantize.py).
-    compile: torch.compile each one-token step (None: on CUDA, where it pays).
+    compile: torch.compile each one-token step (None: not yet, as no GPU has measured it).
     """
     if quantize not in QUANTIZATIONS:
         raise ConfigError(f"quantize={quantize!r} is not one of {', '.join(map(repr, QUANTIZATIONS))}")
     torch_device = resolve_device(device)
     loaded = resolve_source(source, key="source", meta=meta)
     return LanguageModel(loaded, torch_device, resolve_dtype(dtype, torch_device), quantize,
-                         should_compile(compile, torch_device))
+                         should_compile(compile, torch_device, generating=True))
 
 
 def sample_text(model: GPT, tokenizer: dict, num_tokens: int, device: torch.device) -> str:

@@ -20,6 +20,7 @@ from nanogpt.runtime.device import (
     DeviceConfig,
     autocast,
     compile_mode,
+    compiled,
     peak_flops,
     resolve_device,
     resolve_dtype,
@@ -67,7 +68,7 @@ class Runtime:
             # run is bitwise the one that never stopped, as it is eagerly.
             torch.use_deterministic_algorithms(True, warn_only=True)
         # CUDA graphs cannot hold DDP's gradient all-reduce, which runs between the graph's kernels.
-        mode = None if context.enabled else compile_mode(cfg.cuda_graphs, device, generating=False)
+        mode = None if context.enabled else compile_mode(cfg.cuda_graphs, device)
         return cls(context, device, dtype, should_compile(cfg.compile, device),
                    peak_flops(device, cfg.peak_flops), owns_group, sharded=sharded, compile_mode=mode)
 
@@ -87,8 +88,8 @@ class Runtime:
             forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if not self.compile:
             return forward
-        compiled = torch.compile(forward, mode=self.compile_mode)
-        return GraphedSteps(compiled) if self.compile_mode == "reduce-overhead" else compiled
+        forward = compiled(forward, "the training step", self.compile_mode)
+        return GraphedSteps(forward) if self.compile_mode == "reduce-overhead" else forward
 
     def whole(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The model as one process can run it alone: itself; sharded, a whole copy on rank 0 (or None)."""
@@ -110,10 +111,10 @@ class GraphedSteps(torch.nn.Module):
     training loop has read the last step's loss by then.
     """
 
-    def __init__(self, compiled: torch.nn.Module):
+    def __init__(self, step):
         super().__init__()
-        self.compiled = compiled
+        self.step = step  # a CompiledOrEager: the graphs, or the model if they could not be made
 
     def forward(self, *args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(*args, **kwargs)
+        return self.step(*args, **kwargs)
