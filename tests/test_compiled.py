@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import nanogpt
 from nanogpt.dataset.config import DatasetConfig
 from nanogpt.decoding import Decoder
 from nanogpt.generation.language_model import compiled_step
@@ -120,3 +121,32 @@ def test_compiled_training_resumes_exactly(corpus, data_root, tmp_path):
     assert losses(resumed, 25) == rest  # bitwise: the same compiled kernels from the same state
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, compiled.model.state_dict()[name]), name
+
+
+def test_the_server_and_lm_eval_decode_through_the_compiled_step_with_eagers_tokens(tmp_path):
+    """device.compile reaches the server's Engine and lm-eval's generate_until, through the LanguageModel."""
+    from lm_eval.api.instance import Instance
+
+    from nanogpt.evaluation.lm_adapter import NanoGPTLM
+    from nanogpt.generation.batching import Engine
+    from nanogpt.generation.sampling import Sampling
+    from nanogpt.runtime.device import CompiledOrEager
+
+    from .test_load import VOCABULARY, write_our_checkpoint
+
+    config = GPTConfig(vocab_size=len(VOCABULARY), block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    write_our_checkpoint(tmp_path / "run" / "best.pt", config, {"kind": "char", "vocabulary": VOCABULARY})
+    eager, compiled = (nanogpt.load(tmp_path / "run", device="cpu", compile=c) for c in (False, True))
+    assert isinstance(compiled.step, CompiledOrEager) and eager.step is None
+    greedy = Sampling(temperature=0, max_new_tokens=80)  # past the 32-token block: refilled twice
+    expected = [row[0] for row in eager.tokens(eager.encode("ROMEO:"), 1, greedy)]
+    engine = Engine(compiled, 2).start()
+    try:
+        assert engine.decoder.step is compiled.step
+        assert list(engine.generate(compiled.encode("ROMEO:"), greedy)) == expected
+    finally:
+        engine.stop()
+    settings = {"until": ["\n\n"], "max_gen_toks": 20}
+    request = Instance("generate_until", doc={}, arguments=("JULIET:", settings), idx=0)
+    assert NanoGPTLM(compiled).generate_until([request]) == NanoGPTLM(eager).generate_until([request])
+    assert compiled.step.failed is None  # decoded compiled, not fallen back to eager
