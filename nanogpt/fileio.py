@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from nanogpt.errors import UserError, WriteFailed
@@ -53,6 +53,27 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class OnDemand(Mapping):
+    """Values by name, each read (by read(name)) when it is looked up, and not kept: a checkpoint's tensors.
+
+    A reader then holds one of them at a time, however many the file has.
+    """
+
+    def __init__(self, names: Iterable[str], read: Callable[[str], object]):
+        self.names, self.read = dict.fromkeys(names), read  # in order, found at once
+
+    def __getitem__(self, name: str) -> object:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:

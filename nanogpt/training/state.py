@@ -70,8 +70,12 @@ class SavedRun:
 
     @classmethod
     def read(cls, path: Path) -> SavedRun:
-        """Load a checkpoint (never executing code) that holds a full training state."""
-        state = load_checkpoint(path)
+        """Load a checkpoint (never executing code) that holds a full training state.
+
+        Its tensors are mapped from the file, read as they are used: an FSDP job's
+        processes each read their rows of a whole one (sharded.load_into).
+        """
+        state = load_checkpoint(path, mmap=True)
         if "training" not in state or "optimizer" not in state:
             raise CheckpointError(f"{path} holds weights but no training state (optimizer, random "
                                   f"generators); resume from the run's {LAST}")

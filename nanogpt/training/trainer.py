@@ -46,7 +46,7 @@ class Trainer(TrainingState):
         self.cfg, self.run_dir, self.runtime, self.data = cfg, run_dir, runtime, data
         self.model, self.about, self.overrides = model.to(runtime.device), about or {}, overrides
         dist = runtime.dist
-        self.forward = runtime.wrap(self.model)  # before the optimizer: sharding swaps parameters
+        self.forward = runtime.wrap(self.model)  # DDP, compiled; sharded, it came so (new_model)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler(runtime.device.type,
