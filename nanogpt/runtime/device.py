@@ -206,12 +206,33 @@ class CompiledOrEager:
             failure = f"{type(error).__name__}: {first_line(str(error))[:300]}"
         result = self.eager(*args, **kwargs)  # raises the error if it is not the compiler's
         self.failed = failure
-        log.warning("%s failed to compile or capture (%s); going on without compiling (%s turns it "
-                    "off)", self.what, failure, self.switch)
+        if (self.what, failure) not in WARNED:  # the blocks of a sharded model fail alike: said once
+            WARNED.add((self.what, failure))
+            log.warning("%s failed to compile or capture (%s); going on without compiling (%s turns "
+                        "it off)", self.what, failure, self.switch)
         return result
 
     def __getattr__(self, name: str):
         return getattr(self.eager, name)
+
+
+WARNED: set[tuple[str, str]] = set()  # (what, why) this process has said failed to compile
+
+
+class CompiledModule(torch.nn.Module):
+    """A module compiled in place of itself, falling back to itself (CompiledOrEager) if that fails.
+
+    A module, so that FSDP can shard it as a unit; its parameters are named as under
+    torch.compile's own wrapper (``_orig_mod.``), so checkpoints read them alike.
+    """
+
+    def __init__(self, module: torch.nn.Module, what: str, mode: str | None = None):
+        super().__init__()
+        self._orig_mod = module
+        self.call = compiled(module, what, mode)
+
+    def forward(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
 
 
 def compiled(model: Callable, what: str, mode: str | None, **options) -> CompiledOrEager:

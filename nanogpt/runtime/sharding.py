@@ -42,6 +42,7 @@ from torch import nn
 from nanogpt.errors import ConfigError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.runtime import deferred_init
+from nanogpt.runtime.device import CompiledModule
 from nanogpt.runtime.distributed import DistributedContext
 
 COMPILED = "_orig_mod."  # torch.compile's prefix in a compiled module's parameter names
@@ -97,7 +98,7 @@ def shard(model: GPT, device: torch.device, dtype: torch.dtype, compile: bool) -
                                   reduce_dtype=torch.float32)
     for i, block in enumerate(model.transformer.h):
         if compile:
-            model.transformer.h[i] = block = torch.compile(block)
+            model.transformer.h[i] = block = CompiledModule(block, "a sharded block of the training step")
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     # The logits GPT.forward returns are a slice (the padded vocabulary cut off), which FSDP warns
