@@ -151,6 +151,25 @@ def test_encode_decode_and_the_tensor_generate(char_run):
     assert lm.generate("ROMEO:", max_new_tokens=10, temperature=0.0) == lm.decode(out[0].tolist())
 
 
+def test_sampling_says_which_iteration_it_reads_and_warns_of_an_untrained_model(char_run):
+    """A run stopped before its first step leaves an untrained checkpoint: sampling says so, on stderr."""
+    run_dir, _ = char_run  # written at iteration 0
+    result = run_in_process("nanogpt.sample", f"ckpt={run_dir}", "num_tokens=5", "device=cpu",
+                            cwd=run_dir.parent)
+    assert result.returncode == 0, result.stderr
+    assert f"sampling from {run_dir / 'best.pt'}, iteration 0" in result.stderr
+    assert "untrained" in result.stderr and "untrained" not in result.stdout
+    assert result.stdout == nanogpt.load(run_dir, device="cpu").generate("\n", max_new_tokens=5) + "\n"
+
+
+def test_chat_warns_once_when_the_model_was_never_finetuned(char_run):
+    lm = nanogpt.load(char_run[0], device="cpu")
+    with pytest.warns(UserWarning, match="was not finetuned on instruction data") as warned:
+        lm.chat("Hello", max_new_tokens=3)
+        lm.chat("Again", max_new_tokens=3)
+    assert len(warned) == 1
+
+
 def test_readme_python_section_runs(char_run, monkeypatch):
     run_dir, _ = char_run
     readme = (REPO / "README.md").read_text()

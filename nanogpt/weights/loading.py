@@ -72,6 +72,7 @@ class LoadedSource:
     data_dir: Path | None = None  # nanoGPT: the data/<dataset> folder its meta.pkl was found in
     trained_on: dict | None = None  # ours: the prepared data the run trained on (pipeline.data_record)
     chat_template: dict | None = None  # the chat template it was finetuned with (dataset=sft), if any
+    iteration: int | None = None  # ours: the training iteration its weights are from (0: untrained)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Source:
     trained_on: dict | None = None
     chat_template: dict | None = None
     model: GPT | None = None  # built already (a LoRA run's, its adapters merged into the base)
+    iteration: int | None = None
 
     def loaded(self) -> LoadedSource:
         """The source as a GPT on the CPU, with what is known about it."""
@@ -98,7 +100,7 @@ class Source:
                 for name, target in model.state_dict().items():
                     target.copy_(self.weights[name])
         return LoadedSource(model, self.tokenizer, self.kind, self.where, self.config, self.data_dir,
-                            self.trained_on, self.chat_template)
+                            self.trained_on, self.chat_template, self.iteration)
 
 
 def resolve_source(source: str | Path, key: str = "ckpt", meta: str | Path | None = None) -> LoadedSource:
@@ -168,7 +170,8 @@ def open_file(path: Path, key: str, meta: str | Path | None) -> Source:
             model = model_with_adapters(with_weights(state, path), path)
         weights = model.state_dict() if model else weights_of(state, path)
         return Source(shape, weights, state["tokenizer"], "run", str(path), state.get("config") or {},
-                      trained_on=state.get("data"), chat_template=state.get("chat_template"), model=model)
+                      trained_on=state.get("data"), chat_template=state.get("chat_template"), model=model,
+                      iteration=state.get("iter_num"))
     if isinstance(state, dict) and "model" in state and "model_args" in state:
         return open_nanogpt_checkpoint(state, path, meta)
     raise CheckpointError(
