@@ -157,7 +157,7 @@ def test_sampling_says_which_iteration_it_reads_and_warns_of_an_untrained_model(
     result = run_in_process("nanogpt.sample", f"ckpt={run_dir}", "num_tokens=5", "device=cpu",
                             cwd=run_dir.parent)
     assert result.returncode == 0, result.stderr
-    assert f"sampling from {run_dir / 'best.pt'}, iteration 0" in result.stderr
+    assert f"{run_dir / 'best.pt'}: iteration 0" in result.stderr
     assert "untrained" in result.stderr and "untrained" not in result.stdout
     assert result.stdout == nanogpt.load(run_dir, device="cpu").generate("\n", max_new_tokens=5) + "\n"
 

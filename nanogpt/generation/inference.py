@@ -19,7 +19,7 @@ from nanogpt.generation.sampling import SamplingSettings
 from nanogpt.options import check_choices, option
 from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype, set_threads, should_compile
 from nanogpt.weights.checkpoint import newest_checkpoint
-from nanogpt.weights.loading import LoadedSource, require_source_packages, resolve_source
+from nanogpt.weights.loading import require_source_packages, resolve_source
 from nanogpt.weights.quantize import QUANTIZATIONS
 
 
@@ -54,27 +54,34 @@ class SamplingOptions(SamplingSettings, ModelOptions):
         SamplingSettings.__post_init__(self)
 
 
-def trained_for(loaded: LoadedSource) -> str:
-    """The text ", iteration N" for our checkpoints, which know how long they were trained; else nothing."""
-    return "" if loaded.iteration is None else f", iteration {loaded.iteration}"
+def provenance(lm: LanguageModel) -> list[str]:
+    """What a command says on stderr of the weights it runs.
+
+    Ours know their iteration, and an untrained model (a run stopped before its first step)
+    is warned of.
+    """
+    iteration = lm.source.iteration
+    if iteration is None:
+        return []
+    lines = [f"{lm.source.where}: iteration {iteration}"]
+    if iteration == 0:
+        lines.append(f"warning: {lm.source.where} is untrained (its run stopped before its first step): "
+                     "it writes noise")
+    return lines
 
 
 def open_model(options: ModelOptions, doing: str) -> LanguageModel:
     """The model options name, on its device, ready to run; without ckpt, the newest run's.
 
-    doing ("sampling from", "evaluating", ...) says on stderr which checkpoint is run
-    (the newest, when it was not named) and, for ours, from which iteration: an
-    untrained one is warned of.
+    doing ("sampling", "evaluating", ...) says on stderr which checkpoint was
+    picked when it was not named.
     """
     source = options.ckpt or newest_checkpoint(options.outputs)
     device = resolve_device(options.device.name)
     set_threads(options.device.threads)
+    if not options.ckpt:
+        print(f"{doing} the newest run's checkpoint: {source}", file=sys.stderr)
     loaded = resolve_source(source, key="ckpt", meta=options.meta)
-    which = loaded.where if options.ckpt else f"the newest run's checkpoint: {loaded.where}"
-    print(f"{doing} {which}{trained_for(loaded)}", file=sys.stderr)
-    if loaded.iteration == 0:
-        print(f"warning: {loaded.where} is from iteration 0: the model is untrained (its run stopped "
-              "before its first step), so it writes noise", file=sys.stderr)
     return LanguageModel(loaded, device, resolve_dtype(options.device.dtype, device), options.quantize,
                          should_compile(options.device.compile, device, generating=True),
                          options.device.cuda_graphs)
