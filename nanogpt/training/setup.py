@@ -40,7 +40,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
         # A resumed run reads exactly the tokens its checkpoint records (or says why it cannot).
         data = (recorded_dataset(cfg.dataset, Path(cfg.data_root), resume.get("data"), base_tokenizer)
                 if resume else prepare_dataset(cfg.dataset, Path(cfg.data_root), base_tokenizer))
-        model = initial_model(cfg.model, data.vocab_size, data.meta["tokenizer"], base)
+        model = initial_model(cfg.model, data.vocab_size, data.tokenizer, base)
         model = lora.adapt(model, cfg.lora, cfg.model.init_from, runtime.dtype)
     log.info("data: %s in %s, vocab %d, %d train / %d val tokens", cfg.dataset.name, data.directory,
              data.vocab_size, data.meta["train_tokens"], data.meta["val_tokens"])

@@ -27,7 +27,7 @@ import torch
 from nanogpt.errors import CheckpointError, ConfigError, describe_library_error, first_line, require_package
 from nanogpt.fileio import write_directory
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.text.tokenizers import GPT2_TOKENIZER, write_hf_tokenizer
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, Tokenizer, load_tokenizer, write_hf_tokenizer
 
 # OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
 PRETRAINED = {
@@ -98,8 +98,8 @@ def config_from_hf(hf: dict, source: Path) -> GPTConfig:
     )
 
 
-def read_hf_directory(directory: Path) -> tuple[GPT, dict]:
-    """Our GPT and its tokenizer description from a Hugging Face GPT-2 directory.
+def read_hf_directory(directory: Path) -> tuple[GPT, Tokenizer]:
+    """Our GPT and its tokenizer from a Hugging Face GPT-2 directory.
 
     The directory holds config.json and model.safetensors, as save_pretrained writes them.
 
@@ -138,8 +138,8 @@ def read_hf_directory(directory: Path) -> tuple[GPT, dict]:
             value = hf_state[hf_key]
             target.copy_(value.t() if hf_key.endswith(CONV1D_WEIGHTS) else value)
     tokenizer_file = directory / TOKENIZER_FILE
-    tokenizer = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else GPT2_TOKENIZER
-    return model, tokenizer
+    description = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else GPT2_TOKENIZER
+    return model, load_tokenizer(description)
 
 
 # Out to Hugging Face ---------------------------------------------------------------------------
@@ -171,8 +171,8 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model") -> Path:
-    """Write model (with its tokenizer description) as the Hugging Face GPT-2 directory out.
+def export_model(model: GPT, tokenizer: Tokenizer, out: Path, where: str = "the model") -> Path:
+    """Write model (with its tokenizer's description) as the Hugging Face GPT-2 directory out.
 
     out must be new, empty or an earlier export; it is written whole, staged
     beside it and moved into place (fileio.write_directory).
@@ -192,7 +192,8 @@ def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model
             f"{ckpt_path} was trained with {settings}; only GPT-2's own architecture "
             "(the default model options) can be exported as Hugging Face GPT-2"
         )
-    eos = 50256 if tokenizer == GPT2_TOKENIZER else None
+    gpt2 = tokenizer.description == GPT2_TOKENIZER
+    eos = 50256 if gpt2 else None
     hf_config = GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
         n_layer=config.n_layer, n_head=config.n_head,
@@ -211,8 +212,8 @@ def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model
 
     def fill(directory: Path) -> None:
         hf_model.save_pretrained(directory, safe_serialization=True)
-        (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer))
-        if tokenizer == GPT2_TOKENIZER:
+        (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer.description))
+        if gpt2:
             write_gpt2_tokenizer(directory)
         write_hf_tokenizer(tokenizer, directory)  # bpe and tokenizer.json models: AutoTokenizer loads them
 

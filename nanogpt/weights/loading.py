@@ -11,8 +11,8 @@ takes all four, so a model that samples also evaluates, exports and finetunes:
 * a Hugging Face GPT-2 directory (``save_pretrained``, ``nanogpt.export``);
 * one of OpenAI's GPT-2 sizes by name, from the Hugging Face Hub.
 
-resolve_source() turns any of them into a GPT on the CPU plus its tokenizer
-description; initial_model() makes the model a training run starts from
+resolve_source() turns any of them into a GPT on the CPU plus its Tokenizer;
+initial_model() makes the model a training run starts from
 (``model.init_from``). Nothing here imports Hydra.
 """
 
@@ -27,7 +27,7 @@ import torch
 from nanogpt.errors import CheckpointError, ConfigError, UserError, require_package
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.text.nanogpt_meta import read_char_vocabulary
-from nanogpt.text.tokenizers import GPT2_TOKENIZER
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, Tokenizer, load_tokenizer
 from nanogpt.weights import lora
 from nanogpt.weights.checkpoint import (
     BEST,
@@ -61,7 +61,7 @@ class LoadedSource:
     """A model read from some source, with what is known about how it was made."""
 
     model: GPT  # on the CPU, in training mode as constructed
-    tokenizer: dict  # the description data.tokenizer_codec reads
+    tokenizer: Tokenizer  # what turns its text into ids and back
     kind: str  # "run" (ours), "nanoGPT" (karpathy's), "huggingface"
     where: str  # the file, directory or Hub repository that was read
     config: dict = field(default_factory=dict)  # the run's own config, when the source keeps one
@@ -129,7 +129,7 @@ def read_file(path: Path, key: str, meta: str | Path | None) -> LoadedSource:
     if is_our_checkpoint(state):
         state, config = with_weights(state, path), state.get("config") or {}
         model = model_with_adapters(state, path) if state.get("lora") else model_from_checkpoint(state)
-        return LoadedSource(model, state["tokenizer"], "run", str(path), config,
+        return LoadedSource(model, load_tokenizer(state["tokenizer"]), "run", str(path), config,
                             trained_on=state.get("data"), chat_template=state.get("chat_template"))
     if isinstance(state, dict) and "model" in state and "model_args" in state:
         return read_nanogpt_checkpoint(state, path, meta)
@@ -189,7 +189,7 @@ def read_nanogpt_checkpoint(state: dict, path: Path, meta: str | Path | None) ->
 
 def nanogpt_vocabulary(
     ckpt: Path, dataset: str | None, vocab_size: int, meta: str | Path | None
-) -> tuple[dict, Path | None]:
+) -> tuple[Tokenizer, Path | None]:
     """The tokenizer of a nanoGPT checkpoint and the data folder its meta.pkl is in.
 
     Looked for where nanoGPT's sample.py looks, data/<dataset>/meta.pkl under the
@@ -210,7 +210,7 @@ def nanogpt_vocabulary(
     if meta is not None:
         raise CheckpointError(f"meta={meta}: no meta.pkl there")
     if vocab_size in GPT2_VOCAB_SIZES:
-        return GPT2_TOKENIZER, None
+        return load_tokenizer(GPT2_TOKENIZER), None
     looked = ", ".join(str(c.resolve()) for c in candidates) or "nowhere (its config names no dataset)"
     raise CheckpointError(
         f"{ckpt} is a nanoGPT checkpoint with a {vocab_size}-token vocabulary, but no meta.pkl was found "
@@ -228,8 +228,8 @@ def load_pretrained(
     dropout: float = 0.0,
     vocab_multiple: int = 1,
     gradient_checkpointing: bool = False,
-) -> tuple[GPT, dict]:
-    """(model, tokenizer description) to start training from, for ``model.init_from=SOURCE``.
+) -> tuple[GPT, Tokenizer]:
+    """(model, its tokenizer) to start training from, for ``model.init_from=SOURCE``.
 
     The shape comes from the weights; block_size crops the learned positions
     (the model then reads at most that many tokens), dropout replaces the
@@ -256,7 +256,7 @@ def load_pretrained(
     return model, loaded.tokenizer
 
 
-def pretrained_base(model_cfg) -> tuple[GPT, dict] | None:
+def pretrained_base(model_cfg) -> tuple[GPT, Tokenizer] | None:
     """(model, tokenizer) of model.init_from as a run trains it (its block_size, dropout...), or None."""
     if model_cfg.init_from is None:
         return None
@@ -267,7 +267,8 @@ def pretrained_base(model_cfg) -> tuple[GPT, dict] | None:
     )
 
 
-def initial_model(model_cfg, vocab_size: int, tokenizer: dict, base: tuple[GPT, dict] | None = None) -> GPT:
+def initial_model(model_cfg, vocab_size: int, tokenizer: Tokenizer,
+                  base: tuple[GPT, Tokenizer] | None = None) -> GPT:
     """The GPT a run starts from: fresh, of model_cfg's shape (a ModelConfig), or model.init_from's weights.
 
     Pretrained weights (base, if pretrained_base() already read them) must come with the dataset's tokenizer.
@@ -277,7 +278,7 @@ def initial_model(model_cfg, vocab_size: int, tokenizer: dict, base: tuple[GPT, 
     model, trained_with = base or pretrained_base(model_cfg)
     if trained_with != tokenizer:
         raise ConfigError(
-            f"model.init_from={model_cfg.init_from} was trained with tokenizer {trained_with.get('kind')}, "
-            f"but the dataset uses {tokenizer.get('kind')}; pick a dataset with the same tokenizer "
+            f"model.init_from={model_cfg.init_from} was trained with tokenizer {trained_with.kind}, "
+            f"but the dataset uses {tokenizer.kind}; pick a dataset with the same tokenizer "
             "(e.g. dataset=shakespeare for GPT-2)")
     return model
