@@ -38,7 +38,7 @@ class Service:
         self.lm, self.engine, self.config, self.name = lm, engine, config, name
         self.block = lm.model.config.block_size
         self.vocab_size = lm.model.config.vocab_size
-        self.eot = lm.codec.eot
+        self.eot = lm.tokenizer.eot
         self.max_tokens = config.max_tokens or self.block
         self.seeds = random.Random(config.seed)  # for requests that give no seed
         self.created = now()

@@ -340,6 +340,6 @@ async def detokenize(request: Request) -> dict:
 async def tokenizer_info(request: Request) -> dict:
     """What a remote tokenizer client needs: the end-of-text token (lm-eval reads its id by /tokenize)."""
     service = service_of(request)
-    return {"tokenizer_class": service.lm.tokenizer.get("kind"), "model_max_length": service.block,
+    return {"tokenizer_class": service.lm.tokenizer.kind, "model_max_length": service.block,
             "eos_token": service.token_text(service.eot) if service.eot is not None else None,
             "bos_token": None, "pad_token": None, "chat_template": None}

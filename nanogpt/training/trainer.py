@@ -202,7 +202,7 @@ class Trainer(TrainingState):
         try:
             with self.stop.interruptible(alone=True), self.ctx:  # no collectives left to wait for
                 if self.cfg.sample_tokens > 0 and self.runtime.dist.is_main:
-                    text = sample_text(model, self.data.meta["tokenizer"],
+                    text = sample_text(model, self.data.tokenizer,
                                        self.cfg.sample_tokens, self.runtime.device)
                     log.info("sample:\n%s", text)
                     self.records.log_sample(text)
