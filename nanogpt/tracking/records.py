@@ -56,7 +56,8 @@ class RunRecords:
                  resumed: Resumed | None = None):
         self.run_dir = Path(run_dir)
         self.owner = context_from_environment().is_main if owner is None else owner
-        self.started = time.time()
+        # A resumed run's clock goes on from its checkpoint's: its wall time adds up every piece of the run.
+        self.started = time.time() - (resumed.wall_time_s if resumed else 0.0)
         self.records: list[dict] = []  # this run's, a resumed run's kept ones included
         start = resumed.iter_num if resumed else 0
         self.progress = TrainingProgress(plan.max_iters if plan else 0, initial=start, enabled=self.owner)
@@ -100,9 +101,13 @@ class RunRecords:
         if self.owner:
             self.logger.log_sample(text, step=self.records[-1].get("iter", 0) if self.records else 0)
 
+    def wall_time_s(self) -> float:
+        """Seconds the run has taken: this piece and a resumed run's earlier ones (to its checkpoint)."""
+        return round(time.time() - self.started, 3)
+
     def summary(self) -> dict:
         """The run's figures as summary.json holds them."""
-        return summarise(self.records, wall_time_s=round(time.time() - self.started, 3))
+        return summarise(self.records, wall_time_s=self.wall_time_s())
 
     def close(self) -> None:
         """Write summary.json and close the metrics file and the logger."""

@@ -70,8 +70,8 @@ class Trainer(TrainingState):
             self.load_state_dict(resume)
         self.checkpoints = RunCheckpoints(run_dir, dist, resume and self.iter_num)
         plan = RunPlan(cfg.max_iters, cfg.eval_interval, cfg.gradient_accumulation_steps,
-                       runtime.device.type)
-        resumed = resume and Resumed(self.iter_num, self.last_eval_iter)
+                       runtime.device.type, cfg.eval_at_start, tuple(overrides))
+        resumed = resume and Resumed(self.iter_num, self.last_eval_iter, self.earlier_wall_time_s)
         self.records = RunRecords(run_dir, cfg.logger, self.about.get("config"),
                                   run_id=self.tracker_run_id, plan=plan, resumed=resumed)
         self.tracker_run_id = self.records.run_id  # a new run's is the logger's choice
