@@ -58,11 +58,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @dataclass
 class Resumed:
-    """Where a resumed run's checkpoint left off: next step to take, the last evaluation done, time taken."""
+    """Where a resumed run's checkpoint left off: next step to take, and the last evaluation done."""
 
     iter_num: int
     last_eval_iter: int | None
-    wall_time_s: float = 0.0  # up to the checkpoint, every earlier piece of the run together
 
     def already_made(self, record: dict) -> bool:
         """True for a record the checkpointed run had made; the resumed run will make the others again."""

@@ -56,8 +56,7 @@ class RunRecords:
                  resumed: Resumed | None = None):
         self.run_dir = Path(run_dir)
         self.owner = context_from_environment().is_main if owner is None else owner
-        # A resumed run's clock goes on from its checkpoint's: its wall time adds up every piece of the run.
-        self.started = time.time() - (resumed.wall_time_s if resumed else 0.0)
+        self.started = time.time()
         self.records: list[dict] = []  # this run's, a resumed run's kept ones included
         start = resumed.iter_num if resumed else 0
         self.progress = TrainingProgress(plan.max_iters if plan else 0, initial=start, enabled=self.owner)
@@ -101,20 +100,24 @@ class RunRecords:
         if self.owner:
             self.logger.log_sample(text, step=self.records[-1].get("iter", 0) if self.records else 0)
 
-    def wall_time_s(self) -> float:
-        """Seconds the run has taken: this piece and a resumed run's earlier ones (to its checkpoint)."""
-        return round(time.time() - self.started, 3)
+    def age_s(self) -> float:
+        """Seconds since these records started: the wall time of this piece of the run."""
+        return time.time() - self.started
 
-    def summary(self) -> dict:
-        """The run's figures as summary.json holds them."""
-        return summarise(self.records, wall_time_s=self.wall_time_s())
+    def summary(self, wall_time_s: float | None = None) -> dict:
+        """The run's figures as summary.json holds them, with the wall time given (else age_s())."""
+        wall_time_s = round(self.age_s(), 3) if wall_time_s is None else wall_time_s
+        return summarise(self.records, wall_time_s=wall_time_s)
 
-    def close(self) -> None:
-        """Write summary.json and close the metrics file and the logger."""
+    def close(self, wall_time_s: float | None = None) -> None:
+        """Write summary.json and close the metrics file and the logger.
+
+        wall_time_s: the run's, which a resumed run's Trainer counts from its earlier pieces on.
+        """
         self.progress.close()
         if not self.owner:
             return
-        summary = self.summary()
+        summary = self.summary(wall_time_s)
         write_atomically(self.run_dir / SUMMARY_FILE,
                          lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
         self.logger.update_summary({"wall_time_s": summary["wall_time_s"]})

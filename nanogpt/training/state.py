@@ -121,8 +121,8 @@ class TrainingState:
     best_val_loss: float
     last_eval_iter: int | None
     batch: tuple[torch.Tensor, torch.Tensor] | None  # the next training batch, fetched ahead
-    records: object  # the run's RunRecords (tracking/records.py), whose clock gives its wall time so far
-    earlier_wall_time_s: float = 0.0  # a resumed run's wall time up to its checkpoint: every earlier piece
+    records: object  # the run's RunRecords (tracking/records.py): its age is this piece's wall time
+    earlier_wall_time_s: float = 0.0  # a resumed run's, up to its checkpoint: its earlier pieces together
 
     def state_dict(self, weights: bool = True) -> dict:
         """Training state as tensors and plain data: what a last.pt holds, on rank 0.
@@ -143,7 +143,7 @@ class TrainingState:
         ranks = distributed.gather_to_main({k: training[k] for k in ("rng", "batch")}, dist)
         training.update(world_size=dist.world_size, overrides=list(self.overrides),
                         tracker_run_id=self.tracker_run_id, ranks=ranks if dist.enabled else None,
-                        wall_time_s=self.records.wall_time_s())
+                        wall_time_s=self.wall_time_s())
         weights = (sharding.state_of(self.model, self.optimizer) if self.runtime.sharded else
                    {"model": lora.trainable_weights(self.model), "optimizer": self.optimizer.state_dict()})
         return {**self.about, **state, **weights, **lora.record(self.model)}
@@ -168,6 +168,10 @@ class TrainingState:
         batch = own["batch"]
         self.batch = None if batch is None else tuple(t.to(self.runtime.device) for t in batch)
         restore_rng_state(own["rng"])
+
+    def wall_time_s(self) -> float:
+        """Seconds the run has taken: this piece, and a resumed run's earlier ones up to its checkpoint."""
+        return round(self.earlier_wall_time_s + self.records.age_s(), 3)
 
     def rewind_point(self) -> Callable[[], None]:
         """What puts the run back where it stands now, should a stop abandon what begins next.
