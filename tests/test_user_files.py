@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,21 @@ def test_export_replaces_only_its_own_export_and_a_stopped_one_leaves_it_whole(p
     assert again.returncode == 0, again.stderr
     files = {name: digest for name, digest in tree(out).items() if name != WRITTEN_FILE}
     assert files == {name: digest for name, digest in exported.items() if name != WRITTEN_FILE}
+
+
+def test_exported_files_are_readable_like_their_neighbours_as_the_umask_allows(place, tmp_path):
+    run = place / "run"
+    for umask in (0o022, 0o027):
+        out = tmp_path / f"hf-{umask:o}"
+        previous = os.umask(umask)
+        try:
+            exported = run_in_process("nanogpt.export", f"ckpt={run}", f"out={out}", cwd=tmp_path)
+            (tmp_path / f"beside-{umask:o}.txt").write_text("a plain open()\n")  # a neighbour's mode
+        finally:
+            os.umask(previous)
+        assert exported.returncode == 0, exported.stderr
+        neighbour = stat.S_IMODE((tmp_path / f"beside-{umask:o}.txt").stat().st_mode)
+        assert neighbour == 0o666 & ~umask
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+        assert "model.safetensors" in modes and set(modes.values()) == {neighbour}, modes
+        assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # the folder as mkdir makes one
