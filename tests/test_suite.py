@@ -62,6 +62,8 @@ def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_ro
     assert 0 <= runs["default_graphs"]["losses_vs_default"] < 0.02  # no graphs on a CPU: the same steps
     assert "| target | measured | met |" in result.stdout
     assert (out / "suite.md").read_text().strip() in result.stdout
+    # The suite and each of its runs let go of their directories: no lock or holder file left anywhere.
+    assert not list(out.rglob(".run.*")), sorted(out.rglob(".run.*"))
 
 
 def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, corpus, data_root):
