@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.errors import ConfigError, DataError
-from nanogpt.generation.inference import SamplingOptions, open_model
+from nanogpt.generation.inference import SamplingOptions, open_model, provenance
 from nanogpt.options import option, require
 
 
@@ -67,6 +67,8 @@ def generate_samples(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     steps = lm.stream_rows(prompt, cfg.num_samples, sampling, sampling.generator(lm.device), cfg.use_cache)
     texts = [""] * cfg.num_samples
     first = next(steps, texts)  # the prompt is checked before anything is written
+    for line in provenance(lm):
+        print(line, file=sys.stderr)
     out.write(prompt)
     for pieces in itertools.chain([first], steps):
         out.write(pieces[0])

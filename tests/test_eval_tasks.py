@@ -30,7 +30,7 @@ from nanogpt.fileio import sha256_of_file
 from nanogpt.generation.language_model import LanguageModel
 from nanogpt.model import GPTConfig
 from nanogpt.runtime.device import DeviceConfig
-from nanogpt.text.tokenizers import GPT2_TOKENIZER, tiktoken_encoding
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, load_tokenizer, tiktoken_encoding
 from nanogpt.training.config import TrainConfig
 from nanogpt.weights.loading import LoadedSource
 
@@ -46,7 +46,8 @@ CPU = torch.device("cpu")
 
 def as_language_model(model) -> LanguageModel:
     """A GPT-2-vocabulary model as evaluation takes it, on the CPU in float32."""
-    return LanguageModel(LoadedSource(model, GPT2_TOKENIZER, "run", "a random model"), CPU, torch.float32)
+    loaded = LoadedSource(model, load_tokenizer(GPT2_TOKENIZER), "run", "a random model")
+    return LanguageModel(loaded, CPU, torch.float32)
 BPE_MODEL = GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
 

@@ -9,6 +9,7 @@ objective samples (PromptSet; nanogpt/training/objectives.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from nanogpt.errors import DataError
+from nanogpt.text.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger("nanogpt.data")
 
@@ -36,6 +38,11 @@ class PreparedData:
     def vocab_size(self) -> int:
         """Number of distinct token ids the model must cover."""
         return self.meta["vocab_size"]
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer that made the tokens (meta.json keeps its description)."""
+        return load_tokenizer(self.meta["tokenizer"])
 
     @property
     def dtype(self) -> np.dtype:

@@ -31,7 +31,7 @@ from nanogpt.dataset.workers import write_tokens
 from nanogpt.errors import DataError
 from nanogpt.fileio import write_atomically
 from nanogpt.text.chat_template import ChatTemplate, messages_problem
-from nanogpt.text.tokenizers import description_json, load_tokenizer, token_dtype
+from nanogpt.text.tokenizers import Tokenizer
 
 PROMPTS = "prompts"  # the meta.json key of prompt data: prompts per split
 
@@ -44,8 +44,8 @@ class PromptSource(SftSource):
         return local_files(self.source, ".jsonl", 'dataset=prompts reads a .jsonl file of {"prompt", ...} or '
                                                   '{"messages", ...} lines, or a folder of them')
 
-    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
-        encoder = load_tokenizer(description_json(tokenizer))
+    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: Tokenizer | None,
+                processes: int) -> dict:
         template = ChatTemplate.for_tokenizer(tokenizer)
         examples = []
         for where, line in source_lines(self.files()):
@@ -53,8 +53,9 @@ class PromptSource(SftSource):
             if problem is not None:
                 raise DataError(f"{where}: {problem}")
             examples.append((messages, where, record))
-        if encoder.description.get("kind") == "char":
-            check_characters([(m, where) for m, where, _ in examples], template, tokenizer["vocabulary"])
+        if tokenizer.kind == "char":
+            check_characters([(m, where) for m, where, _ in examples], template,
+                             tokenizer.description["vocabulary"])
         n_val = math.ceil(len(examples) * config.val_fraction)
         if len(examples) - n_val < 1:
             raise DataError(f"dataset.source {self.source} holds {len(examples)} prompt(s): too few to keep "
@@ -63,11 +64,11 @@ class PromptSource(SftSource):
         held_out = set(np.random.default_rng(SPLIT_SEED).permutation(len(examples))[:n_val].tolist())
         splits = {"train": [e for i, e in enumerate(examples) if i not in held_out],
                   "val": [e for i, e in enumerate(examples) if i in held_out]}
-        dtype = token_dtype(encoder.vocab_size)
-        made = {"tokenizer": tokenizer, "vocab_size": encoder.vocab_size, "dtype": dtype,
+        dtype = tokenizer.dtype
+        made = {"tokenizer": tokenizer.description, "vocab_size": tokenizer.vocab_size, "dtype": dtype,
                 "chat_template": template.record(), PROMPTS: {}}
         for split, chosen in splits.items():
-            ids = [np.array(template.encode(m, encoder.encode, generation_prompt=True)[0], dtype=dtype)
+            ids = [np.array(template.encode(m, tokenizer.encode, generation_prompt=True)[0], dtype=dtype)
                    for m, _, _ in chosen]
             made[f"{split}_tokens"] = write_tokens(directory / f"{split}.bin", ids)
             offsets = np.cumsum([0, *(len(i) for i in ids)]).astype(np.int64)

@@ -32,14 +32,15 @@ class NanoGPTLM(TemplateLM):
 
     def __init__(self, lm: LanguageModel, batch_size: int = 8, progress: bool = True):
         super().__init__()
-        self.lm, self.model, self.codec = lm, lm.model, lm.codec
+        self.lm, self.model = lm, lm.model
         self._device, self.dtype, self._batch_size, self.progress = lm.device, lm.dtype, batch_size, progress
 
     @property
     def eot_token_id(self) -> int:
         # A vocabulary without an end-of-text token (a character model) has nothing better than id 0
         # to put before a text that is scored from its first token.
-        return self.codec.eot if self.codec.eot is not None else 0
+        eot = self.lm.tokenizer.eot
+        return eot if eot is not None else 0
 
     @property
     def max_length(self) -> int:
@@ -50,10 +51,10 @@ class NanoGPTLM(TemplateLM):
         return self._device
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.codec.encode(string)
+        return self.lm.tokenizer.encode(string)
 
     def tok_decode(self, tokens, **kwargs) -> str:
-        return self.codec.decode([tokens] if isinstance(tokens, int) else list(tokens))
+        return self.lm.tokenizer.decode([tokens] if isinstance(tokens, int) else list(tokens))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:
@@ -82,7 +83,7 @@ class NanoGPTLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generate after each context until a stop string or max_gen_toks tokens; the text before it."""
-        eos = self.tok_decode(self.eot_token_id) if self.codec.eot is not None else None
+        eos = self.tok_decode(self.eot_token_id) if self.lm.tokenizer.eot is not None else None
         answers = []
         for request in tqdm(requests, desc="generating", disable=disable_tqdm or not self.progress or None):
             context, settings = request.args

@@ -28,7 +28,6 @@ from nanogpt.evaluation.tokens import TokenSplit, dataset_tokens
 from nanogpt.generation.language_model import LanguageModel
 from nanogpt.model import GPT
 from nanogpt.options import option
-from nanogpt.text.tokenizers import tokenizer_name
 from nanogpt.weights.loading import LoadedSource
 
 __all__ = ["TASKS", "BpbTask", "HellaSwagTask", "LmEvalTask", "LossOptions", "LossTask", "Subject", "Task",
@@ -62,8 +61,8 @@ def own_split(loaded: LoadedSource, split: str, dataset: DatasetConfig | None, d
         tokens = dataset_tokens(loaded, split, dataset, data_root, key)
         if tokens.tokenizer != loaded.tokenizer:
             raise ConfigError(
-                f"{key}={loaded.where} uses tokenizer {tokenizer_name(loaded.tokenizer)} but {tokens.where} "
-                f"was made with {tokenizer_name(tokens.tokenizer)}; pick a dataset with the model's "
+                f"{key}={loaded.where} uses tokenizer {loaded.tokenizer.name} but {tokens.where} "
+                f"was made with {tokens.tokenizer.name}; pick a dataset with the model's "
                 "tokenizer")
         return tokens
 
@@ -98,7 +97,7 @@ class TrainingEvaluation:
         """Every task's figures for model, which is left in training mode."""
         if not self.tasks:
             return {}
-        tokenizer = self.data.meta["tokenizer"]
+        tokenizer = self.data.tokenizer
         val = TokenSplit(self.data.tokens("val"), tokenizer, self.data.split_path("val"))
         trained = LoadedSource(model, tokenizer, "run", "the model being trained",
                                chat_template=self.data.meta.get("chat_template"))

@@ -26,6 +26,7 @@ from nanogpt.evaluation.tokens import TokenSplit
 from nanogpt.generation.language_model import LanguageModel
 from nanogpt.model import GPT
 from nanogpt.options import option
+from nanogpt.text.tokenizers import Tokenizer
 
 TASKS: dict[str, type[Task]] = {}  # task name -> its Task class
 
@@ -50,7 +51,7 @@ class Subject:
         return self.lm.model
 
     @property
-    def tokenizer(self) -> dict:
+    def tokenizer(self) -> Tokenizer:
         return self.lm.tokenizer
 
     @property

@@ -54,6 +54,22 @@ class SamplingOptions(SamplingSettings, ModelOptions):
         SamplingSettings.__post_init__(self)
 
 
+def provenance(lm: LanguageModel) -> list[str]:
+    """What a command says on stderr of the weights it runs.
+
+    Ours know their iteration, and an untrained model (a run stopped before its first step)
+    is warned of.
+    """
+    iteration = lm.source.iteration
+    if iteration is None:
+        return []
+    lines = [f"{lm.source.where}: iteration {iteration}"]
+    if iteration == 0:
+        lines.append(f"warning: {lm.source.where} is untrained (its run stopped before its first step): "
+                     "it writes noise")
+    return lines
+
+
 def open_model(options: ModelOptions, doing: str) -> LanguageModel:
     """The model options name, on its device, ready to run; without ckpt, the newest run's.
 
@@ -61,10 +77,10 @@ def open_model(options: ModelOptions, doing: str) -> LanguageModel:
     picked when it was not named.
     """
     source = options.ckpt or newest_checkpoint(options.outputs)
-    if not options.ckpt:
-        print(f"{doing} the newest run's checkpoint: {source}", file=sys.stderr)
     device = resolve_device(options.device.name)
     set_threads(options.device.threads)
+    if not options.ckpt:
+        print(f"{doing} the newest run's checkpoint: {source}", file=sys.stderr)
     loaded = resolve_source(source, key="ckpt", meta=options.meta)
     return LanguageModel(loaded, device, resolve_dtype(options.device.dtype, device), options.quantize,
                          should_compile(options.device.compile, device, generating=True),

@@ -32,7 +32,7 @@ from nanogpt.runtime.device import (
     should_compile,
 )
 from nanogpt.text.chat_template import ChatTemplate, messages_problem
-from nanogpt.text.tokenizers import UnknownTokenError, description_json, load_tokenizer
+from nanogpt.text.tokenizers import Tokenizer, UnknownTokenError
 from nanogpt.weights.loading import LoadedSource, resolve_source
 from nanogpt.weights.quantize import QUANTIZATIONS, quantize_model
 
@@ -54,8 +54,7 @@ class LanguageModel:
         self.step = compiled_step(self.model, device, graphs) if compile else None
         self.caches: dict[int, KVCache] = {}  # rows -> the static cache the compiled step fills
         self.tokenizer = loaded.tokenizer
-        self.codec = load_tokenizer(description_json(loaded.tokenizer))
-        self.encode, self.decode = self.codec.encode, self.codec.decode
+        self.encode, self.decode = self.tokenizer.encode, self.tokenizer.decode
         self.device, self.dtype = device, dtype
         self.source = loaded
         # The template it was finetuned with (dataset=sft), else the plain one for its tokenizer.
@@ -65,7 +64,7 @@ class LanguageModel:
     def __repr__(self) -> str:
         c = self.model.config
         return (f"LanguageModel({self.source.where!r}: {c.n_layer} layers, {c.n_head} heads, "
-                f"{c.n_embd} wide, block {c.block_size}, {self.tokenizer['kind']} vocabulary, {self.device})")
+                f"{c.n_embd} wide, block {c.block_size}, {self.tokenizer.kind} vocabulary, {self.device})")
 
     # Text in, text out.
 
@@ -300,24 +299,23 @@ def load(source: str | Path, device: str = "auto", dtype: str = "auto",
                          should_compile(compile, torch_device, generating=True))
 
 
-def sample_text(model: GPT, tokenizer: dict, num_tokens: int, device: torch.device) -> str:
+def sample_text(model: GPT, tokenizer: Tokenizer, num_tokens: int, device: torch.device) -> str:
     """What the model writes after a newline (temperature 1, top_k 200): a glance at what it learned.
 
     Text, not token markers: where the model ends a document (the end-of-text
     token, which a model trained on documents or instruction data writes often,
     and an undertrained one many times in a row), the sample has a blank line.
     """
-    codec = load_tokenizer(description_json(tokenizer))
     try:
-        start = codec.encode("\n")
+        start = tokenizer.encode("\n")
     except UnknownTokenError:  # a character vocabulary without newlines
         start = [0]
     model.eval()
     ids = model.generate(torch.tensor([start], device=device), num_tokens, temperature=1.0, top_k=200)
     documents = [[]]
     for token in ids[0].tolist():
-        if token == codec.eot:
+        if token == tokenizer.eot:
             documents.append([])
         else:
             documents[-1].append(token)
-    return DOCUMENT_BREAK.join(codec.decode(document) for document in documents if document)
+    return DOCUMENT_BREAK.join(tokenizer.decode(document) for document in documents if document)

@@ -38,7 +38,7 @@ class Service:
         self.lm, self.engine, self.config, self.name = lm, engine, config, name
         self.block = lm.model.config.block_size
         self.vocab_size = lm.model.config.vocab_size
-        self.eot = lm.codec.eot
+        self.eot = lm.tokenizer.eot
         self.max_tokens = config.max_tokens or self.block
         self.seeds = random.Random(config.seed)  # for requests that give no seed
         self.created = now()
@@ -192,10 +192,13 @@ def stopped_error(reason: str) -> APIError:
 
 
 class Reply:
-    """What a completion route sends for its Answer: chunks() for a stream, body() for one JSON object."""
+    """What a completion route sends for its Answer: chunks() for a stream, body() for one JSON object.
 
-    def __init__(self, answer: Answer):
-        self.answer = answer
+    headers go with either (what was left out to fit the model's context, for the chat page).
+    """
+
+    def __init__(self, answer: Answer, headers: dict[str, str] | None = None):
+        self.answer, self.headers = answer, headers or {}
 
     def chunks(self) -> AsyncIterator[dict]:
         raise NotImplementedError
@@ -207,10 +210,12 @@ class Reply:
 async def respond(request: Request, reply: Reply, stream: bool) -> Response:
     """The reply as server-sent events when the client streams, else as one JSON body once it is done."""
     if stream:
-        return event_stream(reply.answer, reply.chunks)
+        response = event_stream(reply.answer, reply.chunks)
+        response.headers.update(reply.headers)
+        return response
     reply.answer.start()
     await answered(request, reply.answer)
-    return JSONResponse(reply.body())
+    return JSONResponse(reply.body(), headers=reply.headers)
 
 
 async def until_disconnected(request: Request) -> None:

@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from nanogpt.errors import UserError
+from nanogpt.generation.language_model import ChatFit
 from nanogpt.serving.answers import Answer, Reply, Service, chat_logprobs, legacy_logprobs, respond
 from nanogpt.serving.protocol import (
     APIError,
@@ -75,6 +76,8 @@ async def body_of(request: Request, schema: type) -> object:
 # Errors: OpenAI's body, whatever went wrong.
 
 async def api_error(request: Request, error: APIError) -> JSONResponse:
+    if error.status == 499:  # the client went away (nginx's status): one line, nobody reads the body
+        log.warning("%s %s: %s", request.method, request.url.path, error.message)
     return JSONResponse(error.body(), status_code=error.status)
 
 
@@ -250,14 +253,26 @@ async def chat_completions(request: Request) -> Response:
     for i in range(body.n):  # as lm.chat: the answer never pushes the prompt out of the block (fit.room)
         answer.add(prompt, service.sampling(body, i, fit.room, stops), stop_ids,
                    (body.top_logprobs or 0) if body.logprobs else None, template.answer_start)
-    return await respond(request, ChatReply(answer, body, len(prompt)), body.stream)
+    return await respond(request, ChatReply(answer, body, len(prompt), context_headers(fit, max_tokens)),
+                         body.stream)
+
+
+def context_headers(fit: ChatFit, asked: int) -> dict[str, str]:
+    """How the conversation fitted the model's context (LanguageModel.chat_prompt), for the page to say.
+
+    The oldest messages dropped, the tokens cut from a newest one too long, and the room the
+    answer had against what was asked: nothing is left out without a word.
+    """
+    return {"X-Context-Size": str(fit.block_size), "X-Context-Dropped-Messages": str(fit.dropped),
+            "X-Context-Cut-Tokens": str(fit.cut), "X-Answer-Room": str(fit.room),
+            "X-Answer-Asked": str(asked)}
 
 
 class ChatReply(Reply):
     """A chat completions answer: each choice's message and its logprobs, the end-of-text left out."""
 
-    def __init__(self, answer: Answer, body: ChatRequest, prompt_tokens: int):
-        super().__init__(answer)
+    def __init__(self, answer: Answer, body: ChatRequest, prompt_tokens: int, headers: dict[str, str]):
+        super().__init__(answer, headers)
         self.request, self.service = body, answer.service
         self.identity = {"id": new_id("chatcmpl"), "created": now(), "model": self.service.name}
         self.prompt_tokens = prompt_tokens * body.n
@@ -325,6 +340,6 @@ async def detokenize(request: Request) -> dict:
 async def tokenizer_info(request: Request) -> dict:
     """What a remote tokenizer client needs: the end-of-text token (lm-eval reads its id by /tokenize)."""
     service = service_of(request)
-    return {"tokenizer_class": service.lm.tokenizer.get("kind"), "model_max_length": service.block,
+    return {"tokenizer_class": service.lm.tokenizer.kind, "model_max_length": service.block,
             "eos_token": service.token_text(service.eot) if service.eot is not None else None,
             "bos_token": None, "pad_token": None, "chat_template": None}

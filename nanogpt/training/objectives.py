@@ -340,7 +340,7 @@ class RewardObjective(Objective):
         require(self.options.max_new_tokens < model.config.block_size,
                 f"objective.max_new_tokens={self.options.max_new_tokens} leaves no room for the prompt in "
                 f"model.block_size={model.config.block_size}; lower it")
-        tokenizer = data.meta["tokenizer"]
+        tokenizer = data.tokenizer
         self.template = ChatTemplate.from_record(data.meta.get("chat_template"), tokenizer)
         loaded = LoadedSource(model, tokenizer, "run", "the model being trained",
                               chat_template=data.meta.get("chat_template"))

@@ -41,7 +41,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
         data = (recorded_dataset(cfg.dataset, Path(cfg.data_root), resume.get("data"), base_tokenizer)
                 if resume else prepare_dataset(cfg.dataset, Path(cfg.data_root), base_tokenizer))
         # Under FSDP each process builds and fills only its shards: the whole model exists nowhere.
-        model = initial_model(cfg.model, data.vocab_size, data.meta["tokenizer"], base, runtime.new_model)
+        model = initial_model(cfg.model, data.vocab_size, data.tokenizer, base, runtime.new_model)
         model = lora.adapt(model, cfg.lora, cfg.model.init_from, runtime.dtype)
     log.info("data: %s in %s, vocab %d, %d train / %d val tokens", cfg.dataset.name, data.directory,
              data.vocab_size, data.meta["train_tokens"], data.meta["val_tokens"])

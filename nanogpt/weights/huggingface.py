@@ -29,7 +29,7 @@ import torch
 from nanogpt.errors import CheckpointError, ConfigError, describe_library_error, first_line, require_package
 from nanogpt.fileio import OnDemand, write_directory
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.text.tokenizers import GPT2_TOKENIZER, write_hf_tokenizer
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, Tokenizer, load_tokenizer, write_hf_tokenizer
 
 # OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
 PRETRAINED = {
@@ -100,8 +100,8 @@ def config_from_hf(hf: dict, source: Path) -> GPTConfig:
     )
 
 
-def read_hf_directory(directory: Path) -> tuple[GPT, dict]:
-    """Our GPT and its tokenizer description from a Hugging Face GPT-2 directory (see hf_weights)."""
+def read_hf_directory(directory: Path) -> tuple[GPT, Tokenizer]:
+    """Our GPT and its tokenizer from a Hugging Face GPT-2 directory (see hf_weights)."""
     config, weights, tokenizer = hf_weights(directory)
     model = GPT(config)
     with torch.no_grad():
@@ -110,8 +110,8 @@ def read_hf_directory(directory: Path) -> tuple[GPT, dict]:
     return model, tokenizer
 
 
-def hf_weights(directory: Path) -> tuple[GPTConfig, Mapping[str, torch.Tensor], dict]:
-    """The shape, weights and tokenizer description of a Hugging Face GPT-2 directory, its weights unread.
+def hf_weights(directory: Path) -> tuple[GPTConfig, Mapping[str, torch.Tensor], Tokenizer]:
+    """The shape, weights and tokenizer of a Hugging Face GPT-2 directory, its weights unread.
 
     The directory holds config.json and model.safetensors, as save_pretrained
     writes them. The weights come under our names, each read from the file when
@@ -153,8 +153,8 @@ def hf_weights(directory: Path) -> tuple[GPTConfig, Mapping[str, torch.Tensor], 
         return value.t() if key.endswith(CONV1D_WEIGHTS) else value
 
     tokenizer_file = directory / TOKENIZER_FILE
-    tokenizer = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else GPT2_TOKENIZER
-    return config, OnDemand(ours, read), tokenizer
+    description = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else GPT2_TOKENIZER
+    return config, OnDemand(ours, read), load_tokenizer(description)
 
 
 def model_state_names(config: GPTConfig) -> list[str]:
@@ -192,8 +192,8 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model") -> Path:
-    """Write model (with its tokenizer description) as the Hugging Face GPT-2 directory out.
+def export_model(model: GPT, tokenizer: Tokenizer, out: Path, where: str = "the model") -> Path:
+    """Write model (with its tokenizer's description) as the Hugging Face GPT-2 directory out.
 
     out must be new, empty or an earlier export; it is written whole, staged
     beside it and moved into place (fileio.write_directory).
@@ -213,7 +213,8 @@ def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model
             f"{ckpt_path} was trained with {settings}; only GPT-2's own architecture "
             "(the default model options) can be exported as Hugging Face GPT-2"
         )
-    eos = 50256 if tokenizer == GPT2_TOKENIZER else None
+    gpt2 = tokenizer.description == GPT2_TOKENIZER
+    eos = 50256 if gpt2 else None
     hf_config = GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
         n_layer=config.n_layer, n_head=config.n_head,
@@ -232,8 +233,8 @@ def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model
 
     def fill(directory: Path) -> None:
         hf_model.save_pretrained(directory, safe_serialization=True)
-        (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer))
-        if tokenizer == GPT2_TOKENIZER:
+        (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer.description))
+        if gpt2:
             write_gpt2_tokenizer(directory)
         write_hf_tokenizer(tokenizer, directory)  # bpe and tokenizer.json models: AutoTokenizer loads them
 

@@ -13,8 +13,8 @@ takes all four, so a model that samples also evaluates, exports and finetunes:
 
 open_source() finds out which it is and opens it, its weights unread (each is
 read when looked up); resolve_source() turns it into a GPT on the CPU plus its
-tokenizer description; initial_model() makes the model a training run starts
-from (``model.init_from``), whole or, under FSDP, each process's shards alone,
+Tokenizer; initial_model() makes the model a training run starts from
+(``model.init_from``), whole or, under FSDP, each process's shards alone,
 filled a weight at a time. Nothing here imports Hydra.
 """
 
@@ -31,7 +31,7 @@ from nanogpt.errors import CheckpointError, ConfigError, UserError, require_pack
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.runtime.sharding import COMPILED, put_rows
 from nanogpt.text.nanogpt_meta import read_char_vocabulary
-from nanogpt.text.tokenizers import GPT2_TOKENIZER
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, Tokenizer, load_tokenizer
 from nanogpt.weights import lora
 from nanogpt.weights.checkpoint import (
     BEST,
@@ -65,13 +65,14 @@ class LoadedSource:
     """A model read from some source, with what is known about how it was made."""
 
     model: GPT  # on the CPU, in training mode as constructed
-    tokenizer: dict  # the description data.tokenizer_codec reads
+    tokenizer: Tokenizer  # what turns its text into ids and back
     kind: str  # "run" (ours), "nanoGPT" (karpathy's), "huggingface"
     where: str  # the file, directory or Hub repository that was read
     config: dict = field(default_factory=dict)  # the run's own config, when the source keeps one
     data_dir: Path | None = None  # nanoGPT: the data/<dataset> folder its meta.pkl was found in
     trained_on: dict | None = None  # ours: the prepared data the run trained on (pipeline.data_record)
     chat_template: dict | None = None  # the chat template it was finetuned with (dataset=sft), if any
+    iteration: int | None = None  # ours: the training iteration its weights are from (0: untrained)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Source:
 
     shape: GPTConfig
     weights: Mapping[str, torch.Tensor]  # our state_dict names; each read when looked up (or mapped: mmap)
-    tokenizer: dict
+    tokenizer: Tokenizer
     kind: str
     where: str
     config: dict = field(default_factory=dict)
@@ -88,6 +89,7 @@ class Source:
     trained_on: dict | None = None
     chat_template: dict | None = None
     model: GPT | None = None  # built already (a LoRA run's, its adapters merged into the base)
+    iteration: int | None = None
 
     def loaded(self) -> LoadedSource:
         """The source as a GPT on the CPU, with what is known about it."""
@@ -98,7 +100,7 @@ class Source:
                 for name, target in model.state_dict().items():
                     target.copy_(self.weights[name])
         return LoadedSource(model, self.tokenizer, self.kind, self.where, self.config, self.data_dir,
-                            self.trained_on, self.chat_template)
+                            self.trained_on, self.chat_template, self.iteration)
 
 
 def resolve_source(source: str | Path, key: str = "ckpt", meta: str | Path | None = None) -> LoadedSource:
@@ -167,8 +169,9 @@ def open_file(path: Path, key: str, meta: str | Path | None) -> Source:
         if state.get("lora"):  # the base read again and the adapters merged: whole, in this process
             model = model_with_adapters(with_weights(state, path), path)
         weights = model.state_dict() if model else weights_of(state, path)
-        return Source(shape, weights, state["tokenizer"], "run", str(path), state.get("config") or {},
-                      trained_on=state.get("data"), chat_template=state.get("chat_template"), model=model)
+        return Source(shape, weights, load_tokenizer(state["tokenizer"]), "run", str(path),
+                      state.get("config") or {}, trained_on=state.get("data"),
+                      chat_template=state.get("chat_template"), model=model, iteration=state.get("iter_num"))
     if isinstance(state, dict) and "model" in state and "model_args" in state:
         return open_nanogpt_checkpoint(state, path, meta)
     raise CheckpointError(
@@ -227,7 +230,7 @@ def open_nanogpt_checkpoint(state: dict, path: Path, meta: str | Path | None) ->
 
 def nanogpt_vocabulary(
     ckpt: Path, dataset: str | None, vocab_size: int, meta: str | Path | None
-) -> tuple[dict, Path | None]:
+) -> tuple[Tokenizer, Path | None]:
     """The tokenizer of a nanoGPT checkpoint and the data folder its meta.pkl is in.
 
     Looked for where nanoGPT's sample.py looks, data/<dataset>/meta.pkl under the
@@ -248,7 +251,7 @@ def nanogpt_vocabulary(
     if meta is not None:
         raise CheckpointError(f"meta={meta}: no meta.pkl there")
     if vocab_size in GPT2_VOCAB_SIZES:
-        return GPT2_TOKENIZER, None
+        return load_tokenizer(GPT2_TOKENIZER), None
     looked = ", ".join(str(c.resolve()) for c in candidates) or "nowhere (its config names no dataset)"
     raise CheckpointError(
         f"{ckpt} is a nanoGPT checkpoint with a {vocab_size}-token vocabulary, but no meta.pkl was found "
@@ -266,8 +269,8 @@ def load_pretrained(
     dropout: float = 0.0,
     vocab_multiple: int = 1,
     gradient_checkpointing: bool = False,
-) -> tuple[GPT, dict]:
-    """(model, tokenizer description) to start training from, for ``model.init_from=SOURCE``."""
+) -> tuple[GPT, Tokenizer]:
+    """(model, its tokenizer) to start training from, for ``model.init_from=SOURCE``."""
     return Pretrained.open(source, block_size, dropout, vocab_multiple, gradient_checkpointing).model()
 
 
@@ -302,10 +305,10 @@ class Pretrained:
         return cls(opened, config)
 
     @property
-    def tokenizer(self) -> dict:
+    def tokenizer(self) -> Tokenizer:
         return self.source.tokenizer
 
-    def model(self, new_model: Callable[[GPTConfig], GPT] = GPT) -> tuple[GPT, dict]:
+    def model(self, new_model: Callable[[GPTConfig], GPT] = GPT) -> tuple[GPT, Tokenizer]:
         """(model, tokenizer): new_model's fresh GPT (whole, or this process's shards), the weights put in.
 
         Each weight is read in turn and its rows copied (this process's alone,
@@ -328,7 +331,7 @@ def pretrained_base(model_cfg) -> Pretrained | None:
     )
 
 
-def initial_model(model_cfg, vocab_size: int, tokenizer: dict, base: Pretrained | None = None,
+def initial_model(model_cfg, vocab_size: int, tokenizer: Tokenizer, base: Pretrained | None = None,
                   new_model: Callable[[GPTConfig], GPT] = GPT) -> GPT:
     """The GPT a run starts from: fresh, of model_cfg's shape (a ModelConfig), or model.init_from's weights.
 
@@ -341,7 +344,7 @@ def initial_model(model_cfg, vocab_size: int, tokenizer: dict, base: Pretrained 
     base = base or pretrained_base(model_cfg)
     if base.tokenizer != tokenizer:
         raise ConfigError(
-            f"model.init_from={model_cfg.init_from} was trained with tokenizer {base.tokenizer.get('kind')}, "
-            f"but the dataset uses {tokenizer.get('kind')}; pick a dataset with the same tokenizer "
+            f"model.init_from={model_cfg.init_from} was trained with tokenizer {base.tokenizer.name}, "
+            f"but the dataset uses {tokenizer.name}; pick a dataset with the same tokenizer "
             "(e.g. dataset=shakespeare for GPT-2)")
     return base.model(new_model)[0]
