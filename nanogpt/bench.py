@@ -22,10 +22,18 @@ from omegaconf import DictConfig
 
 from nanogpt.benchmarks.suite import RUNS, SUITE_KEYS, SUITE_RUNS, run_suite
 from nanogpt.benchmarks.suite import format_report as format_suite_report
-from nanogpt.benchmarks.timing import describe_machine, format_table, time_generation, time_training
+from nanogpt.benchmarks.timing import (
+    describe_machine,
+    format_table,
+    generation_step,
+    greedy_agreement,
+    time_generation,
+    time_training,
+)
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.cli.overrides import merge_overrides, parse_overrides
 from nanogpt.options import option, require
+from nanogpt.runtime.device import should_compile
 from nanogpt.training.config import TrainConfig
 from nanogpt.training.setup import build_trainer
 
@@ -39,6 +47,9 @@ class BenchSettings:
     gen_tokens: int = option(1000, "new tokens generated per timed generation")
     gen_uncached: bool = option(True, "also time generation without the KV cache")
     gen_rows: int = option(1, "also time this many sequences decoded together (1: only one)")
+    gen_compiled: bool = option(False, "also time generation through the compiled one-token step (as CUDA "
+                                       "graphs on a GPU unless device.cuda_graphs=false), and check that its "
+                                       "greedy tokens are eager's")
     output: str = option("bench.json", "a file name, written inside the bench's run directory (which must be "
                                        "new or empty)")
     nanogpt_dir: str | None = option(None, "suite=gpu: a karpathy/nanoGPT checkout to run beside ours")
@@ -92,10 +103,18 @@ def run_benchmark(cfg: BenchConfig, out_dir: Path) -> dict:
                                           if p.requires_grad) / 1e6,
             },
             "train": time_training(trainer, settings.warmup_steps, settings.train_steps),
-            "generate_cached": time_generation(trainer, settings.gen_tokens, use_cache=True),
         }
+        # Generation as sampling runs it: compiled only where device.compile=true says so.
+        device = trainer.runtime.device
+        step = generation_step(trainer, should_compile(cfg.device.compile, device, generating=True))
+        results["generate_cached"] = time_generation(trainer, settings.gen_tokens, True, step=step)
+        if settings.gen_compiled:
+            candidate = generation_step(trainer, compiled=True)
+            results["generate_compiled"] = {
+                **time_generation(trainer, settings.gen_tokens, True, step=candidate),
+                "greedy": greedy_agreement(trainer, candidate)}
         if settings.gen_rows > 1:
-            rows = time_generation(trainer, settings.gen_tokens, use_cache=True, rows=settings.gen_rows)
+            rows = time_generation(trainer, settings.gen_tokens, True, rows=settings.gen_rows, step=step)
             results["generate_rows"] = {**rows, "time_vs_one": rows["ms_per_token"]
                                         / results["generate_cached"]["ms_per_token"]}
         if settings.gen_uncached:

@@ -20,13 +20,12 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-import torch
 from omegaconf import DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.errors import UserError
 from nanogpt.generation.inference import SamplingOptions, open_model
-from nanogpt.generation.language_model import ChatFit, LanguageModel
+from nanogpt.generation.language_model import ChatFit, not_finetuned_note
 from nanogpt.options import option, require
 from nanogpt.runtime.stops import Interrupted
 
@@ -65,7 +64,8 @@ def converse(cfg: ChatConfig, lines: TextIO | None = None, out: TextIO | None = 
         print(not_finetuned_note(lm), file=sys.stderr)
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)
-    generator = torch.Generator(device=lm.device).manual_seed(cfg.seed)
+    sampling = cfg.sampling(cfg.max_new_tokens)
+    generator = sampling.generator(lm.device)  # one for the whole conversation: it is reproducible
     while True:
         try:
             line = input("> ") if interactive and lines is sys.stdin else lines.readline()
@@ -82,8 +82,7 @@ def converse(cfg: ChatConfig, lines: TextIO | None = None, out: TextIO | None = 
             fit = ChatFit()
             answer = ""
             try:
-                pieces = lm.stream_chat(messages, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                        generator=generator, fit=fit)
+                pieces = lm.answer(messages, sampling, generator, fit)
                 first = next(pieces, "")  # the prompt is fitted (and checked) before anything is shown
                 for note in prompt_notes(fit):
                     print(note, file=sys.stderr)
@@ -106,14 +105,6 @@ def converse(cfg: ChatConfig, lines: TextIO | None = None, out: TextIO | None = 
                 print(file=sys.stderr)
             break
     return messages
-
-
-def not_finetuned_note(lm: LanguageModel) -> str:
-    """Said once, before talking to a model never finetuned on instruction data: why it answers poorly."""
-    return (f"note: {lm.source.where} was not finetuned on instruction data, so it continues the "
-            "conversation's text rather than answering it (often with nothing); finetune it first: "
-            f"python -m nanogpt.train model.init_from={lm.source.where} dataset=sft "
-            "dataset.source=CHATS.jsonl (docs/finetuning.md)")
 
 
 def prompt_notes(fit: ChatFit) -> list[str]:

@@ -84,9 +84,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     lm = open_model(cfg, "evaluating")
     loaded = lm.source
     data_root = cfg.data_root or (loaded.config.get("data_root") if loaded.kind == "run" else None)
-    subject = Subject(
-        lm.model, lm.tokenizer, lm.device, lm.dtype, cfg.batch_size, Path(data_root or default_data_root()),
-        split=own_split(loaded, cfg.split, cfg.dataset, cfg.data_root), split_name=cfg.split)
+    subject = Subject(lm, cfg.batch_size, Path(data_root or default_data_root()),
+                      split=own_split(loaded, cfg.split, cfg.dataset, cfg.data_root), split_name=cfg.split)
     result = task.run(subject)
     print(task.describe(result), file=sys.stderr)
     return {"task": task.name, "ckpt": cfg.ckpt or loaded.where, **result}

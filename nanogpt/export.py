@@ -66,9 +66,8 @@ def main(cfg: DictConfig) -> None:
         return
     loaded = resolve_source(config.ckpt, key="ckpt")
     out = export_model(loaded.model, loaded.tokenizer, config.out, where=loaded.where)
-    tokenizer = (out / "nanogpt_tokenizer.json").read_text()
     print(f"wrote a Hugging Face GPT-2 model to {out}")
-    if '"char"' in tokenizer:
+    if loaded.tokenizer.kind == "char":
         print("note: its character vocabulary matches no Hugging Face tokenizer; "
               "map text to ids with nanogpt_tokenizer.json")
     elif (out / "vocab.json").is_file() or (out / "tokenizer.json").is_file():

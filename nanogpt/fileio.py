@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from nanogpt.errors import UserError, WriteFailed
@@ -55,6 +55,37 @@ def current_umask() -> int:
     return mask
 
 
+class OnDemand(Mapping):
+    """Values by name, each read (by read(name)) when it is looked up, and not kept: a checkpoint's tensors.
+
+    A reader then holds one of them at a time, however many the file has.
+    """
+
+    def __init__(self, names: Iterable[str], read: Callable[[str], object]):
+        self.names, self.read = dict.fromkeys(names), read  # in order, found at once
+
+    def __getitem__(self, name: str) -> object:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def permit_as_open_would(path: Path) -> None:
+    """Give path the permissions a plain open() (a file) or mkdir() (a folder) would have given it.
+
+    Temporary files and folders (mkstemp, mkdtemp) are made owner-only, and so
+    are the files some libraries write through them (safetensors' weights); what
+    we move into place is readable like its neighbours, as the umask allows.
+    """
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
+
+
 def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary file beside dest, then rename it into place.
 
@@ -73,8 +104,7 @@ def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        # mkstemp makes owner-only files; give the result the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~current_umask())
+        permit_as_open_would(tmp)  # mkstemp makes owner-only files
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -285,8 +315,10 @@ def write_directory(out: Path, fill: Callable[[Path], None], command: str, key: 
     with removed_unless_filled(out.parent):
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
         try:
-            os.chmod(staging, 0o777 & ~current_umask())  # as mkdir would have made it
             fill(staging)
+            for path in (staging, *staging.rglob("*")):  # what fill wrote through temporary files too
+                if not path.is_symlink():
+                    permit_as_open_would(path)
             record_written(staging, [p for p in staging.iterdir() if p.is_file()], command)
             check_new_directory(out, command, key)  # again: nothing may have come in meanwhile
             move_into_place(staging, out)

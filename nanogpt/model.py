@@ -1,7 +1,9 @@
 """A GPT language model, written to be read from top to bottom.
 
 GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT, and generating text with
-it: a KVCache, GPT.generate and GPT.stream, sample_next_token.
+it: a KVCache, GPT.generate and GPT.stream, sample_next_token. The decoding loop
+that GPT.stream shares with every other way of generating text is a Decoder
+(nanogpt/decoding.py).
 
 The architecture is GPT-2's: token embeddings plus learned position embeddings,
 a stack of pre-LayerNorm transformer blocks (attention, then an MLP, each added
@@ -19,8 +21,9 @@ model is computed or stored, not what it is.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -28,6 +31,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanogpt.decoding import Decoder
 from nanogpt.options import check_choices, option, require
 
 
@@ -206,6 +210,13 @@ class KVCache:
         return torch.zeros(after.shape, dtype=self.keys.dtype, device=after.device).masked_fill(
             after, float("-inf"))[:, None]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start .. stop-1 as a cache of their own: views, so what they store lands here."""
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
+        view.lengths = self.lengths[start:stop]
+        return view
+
     def store(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Put layer's new keys and values (batch, heads, T, head_size) at positions (batch, T);
@@ -373,6 +384,26 @@ class GPT(nn.Module):
         which is all generation needs. With a cache, idx continues the sequences
         it holds, each row from its own length.
         """
+        x = self.hidden(idx, cache)
+        if targets is None:
+            return self.head(x[:, [-1], :]), None
+        logits = self.head(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1)
+        return logits, loss
+
+    def logits_at(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                  cache: KVCache | None = None) -> torch.Tensor:
+        """The logits (N, vocab) of the token after position positions[i] of row rows[i] of idx.
+
+        Scoring a text (evaluation, a server's echoed log-probabilities) needs the
+        logits at chosen positions; the output layer, a large part of the work for
+        a big vocabulary, runs at those alone.
+        """
+        return self.head(self.hidden(idx, cache)[rows, positions])
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The residual stream (batch, time, n_embd) after every block and the final norm, ln_f."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size "
@@ -393,34 +424,32 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, positions, use_reentrant=False)
             else:
                 x = block(x, positions, cache, mask)
-        x = self.transformer.ln_f(x)
         if cache is not None:
             cache.lengths += T
+        return self.transformer.ln_f(x)
 
-        # Cutting off the padded vocabulary's logits means they are never sampled
-        # and never enter the softmax of the loss.
-        vocab_size, cap = self.config.vocab_size, self.config.logit_softcap
-        logits = self.lm_head(x if targets is not None else x[:, [-1], :])[..., :vocab_size]
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from final hidden states x (..., n_embd).
+
+        Cutting off the padded vocabulary's logits means they are never sampled
+        and never enter the softmax of the loss.
+        """
+        logits = self.lm_head(x)[..., :self.config.vocab_size]
+        cap = self.config.logit_softcap
         if cap:  # modded-nanogpt: cap * tanh(logits / cap) keeps confident logits in bounds
             logits = cap * torch.tanh(logits / cap)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits
 
     def new_cache(self, batch_size: int, length: int | None = None,
                   dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
-        """An empty KVCache for batch_size sequences of up to length (block_size) tokens.
-
-        dtype: the keys' precision; by default the weights', or autocast's on a GPU.
+        """An empty KVCache for batch_size sequences of up to length (block_size) tokens, in
+        dtype: by default the weights', or autocast's on a GPU.
         """
-        weight = self.transformer.wte.weight
-        if dtype is None:
-            kind = weight.device.type
-            gpu_autocast = kind != "cpu" and torch.is_autocast_enabled(kind)
-            dtype = torch.get_autocast_dtype(kind) if gpu_autocast else weight.dtype
-        length = length or self.config.block_size
-        return KVCache(self.config, batch_size, length, weight.device, dtype, static)
+        weight, kind = self.transformer.wte.weight, self.transformer.wte.weight.device.type
+        if dtype is None and kind != "cpu" and torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
+        return KVCache(self.config, batch_size, length or self.config.block_size, weight.device,
+                       dtype or weight.dtype, static)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -433,32 +462,24 @@ class GPT(nn.Module):
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-               generator: torch.Generator | None = None, step: Callable[..., tuple] | None = None,
-               cache: KVCache | None = None) -> Iterator[torch.Tensor]:
+               generator: torch.Generator | None = None,
+               decoder: Decoder | None = None) -> Iterator[torch.Tensor]:
         """Yield each new token, shape (batch, 1), as soon as it is sampled, so text shows live.
 
-        With use_cache the context runs through the model once, into a KVCache, then
-        each new token costs one position. A full cache is refilled from the newest
-        half of the window: each token sees at least block_size // 2 of context. Until
-        then the tokens equal use_cache=False's, which reruns the whole window each time.
-        step computes a token's logits: the model, or a compiled copy over a static cache
-        (which a caller may keep, so that the step always sees the same buffers).
+        With use_cache a Decoder (nanogpt/decoding.py) keeps the context in a KVCache,
+        and each new token costs one position; decoder may be one the caller keeps (a
+        compiled step over a static cache). Without, the whole window runs through the
+        model for every token: the plain way, and the slow one. Both give the same
+        tokens until the window is full; then the Decoder's refill rule decides.
         """
-        block, step = self.config.block_size, self if step is None else step
-        held, token = 0, None  # held: tokens in the cache, the same for every row
+        if use_cache and decoder is None:
+            decoder = Decoder(self, self.new_cache(idx.size(0)))
         for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(idx[:, -block:])
-            elif held in (0, block):  # fill the cache from the (newest part of the) context
-                held = min(idx.size(1), block if held == 0 else max(1, block // 2))
-                if cache is None:
-                    cache = self.new_cache(idx.size(0), static=step is not self)
-                cache.lengths.zero_()
-                logits, _ = self(idx[:, -held:], cache=cache)
+            if use_cache:
+                logits = decoder.next_logits(idx)
             else:
-                logits, _ = step(token, cache=cache)  # the token sampled last
-                held += 1
-            token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+                logits = self(idx[:, -self.config.block_size:])[0][:, -1]
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
             idx = torch.cat((idx, token), dim=1)
             yield token
 

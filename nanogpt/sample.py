@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import torch
 from omegaconf import DictConfig
 
 from nanogpt.cli.entry import hydra_entry, to_dataclass
 from nanogpt.errors import ConfigError, DataError
-from nanogpt.generation.inference import SamplingOptions, open_model
+from nanogpt.generation.inference import SamplingOptions, open_model, provenance
 from nanogpt.options import option, require
 
 
@@ -64,11 +63,12 @@ def generate_samples(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
 
     # The samples are decoded together, as one batch; the first streams as it is written and
     # the others follow it. One seeded generator draws them all: the set is reproducible.
-    generator = torch.Generator(device=lm.device).manual_seed(cfg.seed)
-    steps = lm.stream_rows(prompt, cfg.num_samples, cfg.num_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                           use_cache=cfg.use_cache, generator=generator)
+    sampling = cfg.sampling(cfg.num_tokens)
+    steps = lm.stream_rows(prompt, cfg.num_samples, sampling, sampling.generator(lm.device), cfg.use_cache)
     texts = [""] * cfg.num_samples
     first = next(steps, texts)  # the prompt is checked before anything is written
+    for line in provenance(lm):
+        print(line, file=sys.stderr)
     out.write(prompt)
     for pieces in itertools.chain([first], steps):
         out.write(pieces[0])

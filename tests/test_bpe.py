@@ -14,7 +14,7 @@ import tiktoken
 
 from nanogpt.dataset.pipeline import prepare_data
 from nanogpt.text.gpt2_files import GPT2_FILES, seed_tiktoken_cache
-from nanogpt.text.tokenizers import tokenizer_codec
+from nanogpt.text.tokenizers import load_tokenizer
 from tests.commands import run_in_process
 from tests.conftest import REPO, TINY_RUN
 
@@ -70,7 +70,7 @@ def test_text_dataset_takes_either_tokenizer(corpus, data_root, bpe_cache):
     assert char.meta["tokenizer"]["kind"] == "char"
     assert bpe.meta["tokenizer"]["kind"] == "tiktoken"
     assert bpe.meta["train_tokens"] < char.meta["train_tokens"]
-    encode, decode = tokenizer_codec(bpe.meta["tokenizer"])
+    decode = load_tokenizer(bpe.meta["tokenizer"]).decode
     ids = np.fromfile(bpe.split_path("val"), dtype=np.uint16).tolist()
     assert decode(ids) == corpus.read_text()[int(len(corpus.read_text()) * 0.9):]
 

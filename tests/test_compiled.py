@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import nanogpt
 from nanogpt.dataset.config import DatasetConfig
+from nanogpt.decoding import Decoder
 from nanogpt.generation.language_model import compiled_step
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.runtime.device import DeviceConfig
@@ -45,7 +47,7 @@ def decoding():
     step = compiled_step(model, CPU)
     cache = model.new_cache(1, static=True)
     prompt = torch.randint(0, 11, (1, 5))
-    list(model.stream(prompt, 3, step=step, cache=cache))  # compiles the step
+    list(model.stream(prompt, 3, decoder=Decoder(model, cache, step)))  # compiles the step
     return model, step, cache, prompt
 
 
@@ -56,8 +58,8 @@ def test_generation_compiles_once_for_1000_tokens_across_the_block_end(decoding)
     model, step, cache, prompt = decoding
     before = graphs_compiled()
     generator = torch.Generator().manual_seed(1)
-    tokens = list(model.stream(prompt, 1000, temperature=1.0, top_k=5, generator=generator, step=step,
-                               cache=cache))
+    tokens = list(model.stream(prompt, 1000, temperature=1.0, top_k=5, generator=generator,
+                               decoder=Decoder(model, cache, step)))
     assert len(tokens) == 1000  # the 64-token block filled and was refilled about 30 times
     assert graphs_compiled() == before
 
@@ -65,7 +67,8 @@ def test_generation_compiles_once_for_1000_tokens_across_the_block_end(decoding)
 def test_compiled_greedy_tokens_equal_eager_ones(decoding):
     model, step, cache, prompt = decoding
     eager = model.generate(prompt, 500, temperature=0)
-    compiled = torch.cat([prompt, *model.stream(prompt, 500, temperature=0, step=step, cache=cache)], dim=1)
+    decoder = Decoder(model, cache, step)
+    compiled = torch.cat([prompt, *model.stream(prompt, 500, temperature=0, decoder=decoder)], dim=1)
     assert torch.equal(compiled, eager)
 
 
@@ -118,3 +121,32 @@ def test_compiled_training_resumes_exactly(corpus, data_root, tmp_path):
     assert losses(resumed, 25) == rest  # bitwise: the same compiled kernels from the same state
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, compiled.model.state_dict()[name]), name
+
+
+def test_the_server_and_lm_eval_decode_through_the_compiled_step_with_eagers_tokens(tmp_path):
+    """device.compile reaches the server's Engine and lm-eval's generate_until, through the LanguageModel."""
+    from lm_eval.api.instance import Instance
+
+    from nanogpt.evaluation.lm_adapter import NanoGPTLM
+    from nanogpt.generation.batching import Engine
+    from nanogpt.generation.sampling import Sampling
+    from nanogpt.runtime.device import CompiledOrEager
+
+    from .test_load import VOCABULARY, write_our_checkpoint
+
+    config = GPTConfig(vocab_size=len(VOCABULARY), block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    write_our_checkpoint(tmp_path / "run" / "best.pt", config, {"kind": "char", "vocabulary": VOCABULARY})
+    eager, compiled = (nanogpt.load(tmp_path / "run", device="cpu", compile=c) for c in (False, True))
+    assert isinstance(compiled.step, CompiledOrEager) and eager.step is None
+    greedy = Sampling(temperature=0, max_new_tokens=80)  # past the 32-token block: refilled twice
+    expected = [row[0] for row in eager.tokens(eager.encode("ROMEO:"), 1, greedy)]
+    engine = Engine(compiled, 2).start()
+    try:
+        assert engine.decoder.step is compiled.step
+        assert list(engine.generate(compiled.encode("ROMEO:"), greedy)) == expected
+    finally:
+        engine.stop()
+    settings = {"until": ["\n\n"], "max_gen_toks": 20}
+    request = Instance("generate_until", doc={}, arguments=("JULIET:", settings), idx=0)
+    assert NanoGPTLM(compiled).generate_until([request]) == NanoGPTLM(eager).generate_until([request])
+    assert compiled.step.failed is None  # decoded compiled, not fallen back to eager

@@ -11,8 +11,8 @@ import torch
 from nanogpt.data import download_shakespeare, prepare_data
 from nanogpt.dataset.batches import BatchSampler
 from nanogpt.dataset.download import download
-from nanogpt.errors import DataError
-from nanogpt.text.tokenizers import UnknownTokenError, create_encoder_decoder, get_vocabulary
+from nanogpt.errors import DataError, UserError
+from nanogpt.text.tokenizers import UnknownTokenError, create_encoder_decoder, get_vocabulary, load_tokenizer
 
 
 class FileServer:
@@ -74,6 +74,26 @@ def test_unknown_character_is_a_clear_error():
     encode, _ = create_encoder_decoder(get_vocabulary("abc"))
     with pytest.raises(UnknownTokenError, match="'z'"):
         encode("abz")
+
+
+def test_a_tokenizer_is_a_value_of_its_description_built_once():
+    ab = load_tokenizer({"kind": "char", "vocabulary": ["a", "b"]})
+    assert load_tokenizer({"vocabulary": ["a", "b"], "kind": "char"}) is ab  # built once, any key order
+    assert list(ab.description) == ["kind", "vocabulary"]  # kept as given: what it stores is what it read
+    ba = load_tokenizer({"kind": "char", "vocabulary": ["b", "a"]})
+    assert ab != ba and len({ab, ba, load_tokenizer(dict(ab.description))}) == 2
+    assert ab != ab.description and ab.name == "char (2 characters)" and ab.decode(ab.encode("ba")) == "ba"
+    # A kind whose library or files may be missing is carried by its description, and built when first used.
+    unknown = load_tokenizer({"kind": "tiktoken", "encoding": "no_such_encoding"})
+    assert unknown.name == "tiktoken no_such_encoding"
+    with pytest.raises(UserError, match="no_such_encoding"):
+        unknown.encode("x")
+    # A tokenizer.json encodes alike by its content, wherever it was read from.
+    here, there, edited = (load_tokenizer({"kind": "hf", "origin": origin, "json": text})
+                           for origin, text in (("a/tokenizer.json", "{}"), ("b/tokenizer.json", "{}"),
+                                                ("a/tokenizer.json", '{"edited": 1}')))
+    assert here != there and here.encodes_like(there) and not here.encodes_like(edited)
+    assert not ab.encodes_like(ba) and ab.encodes_like(load_tokenizer(dict(ab.description)))
 
 
 def test_download_through_loopback_http(served, tmp_path):

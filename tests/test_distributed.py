@@ -211,6 +211,7 @@ def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(tar
     assert job.process.returncode != 0
     stops = [line for line in job.stdout if line.startswith("stopped by")]
     assert len(stops) == 1 and stops[0].startswith("stopped by SIGTERM before iteration ")
+    assert sum("SIGTERM received" in line for line in job.stdout + job.stderr) == 1  # rank 0 alone says it
     assert sorted(p.name for p in run_dir.glob("*.pt*")) == ["best.pt", "last.pt"]
     saved = weights(run_dir)
     assert saved["iter_num"] > 10 and saved["training"]["world_size"] == 2
@@ -220,6 +221,19 @@ def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(tar
     resumed = torchrun("nanogpt.train", f"resume={run_dir}", more, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert weights(run_dir)["iter_num"] == saved["iter_num"] + 3
+    assert (resumed.stdout + resumed.stderr).count(f"resuming {run_dir} from iteration") == 1  # rank 0's
+
+    if target == "agent":  # resumed again, finished: every rank ends at once, with rank 0's one line
+        before = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        again = torchrun("nanogpt.train", f"resume={run_dir}", more, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        end, best = saved["iter_num"] + 3, weights(run_dir)["best_val_loss"]
+        assert [line for line in again.stdout.splitlines() if "has finished" in line] == [
+            f"{run_dir} has finished: it trained to iteration {end} and evaluated there (best val loss "
+            f"{best:.4f}); nothing to do, so nothing was changed. To train it further, raise max_iters: "
+            f"torchrun --standalone --nproc_per_node=2 -m nanogpt.train resume={run_dir} max_iters=N "
+            f"(N above {end})"]
+        assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow  # torchrun jobs

@@ -152,10 +152,11 @@ def test_generation_is_lm_evals_greedy_generation(harness):
     from lm_eval.models.huggingface import HFLM
 
     from nanogpt.evaluation.lm_adapter import NanoGPTLM
+    from nanogpt.generation.language_model import LanguageModel
     from nanogpt.weights.loading import resolve_source
 
     loaded = resolve_source(harness / "run")
-    ours = NanoGPTLM(loaded.model.eval(), loaded.tokenizer, torch.device("cpu"), progress=False)
+    ours = NanoGPTLM(LanguageModel(loaded, torch.device("cpu"), torch.float32), progress=False)
     reference = HFLM(pretrained=str(harness / "hf"), device="cpu", batch_size=1)
     requests = [Instance("generate_until", doc={}, arguments=(context, settings), idx=0)
                 for context, settings in (("Once upon a time", {"until": ["\n"], "max_gen_toks": 20}),

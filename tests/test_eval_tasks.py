@@ -27,10 +27,12 @@ from nanogpt.evaluation.hellaswag import HellaSwagOptions, example_from, read_ex
 from nanogpt.evaluation.scoring import encode_pair, score_requests
 from nanogpt.evaluation.tasks import TASKS, Subject
 from nanogpt.fileio import sha256_of_file
+from nanogpt.generation.language_model import LanguageModel
 from nanogpt.model import GPTConfig
 from nanogpt.runtime.device import DeviceConfig
-from nanogpt.text.tokenizers import GPT2_TOKENIZER, tiktoken_encoding
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, load_tokenizer, tiktoken_encoding
 from nanogpt.training.config import TrainConfig
+from nanogpt.weights.loading import LoadedSource
 
 from .commands import run_in_process
 from .conftest import register_commands, run_module
@@ -40,6 +42,12 @@ from .test_eval import last_json, reference_loss
 from .test_load import VOCABULARY, random_gpt, transformers_model, write_our_checkpoint
 
 CPU = torch.device("cpu")
+
+
+def as_language_model(model) -> LanguageModel:
+    """A GPT-2-vocabulary model as evaluation takes it, on the CPU in float32."""
+    loaded = LoadedSource(model, load_tokenizer(GPT2_TOKENIZER), "run", "a random model")
+    return LanguageModel(loaded, CPU, torch.float32)
 BPE_MODEL = GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
 
@@ -106,7 +114,7 @@ def test_text_is_cut_into_context_and_continuation_as_lm_eval_cuts_it(bpe_cache)
     from nanogpt.evaluation.lm_adapter import NanoGPTLM
 
     encoding = tiktoken_encoding("gpt2")
-    lm = NanoGPTLM(random_gpt(BPE_MODEL), GPT2_TOKENIZER, CPU, progress=False)
+    lm = NanoGPTLM(as_language_model(random_gpt(BPE_MODEL)), progress=False)
     for context, continuation in (("The cat sat on the", " mat."), ("Question: 2+2=  ", "4"),
                                   ("It ends with a newline\n", "Next line"), ("naïve café", "s ☕ ok")):
         ours = encode_pair(encoding.encode_ordinary, context, continuation, encoding.eot_token)
@@ -133,7 +141,7 @@ def test_hellaswag_cleans_text_exactly_as_lm_eval_does():
 def test_hellaswag_matches_transformers_ending_by_ending(bpe_cache, tmp_path):
     source = write_jsonl(tmp_path / "hs.jsonl", HAND_WRITTEN)
     model = random_gpt(BPE_MODEL)
-    subject = Subject(model, GPT2_TOKENIZER, CPU, torch.float32, 5, tmp_path, split=None, progress=False)
+    subject = Subject(as_language_model(model), 5, tmp_path, split=None, progress=False)
     examples = read_examples(source)
     likelihoods = hellaswag.ending_likelihoods(subject, examples, where=source)
 

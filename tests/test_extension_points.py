@@ -7,7 +7,6 @@ way that table says (a command is covered by tests/test_scripts.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,7 @@ def test_a_model_option_is_a_variant_exactly_when_gpt2_cannot_carry_it(field, tm
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.normal_(1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0, 0.2)
-    tokenizer = {"kind": "ids", "vocab_size": 50}
+    tokenizer = load_tokenizer({"kind": "ids", "vocab_size": 50})
     if field.metadata.get("variant"):
         assert config.variants == {field.name: getattr(config, field.name)}
         with pytest.raises(CheckpointError, match=f"model.{field.name}="):
@@ -92,7 +91,7 @@ class ReversedLines(Source):
     def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
         text = "\n".join(line[::-1] for line in self.path.read_text().splitlines())
         description = {"kind": "char", "vocabulary": sorted(set(text))}
-        ids = np.array(load_tokenizer(json.dumps(description, sort_keys=True)).encode(text), dtype=np.uint16)
+        ids = np.array(load_tokenizer(description).encode(text), dtype=np.uint16)
         cut = int(len(ids) * (1 - config.val_fraction))
         ids[:cut].tofile(directory / "train.bin")
         ids[cut:].tofile(directory / "val.bin")
@@ -109,7 +108,7 @@ def test_a_dataset_source_is_one_class_and_its_name(corpus, data_root, monkeypat
     monkeypatch.setitem(SOURCES, "reversed_lines_test", ReversedLines)
     config = DatasetConfig(name="reversed", source=str(corpus), loader="reversed_lines_test")
     data = prepare_dataset(config, data_root)
-    decode = load_tokenizer(json.dumps(data.meta["tokenizer"], sort_keys=True)).decode
+    decode = load_tokenizer(data.meta["tokenizer"]).decode
     first_line = corpus.read_text().splitlines()[0]
     assert decode(data.tokens("train")[: len(first_line)].tolist()) == first_line[::-1]
     with pytest.raises(ConfigError, match="loader='reversed_lines'"):

@@ -2,11 +2,14 @@
 
 The two runs of `pair` (DDP and FSDP, 2 processes, the same seed and global batch,
 dropout on) are shared by the tests that only read them; tests that continue a
-run work on a copy. Torchrun jobs: the slow tier (README "Tests").
+run work on a copy. Torchrun jobs: the slow tier (README "Tests"); what needs
+no second process (building a model on the meta device and filling it, the
+refusals) is in the quick one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -16,9 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from nanogpt.errors import CheckpointError, ConfigError
-from nanogpt.runtime import sharding
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.runtime import deferred_init, sharding
 from nanogpt.runtime.distributed import DistributedConfig
 from nanogpt.tracking.metrics import read_metrics
 from nanogpt.training.config import TrainConfig
@@ -35,7 +40,7 @@ RUN = [*TINY_RUN, "log_interval=1", "max_iters=8", "eval_interval=4", "optimizer
        "optimizer.warmup_iters=0", "gradient_accumulation_steps=4", "model.dropout=0.1",
        "model.gradient_checkpointing=true", "eval_tasks=[bpb]", "logger=none"]
 FSDP = "distributed.strategy=fsdp"
-pytestmark = pytest.mark.slow  # torchrun jobs
+slow = pytest.mark.slow  # torchrun jobs
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -85,13 +90,23 @@ def pair(tmp_path_factory) -> dict:
                for name, extra in (("ddp", []), ("fsdp", [FSDP]))}
     for result in results.values():
         assert result.returncode == 0, result.stderr
-    return {"where": where, "common": common, "fsdp_stdout": results["fsdp"].stdout}
+    return {"where": where, "common": common, "ddp_stdout": results["ddp"].stdout,
+            "fsdp_stdout": results["fsdp"].stdout}
 
 
+@slow
 def test_fsdp_trains_as_ddp_does_and_each_process_keeps_half(pair):
     where = pair["where"]
     ddp, fsdp = losses(where / "ddp"), losses(where / "fsdp")
     assert ddp.keys() == fsdp.keys() and ("eval", 8, "bpb") in fsdp  # eval_tasks score under FSDP too
+    # The same starting weights (each FSDP process built only its shards): the first numbers, bitwise.
+    first = [k for k in ddp if k[1] == 0]
+    assert len(first) == 4 and all(ddp[k] == fsdp[k] for k in first)
+    # Each run says once (rank 0 alone) how its processes hold the model.
+    assert [line.split("] ")[-1] for line in pair["fsdp_stdout"].splitlines() if "FSDP:" in line] == [
+        "FSDP: sharding 27,648 parameters across 2 processes"]
+    assert [line.split("] ")[-1] for line in pair["ddp_stdout"].splitlines() if "DDP:" in line] == [
+        "DDP: 2 processes, each holding all 27,648 parameters"]
     worst = max(abs(ddp[k] - fsdp[k]) for k in ddp)
     weights = [whole(where / run / "last.pt") for run in ("ddp", "fsdp")]
     worst_weight = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
@@ -111,6 +126,7 @@ def test_fsdp_trains_as_ddp_does_and_each_process_keeps_half(pair):
     assert sorted(p.name.split(".")[0] for p in (where / "fsdp").glob("*.shards.*")) == ["best", "last"]
 
 
+@slow
 def test_a_sharded_run_is_read_directly_by_every_command(pair, tmp_path):
     where = pair["where"]
     run_dir = where / "fsdp"
@@ -123,9 +139,12 @@ def test_a_sharded_run_is_read_directly_by_every_command(pair, tmp_path):
     assert torch.equal(exported.state_dict()["lm_head.weight"], source.model.lm_head.weight)
 
     sample = run([sys.executable, "-m", "nanogpt.sample", f"ckpt={run_dir}", "num_tokens=20"], tmp_path)
-    assert sample.returncode == 0 and sample.stderr.strip() == "", sample.stderr
+    # Nothing on stderr but which checkpoint was sampled: no warning, no notice.
+    assert sample.returncode == 0 and ": iteration " in sample.stderr, sample.stderr
+    assert len(sample.stderr.strip().splitlines()) == 1, sample.stderr
 
 
+@slow
 def test_stopped_or_killed_mid_save_a_sharded_run_resumes_bitwise(pair, tmp_path):
     where, common = pair["where"], pair["common"]
     expected = {key: whole(where / "fsdp" / "last.pt", key) for key in ("model", "optimizer")}
@@ -148,6 +167,7 @@ def test_stopped_or_killed_mid_save_a_sharded_run_resumes_bitwise(pair, tmp_path
         assert len(list(run_dir.glob("last.shards.*"))) == 1  # the uncommitted folder is gone
 
 
+@slow
 def test_saved_by_four_processes_resumed_by_two_or_one(pair, tmp_path):
     where, common = pair["where"], pair["common"]
     four = tmp_path / "four"
@@ -178,6 +198,7 @@ def test_saved_by_four_processes_resumed_by_two_or_one(pair, tmp_path):
     assert by2.keys() == by1.keys() and later < 0.05 and val[1] < val[0] - 0.1
 
 
+@slow
 def test_ddp_and_fsdp_resume_each_other(pair, tmp_path):
     where = pair["where"]
     results = {}
@@ -190,6 +211,7 @@ def test_ddp_and_fsdp_resume_each_other(pair, tmp_path):
     assert max(abs(results["fsdp"][k] - results["ddp"][k]) for k in results["fsdp"]) < 1e-5
 
 
+@slow
 def test_muon_under_fsdp_takes_ddps_steps(pair, tmp_path):
     where = pair["where"]
     common = [*pair["common"], "optimizer=muon", "max_iters=4", "eval_interval=4", "eval_tasks=[]"]
@@ -202,6 +224,54 @@ def test_muon_under_fsdp_takes_ddps_steps(pair, tmp_path):
     assert max(abs(runs["ddp"][k] - runs["fsdp"][k]) for k in runs["ddp"]) < 1e-3
 
 
+@slow
+def test_sharded_models_start_from_one_processs_weights(pair, tmp_path):
+    """Built shard by shard on 3 processes (rows that do not divide evenly), fresh or from init_from."""
+    where, out = pair["where"], tmp_path / "found.json"
+    source = resolve_source(where / "ddp")
+    hf = export_model(source.model, source.tokenizer, tmp_path / "hf")
+    sources = [where / "ddp", where / "fsdp", hf]  # a whole .pt, a sharded run, a Hugging Face directory
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                  "-m", "tests.sharded_init", str(out), *map(str, sources)], where)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(out.read_text())
+    assert found.pop("processes") == 3 and len(found) == 5
+    for case, record in found.items():
+        print(f"{case}: this process holds {record['held']:.3f} of the weights")
+        assert record["different"] == [], case  # every weight bitwise one process's
+        assert record["generator_as_after_one_process"] and record["tied"] and record["buffers_equal"], case
+        assert 0.3 < record["held"] < 0.37, case  # a third each (rank 0 has the rounded-up rows)
+
+
+def test_a_model_built_on_the_meta_device_is_filled_with_one_processs_weights():
+    """deferred_init: the constructor's initialiser calls, made again later, give GPT(config)'s weights."""
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, position_encoding="rope",
+                       vocab_multiple=64, zero_init_proj=True)
+    torch.manual_seed(3)
+    whole, after = GPT(config), torch.get_rng_state()
+    torch.manual_seed(3)
+    deferred = deferred_init.build(lambda: GPT(config))
+    assert all(p.is_meta for p in deferred.model.parameters())  # shapes, no memory
+    assert not any(b.is_meta for b in deferred.model.buffers())  # the rotary tables are computed
+    torch.manual_seed(99)  # whatever draws come between, the fill draws as the constructor would have
+    filled = {}
+    deferred.fill(filled.__setitem__)  # each weight's last fill is its value
+    assert filled.keys() == dict(whole.named_parameters()).keys()
+    assert all(torch.equal(value, whole.state_dict()[name]) for name, value in filled.items())
+    assert torch.equal(torch.get_rng_state(), after)  # and leaves the generator where GPT(config) does
+
+    class ChangedInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(4))
+            nn.init.zeros_(self.weight)
+            with torch.no_grad():
+                self.weight.add_(1)  # depends on what the weight held: no whole-tensor fill replays it
+
+    with pytest.raises(RuntimeError, match="add_ changes a weight in place while the model is built"):
+        deferred_init.build(ChangedInPlace)
+
+
 def test_what_cannot_be_sharded_is_refused_in_one_line():
     with pytest.raises(ConfigError) as lora:
         TrainConfig(lora=LoraConfig(rank=8), distributed=DistributedConfig(strategy="fsdp"))
@@ -212,6 +282,7 @@ def test_what_cannot_be_sharded_is_refused_in_one_line():
         DistributedConfig(strategy="zero3")
 
 
+@slow
 def test_a_missing_or_foreign_shard_is_named(pair, tmp_path):
     run_dir = copy_run(pair["where"] / "fsdp", tmp_path / "run")
     folder = Path(load_checkpoint(run_dir / "best.pt")["shards"])

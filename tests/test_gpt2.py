@@ -84,7 +84,7 @@ def test_hf_import_logits_match_transformers(tmp_path, activation):
     ours, tokenizer = load_gpt2_weights(str(tmp_path / "hf"), block_size=32, vocab_multiple=64)
     ours.eval()
     assert ours.config.block_size == 32 and ours.transformer.wpe.weight.shape[0] == 32
-    assert tokenizer == {"kind": "tiktoken", "encoding": "gpt2"}
+    assert tokenizer.description == {"kind": "tiktoken", "encoding": "gpt2"}
     idx = torch.randint(0, 101, (3, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(idx).logits
@@ -136,7 +136,7 @@ def test_export_char_model_loads_in_transformers_with_equal_logits(tmp_path):
     assert stored["vocabulary"] == vocabulary
     # And back: init_from the exported directory gives the same model.
     again, tokenizer = load_gpt2_weights(str(tmp_path / "hf_out"))
-    assert tokenizer == stored
+    assert tokenizer.description == stored
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(idx, idx)[0], expected, atol=1e-5, rtol=0)
 

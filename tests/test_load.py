@@ -151,6 +151,25 @@ def test_encode_decode_and_the_tensor_generate(char_run):
     assert lm.generate("ROMEO:", max_new_tokens=10, temperature=0.0) == lm.decode(out[0].tolist())
 
 
+def test_sampling_says_which_iteration_it_reads_and_warns_of_an_untrained_model(char_run):
+    """A run stopped before its first step leaves an untrained checkpoint: sampling says so, on stderr."""
+    run_dir, _ = char_run  # written at iteration 0
+    result = run_in_process("nanogpt.sample", f"ckpt={run_dir}", "num_tokens=5", "device=cpu",
+                            cwd=run_dir.parent)
+    assert result.returncode == 0, result.stderr
+    assert f"{run_dir / 'best.pt'}: iteration 0" in result.stderr
+    assert "untrained" in result.stderr and "untrained" not in result.stdout
+    assert result.stdout == nanogpt.load(run_dir, device="cpu").generate("\n", max_new_tokens=5) + "\n"
+
+
+def test_chat_warns_once_when_the_model_was_never_finetuned(char_run):
+    lm = nanogpt.load(char_run[0], device="cpu")
+    with pytest.warns(UserWarning, match="was not finetuned on instruction data") as warned:
+        lm.chat("Hello", max_new_tokens=3)
+        lm.chat("Again", max_new_tokens=3)
+    assert len(warned) == 1
+
+
 def test_readme_python_section_runs(char_run, monkeypatch):
     run_dir, _ = char_run
     readme = (REPO / "README.md").read_text()
@@ -168,7 +187,8 @@ def test_nanogpt_checkpoint_greedy_text_equals_an_independent_greedy_decode(tmp_
     write_meta_pkl(tmp_path / "data" / "shakespeare_char")
     monkeypatch.chdir(tmp_path)  # nanoGPT's sample.py finds data/<dataset>/meta.pkl from here
     lm = nanogpt.load("out-shakespeare-char", device="cpu")
-    assert lm.source.kind == "nanoGPT" and lm.tokenizer == {"kind": "char", "vocabulary": VOCABULARY}
+    assert lm.source.kind == "nanoGPT"
+    assert lm.tokenizer.description == {"kind": "char", "vocabulary": VOCABULARY}
     hf = transformers_model(weights, lm.model.config)
     prompt = "ROMEO:"
     ids = [VOCABULARY.index(c) for c in prompt]
@@ -194,13 +214,13 @@ def test_nanogpt_checkpoint_meta_given_explicitly_and_bias_free(tmp_path):
         resolve_source(tmp_path / "out")
     for given in (meta, meta.parent):
         lm = nanogpt.load(tmp_path / "out", device="cpu", meta=given)
-        assert lm.tokenizer["vocabulary"] == VOCABULARY and not lm.model.config.bias
+        assert lm.tokenizer.description["vocabulary"] == VOCABULARY and not lm.model.config.bias
 
 
 def test_nanogpt_checkpoint_with_gpt2_sized_vocabulary_uses_gpt2_bpe(tmp_path, bpe_cache):
     write_nanogpt_checkpoint(tmp_path / "out", vocab_size=50304, dataset="openwebtext")
     lm = nanogpt.load(tmp_path / "out", device="cpu")
-    assert lm.tokenizer == {"kind": "tiktoken", "encoding": "gpt2"}
+    assert lm.tokenizer.description == {"kind": "tiktoken", "encoding": "gpt2"}
     assert lm.encode("Hello world") == [15496, 995]
 
 
@@ -282,7 +302,7 @@ def test_init_from_takes_our_runs_and_nanogpt_checkpoints(char_run, tmp_path, mo
     idx = torch.randint(0, 65, (2, 16))
     for source, reference in ((str(run_dir), ours), ("nano", nano)):
         model, tokenizer = load_pretrained(source, block_size=16, dropout=0.1, vocab_multiple=64)
-        assert tokenizer == {"kind": "char", "vocabulary": VOCABULARY}
+        assert tokenizer.description == {"kind": "char", "vocabulary": VOCABULARY}
         assert model.config.block_size == 16 and model.config.padded_vocab_size == 128
         assert model.config.dropout == 0.1
         with torch.no_grad():

@@ -26,6 +26,7 @@ from nanogpt.errors import CheckpointError, ConfigError
 from nanogpt.fileio import WRITTEN_FILE
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.runtime.device import DeviceConfig
+from nanogpt.text.tokenizers import load_tokenizer
 from nanogpt.tracking.loggers import LoggerConfig
 from nanogpt.training.config import ModelConfig, TrainConfig
 from nanogpt.training.optim import OptimizerConfig, build_optimizer
@@ -262,7 +263,8 @@ def test_chat_stops_at_the_end_of_text():
             model.transformer.ln_f.bias[0] = 10.0
             model.transformer.wte.weight.zero_()
             model.transformer.wte.weight[SHAKESPEARE_CHARS.index(character), 0] = 1.0
-        source = LoadedSource(model, {"kind": "char", "vocabulary": SHAKESPEARE_CHARS}, "run", "crafted")
+        chars = load_tokenizer({"kind": "char", "vocabulary": SHAKESPEARE_CHARS})
+        source = LoadedSource(model, chars, "run", "crafted")
         return nanogpt.LanguageModel(source, torch.device("cpu"), torch.float32)
 
     assert always("\n").chat("hi", temperature=0) == ""  # "\n\n" ends the answer at once

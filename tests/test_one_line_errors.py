@@ -99,9 +99,11 @@ def test_a_librarys_own_error_is_one_line_and_a_bug_of_ours_keeps_its_traceback(
     with pytest.raises(ValueError) as raised:  # peft's own check of its settings
         peft.LoraConfig(target_modules="c_attn", layers_to_transform=[0])
     assert library_failure(raised.value) == "peft" and is_user_error(raised.value)
-    assert describe_error(raised.value).startswith(
-        "peft failed: ValueError: `layers_to_transform` cannot be used when `target_modules` is a str. (in "
-        "peft/tuners/lora/config.py")
+    # Which of peft's files raises it moves between its versions; that one of them is named does not.
+    assert re.fullmatch(
+        r"peft failed: ValueError: `layers_to_transform` cannot be used when `target_modules` is a str\. "
+        r"\(in peft/[\w/]+\.py, \w+\); NANOGPT_DEBUG=1 shows the whole traceback",
+        describe_error(raised.value)), describe_error(raised.value)
     from lm_eval.models.utils import Collator
 
     with pytest.raises(AttributeError) as ours:  # lm-eval calling code of ours that fails: our bug
@@ -123,7 +125,7 @@ def test_a_librarys_own_error_is_one_line_and_a_bug_of_ours_keeps_its_traceback(
     tokenizers = pytest.importorskip("tokenizers")  # a word-level tokenizer without an unknown token
     words = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab={"the": 0, "and": 1}, unk_token=None))
     words.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    codec = load_tokenizer(json.dumps({"kind": "hf", "origin": "words.json", "json": words.to_str()}))
+    codec = load_tokenizer({"kind": "hf", "origin": "words.json", "json": words.to_str()})
     with pytest.raises(DataError, match="^words.json cannot encode the text: tokenizers says WordLevel "
                                         "error: Missing \\[UNK\\] token from the vocabulary; give a"):
         codec.encode("the rest")
@@ -170,8 +172,9 @@ def test_chat_says_what_it_leaves_out_and_why_an_answer_is_empty(tmp_path):
     assert len(done.stdout.splitlines()) == 2  # stdout holds the answers alone
 
     ends = SHAKESPEARE_CHARS.index("\n")  # a char model ends an answer with a blank line: "\n\n"
-    lm = nanogpt.LanguageModel(LoadedSource(constant_model(ends, len(SHAKESPEARE_CHARS)), CHAR_BASE, "run",
-                                            "crafted", chat_template={}), torch.device("cpu"), torch.float32)
+    crafted = LoadedSource(constant_model(ends, len(SHAKESPEARE_CHARS)), load_tokenizer(CHAR_BASE), "run",
+                           "crafted", chat_template={})
+    lm = nanogpt.LanguageModel(crafted, torch.device("cpu"), torch.float32)
     fit = ChatFit()
     assert "".join(lm.stream_chat("hi", temperature=0, fit=fit)) == "" and fit.ended == "end"
     assert answer_note(fit, "", temperature=0) == (
@@ -181,11 +184,11 @@ def test_chat_says_what_it_leaves_out_and_why_an_answer_is_empty(tmp_path):
 
 
 def test_the_end_of_run_sample_shows_text_not_end_of_text_markers(bpe_cache):
-    eot = load_tokenizer(json.dumps(GPT2_TOKENIZER)).eot
-    text = sample_text(constant_model(eot, 50257), GPT2_TOKENIZER, 30, torch.device("cpu"))
+    eot = load_tokenizer(GPT2_TOKENIZER).eot
+    text = sample_text(constant_model(eot, 50257), load_tokenizer(GPT2_TOKENIZER), 30, torch.device("cpu"))
     assert text == "\n"  # the newline it starts from; thirty end-of-text tokens show as nothing
-    space = load_tokenizer(json.dumps(GPT2_TOKENIZER)).encode(" x")[0]
-    spaced = sample_text(constant_model(space, 50257), GPT2_TOKENIZER, 5, torch.device("cpu"))
+    space = load_tokenizer(GPT2_TOKENIZER).encode(" x")[0]
+    spaced = sample_text(constant_model(space, 50257), load_tokenizer(GPT2_TOKENIZER), 5, torch.device("cpu"))
     assert spaced == "\n" + " x" * 5
 
 

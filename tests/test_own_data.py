@@ -24,7 +24,7 @@ from nanogpt.dataset.config import DatasetConfig
 from nanogpt.dataset.pipeline import prepare_data
 from nanogpt.errors import ConfigError, DataError
 from nanogpt.text.nanogpt_meta import read_nanogpt_meta_pkl
-from nanogpt.text.tokenizers import tokenizer_codec, train_bpe
+from nanogpt.text.tokenizers import load_tokenizer, train_bpe
 
 from .commands import run_in_process
 from .conftest import TINY_RUN, run_module
@@ -83,7 +83,8 @@ def test_pieces_over_processes_give_the_ids_of_the_whole_text(tokenizer, text_fi
     assert len(sources.text_ranges(text_file)) > 20
     data = prepare_data("mine", str(text_file), data_root, tokenizer=tokenizer, num_proc=2)
     n_train = int(len(TEXT) * 0.9)
-    encode, decode = tokenizer_codec(data.meta["tokenizer"])
+    codec = load_tokenizer(data.meta["tokenizer"])
+    encode, decode = codec.encode, codec.decode
     if tokenizer == "gpt2":  # a cut anywhere else than a clean newline would change these ids
         assert tokens(data, "train") == tiktoken.get_encoding("gpt2").encode_ordinary(TEXT[:n_train])
     else:
@@ -101,7 +102,7 @@ def test_a_vocabulary_above_uint16_is_stored_as_uint32(tmp_path, data_root):
     assert data.vocab_size == len(alphabet) > 65_536
     assert data.meta["dtype"] == "uint32" and data.dtype == np.uint32
     assert data.split_path("train").stat().st_size == 4 * data.meta["train_tokens"]
-    _, decode = tokenizer_codec(data.meta["tokenizer"])
+    decode = load_tokenizer(data.meta["tokenizer"]).decode
     assert decode(tokens(data, "val")) == text[int(len(text) * 0.9):]
     assert max(tokens(data, "train")) >= 65_536  # ids a uint16 file would have wrapped around
     x, _ = BatchSampler(data, block_size=64, batch_size=4, device=torch.device("cpu")).get_batch("train")
@@ -115,7 +116,8 @@ def test_bpe_is_trained_on_the_corpus_deterministically(text_file, tmp_path, sma
     assert first.meta["tokenizer"]["kind"] == "hf" and first.vocab_size == 400
     for split in ("train", "val"):
         assert sha256(first.split_path(split)) == sha256(second.split_path(split))
-    encode, decode = tokenizer_codec(first.meta["tokenizer"])
+    codec = load_tokenizer(first.meta["tokenizer"])
+    encode, decode = codec.encode, codec.decode
     n_train = int(len(TEXT) * 0.9)
     assert decode(tokens(first, "val")) == TEXT[n_train:]
     assert tokens(first, "train") == encode(TEXT[:n_train])  # pieces joined = the whole text's ids
@@ -126,12 +128,12 @@ def test_a_tokenizer_json_file_is_used_and_carried_whole(text_file, tmp_path, da
     trained = train_bpe([TEXT], 300)
     path = tmp_path / "tok" / "tokenizer.json"
     path.parent.mkdir()
-    path.write_text(trained["json"])
+    path.write_text(trained.description["json"])
     data = prepare_data("j", str(text_file), data_root, tokenizer=str(path))
-    assert data.meta["tokenizer"]["json"] == trained["json"]
+    assert data.meta["tokenizer"]["json"] == trained.description["json"]
     path.unlink()  # the description alone must do: checkpoints carry it, not the file's path
-    load = tokenizer_codec(data.meta["tokenizer"])
-    assert load[1](tokens(data, "val")) == TEXT[int(len(TEXT) * 0.9):]
+    decode = load_tokenizer(data.meta["tokenizer"]).decode
+    assert decode(tokens(data, "val")) == TEXT[int(len(TEXT) * 0.9):]
 
 
 def test_bpe_model_exports_a_tokenizer_that_autotokenizer_matches(text_file, tmp_path):
@@ -143,7 +145,7 @@ def test_bpe_model_exports_a_tokenizer_that_autotokenizer_matches(text_file, tmp
     assert trained.returncode == 0, trained.stderr
     exported = run_in_process("nanogpt.export", "ckpt=run", "out=hf", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
-    ours, _ = tokenizer_codec(json.loads((tmp_path / "hf" / "nanogpt_tokenizer.json").read_text()))
+    ours = load_tokenizer(json.loads((tmp_path / "hf" / "nanogpt_tokenizer.json").read_text())).encode
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     sample = "JULIET: ça va, 17 ☃ 東京 — unseen words too!\n"
     assert theirs(sample)["input_ids"] == ours(sample)
@@ -155,7 +157,7 @@ def test_jsonl_documents_go_through_the_text_path(tmp_path, data_root):
     documents = [f"document {i}: " + "abc " * (i % 5) for i in range(50)]
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
     data = prepare_data("docs", str(path), data_root, val_fraction=0.1, num_proc=2)
-    _, decode = tokenizer_codec(data.meta["tokenizer"])
+    decode = load_tokenizer(data.meta["tokenizer"]).decode
     assert data.meta["documents"] == {"train": 45, "val": 5}
     assert decode(tokens(data, "val")) == "".join(documents[45:])  # the last documents, in order
 
@@ -191,7 +193,8 @@ def test_bin_folder_without_meta_pkl_takes_a_vocab_size(tmp_path, data_root):
     write_nanogpt_dir(folder, TEXT, meta=None)
     data = prepare_data("ids", str(folder), data_root, loader="bin", vocab_size=1000)
     assert data.meta["tokenizer"] == {"kind": "ids", "vocab_size": 1000}
-    encode, decode = tokenizer_codec(data.meta["tokenizer"])
+    codec = load_tokenizer(data.meta["tokenizer"])
+    encode, decode = codec.encode, codec.decode
     assert encode(decode([5, 7, 999])) == [5, 7, 999]
 
 

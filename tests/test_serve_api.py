@@ -174,6 +174,39 @@ def test_echo_with_logprobs_gives_the_prompts_log_likelihoods(client, lm):
     assert choice_of(only_prompt).logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
 
 
+def test_a_generated_tokens_top_logprobs_hold_it_even_when_it_is_not_among_the_likeliest(client):
+    """As OpenAI's legacy completions: logprobs=1 at a high temperature often samples another token."""
+    for stream in (False, True):
+        got = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=40, logprobs=1,
+                                        temperature=2.0, seed=3, extra_body={"top_k": 0}, stream=stream)
+        parts = [c.choices[0].logprobs for c in got if c.choices and c.choices[0].logprobs] if stream \
+            else [got.choices[0].logprobs]
+        tokens = [t for part in parts for t in part.tokens]
+        tops = [top for part in parts for top in part.top_logprobs]
+        logprobs = [lp for part in parts for lp in part.token_logprobs]
+        assert len(tokens) == 40
+        assert all(token in top and top[token] == pytest.approx(lp) for token, top, lp in
+                   zip(tokens, tops, logprobs, strict=True))
+        assert any(len(top) == 2 for top in tops)  # sampled below the top 1: both are there
+        assert all(1 <= len(top) <= 2 for top in tops)
+
+
+def test_a_client_that_drops_in_the_middle_of_its_body_is_one_line_in_the_log(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    before = len(server.stderr_lines)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": \"ROM")
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while not any("closed the connection" in line for line in server.stderr_lines[before:]):
+        assert time.monotonic() < deadline, server.stderr
+        time.sleep(0.05)
+    assert server.health()["status"] == "ok"  # still serving
+    said = [line for line in server.stderr_lines[before:] if not line.startswith("INFO:")]
+    assert said == ["POST /v1/completions: the client closed the connection while sending its request\n"]
+
+
 def choice_of(response):
     assert len(response.choices) == 1
     return response.choices[0]
@@ -190,7 +223,8 @@ BAD_REQUESTS = [
     ("/v1/completions", b"\xff\xfe", 400, None, "not valid JSON"),
     ("/v1/completions", [1, 2], 400, None, "must be a JSON object"),
     ("/v1/completions", b"[" * 30_000 + b"]" * 30_000, 400, None, "nested too deeply"),
-    ("/v1/completions", b'{"prompt": "A", "temperature": NaN}', 400, "temperature", "less than or equal"),
+    ("/v1/completions", b'{"prompt": "A", "temperature": NaN}', 400, "temperature", "a finite number"),
+    ("/v1/completions", {"prompt": "A", "top_k": -5}, 400, "top_k", "or -1 or 0 for no top-k filter"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "prompt is an empty list"),
     ("/v1/completions", {"max_tokens": 5}, 400, "prompt", "prompt is required"),
     ("/v1/completions", {"prompt": "A", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),

@@ -1,6 +1,6 @@
 """The batched decoding engine and the detokenizer, in-process: no HTTP, no server.
 
-The reference for every generation is LanguageModel.new_tokens, the loop
+The reference for every generation is LanguageModel.tokens, the loop
 ``nanogpt.sample`` and ``LanguageModel.stream`` use: a generation served alone,
 or among others that join and leave at any step, must give exactly its tokens
 for the same prompt, settings and seed, across window refills at block_size.
@@ -11,13 +11,15 @@ from __future__ import annotations
 import random
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 import nanogpt
-from nanogpt.generation.batching import LENGTH, STOP, Engine, Generation, Sampling
+from nanogpt.generation.batching import LENGTH, STOP, Engine, Generation
 from nanogpt.generation.detokenize import Detokenizer
+from nanogpt.generation.sampling import Sampling
 from nanogpt.model import GPTConfig
 from nanogpt.text.tokenizers import GPT2_TOKENIZER, tiktoken_encoding
 
@@ -38,19 +40,24 @@ def lm(tmp_path_factory):
 
 @pytest.fixture
 def engine(lm):
-    running = Engine(lm.model, 3, lm.device, lm.dtype).start()
+    running = Engine(lm, 3).start()
     yield running
     running.stop()
 
 
 def reference(lm, prompt: str, tokens: int, s: Sampling) -> list[int]:
-    return list(lm.new_tokens(lm.encode(prompt), tokens, s.temperature, s.top_k, s.top_p, s.seed, None))
+    return [row[0] for row in lm.tokens(lm.encode(prompt), 1, budget(s, tokens))]
+
+
+def budget(s: Sampling, tokens: int) -> Sampling:
+    return replace(s, max_new_tokens=tokens)
 
 
 def test_a_generation_alone_is_exactly_the_sampling_loop(lm, engine):
     for prompt, settings in zip(PROMPTS, SETTINGS, strict=True):
         # 80 tokens from a 32-token block: the row is filled again from the newest half window, twice.
-        assert list(engine.generate(lm.encode(prompt), 80, settings)) == reference(lm, prompt, 80, settings)
+        got = list(engine.generate(lm.encode(prompt), budget(settings, 80)))
+        assert got == reference(lm, prompt, 80, settings)
     assert engine.busy == 0
 
 
@@ -64,7 +71,7 @@ def test_generations_joining_and_leaving_at_any_step_each_get_their_own_tokens(l
     def run(i: int) -> None:
         time.sleep(delays[i])
         prompt, tokens, settings = jobs[i]
-        got[i] = list(engine.generate(lm.encode(prompt), tokens, settings))
+        got[i] = list(engine.generate(lm.encode(prompt), budget(settings, tokens)))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     for thread in threads:
@@ -77,11 +84,11 @@ def test_generations_joining_and_leaving_at_any_step_each_get_their_own_tokens(l
 
 
 def test_a_cancelled_generation_frees_its_row_before_the_next_step(lm, engine):
-    long = engine.generate(lm.encode("ROMEO:"), 100_000, SETTINGS[0])
+    long = engine.generate(lm.encode("ROMEO:"), budget(SETTINGS[0], 100_000))
     next(long)
     assert engine.busy == 1
     long.close()  # the caller went away
-    short = list(engine.generate(lm.encode("JULIET:"), 20, SETTINGS[1]))
+    short = list(engine.generate(lm.encode("JULIET:"), budget(SETTINGS[1], 20)))
     assert short == reference(lm, "JULIET:", 20, SETTINGS[1])
     assert engine.busy == 0 and engine.queued == 0
     assert engine.generated < 10_000  # the long one stopped at once, far short of its 100,000 tokens
@@ -98,7 +105,7 @@ def test_a_stop_token_ends_a_generation_and_a_listener_may_end_it_too(lm, engine
         reasons.append(reason)
         done.set()
 
-    engine.submit(Generation(ids, 30, SETTINGS[2], stop_ids=[stop_token],
+    engine.submit(Generation(ids, budget(SETTINGS[2], 30), stop_ids=[stop_token],
                              on_token=lambda t, _: heard.append(t), on_finish=finished))
     assert done.wait(60)
     assert reasons == [STOP] and heard == free[:free.index(stop_token) + 1]  # heard, then the end
@@ -109,13 +116,13 @@ def test_a_stop_token_ends_a_generation_and_a_listener_may_end_it_too(lm, engine
         heard.append(token)
         return len(heard) == 4
 
-    engine.submit(Generation(ids, 30, SETTINGS[2], on_token=fourth, on_finish=finished))
+    engine.submit(Generation(ids, budget(SETTINGS[2], 30), on_token=fourth, on_finish=finished))
     assert done.wait(60)
     assert reasons == [STOP] and heard == free[:4]
 
     reasons.clear()
     done.clear()
-    engine.submit(Generation(ids, 5, SETTINGS[2], on_finish=finished))
+    engine.submit(Generation(ids, budget(SETTINGS[2], 5), on_finish=finished))
     assert done.wait(60) and reasons == [LENGTH]
 
 
@@ -123,7 +130,7 @@ def test_log_probabilities_are_the_models_before_temperature(lm, engine):
     ids = lm.encode("ROMEO:")
     heard = []
     done = threading.Event()
-    engine.submit(Generation(ids, 3, Sampling(1.5, None, None, 2), top_logprobs=3,
+    engine.submit(Generation(ids, Sampling(1.5, None, None, 2, max_new_tokens=3), top_logprobs=3,
                              on_token=lambda t, lp: heard.append((t, lp)), on_finish=lambda _: done.set()))
     assert done.wait(60)
     with torch.no_grad():
@@ -137,15 +144,16 @@ def test_log_probabilities_are_the_models_before_temperature(lm, engine):
 
 
 def test_the_engine_stops_promptly_and_ends_what_it_held(lm):
-    engine = Engine(lm.model, 1, lm.device, lm.dtype).start()
+    engine = Engine(lm, 1).start()
     reasons = []
     for prompt in ("ROMEO:", "JULIET:"):  # one decoding, one waiting for the slot
-        engine.submit(Generation(lm.encode(prompt), 100_000, SETTINGS[0], on_finish=reasons.append))
+        engine.submit(Generation(lm.encode(prompt), budget(SETTINGS[0], 100_000), on_finish=reasons.append))
     while engine.busy == 0:
         time.sleep(0.01)
     engine.stop()
     assert reasons == ["aborted", "aborted"]
-    assert list(engine.generate(lm.encode("ROMEO:"), 5)) == []  # refused at once, not hanging
+    refused = engine.generate(lm.encode("ROMEO:"), Sampling(max_new_tokens=5))
+    assert list(refused) == []  # refused at once, not hanging
 
 
 def test_the_detokenizer_never_shows_a_stop_string_or_half_a_character():

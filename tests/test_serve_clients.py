@@ -184,3 +184,14 @@ def test_the_chat_page_streams_answers_keeps_the_conversation_and_stops(browser,
     assert server.health()["tokens_generated"] - before < LONGEST  # cut short, not run to the end
     browser.find_element(By.ID, "clear").click()
     assert browser.find_elements(By.CSS_SELECTOR, ".message") == []
+
+    # A message longer than the model's context, and no limit asked: the page says what was cut.
+    limit.clear()
+    box = browser.find_element(By.ID, "input")
+    box.send_keys("word " * (2 * BPE_MODEL.block_size))
+    box.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+    notes = [note.text for note in browser.find_elements(By.CSS_SELECTOR, ".message.assistant .note")]
+    block = BPE_MODEL.block_size
+    assert any(f"longer than the model's {block}-token context: its first" in note for note in notes), notes
+    assert any(f"fill the model's {block}-token context" in note for note in notes), notes

@@ -15,7 +15,7 @@ from nanogpt.dataset.config import DatasetConfig
 from nanogpt.dataset.pipeline import prepare_dataset
 from nanogpt.errors import ConfigError, DataError
 from nanogpt.text.chat_template import ChatTemplate
-from nanogpt.text.tokenizers import GPT2_TOKENIZER, tokenizer_codec
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, load_tokenizer
 
 # Tiny Shakespeare's 65 characters: what a character-level Shakespeare base can read.
 SHAKESPEARE_CHARS = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -39,7 +39,7 @@ def prepare(path: Path, data_root: Path, tokenizer: str = "char", model: dict | 
             val_fraction: float = 0.2):
     config = DatasetConfig(name="sft_test", source=str(path), tokenizer=tokenizer, loader="sft",
                            val_fraction=val_fraction)
-    return prepare_dataset(config, data_root, model)
+    return prepare_dataset(config, data_root, model and load_tokenizer(model))
 
 
 def examples_of(data, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -65,7 +65,7 @@ def spans(ids: np.ndarray, learned: np.ndarray, decode) -> list[str]:
 def test_examples_follow_the_template_and_only_answers_are_learned(tmp_path, data_root):
     pairs = [{"prompt": f"reverse: word{c}", "response": f"{c}drow"} for c in "abcdefgh"]
     data = prepare(write_jsonl(tmp_path / "a.jsonl", [*pairs, CONVERSATION, "", pairs[0]]), data_root)
-    _, decode = tokenizer_codec(CHAR_BASE)
+    decode = load_tokenizer(CHAR_BASE).decode
     found = examples_of(data, "train") + examples_of(data, "val")
     assert data.meta["examples"] == {"train": 8, "val": 2}  # 10 examples (a blank line is none), 20% held out
     assert data.meta["chat_template"] == ChatTemplate().record()
@@ -87,7 +87,8 @@ def test_gpt2_examples_end_with_the_end_of_text_token(tmp_path, data_root, bpe_c
                                                       CONVERSATION]),
                    data_root, tokenizer="gpt2", model=None, val_fraction=0.5)
     assert data.meta["tokenizer"] == GPT2_TOKENIZER
-    encode, decode = tokenizer_codec(GPT2_TOKENIZER)
+    codec = load_tokenizer(GPT2_TOKENIZER)
+    encode, decode = codec.encode, codec.decode
     for ids, learned in examples_of(data, "train") + examples_of(data, "val"):
         assert ids[-1] == 50256 and learned[-1] == 1  # every example ends with <|endoftext|>, learned
         runs = spans(ids, learned, decode)
@@ -150,7 +151,7 @@ def test_batches_hold_one_example_a_row_with_only_answers_as_targets(tmp_path, d
     records = [{"prompt": f"reverse: w{c}", "response": f"{c}w"} for c in "abcdefghijklmnopqrst"]
     records.append({"prompt": long_prompt, "response": "the end"})
     data = prepare(write_jsonl(tmp_path / "a.jsonl", records), data_root, val_fraction=0.1)
-    encode, decode = tokenizer_codec(CHAR_BASE)
+    decode = load_tokenizer(CHAR_BASE).decode
     with caplog.at_level(logging.INFO, logger="nanogpt.data"):
         sampler = BatchSampler(data, block_size=32, batch_size=8, device=torch.device("cpu"), seed=1)
     cut = [r for r in caplog.records if "longer than block_size + 1 = 33 tokens" in r.getMessage()]
@@ -192,7 +193,8 @@ def test_plain_text_datasets_are_batched_as_before(corpus, data_root):
 
 def test_a_long_conversation_keeps_its_newest_turns_within_the_budget():
     template = ChatTemplate()
-    encode, decode = tokenizer_codec(CHAR_BASE)
+    codec = load_tokenizer(CHAR_BASE)
+    encode, decode = codec.encode, codec.decode
     messages = [{"role": "system", "content": "Be brief."}]
     for c in "abcdefghij":
         messages += [{"role": "user", "content": f"question {c}"},
@@ -215,7 +217,7 @@ def test_two_unnamed_files_get_their_own_caches_and_another_base_prepares_again(
 
     def unnamed(path: Path, model: dict):
         return prepare_dataset(DatasetConfig(source=str(path), tokenizer="char", loader="sft",
-                                             val_fraction=0.2), data_root, model)
+                                             val_fraction=0.2), data_root, load_tokenizer(model))
 
     a, b = unnamed(first, CHAR_BASE), unnamed(second, CHAR_BASE)
     assert a.directory != b.directory and a.directory.name.startswith("sft-a-")

@@ -8,8 +8,10 @@ process of its own, as on the GPU.
 import json
 import math
 
+import pytest
+
 from nanogpt.bench import suite_commands
-from nanogpt.benchmarks.suite import check_targets, nanogpt_figures
+from nanogpt.benchmarks.suite import check_targets, largest_relative_difference, nanogpt_figures
 
 from .commands import run_in_process
 
@@ -31,6 +33,7 @@ def fake_nanogpt(root):
     return root
 
 
+@pytest.mark.slow  # every run of the GPU suite, the step compiled by inductor among them
 def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_root):
     out = tmp_path / "suite"
     # The gpt2 run asks for dataset=shakespeare (GPT-2 BPE); the suite's dataset=text wins over it.
@@ -54,10 +57,17 @@ def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_ro
     assert targets["GPT-2 124M MFU >= 50% (H100 goal)"]["met"] is None  # unmeasured, not failed
     assert targets["default config fits in 8 GB"]["met"] is True
     assert runs["default"]["rows_time_vs_one"] > 0  # 16 rows decoded together, timed against one
+    # The compiled step beside eager: timed, and its greedy tokens checked against eager's.
+    assert runs["default"]["compiled_ms_per_token"] > 0 and runs["default"]["compiled_same_greedy"] is True
+    assert targets["the compiled step's greedy tokens are eager's (200 tokens)"]["met"] is True
+    assert 0 <= runs["default_graphs"]["losses_vs_default"] < 0.02  # no graphs on a CPU: the same steps
     assert "| target | measured | met |" in result.stdout
     assert (out / "suite.md").read_text().strip() in result.stdout
+    # The suite and each of its runs let go of their directories: no lock or holder file left anywhere.
+    assert not list(out.rglob(".run.*")), sorted(out.rglob(".run.*"))
 
 
+@pytest.mark.slow  # the default run, its generation compiled by inductor
 def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, corpus, data_root):
     out = tmp_path / "suite"
     result = run_in_process("nanogpt.bench", "suite=gpu", *TINY, "dataset=text", f"dataset.source={corpus}",
@@ -87,12 +97,19 @@ def test_nanogpt_output_is_parsed_and_targets_are_judged():
               "step 5000: train loss 1.01, val loss 1.47\n")
     assert nanogpt_figures(output) == {"iter": 5000, "val_loss": 1.47, "train_loss": 1.01,
                                        "best_val_loss": 1.47}
-    default = {"iters_per_sec": 150.0, "peak_memory_mb": 9000.0, "ms_per_token": 4.0, "rows_time_vs_one": 1.5}
+    default = {"iters_per_sec": 150.0, "peak_memory_mb": 9000.0, "ms_per_token": 4.0, "rows_time_vs_one": 1.5,
+               "compiled_ms_per_token": 1.5, "compiled_same_greedy": False, "losses": [3.0, 2.0]}
+    graphs = {"losses": [3.03, 2.0]}
     recipe = {"best_val_loss": 1.4618, "wall_ratio_to_nanogpt": 0.92}
-    rows = {row["target"]: row["met"]
-            for row in check_targets({"default": default, "gpt2": {"error": "x"}, "recipe": recipe})}
+    graphs["losses_vs_default"] = largest_relative_difference(graphs["losses"], default["losses"])
+    assert graphs["losses_vs_default"] == pytest.approx(0.01)
+    rows = {row["target"]: row["met"] for row in check_targets(
+        {"default": default, "default_graphs": graphs, "gpt2": {"error": "x"}, "recipe": recipe})}
     assert rows["default config >= 150 iter/s"] is True and rows["default config fits in 8 GB"] is False
-    assert rows["generation <= 2 ms/token (default config)"] is False
+    assert rows["generation <= 2 ms/token (default config, eager: the default)"] is False
+    assert rows["generation <= 2 ms/token (default config, compiled step as CUDA graphs)"] is True
+    assert rows["the compiled step's greedy tokens are eager's (200 tokens)"] is False  # faster, not the same
+    assert rows["training as CUDA graphs: losses within 2% of compiled training's"] is True
     assert rows["16 sequences <= 2x the time of one"] is True
     assert rows["GPT-2 124M MFU >= 50% (H100 goal)"] is None
     assert rows["shakespeare_char best val <= 1.47 in 5000 iters"] is True

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from nanogpt.errors import DeviceError
-from nanogpt.runtime.device import bf16_instructions, resolve_device, resolve_dtype, should_compile
+from nanogpt.runtime.device import (
+    bf16_instructions,
+    compile_mode,
+    resolve_device,
+    resolve_dtype,
+    should_compile,
+)
 from nanogpt.training.optim import OptimizerConfig, learning_rate_at
 
 
@@ -40,6 +46,13 @@ def test_device_resolution_on_this_machine():
     assert should_compile(None, torch.device("cpu")) is False
     assert should_compile(None, torch.device("cuda")) is True
     assert should_compile(True, torch.device("cpu")) is True
+    # Only what a GPU has measured is a default: compiled training, not the compiled one-token step
+    # nor CUDA graphs (docs/benchmarks.md).
+    cuda = torch.device("cuda")
+    assert should_compile(None, cuda, generating=True) is False
+    assert should_compile(True, cuda, generating=True) is True
+    assert compile_mode(None, cuda) is None and compile_mode(True, cuda) == "reduce-overhead"
+    assert compile_mode(True, torch.device("cpu")) is None
 
 
 def test_fastest_dtype_is_bfloat16_exactly_on_cpus_that_have_its_instructions():

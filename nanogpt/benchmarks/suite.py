@@ -5,7 +5,11 @@ for GPUs, and writes one report (suite.json, suite.md):
 
 - default: the default config (6/6/384, block 256, batch 64) through nanogpt.bench:
   iterations per second, peak GPU memory, ms per generated token at batch 1 with
-  each token streamed to the host, and 16 sequences decoded together against one;
+  each token streamed to the host (eager, the default, and through the compiled
+  one-token step as CUDA graphs, whose greedy tokens must be eager's), and 16
+  sequences decoded together against one;
+- default_graphs: the same with the training step as CUDA graphs: whether it pays,
+  and whether its losses over the timed steps stay within 2% of default's;
 - gpt2: GPT-2 124M (model=gpt2 on GPT-2 BPE) training in bf16 with torch.compile
   and scaled_dot_product_attention (flash attention where the GPU has it):
   tokens/s and MFU against the GPU's dense bf16 peak, and ms per generated token;
@@ -37,26 +41,38 @@ from nanogpt.tracking.metrics import read_metrics
 GPU_TARGETS = (
     ("default config >= 150 iter/s", ("default", "iters_per_sec"), ">=", 150.0),
     ("default config fits in 8 GB", ("default", "peak_memory_mb"), "<", 8192.0),
-    ("generation <= 2 ms/token (default config)", ("default", "ms_per_token"), "<=", 2.0),
+    ("generation <= 2 ms/token (default config, eager: the default)", ("default", "ms_per_token"), "<=", 2.0),
+    ("generation <= 2 ms/token (default config, compiled step as CUDA graphs)",
+     ("default", "compiled_ms_per_token"), "<=", 2.0),
+    ("the compiled step's greedy tokens are eager's (200 tokens)", ("default", "compiled_same_greedy"),
+     "==", True),
     ("16 sequences <= 2x the time of one", ("default", "rows_time_vs_one"), "<=", 2.0),
-    ("GPT-2 124M generation <= 5 ms/token", ("gpt2", "ms_per_token"), "<=", 5.0),
+    ("GPT-2 124M generation <= 5 ms/token (eager)", ("gpt2", "ms_per_token"), "<=", 5.0),
+    ("GPT-2 124M generation <= 5 ms/token (compiled step as CUDA graphs)", ("gpt2", "compiled_ms_per_token"),
+     "<=", 5.0),
     ("GPT-2 124M MFU >= 50% (H100 goal)", ("gpt2", "mfu"), ">=", 0.5),
+    ("training as CUDA graphs: losses within 2% of compiled training's",
+     ("default_graphs", "losses_vs_default"), "<=", 0.02),
     ("shakespeare_char best val <= 1.47 in 5000 iters", ("recipe", "best_val_loss"), "<=", 1.47),
     ("shakespeare_char in <= 0.5x nanoGPT's wall time", ("recipe", "wall_ratio_to_nanogpt"), "<=", 0.5),
 )
 
 # What each of our runs is, before the suite's own overrides are laid over it.
 RUNS = {
+    # Generation eager (the default) and through the compiled step as CUDA graphs (the candidate),
+    # whose greedy tokens are checked against eager's.
     "default": ("nanogpt.bench", ["bench.gen_tokens=1000", "bench.gen_uncached=false",
-                                  "bench.gen_rows=16"]),
+                                  "bench.gen_rows=16", "bench.gen_compiled=true"]),
     # The default config with its training step replayed as CUDA graphs, which is not yet the
-    # default (no GPU has measured it): beside "default", whether it pays.
+    # default (no GPU has measured it): beside "default", whether it pays, and whether its losses
+    # over the timed steps are the compiled step's.
     "default_graphs": ("nanogpt.bench", ["bench.gen_tokens=200", "bench.gen_uncached=false",
                                          "device.cuda_graphs=true"]),
     "gpt2": ("nanogpt.bench", ["model=gpt2", "dataset=shakespeare", "batch_size=16",
                                "device.dtype=bfloat16", "device.compile=true",
                                "bench.warmup_steps=10", "bench.train_steps=50",
-                               "bench.gen_tokens=200", "bench.gen_uncached=false"]),
+                               "bench.gen_tokens=200", "bench.gen_uncached=false",
+                               "bench.gen_compiled=true"]),
     "recipe": ("nanogpt.train", ["+experiment=shakespeare_char", "logger=none", "sample_tokens=0",
                                  "save_checkpoints=false"]),
 }
@@ -82,11 +98,23 @@ def failure(status: int, log_file: Path) -> dict:
 def bench_figures(results: dict) -> dict:
     """The figures the suite reports from one bench.json."""
     train, generation = results["train"], results["generate_cached"]
+    compiled = results.get("generate_compiled", {})
     return {"device": results["machine"]["device"], "settings": results["settings"],
             "ms_per_iter": train["train_ms_per_iter"], "iters_per_sec": 1000 / train["train_ms_per_iter"],
             "tokens_per_sec": train["train_tokens_per_sec"], "mfu": train["mfu"],
-            "peak_memory_mb": train["peak_memory_mb"], "ms_per_token": generation["ms_per_token"],
+            "peak_memory_mb": train["peak_memory_mb"], "losses": train.get("losses"),
+            "ms_per_token": generation["ms_per_token"],
+            "compiled_ms_per_token": compiled.get("ms_per_token"),
+            "compiled_same_greedy": compiled.get("greedy", {}).get("same"),
+            "compiled_fell_back": compiled.get("greedy", {}).get("fell_back"),
             "rows_time_vs_one": results.get("generate_rows", {}).get("time_vs_one")}
+
+
+def largest_relative_difference(ours: list[float], reference: list[float]) -> float | None:
+    """The largest |a - b| / |b| over two runs' step losses: how far one way of computing strays."""
+    if not ours or not reference or len(ours) != len(reference):
+        return None
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours, reference, strict=True))
 
 
 def recipe_figures(run_dir: Path) -> dict:
@@ -155,11 +183,12 @@ def run_nanogpt(checkout: Path, extra_args: list[str], dataset_source: str | Non
 
 def check_targets(runs: dict) -> list[dict]:
     """Each target with the measured figure and whether it is met (None where not measured)."""
-    compare = {">": float.__gt__, "<": float.__lt__, ">=": float.__ge__, "<=": float.__le__}
+    compare = {">": float.__gt__, "<": float.__lt__, ">=": float.__ge__, "<=": float.__le__,
+               "==": lambda a, b: a == b}
     rows = []
     for what, (run, key), op, bound in GPU_TARGETS:
         value = runs.get(run, {}).get(key)
-        met = None if value is None else compare[op](float(value), bound)
+        met = None if value is None else compare[op](value if op == "==" else float(value), bound)
         rows.append({"target": what, "measured": value, "met": met})
     return rows
 
@@ -179,8 +208,15 @@ def format_report(report: dict) -> str:
                        f"compile {s['compile']}: {run['iters_per_sec']:.1f} iter/s, "
                        f"{run['tokens_per_sec']:,.0f} tok/s, MFU {mfu}, {run['peak_memory_mb']:,.0f} MB, "
                        f"{run['ms_per_token']:.2f} ms/token")
+            if run.get("compiled_ms_per_token") is not None:
+                same = "the same greedy tokens" if run["compiled_same_greedy"] else "**other greedy tokens**"
+                figures += f"; compiled step {run['compiled_ms_per_token']:.2f} ms/token ({same})"
+                if run.get("compiled_fell_back"):
+                    figures += f", fell back to eager: {run['compiled_fell_back']}"
             if run.get("rows_time_vs_one") is not None:
                 figures += f"; 16 rows {run['rows_time_vs_one']:.2f}x one row's time"
+            if run.get("losses_vs_default") is not None:
+                figures += f"; losses within {run['losses_vs_default']:.2%} of default's"
         else:
             figures = f"val {run['val_loss']:.4f} at iter {run['iter']} (best {run['best_val_loss']:.4f})"
             if "wall_ratio_to_nanogpt" in run:
@@ -189,7 +225,7 @@ def format_report(report: dict) -> str:
     lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
     for row in report["targets"]:
         value = row["measured"]
-        shown = "not measured" if value is None else f"{value:.4g}"
+        shown = "not measured" if value is None else str(value) if isinstance(value, bool) else f"{value:.4g}"
         met = {None: "—", True: "yes", False: "**no**"}[row["met"]]
         lines.append(f"| {row['target']} | {shown} | {met} |")
     return "\n".join(lines)
@@ -211,6 +247,9 @@ def run_suite(commands: dict[str, tuple[str, list[str]]], out_dir: Path, names: 
                                       dataset_source, out_dir)
         if "wall_s" in runs["nanogpt"] and "wall_s" in runs.get("recipe", {}):
             runs["recipe"]["wall_ratio_to_nanogpt"] = runs["recipe"]["wall_s"] / runs["nanogpt"]["wall_s"]
+    if "losses" in runs.get("default_graphs", {}) and "losses" in runs.get("default", {}):
+        runs["default_graphs"]["losses_vs_default"] = largest_relative_difference(
+            runs["default_graphs"]["losses"], runs["default"]["losses"])
     device = next((run["device"] for run in runs.values() if "device" in run), None)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
               "runs": runs, "targets": check_targets(runs)}

@@ -6,6 +6,7 @@ per row instead (ExampleWindows), with targets only on the answers.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from nanogpt.errors import DataError
+from nanogpt.text.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger("nanogpt.data")
 
@@ -32,6 +34,11 @@ class PreparedData:
     def vocab_size(self) -> int:
         """Number of distinct token ids the model must cover."""
         return self.meta["vocab_size"]
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer that made the tokens (meta.json keeps its description)."""
+        return load_tokenizer(self.meta["tokenizer"])
 
     @property
     def dtype(self) -> np.dtype:

@@ -49,7 +49,7 @@ from nanogpt.dataset.sft import SftSource
 from nanogpt.dataset.sources import BinSource, DocumentSource, Source, TextSource
 from nanogpt.errors import DataError, WriteFailed
 from nanogpt.fileio import describe_names, folders_to_make, remove_if_empty, sha256_of_file, write_atomically
-from nanogpt.text.tokenizers import OWN_TOKENIZERS, tokenizer_description
+from nanogpt.text.tokenizers import OWN_TOKENIZERS, Tokenizer, named_tokenizer
 
 log = logging.getLogger("nanogpt.data")
 
@@ -65,7 +65,7 @@ SOURCES: dict[str, type[Source]] = {"text": TextSource, "hf": DocumentSource, "b
 
 
 def prepare_dataset(config: DatasetConfig, data_root: Path | str,
-                    model_tokenizer: dict | None = None) -> PreparedData:
+                    model_tokenizer: Tokenizer | None = None) -> PreparedData:
     """Prepare what a DatasetConfig describes, once; concurrent callers wait on a lock.
 
     The cache is reused while the source (a URL's address and checksum, a local
@@ -84,7 +84,7 @@ def prepare_dataset(config: DatasetConfig, data_root: Path | str,
 
 
 def recorded_dataset(config: DatasetConfig, data_root: Path | str, record: dict | None,
-                     model_tokenizer: dict | None = None) -> PreparedData:
+                     model_tokenizer: Tokenizer | None = None) -> PreparedData:
     """The data a run trained on, for eval and resume: exactly those tokens, or a DataError saying why not.
 
     record is what the run's checkpoint holds (data_record), None for checkpoints
@@ -132,21 +132,25 @@ def other_tokens(directory: Path, meta: dict, why: str) -> str:
             "run's data again, give it a folder of its own: dataset.name=NEW")
 
 
-def plan(config: DatasetConfig, model_tokenizer: dict | None = None) -> tuple[Source, dict | None, dict]:
-    """(source, named tokenizer's description, settings that decide the tokens), checked before any work."""
+def plan(config: DatasetConfig,
+         model_tokenizer: Tokenizer | None = None) -> tuple[Source, Tokenizer | None, dict]:
+    """(source, the tokenizer to encode with if not the data's own, settings that decide the tokens).
+
+    Checked before any work. The settings are the cache's fingerprint, so the
+    tokenizer enters them as its stored description (hashed), never as an object.
+    """
     source = SOURCES[config.loader].from_config(config)
     # A tokenizer that needs no training is checked (file parses, encoding loads) before any work.
-    named = None if config.tokenizer in OWN_TOKENIZERS else tokenizer_description(config.tokenizer)
+    named = None if config.tokenizer in OWN_TOKENIZERS else named_tokenizer(config.tokenizer)
     encoding = source.encoding_tokenizer(config, named, model_tokenizer)
     settings = {**asdict(config), "format": PREPARED_FORMAT, "source": source.fingerprint()}
     settings.pop("num_proc")  # how many processes worked changes nothing in the result
     if encoding != named:  # the base model's tokenizer decides the ids (sft), e.g. its characters
-        settings["model_tokenizer_sha256"] = hashlib.sha256(
-            json.dumps(encoding, sort_keys=True).encode()).hexdigest()
+        settings["model_tokenizer_sha256"] = hashlib.sha256(encoding.key.encode()).hexdigest()
     named = encoding
-    if named is not None and named["kind"] == "hf":
+    if named is not None and named.kind == "hf":
         # The file's content, not its path, decides the ids: an edited tokenizer.json rebuilds.
-        settings["tokenizer_sha256"] = hashlib.sha256(named["json"].encode()).hexdigest()
+        settings["tokenizer_sha256"] = hashlib.sha256(named.description["json"].encode()).hexdigest()
     return source, named, settings
 
 
@@ -210,7 +214,7 @@ def is_prepared_folder(directory: Path) -> bool:
     return isinstance(meta, dict) and ("format" in meta or "train_tokens" in meta)
 
 
-def prepare_into(directory: Path, config: DatasetConfig, source: Source, named: dict | None,
+def prepare_into(directory: Path, config: DatasetConfig, source: Source, named: Tokenizer | None,
                  settings: dict) -> dict:
     """Prepare config's data in a staging folder, then move it into directory (locked); its meta.json."""
     check_cache_folder(directory)

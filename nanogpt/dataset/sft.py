@@ -43,7 +43,7 @@ from nanogpt.dataset.sources import Source, local_files, stamp
 from nanogpt.dataset.workers import write_tokens
 from nanogpt.errors import ConfigError, DataError
 from nanogpt.text.chat_template import ChatTemplate, messages_problem
-from nanogpt.text.tokenizers import description_json, load_tokenizer, token_dtype, tokenizer_name
+from nanogpt.text.tokenizers import Tokenizer
 
 log = logging.getLogger("nanogpt.data")
 
@@ -56,7 +56,7 @@ class SftSource(Source):
     """Instruction examples from .jsonl files, encoded with the base model's tokenizer."""
 
     source: str
-    tokenizer: dict | None = None  # set by encoding_tokenizer: what the examples are encoded with
+    tokenizer: Tokenizer | None = None  # set by encoding_tokenizer: what the examples are encoded with
 
     @classmethod
     def from_config(cls, config: DatasetConfig) -> Source:
@@ -67,7 +67,8 @@ class SftSource(Source):
         return local_files(self.source, ".jsonl", 'dataset=sft reads a .jsonl file of {"prompt", "response"} '
                                                   'or {"messages"} lines, or a folder of them')
 
-    def encoding_tokenizer(self, config: DatasetConfig, named: dict | None, model: dict | None) -> dict:
+    def encoding_tokenizer(self, config: DatasetConfig, named: Tokenizer | None,
+                           model: Tokenizer | None) -> Tokenizer:
         """The base model's tokenizer (model), which dataset.tokenizer must name; else the named one."""
         if config.tokenizer == "bpe":
             raise ConfigError("dataset=sft is encoded with the base model's tokenizer; dataset.tokenizer=bpe "
@@ -77,30 +78,30 @@ class SftSource(Source):
                 "dataset=sft with dataset.tokenizer=char takes its characters from the base model: prepare "
                 "it by training (python -m nanogpt.train dataset=sft model.init_from=BASE ...)")
         if model is not None:
-            if model.get("kind") == "ids":
+            if model.kind == "ids":
                 raise ConfigError("the base model's tokenizer is unknown (pre-tokenized data), so text "
                                   "cannot be encoded for it; start from a model that carries its tokenizer")
-            same = model.get("kind") == "char" if named is None else same_tokenizer(named, model)
+            same = model.kind == "char" if named is None else named.encodes_like(model)
             if not same:
                 raise ConfigError(
                     f"dataset.tokenizer={config.tokenizer} does not match the base model, which was trained "
-                    f"with {tokenizer_name(model)}; set dataset.tokenizer={tokenizer_option(model)}")
+                    f"with {model.name}; set dataset.tokenizer={tokenizer_option(model)}")
         self.tokenizer = model if model is not None else named
         return self.tokenizer
 
     def fingerprint(self) -> dict:
         """The files by their stat, and the tokenizer (another base's characters rebuild)."""
-        tokenizer = hashlib.sha256(description_json(self.tokenizer).encode()).hexdigest()
+        tokenizer = hashlib.sha256(self.tokenizer.key.encode()).hexdigest()
         return {"files": stamp(self.files()), "template": ChatTemplate().record(),
                 "tokenizer_sha256": tokenizer}
 
-    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
+    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: Tokenizer | None,
+                processes: int) -> dict:
         """Read, check, encode and split the examples; write the ids, masks and offsets of each split."""
-        encoder = load_tokenizer(description_json(tokenizer))
         template = ChatTemplate.for_tokenizer(tokenizer)
         examples = read_examples(self.files(), template)
-        if encoder.description.get("kind") == "char":
-            check_characters(examples, template, tokenizer["vocabulary"])
+        if tokenizer.kind == "char":
+            check_characters(examples, template, tokenizer.description["vocabulary"])
         n_val = math.ceil(len(examples) * config.val_fraction)
         if len(examples) - n_val < 1:
             raise DataError(f"dataset.source {self.source} holds {len(examples)} example(s): too few to keep "
@@ -109,14 +110,14 @@ class SftSource(Source):
         held_out = set(np.random.default_rng(SPLIT_SEED).permutation(len(examples))[:n_val].tolist())
         splits = {"train": [e for i, e in enumerate(examples) if i not in held_out],
                   "val": [e for i, e in enumerate(examples) if i in held_out]}
-        dtype = token_dtype(encoder.vocab_size)
-        made = {"tokenizer": tokenizer, "vocab_size": encoder.vocab_size, "dtype": dtype,
+        dtype = tokenizer.dtype
+        made = {"tokenizer": tokenizer.description, "vocab_size": tokenizer.vocab_size, "dtype": dtype,
                 "chat_template": template.record(), "examples": {}, "answer_tokens": {}}
         try:
             for split, chosen in splits.items():
                 ids, learned, offsets = [], [], [0]
                 for messages, _ in tqdm(chosen, desc=f"encode {split}", unit="example", disable=None):
-                    example_ids, example_learned = template.encode(messages, encoder.encode)
+                    example_ids, example_learned = template.encode(messages, tokenizer.encode)
                     ids.append(np.array(example_ids, dtype=dtype))
                     learned.append(np.array(example_learned, dtype=np.uint8))
                     offsets.append(offsets[-1] + len(example_ids))
@@ -135,20 +136,12 @@ class SftSource(Source):
         return made
 
 
-def same_tokenizer(a: dict, b: dict) -> bool:
-    """True when two descriptions encode alike (a tokenizer.json by its content, not where it was read)."""
-    if a.get("kind") == "hf" and b.get("kind") == "hf":
-        return a.get("json") == b.get("json")
-    return a == b
-
-
-def tokenizer_option(description: dict) -> str:
-    """The dataset.tokenizer value that names a description, for messages."""
-    kind = description.get("kind")
-    if kind == "tiktoken":
-        return description["encoding"]
-    if kind == "hf":
-        return description.get("origin", "PATH/tokenizer.json")
+def tokenizer_option(tokenizer: Tokenizer) -> str:
+    """The dataset.tokenizer value that names a tokenizer, for messages."""
+    if tokenizer.kind == "tiktoken":
+        return tokenizer.description["encoding"]
+    if tokenizer.kind == "hf":
+        return tokenizer.description.get("origin", "PATH/tokenizer.json")
     return "char"
 
 

@@ -41,7 +41,7 @@ from nanogpt.errors import DataError, require_package
 from nanogpt.fileio import sha256_of_file, write_atomically
 from nanogpt.text.nanogpt_meta import read_char_vocabulary
 from nanogpt.text.tokenizers import CLEAN_CUT as CLEAN_CUT_TEXT
-from nanogpt.text.tokenizers import description_json, load_tokenizer, train_bpe
+from nanogpt.text.tokenizers import Tokenizer, load_tokenizer, train_bpe
 
 CHUNK_BYTES = 4 << 20  # a piece of text per task: large enough to amortise, small enough for memory
 CUT_WINDOW = 1 << 16  # how far past a nominal chunk end to look for a clean place to cut
@@ -62,9 +62,9 @@ class Source(ABC):
     def fingerprint(self) -> dict:
         """What identifies the content: a prepared cache is current while this is unchanged."""
 
-    def encoding_tokenizer(self, config: DatasetConfig, named: dict | None,
-                           model: dict | None) -> dict | None:
-        """The tokenizer to encode with: named (dataset.tokenizer's description, None where the data decides).
+    def encoding_tokenizer(self, config: DatasetConfig, named: Tokenizer | None,
+                           model: Tokenizer | None) -> Tokenizer | None:
+        """The tokenizer to encode with: named (dataset.tokenizer's, None where the data decides).
 
         model is the tokenizer of the model the data is prepared for (model.init_from's), for a
         source that must encode with it (sft); the others leave the check to the trainer.
@@ -72,16 +72,18 @@ class Source(ABC):
         return named
 
     @abstractmethod
-    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
+    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: Tokenizer | None,
+                processes: int) -> dict:
         """Write train.bin and val.bin into directory; return what meta.json records of them.
 
         directory is an empty staging folder inside the cache folder; what is
         written there replaces the cache's files once the preparation succeeds.
         A download worth keeping across preparations goes in directory.parent.
 
-        tokenizer is the named tokenizer's description, or None where the data
-        decides it (char: the text's characters; bpe: trained on the train split).
-        The result holds at least tokenizer, vocab_size, dtype and <split>_tokens.
+        tokenizer is the named tokenizer, or None where the data decides it
+        (char: the text's characters; bpe: trained on the train split). The
+        result holds at least tokenizer (its description), vocab_size, dtype and
+        <split>_tokens.
         """
 
 
@@ -150,7 +152,8 @@ class TextSource(Source):
             offset -= size
         return self.source, offset
 
-    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
+    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: Tokenizer | None,
+                processes: int) -> dict:
         """The first (1 - val_fraction) of the text's characters train, the rest validate."""
         raw = directory / "input.txt"
         made: dict = {"source_sha256": self.fetch(raw)}
@@ -303,7 +306,8 @@ class DocumentSource(Source):
             )
         return documents.select_columns([self.text_field])
 
-    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
+    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: Tokenizer | None,
+                processes: int) -> dict:
         """The last val_fraction of the documents validate; each ends in the tokenizer's end-of-text."""
         documents = self.load(directory.parent, processes)  # its Arrow cache outlives this preparation
         reader = DocumentReader(documents, config.text_field)
@@ -342,8 +346,9 @@ class DocumentReader:
 # --- shared: choosing the tokenizer and encoding the splits -----------------------------------
 
 
-def encode_splits(config: DatasetConfig, directory: Path, reader, splits: dict[str, list], named: dict | None,
-                  processes: int, scanned: list | None = None, piece_chars: dict | None = None) -> dict:
+def encode_splits(config: DatasetConfig, directory: Path, reader, splits: dict[str, list],
+                  named: Tokenizer | None, processes: int, scanned: list | None = None,
+                  piece_chars: dict | None = None) -> dict:
     """Settle the tokenizer, then encode each split's pieces into <split>.bin; what meta.json records.
 
     scanned holds each piece's (characters, code points) from the char pass;
@@ -352,15 +357,14 @@ def encode_splits(config: DatasetConfig, directory: Path, reader, splits: dict[s
     """
     if config.tokenizer == "char":
         points = np.unique(np.concatenate([present for _, present in scanned]))
-        description = {"kind": "char", "vocabulary": [chr(p) for p in points.tolist()]}
+        tokenizer = load_tokenizer({"kind": "char", "vocabulary": [chr(p) for p in points.tolist()]})
     elif config.tokenizer == "bpe":
         training = (text for piece in splits["train"] for text in reader.texts(piece))
-        description = train_bpe(training, config.vocab_size)
+        tokenizer = train_bpe(training, config.vocab_size)
     else:
-        description = named
-    tokenizer = load_tokenizer(description_json(description))
-    made = {"tokenizer": description, "vocab_size": tokenizer.vocab_size, "dtype": tokenizer.dtype}
-    with workers(reader, description, processes) as run:
+        tokenizer = named
+    made = {"tokenizer": tokenizer.description, "vocab_size": tokenizer.vocab_size, "dtype": tokenizer.dtype}
+    with workers(reader, tokenizer, processes) as run:
         for split, pieces in splits.items():
             path, desc = directory / f"{split}.bin", f"tokenize {split}"
             if config.tokenizer == "char" and piece_chars is not None:
@@ -406,7 +410,8 @@ class BinSource(Source):
         path = self.directory()
         return {"bins": stamp([path / n for n in (*self.names, "meta.pkl") if (path / n).is_file()])}
 
-    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: dict | None, processes: int) -> dict:
+    def prepare(self, config: DatasetConfig, directory: Path, tokenizer: Tokenizer | None,
+                processes: int) -> dict:
         """Take nanoGPT's train.bin/val.bin as they are; the tokenizer comes from meta.pkl or the config.
 
         A char meta.pkl gives the vocabulary (nanoGPT's ``itos``); otherwise
@@ -415,16 +420,16 @@ class BinSource(Source):
         """
         folder = self.directory()
         if (folder / "meta.pkl").is_file():
-            description = read_char_vocabulary(folder / "meta.pkl")
+            made_with = read_char_vocabulary(folder / "meta.pkl")
         elif config.tokenizer == "char" and config.vocab_size is None:
             raise DataError(f"dataset.source {folder} has no meta.pkl; name its tokenizer "
                             "(dataset.tokenizer=gpt2 for nanoGPT's BPE data) or give dataset.vocab_size")
         elif config.tokenizer == "char":
-            description = {"kind": "ids", "vocab_size": config.vocab_size}
+            made_with = load_tokenizer({"kind": "ids", "vocab_size": config.vocab_size})
         else:
-            description = tokenizer
-        vocab_size = load_tokenizer(description_json(description)).vocab_size
-        made = {"tokenizer": description, "vocab_size": vocab_size, "dtype": "uint16"}
+            made_with = tokenizer
+        vocab_size = made_with.vocab_size
+        made = {"tokenizer": made_with.description, "vocab_size": vocab_size, "dtype": "uint16"}
         for split in ("train", "val"):
             path = folder / f"{split}.bin"
             size = path.stat().st_size

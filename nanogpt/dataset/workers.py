@@ -21,31 +21,33 @@ import numpy as np
 from tqdm import tqdm
 
 from nanogpt.fileio import write_atomically
-from nanogpt.text.tokenizers import code_points, description_json, load_tokenizer
+from nanogpt.text.tokenizers import Tokenizer, code_points, load_tokenizer
 
 
 @contextmanager
-def workers(reader, tokenizer: dict | None, processes: int) -> Iterator[Callable]:
+def workers(reader, tokenizer: Tokenizer | None, processes: int) -> Iterator[Callable]:
     """run(function, tasks, desc): function over tasks in order, in `processes` worker processes.
 
     Workers are forked: they start at once and share the reader (a memory-mapped
     corpus, a file path) without copying it. One process, or one task, runs here.
+    A worker is given the tokenizer's description and builds it once (a process
+    start method other than fork sends it over a pipe).
     """
-    tokenizer_json = description_json(tokenizer) if tokenizer is not None else None
+    description = tokenizer.description if tokenizer is not None else None
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     # Workers are the parallelism; Hugging Face tokenizers then need no threads of their own
     # (and, told so before the fork, do not warn about it).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     pool = None
     try:
-        start_worker(reader, tokenizer_json)  # this process does the work when there is one piece
+        start_worker(reader, description)  # this process does the work when there is one piece
 
         def run(function, tasks: list, desc: str) -> Iterator:
             nonlocal pool
             if pool is None and processes > 1 and len(tasks) > 1:
                 method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
                 pool = multiprocessing.get_context(method).Pool(
-                    processes, initializer=start_pool_worker, initargs=(reader, tokenizer_json))
+                    processes, initializer=start_pool_worker, initargs=(reader, description))
             parallel = pool is not None and len(tasks) > 1
             results = pool.imap(function, tasks) if parallel else map(function, tasks)
             yield from tqdm(results, total=len(tasks), desc=desc, unit="piece", disable=None)
@@ -65,17 +67,17 @@ def workers(reader, tokenizer: dict | None, processes: int) -> Iterator[Callable
 _worker: dict = {}  # this process's reader and tokenizer, set once by start_worker
 
 
-def start_worker(reader, tokenizer_json: str | None) -> None:
+def start_worker(reader, description: dict | None) -> None:
     """Pool initializer: keep the reader and build the tokenizer once per process."""
     # A Hugging Face tokenizer would start its own thread pool in every worker; the
     # workers already use every core.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker["reader"] = reader
-    _worker["tokenizer"] = load_tokenizer(tokenizer_json) if tokenizer_json else None
+    _worker["tokenizer"] = load_tokenizer(description) if description is not None else None
     _worker["documents"] = reader.documents
 
 
-def start_pool_worker(reader, tokenizer_json: str | None) -> None:
+def start_pool_worker(reader, description: dict | None) -> None:
     """Pool initializer: a worker leaves stop signals to the parent, then starts as start_worker does.
 
     A forked worker inherits the parent's handlers, which turn SIGTERM into an exception: each
@@ -84,7 +86,7 @@ def start_pool_worker(reader, tokenizer_json: str | None) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    start_worker(reader, tokenizer_json)
+    start_worker(reader, description)
 
 
 def stop_worker() -> None:

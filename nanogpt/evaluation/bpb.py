@@ -30,14 +30,7 @@ from nanogpt.errors import ConfigError, DataError
 from nanogpt.evaluation.loss import summed_loss
 from nanogpt.evaluation.tasks import Subject, Task, task_name
 from nanogpt.options import option
-from nanogpt.text.tokenizers import (
-    CharTokenizer,
-    IdsTokenizer,
-    TiktokenTokenizer,
-    description_json,
-    load_tokenizer,
-    tiktoken_encoding,
-)
+from nanogpt.text.tokenizers import CharTokenizer, IdsTokenizer, TiktokenTokenizer, Tokenizer
 
 
 @dataclass
@@ -75,11 +68,10 @@ class BpbTask(Task):
         return {**where, "bits_per_byte": total / math.log(2) / size, "bytes": size, "tokens": scored,
                 "windows": windows, "loss": total / scored}
 
-    def source_tokens(self, tokenizer: dict) -> np.ndarray:
+    def source_tokens(self, tokenizer: Tokenizer) -> np.ndarray:
         """task.source's ids, tokenized once per task (a training run scores the file again and again)."""
-        key = description_json(tokenizer)
-        if getattr(self, "tokenized", (None, None))[0] != key:
-            self.tokenized = (key, file_tokens(self.options.source, tokenizer, self.key))
+        if getattr(self, "tokenized", (None, None))[0] != tokenizer:
+            self.tokenized = (tokenizer, file_tokens(self.options.source, tokenizer, self.key))
         return self.tokenized[1]
 
     def describe(self, result: dict) -> str:
@@ -90,7 +82,7 @@ class BpbTask(Task):
         return {"bpb": result["bits_per_byte"]}
 
 
-def file_tokens(source: str, tokenizer: dict, key: str = "task") -> np.ndarray:
+def file_tokens(source: str, tokenizer: Tokenizer, key: str = "task") -> np.ndarray:
     """The ids of a text file under the model's tokenizer; one line naming the file if it cannot be read."""
     path = Path(source).expanduser()
     try:
@@ -99,33 +91,32 @@ def file_tokens(source: str, tokenizer: dict, key: str = "task") -> np.ndarray:
         raise DataError(f"{key}.source={source} is not UTF-8 text (byte {e.start} cannot be decoded)") \
             from None
     try:
-        return load_tokenizer(description_json(tokenizer)).encode_array(text)
+        return tokenizer.encode_array(text)
     except DataError as e:
         raise DataError(f"{key}.source={source}: {e}") from None
 
 
-def text_bytes(ids: np.ndarray, tokenizer: dict) -> int:
+def text_bytes(ids: np.ndarray, tokenizer: Tokenizer) -> int:
     """How many UTF-8 bytes the ids decode to, end-of-text separators counting none."""
-    codec = load_tokenizer(description_json(tokenizer))
-    if isinstance(codec, IdsTokenizer):
+    if isinstance(tokenizer, IdsTokenizer):
         raise ConfigError("task=bpb needs text, but this model's tokens came from pre-tokenized files whose "
                           "tokenizer is unknown; score a model with a known tokenizer")
-    if isinstance(codec, (CharTokenizer, TiktokenTokenizer)):
+    if isinstance(tokenizer, (CharTokenizer, TiktokenTokenizer)):
         # Every id stands for a fixed string of bytes, so the total is a table lookup.
-        return int(byte_lengths(description_json(tokenizer))[ids.astype(np.int64)].sum())
-    if codec.eot is not None:
-        ids = ids[ids != codec.eot]
+        return int(byte_lengths(tokenizer)[ids.astype(np.int64)].sum())
+    if tokenizer.eot is not None:
+        ids = ids[ids != tokenizer.eot]
     # Decoded in one piece: a character split across two tokens is counted once, whole.
-    return len(codec.decode(ids.tolist()).encode("utf-8"))
+    return len(tokenizer.decode(ids.tolist()).encode("utf-8"))
 
 
 @functools.lru_cache(maxsize=4)
-def byte_lengths(description: str) -> np.ndarray:
+def byte_lengths(tokenizer: CharTokenizer | TiktokenTokenizer) -> np.ndarray:
     """UTF-8 bytes of each id of a character or tiktoken vocabulary (0 for special tokens)."""
-    codec = load_tokenizer(description)
-    if isinstance(codec, CharTokenizer):
-        return np.array([len(ch.encode("utf-8")) for ch in codec.description["vocabulary"]], dtype=np.int64)
-    encoding = tiktoken_encoding(codec.description["encoding"])
+    if isinstance(tokenizer, CharTokenizer):
+        vocabulary = tokenizer.description["vocabulary"]
+        return np.array([len(ch.encode("utf-8")) for ch in vocabulary], dtype=np.int64)
+    encoding = tokenizer.encoding
     lengths = np.zeros(encoding.n_vocab, dtype=np.int64)
     for i in range(encoding.n_vocab):
         with contextlib.suppress(KeyError):  # some encodings leave ids unused

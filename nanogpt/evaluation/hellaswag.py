@@ -40,7 +40,7 @@ from nanogpt.evaluation.scoring import encode_pair, score_requests
 from nanogpt.evaluation.tasks import Subject, Task, task_name
 from nanogpt.fileio import removed_unless_filled, sha256_of_file
 from nanogpt.options import option, require
-from nanogpt.text.tokenizers import UnknownTokenError, description_json, load_tokenizer
+from nanogpt.text.tokenizers import Tokenizer, UnknownTokenError
 
 VALIDATION_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VALIDATION_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"  # as published
@@ -86,7 +86,7 @@ class HellaSwagTask(Task):
         source = self.options.source
         path = Path(source).expanduser() if source else validation_file(subject.data_root, self.key)
         # Read and encoded once per task and model shape: a training run scores them again and again.
-        key = (path, description_json(subject.tokenizer), subject.model.config.block_size)
+        key = (path, subject.tokenizer, subject.model.config.block_size)
         if getattr(self, "encoded", (None,))[0] != key:
             examples = read_examples(path, self.options.limit)
             self.encoded = key, examples, encode_examples(examples, subject.tokenizer, key[2], path)
@@ -198,17 +198,16 @@ def ending_likelihoods(subject: Subject, examples: list[Example], where: Path,
     return np.array([logprob for logprob, _ in scores]).reshape(len(examples), -1)
 
 
-def encode_examples(examples: list[Example], tokenizer: dict, block: int, where: Path) -> list:
+def encode_examples(examples: list[Example], tokenizer: Tokenizer, block: int, where: Path) -> list:
     """(context ids, continuation ids) of every ending of every example, in order."""
     counts = [len(example.endings) for example in examples]
     if len(set(counts)) != 1:
         raise DataError(f"{where}: examples have {min(counts)} to {max(counts)} endings; all need the same "
                         "number")
-    codec = load_tokenizer(description_json(tokenizer))
     requests = []
     for number, example in enumerate(examples, start=1):
         try:
-            pairs = [encode_pair(codec.encode, example.context, TARGET_DELIMITER + ending, codec.eot)
+            pairs = [encode_pair(tokenizer.encode, example.context, TARGET_DELIMITER + ending, tokenizer.eot)
                      for ending in example.endings]
         except UnknownTokenError as e:
             raise DataError(f"{where}: {e}; HellaSwag needs a model whose tokenizer covers its text "

@@ -21,27 +21,26 @@ from tqdm import tqdm
 
 from nanogpt.errors import ConfigError
 from nanogpt.evaluation.scoring import score_requests
-from nanogpt.model import GPT
-from nanogpt.runtime.device import autocast
-from nanogpt.text.tokenizers import description_json, load_tokenizer
+from nanogpt.generation.language_model import LanguageModel
+from nanogpt.generation.sampling import Sampling
 
 MAX_GEN_TOKS = 256  # lm-eval's default for generate_until requests that name none
 
 
 class NanoGPTLM(TemplateLM):
-    """An lm-eval model: our GPT (in eval mode, on device) and its tokenizer description."""
+    """An lm-eval model: our LanguageModel (a GPT in eval mode on its device, its tokenizer, its decoding)."""
 
-    def __init__(self, model: GPT, tokenizer: dict, device: torch.device, dtype: torch.dtype = torch.float32,
-                 batch_size: int = 8, progress: bool = True):
+    def __init__(self, lm: LanguageModel, batch_size: int = 8, progress: bool = True):
         super().__init__()
-        self.model, self.codec = model, load_tokenizer(description_json(tokenizer))
-        self._device, self.dtype, self._batch_size, self.progress = device, dtype, batch_size, progress
+        self.lm, self.model = lm, lm.model
+        self._device, self.dtype, self._batch_size, self.progress = lm.device, lm.dtype, batch_size, progress
 
     @property
     def eot_token_id(self) -> int:
         # A vocabulary without an end-of-text token (a character model) has nothing better than id 0
         # to put before a text that is scored from its first token.
-        return self.codec.eot if self.codec.eot is not None else 0
+        eot = self.lm.tokenizer.eot
+        return eot if eot is not None else 0
 
     @property
     def max_length(self) -> int:
@@ -52,10 +51,10 @@ class NanoGPTLM(TemplateLM):
         return self._device
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.codec.encode(string)
+        return self.lm.tokenizer.encode(string)
 
     def tok_decode(self, tokens, **kwargs) -> str:
-        return self.codec.decode([tokens] if isinstance(tokens, int) else list(tokens))
+        return self.lm.tokenizer.decode([tokens] if isinstance(tokens, int) else list(tokens))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:
@@ -84,7 +83,7 @@ class NanoGPTLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generate after each context until a stop string or max_gen_toks tokens; the text before it."""
-        eos = self.tok_decode(self.eot_token_id) if self.codec.eot is not None else None
+        eos = self.tok_decode(self.eot_token_id) if self.lm.tokenizer.eot is not None else None
         answers = []
         for request in tqdm(requests, desc="generating", disable=disable_tqdm or not self.progress or None):
             context, settings = request.args
@@ -96,15 +95,10 @@ class NanoGPTLM(TemplateLM):
                 raise ConfigError(f"a task asks for {new_tokens} new tokens, which leaves no room for a "
                                   f"context in the model's block of {self.max_length}")
             context_ids = self.tok_encode(context)[-room:] or [self.eot_token_id]
-            ids = torch.tensor([context_ids], dtype=torch.long, device=self.device)
             temperature = settings.get("temperature", 0.0) if settings.get("do_sample") else 0.0
-            made, text = [], ""
-            with autocast(self.device, self.dtype):
-                for token in self.model.stream(ids, new_tokens, temperature=temperature):
-                    made.append(int(token[0, 0]))
-                    text = self.tok_decode(made)
-                    if any(stop and stop in text for stop in stops):
-                        break
+            # Greedy unless the task samples; the text ends before the first stop string, as lm-eval cuts it.
+            sampling = Sampling(temperature, top_k=None, stop=stops, max_new_tokens=new_tokens)
+            text = "".join(piece for pieces in self.lm.texts(context_ids, 1, sampling) for piece in pieces)
             answer = postprocess_generated_text(generation=text, stop=stops, think_end_token=None)
             answers.append(answer)
             self.cache_hook.add_partial("generate_until", request.args, answer)

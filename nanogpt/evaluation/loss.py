@@ -122,7 +122,7 @@ class LossTask(Task):
             tokens = windows * subject.model.config.block_size
         result = {"tokens_file": str(split.where), "split": subject.split_name, "loss": loss,
                   "perplexity": math.exp(loss), "tokens": tokens, "windows": windows}
-        if subject.tokenizer.get("kind") == "char":
+        if subject.tokenizer.kind == "char":
             result["bits_per_char"] = loss / math.log(2)  # one token is one character
         return result
 

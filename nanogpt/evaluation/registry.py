@@ -25,9 +25,9 @@ from nanogpt.evaluation.hellaswag import HellaSwagOptions, HellaSwagTask
 from nanogpt.evaluation.loss import LossOptions, LossTask
 from nanogpt.evaluation.tasks import TASKS, Subject, Task, options_from, task_for, task_names
 from nanogpt.evaluation.tokens import TokenSplit, dataset_tokens
+from nanogpt.generation.language_model import LanguageModel
 from nanogpt.model import GPT
 from nanogpt.options import option
-from nanogpt.text.tokenizers import tokenizer_name
 from nanogpt.weights.loading import LoadedSource
 
 __all__ = ["TASKS", "BpbTask", "HellaSwagTask", "LmEvalTask", "LossOptions", "LossTask", "Subject", "Task",
@@ -61,8 +61,8 @@ def own_split(loaded: LoadedSource, split: str, dataset: DatasetConfig | None, d
         tokens = dataset_tokens(loaded, split, dataset, data_root, key)
         if tokens.tokenizer != loaded.tokenizer:
             raise ConfigError(
-                f"{key}={loaded.where} uses tokenizer {tokenizer_name(loaded.tokenizer)} but {tokens.where} "
-                f"was made with {tokenizer_name(tokens.tokenizer)}; pick a dataset with the model's "
+                f"{key}={loaded.where} uses tokenizer {loaded.tokenizer.name} but {tokens.where} "
+                f"was made with {tokens.tokenizer.name}; pick a dataset with the model's "
                 "tokenizer")
         return tokens
 
@@ -97,9 +97,12 @@ class TrainingEvaluation:
         """Every task's figures for model, which is left in training mode."""
         if not self.tasks:
             return {}
-        val = TokenSplit(self.data.tokens("val"), self.data.meta["tokenizer"], self.data.split_path("val"))
-        subject = Subject(model.eval(), self.data.meta["tokenizer"], self.device, self.dtype, self.batch_size,
-                          self.data_root, split=lambda: val, progress=False)
+        tokenizer = self.data.tokenizer
+        val = TokenSplit(self.data.tokens("val"), tokenizer, self.data.split_path("val"))
+        trained = LoadedSource(model, tokenizer, "run", "the model being trained",
+                               chat_template=self.data.meta.get("chat_template"))
+        subject = Subject(LanguageModel(trained, self.device, self.dtype), self.batch_size, self.data_root,
+                          split=lambda: val, progress=False)
         figures = {}
         try:
             for task in self.tasks:

@@ -61,27 +61,6 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
     return context_ids, encode(context + continuation)[len(context_ids):]
 
 
-def next_token_logits(model: GPT, idx: torch.Tensor, rows: torch.Tensor,
-                      positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-    """The model's logits (N, vocab) for the token after positions[i] of row rows[i] of idx.
-
-    GPT.forward without targets computes the output layer at the last position
-    only; the final hidden states of every position are taken as they leave the
-    last norm (ln_f), and only those asked for go through the output layer and
-    the logit cap, as GPT.forward would apply them. With a cache, idx continues
-    what it holds (positions count from idx's first token).
-    """
-    hidden = []
-    hook = model.transformer.ln_f.register_forward_hook(lambda module, args, output: hidden.append(output))
-    try:
-        model(idx, cache=cache)
-    finally:
-        hook.remove()
-    logits = model.lm_head(hidden[0][rows, positions])[..., : model.config.vocab_size]
-    cap = model.config.logit_softcap
-    return cap * torch.tanh(logits / cap) if cap else logits
-
-
 def model_inputs(context: Sequence[int], continuation: Sequence[int], block: int) -> list[int]:
     """The ids the model reads for a request: the last block of (context + continuation) but its last id."""
     if not continuation:
@@ -154,7 +133,7 @@ def results_of_rows(model: GPT, requests: Sequence[Request], batch: list[int], r
         targets = [requests[i][1][0] for i in batch] + targets
     if rows:
         with autocast(device, dtype):
-            logits.append(next_token_logits(model, idx.to(device), torch.tensor(rows, device=device),
+            logits.append(model.logits_at(idx.to(device), torch.tensor(rows, device=device),
                                             torch.tensor(positions, device=device), cache))
     # log_softmax at the target alone: the (N, vocab) table of every log-probability is never
     # needed, and each part of the logits is read where it is, never copied into one table.
@@ -208,7 +187,7 @@ def score_shared_contexts(model: GPT, requests: Sequence[Request], groups: list[
     with autocast(device, dtype):
         cache = model.new_cache(len(groups), max(lengths))
         # The logits after each context's last token predict its continuations' first tokens.
-        first = next_token_logits(model, contexts.to(device), torch.arange(len(groups), device=device),
+        first = model.logits_at(contexts.to(device), torch.arange(len(groups), device=device),
                                   last, cache)
     # Every request gets its context's keys and values, and the logits that predict its first token.
     counts = torch.tensor([len(members) for members in groups], device=device)

@@ -23,8 +23,10 @@ import torch
 
 from nanogpt.errors import ConfigError
 from nanogpt.evaluation.tokens import TokenSplit
+from nanogpt.generation.language_model import LanguageModel
 from nanogpt.model import GPT
 from nanogpt.options import option
+from nanogpt.text.tokenizers import Tokenizer
 
 TASKS: dict[str, type[Task]] = {}  # task name -> its Task class
 
@@ -37,15 +39,28 @@ class Subject:
     bpb), so a benchmark never prepares a dataset it does not read.
     """
 
-    model: GPT  # in eval mode, on device
-    tokenizer: dict  # the description nanogpt.text.tokenizers reads
-    device: torch.device
-    dtype: torch.dtype
+    lm: LanguageModel  # the model (in eval mode, on its device) with its tokenizer and decoding loop
     batch_size: int  # sequences per forward pass: memory, never the result
     data_root: Path  # where downloaded benchmark files are cached
     split: Callable[[], TokenSplit]  # the model's own tokens to score
     split_name: str = "val"
     progress: bool = True  # a progress bar on a terminal
+
+    @property
+    def model(self) -> GPT:
+        return self.lm.model
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.lm.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.dtype
 
 
 class Task:

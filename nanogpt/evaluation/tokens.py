@@ -18,6 +18,7 @@ from nanogpt.dataset.batches import PreparedData
 from nanogpt.dataset.config import DatasetConfig, default_data_root
 from nanogpt.dataset.pipeline import prepare_dataset, recorded_dataset
 from nanogpt.errors import ConfigError
+from nanogpt.text.tokenizers import Tokenizer
 from nanogpt.weights.loading import LoadedSource
 
 
@@ -26,7 +27,7 @@ class TokenSplit:
     """A split's token ids and where they came from."""
 
     tokens: np.ndarray  # memory-mapped, uint16 or uint32 as the vocabulary needs
-    tokenizer: dict  # the description of the tokenizer that made them
+    tokenizer: Tokenizer  # the tokenizer that made them
     where: Path
     data: PreparedData | None = None  # the prepared dataset, when the split is one of ours
 
@@ -45,7 +46,7 @@ def dataset_tokens(loaded: LoadedSource, split: str, dataset: DatasetConfig | No
         dataset = DatasetConfig(**{k: v for k, v in recorded.items() if k in known})
         data_root = data_root or loaded.config.get("data_root") or default_data_root()
         data = recorded_dataset(dataset, Path(data_root).expanduser(), loaded.trained_on, loaded.tokenizer)
-        return TokenSplit(data.tokens(split), data.meta["tokenizer"], data.split_path(split), data)
+        return TokenSplit(data.tokens(split), data.tokenizer, data.split_path(split), data)
     if loaded.kind == "nanoGPT" and loaded.data_dir is not None:
         path = loaded.data_dir / f"{split}.bin"  # nanoGPT's prepare.py writes it beside meta.pkl
         if path.is_file():
@@ -56,7 +57,8 @@ def dataset_tokens(loaded: LoadedSource, split: str, dataset: DatasetConfig | No
     )
 
 
-def prepared_split(dataset: DatasetConfig, data_root: str, split: str, model_tokenizer: dict) -> TokenSplit:
+def prepared_split(dataset: DatasetConfig, data_root: str, split: str,
+                   model_tokenizer: Tokenizer) -> TokenSplit:
     """A split of a dataset prepared (once, into the shared cache) as training prepares it for the model."""
     data = prepare_dataset(dataset, Path(data_root).expanduser(), model_tokenizer)
-    return TokenSplit(data.tokens(split), data.meta["tokenizer"], data.split_path(split), data)
+    return TokenSplit(data.tokens(split), data.tokenizer, data.split_path(split), data)

@@ -3,32 +3,30 @@
 A server's requests come and go independently. Generating them one after the
 other would make each wait for all before it; running each in its own thread
 would make them fight over the same cores. Instead one thread (the Engine) owns
-the model and a KVCache with a row per slot, and repeats a step:
+the model and a Decoder (nanogpt/model.py) with a KV-cache row per slot, and
+repeats a step:
 
 * requests that left (finished, or their client went away) free their rows at
-  once; the busiest rows stay packed at the front (move_row), so the
-  rows that decode are always rows 0 .. d-1;
-* waiting requests join: each is prefilled into a free row of its own (its
-  length zeroed, then its prompt run through ``cache_rows(cache, r, r + 1)``);
-* one call, decode(), computes the next token's logits for rows 0 .. d-1 at
-  once: a batch of d single tokens, whose cost on a CPU or GPU is little more
-  than one row's. It is the one place a compiled, fixed-shape step can take over;
-* each row samples its token with its own settings and its own seeded
-  torch.Generator, and hears of it (Sequence.on_token) before the next step.
+  once; the busy rows stay packed at the front (move_row), those that step
+  before those that fill, as the Decoder takes them;
+* waiting requests join, each in a free row of its own;
+* one call, Decoder.next_logits(), gives every row its next token's logits: the
+  rows that step go as one batch of single tokens, whose cost on a CPU or GPU is
+  little more than one row's (through the compiled step where device.compile
+  asks for it), and each row that joined or is full is (re)filled;
+* each row samples its token with its own settings (a Sampling) and its own
+  seeded torch.Generator, and hears of it (Generation.on_token) before the next step.
 
-Each row follows exactly the rule of GPT.stream: prefill the prompt (its last
-block_size tokens), then one token at a time, and when its row is full, fill it
-again from the newest half window. A request alone therefore gets exactly the
-tokens ``LanguageModel.stream`` (and so ``nanogpt.sample``) gives for the same
-seed and settings; in company its logits come from a larger batch, which may
-differ in the last bits, so only a near-tie between two tokens can turn out
-differently. Nothing here knows of HTTP: nanogpt/serving/ puts a server around
-an Engine, and tests drive one directly (Engine.generate).
+The rows follow the Decoder's one rule, the rule of GPT.stream, so a request
+alone gets exactly the tokens ``LanguageModel.stream`` (and so ``nanogpt.sample``)
+gives for the same seed and settings; in company its logits come from a larger
+batch, which may differ in the last bits, so only a near-tie between two tokens
+can turn out differently. Nothing here knows of HTTP: nanogpt/serving/ puts a
+server around an Engine, and tests drive one directly (Engine.generate).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import queue
 import threading
@@ -39,7 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanogpt.model import GPT, KVCache, sample_next_token
+from nanogpt.decoding import Decoder
+from nanogpt.generation.language_model import LanguageModel
+from nanogpt.generation.sampling import Sampling
 from nanogpt.runtime.device import autocast
 
 log = logging.getLogger("nanogpt.batching")
@@ -48,29 +48,13 @@ log = logging.getLogger("nanogpt.batching")
 LENGTH, STOP, CANCELLED, ABORTED, FAILED = "length", "stop", "cancelled", "aborted", "failed"
 
 
-def cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
-    """Rows start .. stop-1 of cache as a cache of their own: views, so what they store lands there."""
-    view = copy.copy(cache)
-    view.keys, view.values = cache.keys[:, start:stop], cache.values[:, start:stop]
-    view.lengths = cache.lengths[start:stop]
-    return view
-
-
-def move_row(cache: KVCache, source: int, target: int) -> None:
-    """Copy row source of cache into row target: the busy rows are packed as requests leave."""
-    cache.keys[:, target] = cache.keys[:, source]
-    cache.values[:, target] = cache.values[:, source]
+def move_row(decoder: Decoder, source: int, target: int) -> None:
+    """Copy row source of decoder's cache into row target: the busy rows are packed as requests leave."""
+    cache = decoder.cache
+    for buffer in (cache.keys, cache.values):
+        buffer[:, target] = buffer[:, source]
     cache.lengths[target] = cache.lengths[source]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How one request picks its tokens (sample_next_token's settings) and the seed of its generator."""
-
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
-    seed: int = 1337
+    decoder.held[target] = decoder.held[source]
 
 
 @dataclass(frozen=True)
@@ -92,7 +76,7 @@ class Generation:
     FAILED (an error, logged). A generation that is cancelled hears nothing more.
     """
 
-    def __init__(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+    def __init__(self, prompt_ids: Sequence[int], sampling: Sampling | None = None,
                  stop_ids: Sequence[int] = (), top_logprobs: int | None = None,
                  on_token: Callable[[int, TokenLogprobs | None], bool | None] | None = None,
                  on_finish: Callable[[str], None] | None = None):
@@ -100,11 +84,10 @@ class Generation:
             raise ValueError("a generation needs at least one prompt token to continue")
         self.ids = list(prompt_ids)  # the prompt, then each new token
         self.prompt_length = len(self.ids)
-        self.max_new_tokens, self.sampling = max_new_tokens, sampling
+        self.sampling = sampling or Sampling()  # its stop strings are the listener's: only it sees text
         self.stop_ids, self.top_logprobs = frozenset(stop_ids), top_logprobs
         self.on_token, self.on_finish = on_token, on_finish
         self.generator: torch.Generator | None = None  # made on the engine's device when it joins
-        self.held = 0  # tokens of ids in its cache row (0: not prefilled yet)
         self.cancelled = False
         self.finish_reason: str | None = None
 
@@ -121,7 +104,7 @@ class Generation:
 
 
 class Engine:
-    """A model, a KVCache of `slots` rows and the thread that decodes every active generation together.
+    """A model's Decoder of `slots` rows and the thread that decodes every active generation together.
 
     submit() and cancel() may be called from any thread; so may call(), which
     runs a function in the engine's thread between two steps (the server scores
@@ -129,11 +112,10 @@ class Engine:
     beyond the slots wait their turn, first come first served.
     """
 
-    def __init__(self, model: GPT, slots: int, device: torch.device, dtype: torch.dtype = torch.float32):
-        self.model, self.slots, self.device, self.dtype = model, slots, device, dtype
-        self.block = model.config.block_size
-        with autocast(device, dtype):
-            self.cache = model.new_cache(slots)
+    def __init__(self, lm: LanguageModel, slots: int):
+        self.slots, self.device, self.dtype = slots, lm.device, lm.dtype
+        with autocast(lm.device, lm.dtype):
+            self.decoder = lm.decoder(slots)  # the compiled step's, where device.compile asks for one
         self.rows: list[Generation] = []  # row r of the cache holds rows[r]
         self.waiting: deque[Generation] = deque()
         self.jobs: deque[tuple[Callable[[], object], Future]] = deque()
@@ -191,7 +173,7 @@ class Engine:
     def queued(self) -> int:
         return len(self.waiting)
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+    def generate(self, prompt_ids: Sequence[int], sampling: Sampling | None = None,
                  stop_ids: Sequence[int] = ()) -> Iterator[int]:
         """Each new token as it is sampled, for a caller in another thread; closing the iterator cancels."""
         tokens: queue.Queue = queue.Queue()
@@ -200,7 +182,7 @@ class Engine:
             if token not in stop_ids:  # a stop token ends the generation unseen
                 tokens.put(token)
 
-        generation = Generation(prompt_ids, max_new_tokens, sampling, stop_ids, on_token=heard,
+        generation = Generation(prompt_ids, sampling, stop_ids, on_token=heard,
                                 on_finish=tokens.put)
         self.submit(generation)
         try:
@@ -226,7 +208,7 @@ class Engine:
                 while self.waiting and len(self.rows) < self.slots:
                     generation = self.waiting.popleft()
                     if not generation.cancelled:
-                        self.rows.append(generation)
+                        self.join(generation)
             for function, future in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -250,54 +232,24 @@ class Engine:
                 future.set_exception(RuntimeError("the engine has stopped"))
             self.jobs.clear()
 
+    def join(self, generation: Generation) -> None:
+        """Give generation the next free row: it is filled from its prompt at the next step."""
+        generation.generator = generation.sampling.generator(self.device)
+        self.decoder.held[len(self.rows)] = 0
+        self.rows.append(generation)
+
     @torch.no_grad()
     def step(self) -> None:
-        """One token for every row: decode the rows in step, prefill those that joined or are full."""
-        filling = [g for g in self.rows if g.held in (0, self.block)]
-        self.pack_to_end(filling)
-        decoding = len(self.rows) - len(filling)
+        """One token for every row: the Decoder steps the rows in step, fills those new or full."""
+        self.pack_to_end([g for row, g in enumerate(self.rows) if self.decoder.fills(row)])
         with autocast(self.device, self.dtype):
-            logits = []
-            if decoding:
-                last = torch.tensor([[g.ids[-1]] for g in self.rows[:decoding]], device=self.device)
-                logits += list(self.decode(last, decoding).split(1))
-                for generation in self.rows[:decoding]:
-                    generation.held += 1
-            logits += [self.prefill(row) for row in range(decoding, len(self.rows))]
-            ended = [g for g, g_logits in zip(self.rows, logits, strict=True) if self.advance(g, g_logits)]
+            logits = self.decoder.next_logits([g.ids for g in self.rows])
+            ended = [g for g, row in zip(self.rows, logits, strict=True) if self.advance(g, row[None])]
         self.release(ended)
-
-    def decode(self, tokens: torch.Tensor, rows: int) -> torch.Tensor:
-        """The next-token logits (rows, vocab) after tokens (rows, 1): a new token for cache rows 0 .. rows-1.
-
-        The hot path: every row in step costs one position. A compiled step with
-        fixed shapes (all slots, always) can replace this call.
-        """
-        logits, _ = self.model(tokens, cache=cache_rows(self.cache, 0, rows))
-        return logits[:, -1]
-
-    def prefill(self, row: int) -> torch.Tensor:
-        """Run row's context into its cache row, as GPT.stream does; the logits (1, vocab) after it.
-
-        A generation that joins brings its prompt (its last block_size tokens); a
-        row that is full starts again from the newest half window, so every
-        token still sees at least block_size // 2 tokens, at correct positions.
-        """
-        generation = self.rows[row]
-        if generation.held == 0:
-            generation.generator = torch.Generator(device=self.device).manual_seed(generation.sampling.seed)
-        held = min(len(generation.ids), self.block if generation.held == 0 else max(1, self.block // 2))
-        cache = cache_rows(self.cache, row, row + 1)
-        cache.lengths.zero_()
-        context = torch.tensor([generation.ids[-held:]], device=self.device)
-        logits, _ = self.model(context, cache=cache)
-        generation.held = held
-        return logits[:, -1]
 
     def advance(self, generation: Generation, logits: torch.Tensor) -> bool:
         """Sample generation's next token from its logits (1, vocab), pass it on; True when it has ended."""
-        s = generation.sampling
-        token = int(sample_next_token(logits, s.temperature, s.top_k, s.top_p, generation.generator))
+        token = int(generation.sampling.next_token(logits, generation.generator))
         if generation.cancelled:
             return True
         generation.ids.append(token)
@@ -316,7 +268,7 @@ class Engine:
             return True
         if stopped or token in generation.stop_ids:
             generation.finish(STOP)
-        elif generation.new_tokens >= generation.max_new_tokens:
+        elif generation.new_tokens >= generation.sampling.max_new_tokens:
             generation.finish(LENGTH)
         return generation.finish_reason is not None
 
@@ -327,8 +279,11 @@ class Engine:
         holes = [r for r in range(first) if id(self.rows[r]) in to_end]
         movers = [r for r in range(first, len(self.rows)) if id(self.rows[r]) not in to_end]
         for hole, mover in zip(holes, movers, strict=True):
-            # The generation in `hole` is about to be prefilled again: its keys need not be kept.
-            move_row(self.cache, mover, hole)
+            # The generation in `hole` is about to be filled again: its keys need not be kept,
+            # only whether it fills from its prompt (new) or from its newest half window (full).
+            filling = self.decoder.held[hole]
+            move_row(self.decoder, mover, hole)
+            self.decoder.held[mover] = filling
             self.rows[hole], self.rows[mover] = self.rows[mover], self.rows[hole]
 
     def release(self, leaving: list[Generation]) -> None:
@@ -337,6 +292,6 @@ class Engine:
             row = next(r for r, g in enumerate(self.rows) if g is generation)
             last = len(self.rows) - 1
             if row != last:
-                move_row(self.cache, last, row)
+                move_row(self.decoder, last, row)
                 self.rows[row] = self.rows[last]
             self.rows.pop()

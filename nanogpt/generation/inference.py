@@ -2,8 +2,9 @@
 
 ``python -m nanogpt.sample``, ``chat`` and ``eval`` each take a model the same way
 (``ckpt=``, ``meta=``, ``outputs=``, ``quantize=``, ``device.*``: ModelOptions) and
-open it with open_model(); the two that generate text share the sampling knobs
-(``temperature``, ``top_k``, ``top_p``, ``seed``: SamplingOptions). Each command's
+open it with open_model(); those that generate text share the sampling knobs
+(``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``: SamplingOptions, whose keys
+are generation/sampling.py's SamplingSettings). Each command's
 config extends one of these, so its keys, --help and checks are declared here once.
 Nothing here imports Hydra.
 """
@@ -14,7 +15,8 @@ import sys
 from dataclasses import dataclass
 
 from nanogpt.generation.language_model import LanguageModel
-from nanogpt.options import check_choices, option, require
+from nanogpt.generation.sampling import SamplingSettings
+from nanogpt.options import check_choices, option
 from nanogpt.runtime.device import DeviceConfig, resolve_device, resolve_dtype, set_threads, should_compile
 from nanogpt.weights.checkpoint import newest_checkpoint
 from nanogpt.weights.loading import require_source_packages, resolve_source
@@ -44,22 +46,28 @@ class ModelOptions:
 
 
 @dataclass
-class SamplingOptions(ModelOptions):
-    """A model, and how it picks each next token."""
-
-    temperature: float = option(0.8, "0: always the likeliest token; higher: more varied")
-    top_k: int | None = option(200, "sample only among the k likeliest tokens; null: all")
-    top_p: float | None = option(None, "nucleus sampling, e.g. 0.9; null: off")
-    seed: int = option(1337, "seeds the sampling")
+class SamplingOptions(SamplingSettings, ModelOptions):
+    """A model, and how it picks each next token (the keys of SamplingSettings, declared there)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.temperature >= 0,
-                f"temperature={self.temperature} must be >= 0 (0 picks the likeliest token)")
-        require(self.top_k is None or self.top_k >= 1,
-                f"top_k={self.top_k} must be at least 1, or null for no top-k filter")
-        require(self.top_p is None or 0 < self.top_p <= 1,
-                f"top_p={self.top_p} must be in (0, 1], or null for no nucleus filter")
+        ModelOptions.__post_init__(self)
+        SamplingSettings.__post_init__(self)
+
+
+def provenance(lm: LanguageModel) -> list[str]:
+    """What a command says on stderr of the weights it runs.
+
+    Ours know their iteration, and an untrained model (a run stopped before its first step)
+    is warned of.
+    """
+    iteration = lm.source.iteration
+    if iteration is None:
+        return []
+    lines = [f"{lm.source.where}: iteration {iteration}"]
+    if iteration == 0:
+        lines.append(f"warning: {lm.source.where} is untrained (its run stopped before its first step): "
+                     "it writes noise")
+    return lines
 
 
 def open_model(options: ModelOptions, doing: str) -> LanguageModel:
@@ -69,10 +77,11 @@ def open_model(options: ModelOptions, doing: str) -> LanguageModel:
     picked when it was not named.
     """
     source = options.ckpt or newest_checkpoint(options.outputs)
-    if not options.ckpt:
-        print(f"{doing} the newest run's checkpoint: {source}", file=sys.stderr)
     device = resolve_device(options.device.name)
     set_threads(options.device.threads)
+    if not options.ckpt:
+        print(f"{doing} the newest run's checkpoint: {source}", file=sys.stderr)
     loaded = resolve_source(source, key="ckpt", meta=options.meta)
     return LanguageModel(loaded, device, resolve_dtype(options.device.dtype, device), options.quantize,
-                         should_compile(options.device.compile, device), options.device.cuda_graphs)
+                         should_compile(options.device.compile, device, generating=True),
+                         options.device.cuda_graphs)

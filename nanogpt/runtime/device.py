@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from nanogpt.errors import DeviceError
+from nanogpt.errors import DeviceError, first_line
 from nanogpt.options import check_choices, option, require
 
 # device.dtype names; auto and fastest pick per device (resolve_dtype).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PER_DEVICE_DTYPES = ("auto", "fastest")
+log = logging.getLogger("nanogpt.device")
 
 
 @dataclass
@@ -25,10 +28,12 @@ class DeviceConfig:
                                 "fastest: as auto, but bf16 also on CPUs with bf16 instructions",
                         choices=(*PER_DEVICE_DTYPES, *DTYPES))
     compile: bool | None = option(None, "torch.compile the model (training, and generation's one-token "
-                                         "steps); null: on CUDA only")
+                                         "steps); null: training on CUDA, measured on a GPU; generation's "
+                                         "compiled step is not yet measured on one, so it stays off. A "
+                                         "compile that fails warns once and goes on eagerly")
     cuda_graphs: bool | None = option(None, "replay compiled steps as CUDA graphs (torch.compile's "
                                             "reduce-overhead mode), which removes the launch cost of "
-                                            "every kernel; null: for generation only")
+                                            "every kernel; null: off, as no GPU has measured it yet")
     peak_flops: float | None = option(None, "peak FLOP/s for MFU; null: looked up from the GPU's name")
     threads: int | None = option(None, "CPU threads torch computes with; null: all cores, "
                                        "shared out among the jobs a sweep runs side by side")
@@ -149,24 +154,91 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def should_compile(setting: bool | None, device: torch.device) -> bool:
-    """torch.compile by default on CUDA only, where it pays off reliably.
+def should_compile(setting: bool | None, device: torch.device, generating: bool = False) -> bool:
+    """Whether to torch.compile: as device.compile says; by default only what a GPU has measured.
 
-    On a CPU, compiling takes longer than a sampling command or a short run saves
-    with it; device.compile=true asks for it anyway.
+    Training compiled on CUDA was measured faster (docs/benchmarks.md), so it is CUDA's
+    default; generation's compiled one-token step has not been measured on a GPU yet, so it
+    waits for device.compile=true. On a CPU, compiling takes longer than a sampling command or
+    a short run saves with it.
     """
-    return device.type == "cuda" if setting is None else setting
+    if setting is not None:
+        return setting
+    return device.type == "cuda" and not generating
 
 
-def compile_mode(graphs: bool | None, device: torch.device, generating: bool) -> str | None:
+def compile_mode(graphs: bool | None, device: torch.device) -> str | None:
     """torch.compile's mode: reduce-overhead (CUDA graphs) where device.cuda_graphs asks for it.
 
-    By default only generation's one-token steps are replayed as graphs: each is a
-    few hundred small kernels, launch-bound on any GPU. Training steps have not yet
-    been measured on a GPU with graphs (docs/benchmarks.md), so they stay plain.
+    Off by default: neither training steps nor generation's one-token steps have been
+    measured on a GPU as graphs yet (docs/benchmarks.md).
     """
-    wanted = generating if graphs is None else graphs
-    return "reduce-overhead" if wanted and device.type == "cuda" else None
+    return "reduce-overhead" if graphs and device.type == "cuda" else None
+
+
+class CompiledOrEager:
+    """A compiled callable that goes on eagerly, for good, the first time compiling or capturing it fails.
+
+    torch.compile compiles at the first call (and again whenever a guard fails), and a
+    CUDA graph is captured during the first calls, so a failure comes from a call, not
+    from torch.compile(): this wraps the calls. A failure (a missing C++ compiler, a graph
+    break under fullgraph, a refused capture, the recompile limit) is one warning that
+    names it and the switch that turns the path off; the call is then made eagerly. An
+    error that the eager call raises too is not the compiler's: it is raised as it is.
+    Nothing is lost by the retry: a compile fails before its code runs, and a capture
+    records kernels without running them. Attributes not its own are the eager callable's
+    (DDP's no_sync, for one).
+    """
+
+    def __init__(self, compiled: Callable, eager: Callable, what: str, switch: str):
+        self.compiled, self.eager, self.what, self.switch = compiled, eager, what, switch
+        self.failed: str | None = None  # why it went eager, once it has
+
+    def __call__(self, *args, **kwargs):
+        if self.failed is not None:
+            return self.eager(*args, **kwargs)
+        try:
+            # Past the recompile limit dynamo would quietly run the rest eagerly, uncompiled,
+            # frame by frame; raising instead lets it be said once.
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return self.compiled(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 (whose failure it was, the eager call tells)
+            failure = f"{type(error).__name__}: {first_line(str(error))[:300]}"
+        result = self.eager(*args, **kwargs)  # raises the error if it is not the compiler's
+        self.failed = failure
+        if (self.what, failure) not in WARNED:  # the blocks of a sharded model fail alike: said once
+            WARNED.add((self.what, failure))
+            log.warning("%s failed to compile or capture (%s); going on without compiling (%s turns "
+                        "it off)", self.what, failure, self.switch)
+        return result
+
+    def __getattr__(self, name: str):
+        return getattr(self.eager, name)
+
+
+WARNED: set[tuple[str, str]] = set()  # (what, why) this process has said failed to compile
+
+
+class CompiledModule(torch.nn.Module):
+    """A module compiled in place of itself, falling back to itself (CompiledOrEager) if that fails.
+
+    A module, so that FSDP can shard it as a unit; its parameters are named as under
+    torch.compile's own wrapper (``_orig_mod.``), so checkpoints read them alike.
+    """
+
+    def __init__(self, module: torch.nn.Module, what: str, mode: str | None = None):
+        super().__init__()
+        self._orig_mod = module
+        self.call = compiled(module, what, mode)
+
+    def forward(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+
+def compiled(model: Callable, what: str, mode: str | None, **options) -> CompiledOrEager:
+    """torch.compile(model, mode=mode, **options), falling back to model itself if that fails at a call."""
+    switch = "device.cuda_graphs=false or device.compile=false" if mode else "device.compile=false"
+    return CompiledOrEager(torch.compile(model, mode=mode, **options), model, what, switch)
 
 
 def peak_flops(device: torch.device, configured: float | None) -> float | None:

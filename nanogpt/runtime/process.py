@@ -2,9 +2,10 @@
 
 Runtime.start() turns a DeviceConfig into the settled facts (the CUDA device
 this rank owns, bf16 or fp32, compile or not) and joins the torchrun job, if
-any; wrap() gives the model the form the training step calls (DDP across
-processes, then torch.compile; or sharded with FSDP2, sharding.py). Training
-and the benchmark share it.
+any; new_model() makes a fresh model as this process holds it (whole, or only
+its shards under FSDP2, sharding.py), and wrap() gives it the form the training
+step calls (DDP across processes, then torch.compile). Training and the
+benchmark share it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from nanogpt.model import GPT, GPTConfig
 from nanogpt.runtime import distributed, sharding
 from nanogpt.runtime.device import (
     DeviceConfig,
     autocast,
     compile_mode,
+    compiled,
     peak_flops,
     resolve_device,
     resolve_dtype,
@@ -58,6 +61,8 @@ class Runtime:
         dtype, sharded = resolve_dtype(cfg.dtype, device), strategy == "fsdp" and context.enabled
         if sharded:
             sharding.check_precision(dtype)
+            if device.type == "cpu":
+                sharding.hand_back_freed_memory()
         elif strategy == "fsdp":  # a job of one (a laptop, a resume on fewer GPUs) runs as it would under ddp
             log.warning("distributed.strategy=fsdp in a single process shards nothing: training unsharded "
                         "(start it under torchrun to shard)")
@@ -67,32 +72,49 @@ class Runtime:
             # run is bitwise the one that never stopped, as it is eagerly.
             torch.use_deterministic_algorithms(True, warn_only=True)
         # CUDA graphs cannot hold DDP's gradient all-reduce, which runs between the graph's kernels.
-        mode = None if context.enabled else compile_mode(cfg.cuda_graphs, device, generating=False)
+        mode = None if context.enabled else compile_mode(cfg.cuda_graphs, device)
         return cls(context, device, dtype, should_compile(cfg.compile, device),
                    peak_flops(device, cfg.peak_flops), owns_group, sharded=sharded, compile_mode=mode)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model as the training step calls it: under DDP across processes, then compiled; or sharded.
+    def new_model(self, config: GPTConfig) -> GPT:
+        """A fresh GPT of config's shape as this process holds it, with the weights GPT(config) draws here.
 
-        Sharding replaces the model's parameters: build its optimizer after.
+        Sharded, the process allocates and fills only its shards of each weight
+        (sharding.build), compiled block by block if compile: the whole model exists nowhere.
         """
         if self.sharded:
-            return sharding.shard(model, self.device, self.dtype, self.compile)
+            return sharding.build(config, self.device, self.dtype, self.compile)
+        return GPT(config)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as the training step calls it: under DDP across processes, then compiled.
+
+        A sharded model (from new_model) is already in its form.
+        """
+        if self.sharded:
+            return model
         forward = model
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if not self.compile:
             return forward
-        compiled = torch.compile(forward, mode=self.compile_mode)
-        return GraphedSteps(compiled) if self.compile_mode == "reduce-overhead" else compiled
+        forward = compiled(forward, "the training step", self.compile_mode)
+        return GraphedSteps(forward) if self.compile_mode == "reduce-overhead" else forward
 
     def whole(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The model as one process can run it alone: itself; sharded, a whole copy on rank 0 (or None)."""
         return sharding.whole_copy(model, self.device, self.dist) if self.sharded else model
+
+    def describe(self, model: torch.nn.Module) -> str:
+        """How the job's processes hold model, in one line (for a job of several)."""
+        count, processes = sum(p.numel() for p in model.parameters()), self.dist.world_size
+        if self.sharded:
+            return f"FSDP: sharding {count:,} parameters across {processes} processes"
+        return f"DDP: {processes} processes, each holding all {count:,} parameters"
 
     def close(self) -> None:
         """Leave the torchrun job, if this runtime joined it."""
@@ -110,10 +132,10 @@ class GraphedSteps(torch.nn.Module):
     training loop has read the last step's loss by then.
     """
 
-    def __init__(self, compiled: torch.nn.Module):
+    def __init__(self, step):
         super().__init__()
-        self.compiled = compiled
+        self.step = step  # a CompiledOrEager: the graphs, or the model if they could not be made
 
     def forward(self, *args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(*args, **kwargs)
+        return self.step(*args, **kwargs)

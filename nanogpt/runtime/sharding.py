@@ -12,6 +12,16 @@ Unlike DDP's no_sync(), gradients are reduced after every micro-batch of
 gradient accumulation: holding whole unreduced gradients between micro-batches
 would give back the memory sharding saves.
 
+build() makes a fresh sharded model without the whole of it ever existing: the
+GPT is built on the meta device (shapes, no memory), sharded, then each process
+allocates its shards and fills them with the very values one process's GPT(config)
+draws (deferred_init.py), so FSDP starts from DDP's weights, bitwise.
+put_rows() is how any whole tensor read from disk or drawn reaches a shard: each
+process copies its own rows, one tensor at a time.
+
+On the CPU, hand_back_freed_memory() keeps the C library from holding on to the
+whole weights FSDP gathers and frees for every block and every pass.
+
 state_of takes this process's weights and optimizer state for a checkpoint;
 weights/sharded.py's load_into puts a checkpoint's back, sharded or whole.
 FSDP and its state dicts are imported where a sharded run uses them: they bring
@@ -20,6 +30,9 @@ most of torch.distributed (0.7 s), which every other command would pay at start-
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import warnings
 
 import torch
@@ -27,7 +40,9 @@ import torch.distributed as dist
 from torch import nn
 
 from nanogpt.errors import ConfigError
-from nanogpt.model import GPT
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.runtime import deferred_init
+from nanogpt.runtime.device import CompiledModule
 from nanogpt.runtime.distributed import DistributedContext
 
 COMPILED = "_orig_mod."  # torch.compile's prefix in a compiled module's parameter names
@@ -41,12 +56,39 @@ def check_precision(dtype: torch.dtype) -> None:
                           "distributed.strategy=ddp")
 
 
+# Tensors from this size up are allocated straight from the system and handed back when freed (glibc).
+MMAP_FROM = 1 << 20
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter for it
+
+
+def hand_back_freed_memory() -> None:
+    """Have the C library hand big freed blocks back to the system at once (glibc on Linux; else nothing).
+
+    CPU tensors are malloc()ed. FSDP allocates a block's whole weights anew
+    for each forward and backward pass, and its whole gradients, and frees them
+    right after; glibc, by default, takes each block of up to 32 MB from its
+    heap after the first such block is freed, and the small tensors kept in
+    between (the activations) pin the freed space, which the process then keeps:
+    about 1 GiB of a gpt2-medium-shaped process on 2 CPU processes, a quarter of
+    its peak (docs/benchmarks.md). A fixed threshold (1 MiB) leaves the small
+    tensors in the heap and maps the big ones. It changes no number, only where
+    memory comes from; MALLOC_MMAP_THRESHOLD_ in the environment, if set, wins.
+    (On GPUs the CUDA caching allocator meets FSDP's pattern on its own terms.)
+    """
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_FROM)
+    except (OSError, AttributeError):  # not glibc (musl, ...): its own policy stands
+        pass
+
+
 def shard(model: GPT, device: torch.device, dtype: torch.dtype, compile: bool) -> GPT:
     """model, sharded across the job in place: each block a unit, then the rest (embeddings, final norm).
 
-    Every process built the same weights (from the same seed, or the same
-    init_from); fully_shard keeps each one's slice of them. compile compiles each
-    block before it is wrapped, so FSDP's gathering stays outside the compiled code.
+    fully_shard keeps each process's slice of every weight (of meta tensors,
+    from build(): only their shapes). compile compiles each block before it is
+    wrapped, so FSDP's gathering stays outside the compiled code.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -56,13 +98,59 @@ def shard(model: GPT, device: torch.device, dtype: torch.dtype, compile: bool) -
                                   reduce_dtype=torch.float32)
     for i, block in enumerate(model.transformer.h):
         if compile:
-            model.transformer.h[i] = block = torch.compile(block)
+            model.transformer.h[i] = block = CompiledModule(block, "a sharded block of the training step")
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     # The logits GPT.forward returns are a slice (the padded vocabulary cut off), which FSDP warns
     # could lose a gradient if changed in place; nothing here changes them.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return model
+
+
+def build(config: GPTConfig, device: torch.device, dtype: torch.dtype, compile: bool) -> GPT:
+    """A fresh GPT of config's shape, sharded, in which this process holds and has filled only its shards.
+
+    Its weights are bitwise those GPT(config) would draw here in one process;
+    like GPT(config), it moves the CPU generator on by those draws.
+    """
+    deferred = deferred_init.build(lambda: GPT(config))
+    model = shard(deferred.model, device, dtype, compile)
+    computed = dict(model.named_buffers())  # the rotary tables, computed already; to_empty drops them
+    model.to_empty(device=device)  # each process's shards, allocated (uninitialised)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(computed[name])
+    params = {name.replace(COMPILED, ""): param for name, param in model.named_parameters()}
+    deferred.fill(lambda name, whole: put_rows(params[name], whole))
+    return model
+
+
+def is_shard(tensor: torch.Tensor) -> bool:
+    """True for a process's shard of a weight (a DTensor) rather than a whole tensor."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # imported by FSDP, before any shard exists
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
+def put_rows(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy whole's rows into target (a whole tensor, or this process's shard of one), as far as both go.
+
+    FSDP2 cuts a weight along its first dimension as torch.chunk does, so
+    process r holds rows r*c .. (r+1)*c - 1 (c rounded up): each process reads
+    only those rows of whole. Where whole has fewer rows than target (a padded
+    vocabulary) the rest keep their values; where more (positions cropped) the
+    rest are left out.
+    """
+    local, start = target, 0
+    if whole.dim() == 0:
+        with torch.no_grad():
+            local.copy_(whole)
+        return
+    if is_shard(target):
+        local, mesh = target.to_local(), target.device_mesh
+        start = mesh.get_local_rank() * -(-target.size(0) // mesh.size())
+    rows = max(0, min(local.size(0), whole.size(0) - start))
+    with torch.no_grad():
+        local[:rows].copy_(whole[start:start + rows])
 
 
 def torch_optimizers(optimizer) -> dict[str, torch.optim.Optimizer]:

@@ -11,11 +11,14 @@ so a client is never silently given something other than what it asked for.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Literal
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 # OpenAI's limits: at most 4 stop strings, top logprobs 0..5 for completions and 0..20 for chat.
 MAX_STOPS, MAX_LOGPROBS, MAX_TOP_LOGPROBS = 4, 5, 20
@@ -55,9 +58,10 @@ class SamplingFields(Strict):
     """What completions and chat completions share: the model, sampling, stops, streaming."""
 
     model: str | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: int | None = None  # vLLM's extra field; -1 or 0: off
+    # A NaN or an infinity is refused as not a number (not as out of range).
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM's extra field; -1 or 0: off, as vLLM reads them
     n: Annotated[int, Field(ge=1)] = 1
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     seed: Annotated[int, Field(ge=-INT64, lt=INT64)] | None = None
@@ -154,6 +158,13 @@ ALTERNATIVES = {
 }
 
 
+RANGES = {  # what a sampling field may be, in words, for the refusal of any other value
+    "temperature": "a number from 0 (the likeliest token) to 2",
+    "top_p": "a number in (0, 1]",
+    "top_k": "a whole number: at least 1, or -1 or 0 for no top-k filter",
+}
+
+
 def refusal(error: ValidationError) -> APIError:
     """The first problem pydantic found, as a 400 that names the field and says what it must be."""
     first = error.errors()[0]
@@ -173,11 +184,35 @@ def refusal(error: ValidationError) -> APIError:
             return APIError(400, f"messages.{location[1]}.role must be one of system, developer, user, "
                                  f"assistant, not {first['input']!r}", param)
         return APIError(400, f"{named} must be {ALTERNATIVES[named]}", param)
+    if param in RANGES and len(location) == 1:
+        return APIError(400, f"{param}: {first['msg']}; {param} must be {RANGES[param]}", param)
     if param in ("presence_penalty", "frequency_penalty", "logit_bias"):
         return APIError(400, f"{param} is not supported by this server (only its default, off)", param)
     if param == "suffix":
         return APIError(400, "suffix is not supported by this server (no fill-in-the-middle)", param)
     return APIError(400, f"{'.'.join(location)}: {first['msg']}", param)
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """The request's JSON body, refused past limit bytes before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared):,} bytes; this server takes at most "
+                            f"{limit:,}")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"the request body is over {limit:,} bytes, the most this server takes")
+    except ClientDisconnect:  # nobody is left to answer: the route says so in one line of the log
+        raise APIError(499, "the client closed the connection while sending its request") from None
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"the request body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
 
 
 def parse(model: type[Strict], body: object) -> Strict:

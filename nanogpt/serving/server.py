@@ -20,7 +20,8 @@ import uvicorn
 from nanogpt.errors import ConfigError
 from nanogpt.generation.batching import Engine
 from nanogpt.generation.inference import open_model
-from nanogpt.serving.app import Service, create_app
+from nanogpt.serving.answers import Service
+from nanogpt.serving.app import create_app
 from nanogpt.serving.config import API_KEY_VARIABLE, ServeConfig, is_loopback
 
 GRACE_SECONDS = 5  # after a stop signal, the longest uvicorn waits for connections to close
@@ -80,7 +81,7 @@ def serve(config: ServeConfig) -> None:
     key = config.key()
     lm = open_model(config, "serving")
     name = config.name or config.ckpt or str(lm.source.where)
-    engine = Engine(lm.model, config.slots, lm.device, lm.dtype).start()
+    engine = Engine(lm, config.slots).start()
     app = create_app(Service(lm, engine, config, name))
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from nanogpt.text.tokenizers import description_json, load_tokenizer
+from nanogpt.text.tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 BLANK_LINE = "\n\n"  # how an answer ends where the vocabulary has no end-of-text token
@@ -50,15 +50,14 @@ class ChatTemplate:
     end_id: int | None = None
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: dict) -> ChatTemplate:
-        """The template for a tokenizer description: its end-of-text token ends answers, else a blank line."""
-        encoder = load_tokenizer(description_json(tokenizer))
-        if encoder.eot is None:
+    def for_tokenizer(cls, tokenizer: Tokenizer) -> ChatTemplate:
+        """The template for a tokenizer: its end-of-text token ends answers, else a blank line."""
+        if tokenizer.eot is None:
             return cls()
-        return cls(end_text=encoder.decode([encoder.eot]), end_id=encoder.eot)
+        return cls(end_text=tokenizer.decode([tokenizer.eot]), end_id=tokenizer.eot)
 
     @classmethod
-    def from_record(cls, record: dict | None, tokenizer: dict) -> ChatTemplate:
+    def from_record(cls, record: dict | None, tokenizer: Tokenizer) -> ChatTemplate:
         """The template a checkpoint or meta.json recorded; a model trained without one gets the default."""
         if not record:
             return cls.for_tokenizer(tokenizer)

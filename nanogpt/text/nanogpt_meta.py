@@ -16,6 +16,7 @@ import pickle
 from pathlib import Path
 
 from nanogpt.errors import CheckpointError, DataError
+from nanogpt.text.tokenizers import Tokenizer, load_tokenizer
 
 # The only values a nanoGPT meta.pkl needs: the types pickle builds without naming a global.
 PLAIN_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
@@ -69,8 +70,8 @@ def read_nanogpt_meta_pkl(path: str | Path) -> dict:
     return meta
 
 
-def read_char_vocabulary(path: str | Path) -> dict:
-    """Our character tokenizer description of nanoGPT's meta.pkl at path (its ``itos`` table).
+def read_char_vocabulary(path: str | Path) -> Tokenizer:
+    """Our character tokenizer for nanoGPT's meta.pkl at path (its ``itos`` table).
 
     Used for a nanoGPT checkpoint's vocabulary and for its prepared .bin folders alike.
     """
@@ -80,4 +81,4 @@ def read_char_vocabulary(path: str | Path) -> dict:
     vocabulary = [itos[i] for i in range(len(itos))]
     if not all(isinstance(token, str) and len(token) == 1 for token in vocabulary):
         raise MetaPickleError(f"{path} is not a character vocabulary (its tokens are not single characters)")
-    return {"kind": "char", "vocabulary": vocabulary}
+    return load_tokenizer({"kind": "char", "vocabulary": vocabulary})

@@ -1,8 +1,13 @@
-"""Tokenizers, each stored as a small JSON-able description that is enough to rebuild it.
+"""Tokenizers: one Tokenizer object inside the package, a small JSON-able description on disk.
 
-The description goes into a prepared dataset's meta.json and from there into
-every checkpoint, so sampling, eval, export and ``nanogpt.load`` need nothing
-but the checkpoint to turn text into ids and back. Kinds:
+Inside the package a tokenizer is a Tokenizer (encode, decode, eot, vocab_size,
+kind, name), equal to another exactly when their descriptions are, so "the
+model's tokenizer against the dataset's" is ``==`` and a Tokenizer can key a
+cache. Its ``description`` is what is stored: a prepared dataset's meta.json,
+from there every checkpoint, an export's nanogpt_tokenizer.json, and what a
+data worker process is given. So sampling, eval, export and ``nanogpt.load``
+need nothing but the checkpoint to turn text into ids and back, and
+load_tokenizer(description) gives the Tokenizer again (built once per process). Kinds:
 
 char (a text's own characters), tiktoken (GPT-2's BPE or any tiktoken
 encoding), hf (a Hugging Face ``tokenizers`` tokenizer: a BPE trained here on
@@ -17,6 +22,7 @@ that a character-level user needs neither. Nothing here imports Hydra or torch
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -97,6 +103,12 @@ class Tokenizer:
     encode_array is the fast path data preparation uses. Subclassing registers it.
     A kind that ``dataset.tokenizer=NAME`` can name also says which names are
     its own (names) and what description such a name stands for (describe).
+
+    A Tokenizer is a value: equal and hashed by its description in canonical
+    JSON. Kinds whose library is optional (tiktoken, tokenizers) build their
+    encoder on first use, so a model's tokenizer travels with it (export,
+    init_from's check, the loss on its own tokens) where that library is absent.
+    Make one with load_tokenizer(description); the description is never changed.
     """
 
     kind: str = ""
@@ -109,6 +121,25 @@ class Tokenizer:
 
     def __init__(self, description: dict):
         self.description = description
+        self.key = canonical_json(description)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __repr__(self) -> str:
+        return f"<Tokenizer {self.name}>"
+
+    @property
+    def name(self) -> str:
+        """A short name for messages: the kind and what tells it apart."""
+        return self.kind
+
+    def encodes_like(self, other: Tokenizer) -> bool:
+        """True when both give the same ids for any text: equal, or differing only in where they were read."""
+        return self == other
 
     @classmethod
     def names(cls, name: str) -> bool:
@@ -150,6 +181,10 @@ class CharTokenizer(Tokenizer):
         self.encode, self.decode = create_encoder_decoder(vocabulary)
         self.table = char_lookup(vocabulary)
 
+    @property
+    def name(self) -> str:
+        return f"char ({self.vocab_size} characters)"
+
     def encode_array(self, text: str) -> np.ndarray:
         points = code_points(text)
         if points.dtype != np.uint8 and points.size and int(points.max()) >= len(self.table):
@@ -174,12 +209,29 @@ class TiktokenTokenizer(Tokenizer):
         tiktoken_encoding(name)
         return GPT2_TOKENIZER if name == GPT2_ENCODING else {"kind": "tiktoken", "encoding": name}
 
-    def __init__(self, description: dict):
-        super().__init__(description)
-        encoding = tiktoken_encoding(description["encoding"])
-        self.vocab_size, self.eot = encoding.n_vocab, encoding.eot_token
+    @property
+    def name(self) -> str:
+        return f"tiktoken {self.description['encoding']}"
+
+    @functools.cached_property
+    def encoding(self):
+        """The tiktoken Encoding, read on first use (tiktoken and its files are needed only then)."""
+        return tiktoken_encoding(self.description["encoding"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    @property
+    def eot(self) -> int:
+        return self.encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
         # Special tokens such as <|endoftext|> inside a text are read as plain text.
-        self.encode, self.decode = encoding.encode_ordinary, encoding.decode
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)
 
 
 class HFTokenizer(Tokenizer):
@@ -195,11 +247,26 @@ class HFTokenizer(Tokenizer):
     def describe(cls, name: str) -> dict:
         return read_tokenizer_file(name)
 
-    def __init__(self, description: dict):
-        super().__init__(description)
-        self.hf = hf_tokenizer(description["json"])
-        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
-        self.eot = self.hf.token_to_id(END_OF_TEXT)
+    @property
+    def name(self) -> str:
+        return f"hf ({self.description.get('origin', 'a tokenizer.json')})"
+
+    def encodes_like(self, other: Tokenizer) -> bool:
+        # A tokenizer.json by its content, not by where it was read.
+        return isinstance(other, HFTokenizer) and self.description["json"] == other.description["json"]
+
+    @functools.cached_property
+    def hf(self):
+        """The Hugging Face tokenizer, parsed on first use (the tokenizers package is needed only then)."""
+        return hf_tokenizer(self.description["json"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot(self) -> int | None:
+        return self.hf.token_to_id(END_OF_TEXT)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -228,6 +295,10 @@ class IdsTokenizer(Tokenizer):
         super().__init__(description)
         self.vocab_size = int(description["vocab_size"])
 
+    @property
+    def name(self) -> str:
+        return f"ids ({self.vocab_size} ids of an unknown tokenizer)"
+
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in text.split()]
 
@@ -235,33 +306,30 @@ class IdsTokenizer(Tokenizer):
         return " ".join(str(i) for i in ids)
 
 
-def description_json(description: dict) -> str:
-    """A tokenizer description as canonical JSON: how it travels to workers and what load_tokenizer keys."""
+def canonical_json(description: dict) -> str:
+    """A tokenizer description as canonical JSON: what a Tokenizer is equal and hashed by."""
     return json.dumps(description, sort_keys=True)
 
 
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(description_json: str) -> Tokenizer:
-    """The Tokenizer for a description given as canonical JSON (built once per process)."""
-    description = json.loads(description_json)
-    kind = TOKENIZERS.get(description.get("kind"))
-    if kind is None:
+def load_tokenizer(description: dict) -> Tokenizer:
+    """The Tokenizer a stored description stands for (meta.json's, a checkpoint's), built once a process.
+
+    The Tokenizer keeps a copy of the description as given, key order and all:
+    what it writes back (meta.json, a checkpoint, an export) is what it read.
+    """
+    if not isinstance(description, dict) or description.get("kind") not in TOKENIZERS:
         raise DataError(f"unknown tokenizer {str(description)[:80]}; this version knows "
                         f"{', '.join(TOKENIZERS)}")
-    return kind(description)
+    key = canonical_json(description)
+    if key not in BUILT:
+        if len(BUILT) >= MAX_BUILT:
+            del BUILT[next(iter(BUILT))]  # the one built first
+        BUILT[key] = TOKENIZERS[description["kind"]](copy.deepcopy(description))
+    return BUILT[key]
 
 
-def tokenizer_codec(description: dict) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
-    """(encode, decode) for a tokenizer as described in meta.json and in checkpoints."""
-    tokenizer = load_tokenizer(description_json(description))
-    return tokenizer.encode, tokenizer.decode
-
-
-def tokenizer_name(description: dict) -> str:
-    """A short name for a tokenizer description, for messages."""
-    if description.get("kind") == "char":
-        return f"char ({len(description['vocabulary'])} characters)"
-    return f"{description.get('kind')} {description.get('encoding', '')}".strip()
+BUILT: dict[str, Tokenizer] = {}  # load_tokenizer's: canonical JSON -> its Tokenizer
+MAX_BUILT = 8  # tokenizers kept built in a process (a few at most are ever in use)
 
 
 def hf_tokenizer(tokenizer_json: str):
@@ -342,19 +410,19 @@ def knows_tokenizer(name: str) -> bool:
     return name in OWN_TOKENIZERS or any(kind.names(name) for kind in TOKENIZERS.values())
 
 
-def tokenizer_description(name: str) -> dict:
-    """The description of a tokenizer given by name (a tiktoken encoding) or path (a tokenizer.json).
+def named_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer given by name (a tiktoken encoding) or path (a tokenizer.json) as dataset.tokenizer.
 
     Loading it here is the check: a missing or broken file, or an encoding whose
     files cannot be had offline, fails before any data is touched.
     """
     for kind in TOKENIZERS.values():
         if kind.names(name):
-            return kind.describe(name)
+            return load_tokenizer(kind.describe(name))
     raise DataError(f"dataset.tokenizer={name!r} names no tokenizer this version knows")
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> dict:
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE of vocab_size ids trained on texts, with <|endoftext|> as id 0.
 
     Byte-level (GPT-2's pre-tokenizer and byte alphabet) so that any text can be
@@ -373,7 +441,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> dict:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator((part for text in texts for part in slices(text)), trainer=trainer)
-    return {"kind": "hf", "origin": f"bpe trained here, vocab_size={vocab_size}", "json": tokenizer.to_str()}
+    return load_tokenizer({"kind": "hf", "origin": f"bpe trained here, vocab_size={vocab_size}",
+                           "json": tokenizer.to_str()})
 
 
 # A newline between two visible ASCII characters: every tiktoken pattern and byte-level BPE
@@ -397,16 +466,16 @@ def slices(text: str, size: int = 1 << 16) -> Iterator[str]:
         start = end
 
 
-def write_hf_tokenizer(description: dict, directory: Path) -> bool:
+def write_hf_tokenizer(tokenizer: Tokenizer, directory: Path) -> bool:
     """Write tokenizer.json and tokenizer_config.json for an hf-kind tokenizer; False for other kinds.
 
     AutoTokenizer.from_pretrained(directory) then encodes text to the ids our model was trained on.
     """
-    if description.get("kind") != "hf":
+    if tokenizer.kind != "hf":
         return False
-    (directory / "tokenizer.json").write_text(description["json"], encoding="utf-8")
+    (directory / "tokenizer.json").write_text(tokenizer.description["json"], encoding="utf-8")
     settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    if hf_tokenizer(description["json"]).token_to_id(END_OF_TEXT) is not None:
+    if tokenizer.eot is not None:
         settings.update(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT)
     (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
     return True

@@ -100,16 +100,24 @@ class RunRecords:
         if self.owner:
             self.logger.log_sample(text, step=self.records[-1].get("iter", 0) if self.records else 0)
 
-    def summary(self) -> dict:
-        """The run's figures as summary.json holds them."""
-        return summarise(self.records, wall_time_s=round(time.time() - self.started, 3))
+    def age_s(self) -> float:
+        """Seconds since these records started: the wall time of this piece of the run."""
+        return time.time() - self.started
 
-    def close(self) -> None:
-        """Write summary.json and close the metrics file and the logger."""
+    def summary(self, wall_time_s: float | None = None) -> dict:
+        """The run's figures as summary.json holds them, with the wall time given (else age_s())."""
+        wall_time_s = round(self.age_s(), 3) if wall_time_s is None else wall_time_s
+        return summarise(self.records, wall_time_s=wall_time_s)
+
+    def close(self, wall_time_s: float | None = None) -> None:
+        """Write summary.json and close the metrics file and the logger.
+
+        wall_time_s: the run's, which a resumed run's Trainer counts from its earlier pieces on.
+        """
         self.progress.close()
         if not self.owner:
             return
-        summary = self.summary()
+        summary = self.summary(wall_time_s)
         write_atomically(self.run_dir / SUMMARY_FILE,
                          lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
         self.logger.update_summary({"wall_time_s": summary["wall_time_s"]})

@@ -35,19 +35,22 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
     seed_everything(cfg.seed)
     runtime = Runtime.start(cfg.device, cfg.distributed.strategy)
     with distributed.set_up_together(runtime.dist):  # a rank that fails here stops the others quietly
-        base = pretrained_base(cfg.model)  # model.init_from's (model, tokenizer); None: from scratch
-        base_tokenizer = base and base[1]
+        base = pretrained_base(cfg.model)  # model.init_from opened (weights unread); None: from scratch
+        base_tokenizer = base and base.tokenizer
         # A resumed run reads exactly the tokens its checkpoint records (or says why it cannot).
         data = (recorded_dataset(cfg.dataset, Path(cfg.data_root), resume.get("data"), base_tokenizer)
                 if resume else prepare_dataset(cfg.dataset, Path(cfg.data_root), base_tokenizer))
-        model = initial_model(cfg.model, data.vocab_size, data.meta["tokenizer"], base)
+        # Under FSDP each process builds and fills only its shards: the whole model exists nowhere.
+        model = initial_model(cfg.model, data.vocab_size, data.tokenizer, base, runtime.new_model)
         model = lora.adapt(model, cfg.lora, cfg.model.init_from, runtime.dtype)
     log.info("data: %s in %s, vocab %d, %d train / %d val tokens", cfg.dataset.name, data.directory,
              data.vocab_size, data.meta["train_tokens"], data.meta["val_tokens"])
     log.info("model: %.2fM parameters, %s", model.num_params() / 1e6, model.config)
     log.info("device: %s, dtype %s, compile %s, %d threads", runtime.device,
              str(runtime.dtype).removeprefix("torch."), runtime.compile, torch.get_num_threads())
-    if runtime.dist.enabled:  # the same weights everywhere (seeded alike, and DDP broadcasts), other dropout
+    if runtime.dist.enabled:
+        log.info(runtime.describe(model))  # once: only rank 0 logs
+        # The same weights everywhere (seeded alike, and DDP broadcasts), other dropout.
         torch.manual_seed(cfg.seed + runtime.dist.rank)
     # What the run is: everything sampling, eval and resume need besides the weights.
     about = {"model_config": asdict(model.config), "tokenizer": data.meta["tokenizer"],

@@ -46,7 +46,7 @@ class Trainer(TrainingState):
         self.cfg, self.run_dir, self.runtime, self.data = cfg, run_dir, runtime, data
         self.model, self.about, self.overrides = model.to(runtime.device), about or {}, overrides
         dist = runtime.dist
-        self.forward = runtime.wrap(self.model)  # before the optimizer: sharding swaps parameters
+        self.forward = runtime.wrap(self.model)  # DDP, compiled; sharded, it came so (new_model)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler(runtime.device.type,
@@ -55,8 +55,7 @@ class Trainer(TrainingState):
         # Every rank draws the same global batch from the same seed and keeps its own share.
         self.sampler = BatchSampler(data, cfg.model.block_size, cfg.batch_size, runtime.device,
                                     cfg.seed, rank=dist.rank, world_size=dist.world_size)
-        self.accumulation = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps,
-                                                              dist)
+        self.accumulation = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps, dist)
         self.throughput = Throughput.of_run(cfg, model, runtime.peak_flops)
         self.iter_num, self.best_val_loss, self.grad_norm = 0, math.inf, torch.zeros(())
         self.loss_watch = LossWatch(runtime.device)
@@ -70,7 +69,7 @@ class Trainer(TrainingState):
             self.load_state_dict(resume)
         self.checkpoints = RunCheckpoints(run_dir, dist, resume and self.iter_num)
         plan = RunPlan(cfg.max_iters, cfg.eval_interval, cfg.gradient_accumulation_steps,
-                       runtime.device.type)
+                       runtime.device.type, cfg.eval_at_start, tuple(overrides))
         resumed = resume and Resumed(self.iter_num, self.last_eval_iter)
         self.records = RunRecords(run_dir, cfg.logger, self.about.get("config"),
                                   run_id=self.tracker_run_id, plan=plan, resumed=resumed)
@@ -186,7 +185,7 @@ class Trainer(TrainingState):
         if self.cfg.save_checkpoints:
             self.save_checkpoints(best=False)
             saved = self.checkpoints.how_to_resume()
-        self.records.close()
+        self.records.close(self.wall_time_s())
         distributed.barrier(self.runtime.dist)  # nobody exits (ending the job) before rank 0 saved
         self.runtime.close()
         if self.runtime.dist.is_main:
@@ -202,7 +201,7 @@ class Trainer(TrainingState):
         try:
             with self.stop.interruptible(alone=True), self.ctx:  # no collectives left to wait for
                 if self.cfg.sample_tokens > 0 and self.runtime.dist.is_main:
-                    text = sample_text(model, self.data.meta["tokenizer"],
+                    text = sample_text(model, self.data.tokenizer,
                                        self.cfg.sample_tokens, self.runtime.device)
                     log.info("sample:\n%s", text)
                     self.records.log_sample(text)
@@ -210,4 +209,4 @@ class Trainer(TrainingState):
             self.stopped_by = stop.signum
             log.warning("stopped by %s during the end-of-run sample; training had finished: %s",
                         stop.signum.name, self.checkpoints.describe())
-        self.records.close()
+        self.records.close(self.wall_time_s())

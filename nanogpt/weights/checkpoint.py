@@ -14,13 +14,13 @@ from __future__ import annotations
 import pickle
 import secrets
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from nanogpt.errors import CheckpointError
 from nanogpt.fileio import write_atomically
-from nanogpt.model import GPT, GPTConfig
 from nanogpt.runtime.distributed import DistributedContext, from_main, launch_command
 from nanogpt.weights import sharded
 
@@ -67,11 +67,13 @@ class RefusedWrites:
         self.file.flush()
 
 
-def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> object:
+def read_torch_file(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> object:
     """What torch.save wrote to path, read without executing anything from it; clear errors for bad files.
 
     Used for our checkpoints and for karpathy/nanoGPT's ckpt.pt alike: both hold
-    only tensors and plain data, so weights_only=True reads them.
+    only tensors and plain data, so weights_only=True reads them. With mmap the
+    tensors are the file's bytes mapped into memory (privately: changing one
+    leaves the file as it is), read from disk only where they are used.
     """
     path = Path(path)
     if not path.is_file():
@@ -84,7 +86,7 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> obj
             "refused: loading them could run code); use another checkpoint, e.g. the run's last.pt or best.pt"
         )
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
@@ -105,13 +107,14 @@ def is_our_checkpoint(state: object) -> bool:
     return isinstance(state, dict) and ("model" in state or "shards" in state) and "model_config" in state
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """Read one of our checkpoints without executing anything from it; clear errors for bad files.
 
     A sharded checkpoint's weights stay on disk (with_weights() reads them whole); its
     "shards" becomes the folder's full path, once every shard in it has been found.
+    mmap: see read_torch_file.
     """
-    state = read_torch_file(path, map_location)
+    state = read_torch_file(path, map_location, mmap)
     if not is_our_checkpoint(state):
         raise CheckpointError(f"{path} is not a nanogpt checkpoint (no model or model_config in it)")
     return find_shards(state, Path(path))
@@ -134,11 +137,11 @@ def with_weights(state: dict, path: Path) -> dict:
     return state
 
 
-def model_from_checkpoint(state: dict) -> GPT:
-    """Recreate the GPT a checkpoint describes, with its weights loaded."""
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model
+def weights_of(state: dict, path: Path) -> Mapping[str, torch.Tensor]:
+    """The weights of the state read from path, by name: its own, or a sharded one's read when looked up."""
+    if "model" in state:
+        return state["model"]
+    return sharded.read_each(Path(find_shards(state, path)["shards"]), path)
 
 
 def find_checkpoint(path: str | Path) -> Path:

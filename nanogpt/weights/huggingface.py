@@ -5,11 +5,12 @@ checkpoint maps onto it name for name, with two differences:
 
 * Hugging Face keeps GPT-2's original ``Conv1D`` layers, whose weight is the
   transpose of an ``nn.Linear``'s: the attention and MLP matrices are
-  transposed on the way out (and, in read_hf_directory below, on the way in).
+  transposed on the way out (and, in hf_weights below, on the way in).
 * GPT-2 was trained with the tanh approximation of GELU
   (``activation_function: gelu_new``); the export says which GELU the model uses.
 
-read_hf_directory() brings a Hugging Face directory in (nanogpt/weights/loading.py
+hf_weights() opens a Hugging Face directory, reading each weight when it is
+asked for, and read_hf_directory() brings one in whole (nanogpt/weights/loading.py
 resolves every kind of source); export_model() writes any model we hold as a
 Hugging Face directory, so a karpathy/nanoGPT checkpoint can be exported too.
 ``transformers`` then loads it with ``GPT2LMHeadModel.from_pretrained``.
@@ -19,15 +20,16 @@ Nothing here imports Hydra.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from nanogpt.errors import CheckpointError, ConfigError, describe_library_error, first_line, require_package
-from nanogpt.fileio import write_directory
+from nanogpt.fileio import OnDemand, write_directory
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.text.tokenizers import GPT2_TOKENIZER, write_hf_tokenizer
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, Tokenizer, load_tokenizer, write_hf_tokenizer
 
 # OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
 PRETRAINED = {
@@ -98,17 +100,29 @@ def config_from_hf(hf: dict, source: Path) -> GPTConfig:
     )
 
 
-def read_hf_directory(directory: Path) -> tuple[GPT, dict]:
-    """Our GPT and its tokenizer description from a Hugging Face GPT-2 directory.
+def read_hf_directory(directory: Path) -> tuple[GPT, Tokenizer]:
+    """Our GPT and its tokenizer from a Hugging Face GPT-2 directory (see hf_weights)."""
+    config, weights, tokenizer = hf_weights(directory)
+    model = GPT(config)
+    with torch.no_grad():
+        for key, target in model.state_dict().items():
+            target.copy_(weights[key])
+    return model, tokenizer
 
-    The directory holds config.json and model.safetensors, as save_pretrained writes them.
+
+def hf_weights(directory: Path) -> tuple[GPTConfig, Mapping[str, torch.Tensor], Tokenizer]:
+    """The shape, weights and tokenizer of a Hugging Face GPT-2 directory, its weights unread.
+
+    The directory holds config.json and model.safetensors, as save_pretrained
+    writes them. The weights come under our names, each read from the file when
+    looked up (an FSDP process keeps its rows of each and lets it go).
 
     Hugging Face keeps GPT-2's Conv1D layers, whose weights are the transpose
     of nn.Linear's; GPT-2 was trained with the tanh GELU, which config_from_hf
     selects so the logits are the original's.
     """
     require_package("safetensors", "hf", f"reading the Hugging Face directory {directory}")
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     weights_file = directory / "model.safetensors"
     if not (directory / "config.json").is_file() or not weights_file.is_file():
@@ -122,24 +136,31 @@ def read_hf_directory(directory: Path) -> tuple[GPT, dict]:
         raise CheckpointError(f"{directory}/config.json is not a Hugging Face GPT-2 config ({reason}); give "
                               "a directory that save_pretrained wrote") from None
     try:
-        weights = load_file(weights_file)
+        tensors = safe_open(str(weights_file), framework="pt")  # reads the table of contents, checked
     except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError for a damaged file)
         raise CheckpointError(f"{weights_file} cannot be read: safetensors says {describe_library_error(e)}; "
                               "is it complete? (save it again with save_pretrained)") from None
-    hf_state = {key.removeprefix("transformer."): value for key, value in weights.items()}
-    model = GPT(config)
-    with torch.no_grad():
-        for key, target in model.state_dict().items():
-            if key == "lm_head.weight":
-                continue  # tied to transformer.wte.weight
-            hf_key = key.removeprefix("transformer.")
-            if hf_key not in hf_state:
-                raise CheckpointError(f"{weights_file} has no tensor {hf_key}; is it a GPT-2 checkpoint?")
-            value = hf_state[hf_key]
-            target.copy_(value.t() if hf_key.endswith(CONV1D_WEIGHTS) else value)
+    stored = {key.removeprefix("transformer."): key for key in tensors.keys()}
+    ours = {}  # our name -> its key in the file; the output layer is the token embedding (tied)
+    for key in model_state_names(config):
+        hf_key = "wte.weight" if key == "lm_head.weight" else key.removeprefix("transformer.")
+        if hf_key not in stored:
+            raise CheckpointError(f"{weights_file} has no tensor {hf_key}; is it a GPT-2 checkpoint?")
+        ours[key] = stored[hf_key]
+
+    def read(key: str) -> torch.Tensor:
+        value = tensors.get_tensor(ours[key])
+        return value.t() if key.endswith(CONV1D_WEIGHTS) else value
+
     tokenizer_file = directory / TOKENIZER_FILE
-    tokenizer = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else GPT2_TOKENIZER
-    return model, tokenizer
+    description = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else GPT2_TOKENIZER
+    return config, OnDemand(ours, read), load_tokenizer(description)
+
+
+def model_state_names(config: GPTConfig) -> list[str]:
+    """The names in the state_dict of a GPT of config's shape (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return list(GPT(config).state_dict())
 
 
 # Out to Hugging Face ---------------------------------------------------------------------------
@@ -171,8 +192,8 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model") -> Path:
-    """Write model (with its tokenizer description) as the Hugging Face GPT-2 directory out.
+def export_model(model: GPT, tokenizer: Tokenizer, out: Path, where: str = "the model") -> Path:
+    """Write model (with its tokenizer's description) as the Hugging Face GPT-2 directory out.
 
     out must be new, empty or an earlier export; it is written whole, staged
     beside it and moved into place (fileio.write_directory).
@@ -192,7 +213,8 @@ def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model
             f"{ckpt_path} was trained with {settings}; only GPT-2's own architecture "
             "(the default model options) can be exported as Hugging Face GPT-2"
         )
-    eos = 50256 if tokenizer == GPT2_TOKENIZER else None
+    gpt2 = tokenizer.description == GPT2_TOKENIZER
+    eos = 50256 if gpt2 else None
     hf_config = GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
         n_layer=config.n_layer, n_head=config.n_head,
@@ -211,8 +233,8 @@ def export_model(model: GPT, tokenizer: dict, out: Path, where: str = "the model
 
     def fill(directory: Path) -> None:
         hf_model.save_pretrained(directory, safe_serialization=True)
-        (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer))
-        if tokenizer == GPT2_TOKENIZER:
+        (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer.description))
+        if gpt2:
             write_gpt2_tokenizer(directory)
         write_hf_tokenizer(tokenizer, directory)  # bpe and tokenizer.json models: AutoTokenizer loads them
 

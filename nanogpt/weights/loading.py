@@ -11,14 +11,17 @@ takes all four, so a model that samples also evaluates, exports and finetunes:
 * a Hugging Face GPT-2 directory (``save_pretrained``, ``nanogpt.export``);
 * one of OpenAI's GPT-2 sizes by name, from the Hugging Face Hub.
 
-resolve_source() turns any of them into a GPT on the CPU plus its tokenizer
-description; initial_model() makes the model a training run starts from
-(``model.init_from``). Nothing here imports Hydra.
+open_source() finds out which it is and opens it, its weights unread (each is
+read when looked up); resolve_source() turns it into a GPT on the CPU plus its
+Tokenizer; initial_model() makes the model a training run starts from
+(``model.init_from``), whole or, under FSDP, each process's shards alone,
+filled a weight at a time. Nothing here imports Hydra.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,22 +29,23 @@ import torch
 
 from nanogpt.errors import CheckpointError, ConfigError, UserError, require_package
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.runtime.sharding import COMPILED, put_rows
 from nanogpt.text.nanogpt_meta import read_char_vocabulary
-from nanogpt.text.tokenizers import GPT2_TOKENIZER
+from nanogpt.text.tokenizers import GPT2_TOKENIZER, Tokenizer, load_tokenizer
 from nanogpt.weights import lora
 from nanogpt.weights.checkpoint import (
     BEST,
     LAST,
     find_checkpoint,
     is_our_checkpoint,
-    model_from_checkpoint,
     read_torch_file,
+    weights_of,
     with_weights,
 )
 from nanogpt.weights.huggingface import (
     PRETRAINED,
     download_pretrained,
-    read_hf_directory,
+    hf_weights,
     require_hub_packages,
 )
 
@@ -61,17 +65,51 @@ class LoadedSource:
     """A model read from some source, with what is known about how it was made."""
 
     model: GPT  # on the CPU, in training mode as constructed
-    tokenizer: dict  # the description data.tokenizer_codec reads
+    tokenizer: Tokenizer  # what turns its text into ids and back
     kind: str  # "run" (ours), "nanoGPT" (karpathy's), "huggingface"
     where: str  # the file, directory or Hub repository that was read
     config: dict = field(default_factory=dict)  # the run's own config, when the source keeps one
     data_dir: Path | None = None  # nanoGPT: the data/<dataset> folder its meta.pkl was found in
     trained_on: dict | None = None  # ours: the prepared data the run trained on (pipeline.data_record)
     chat_template: dict | None = None  # the chat template it was finetuned with (dataset=sft), if any
+    iteration: int | None = None  # ours: the training iteration its weights are from (0: untrained)
+
+
+@dataclass
+class Source:
+    """A source opened, its weights not yet read: a LoadedSource's facts, with its GPT's shape for the GPT."""
+
+    shape: GPTConfig
+    weights: Mapping[str, torch.Tensor]  # our state_dict names; each read when looked up (or mapped: mmap)
+    tokenizer: Tokenizer
+    kind: str
+    where: str
+    config: dict = field(default_factory=dict)
+    data_dir: Path | None = None
+    trained_on: dict | None = None
+    chat_template: dict | None = None
+    model: GPT | None = None  # built already (a LoRA run's, its adapters merged into the base)
+    iteration: int | None = None
+
+    def loaded(self) -> LoadedSource:
+        """The source as a GPT on the CPU, with what is known about it."""
+        model = self.model
+        if model is None:
+            model = GPT(self.shape)
+            with torch.no_grad():
+                for name, target in model.state_dict().items():
+                    target.copy_(self.weights[name])
+        return LoadedSource(model, self.tokenizer, self.kind, self.where, self.config, self.data_dir,
+                            self.trained_on, self.chat_template, self.iteration)
 
 
 def resolve_source(source: str | Path, key: str = "ckpt", meta: str | Path | None = None) -> LoadedSource:
-    """Read the model that source names; key is the setting it came from, for error messages.
+    """Read the model that source names; key is the setting it came from, for error messages (open_source)."""
+    return open_source(source, key, meta).loaded()
+
+
+def open_source(source: str | Path, key: str = "ckpt", meta: str | Path | None = None) -> Source:
+    """Open the model that source names, its weights unread; key is the setting it came from, for messages.
 
     A path is looked at first (a directory by what it holds, a file by its
     contents), then a GPT-2 name. meta points at a nanoGPT meta.pkl (or the
@@ -81,21 +119,21 @@ def resolve_source(source: str | Path, key: str = "ckpt", meta: str | Path | Non
     path = Path(text).expanduser()
     if path.is_dir():
         if (path / BEST).is_file() or (path / LAST).is_file():
-            loaded = read_file(find_checkpoint(path), key, meta)
+            loaded = open_file(find_checkpoint(path), key, meta)
         elif (path / NANOGPT_CKPT).is_file():
-            loaded = read_file(path / NANOGPT_CKPT, key, meta)
+            loaded = open_file(path / NANOGPT_CKPT, key, meta)
         elif (path / "config.json").is_file():
-            loaded = LoadedSource(*read_hf_directory(path), "huggingface", str(path))
+            loaded = Source(*hf_weights(path), "huggingface", str(path))
         else:
             raise CheckpointError(
                 f"{key}={text} holds no {BEST} or {LAST} (our runs), no {NANOGPT_CKPT} (nanoGPT's "
                 "out_dir) and no config.json + model.safetensors (Hugging Face)"
             )
     elif path.is_file():
-        loaded = read_file(path, key, meta)
+        loaded = open_file(path, key, meta)
     elif text in PRETRAINED:
         directory = download_pretrained(text, key)
-        loaded = LoadedSource(*read_hf_directory(directory), "huggingface", str(directory))
+        loaded = Source(*hf_weights(directory), "huggingface", str(directory))
     else:
         raise CheckpointError(
             f"{key}={text} does not exist and is no known model name; {key}= takes {ACCEPTED}"
@@ -123,16 +161,19 @@ def require_source_packages(source: str | Path | None, key: str = "ckpt") -> Non
         require_hub_packages(str(source), key)
 
 
-def read_file(path: Path, key: str, meta: str | Path | None) -> LoadedSource:
-    """A .pt file: ours or karpathy/nanoGPT's, told apart by their keys."""
-    state = read_torch_file(path)
+def open_file(path: Path, key: str, meta: str | Path | None) -> Source:
+    """A .pt file: ours or karpathy/nanoGPT's, told apart by their keys; its tensors mapped, not read."""
+    state = read_torch_file(path, mmap=True)
     if is_our_checkpoint(state):
-        state, config = with_weights(state, path), state.get("config") or {}
-        model = model_with_adapters(state, path) if state.get("lora") else model_from_checkpoint(state)
-        return LoadedSource(model, state["tokenizer"], "run", str(path), config,
-                            trained_on=state.get("data"), chat_template=state.get("chat_template"))
+        shape, model = GPTConfig(**state["model_config"]), None
+        if state.get("lora"):  # the base read again and the adapters merged: whole, in this process
+            model = model_with_adapters(with_weights(state, path), path)
+        weights = model.state_dict() if model else weights_of(state, path)
+        return Source(shape, weights, load_tokenizer(state["tokenizer"]), "run", str(path),
+                      state.get("config") or {}, trained_on=state.get("data"),
+                      chat_template=state.get("chat_template"), model=model, iteration=state.get("iter_num"))
     if isinstance(state, dict) and "model" in state and "model_args" in state:
-        return read_nanogpt_checkpoint(state, path, meta)
+        return open_nanogpt_checkpoint(state, path, meta)
     raise CheckpointError(
         f"{key}={path} is not a nanogpt checkpoint (no model_config) nor karpathy/nanoGPT's (no model_args)"
     )
@@ -162,8 +203,8 @@ def model_with_adapters(state: dict, path: Path) -> GPT:
 # karpathy/nanoGPT --------------------------------------------------------------------------------
 
 
-def read_nanogpt_checkpoint(state: dict, path: Path, meta: str | Path | None) -> LoadedSource:
-    """Our GPT with the weights of a nanoGPT ckpt.pt, and its vocabulary.
+def open_nanogpt_checkpoint(state: dict, path: Path, meta: str | Path | None) -> Source:
+    """A nanoGPT ckpt.pt as our GPT's shape and weights, and its vocabulary.
 
     nanoGPT's model is GPT-2's with exact GELU, and its parameters have our
     names. A model saved after torch.compile prefixes them with ``_orig_mod.``;
@@ -177,19 +218,19 @@ def read_nanogpt_checkpoint(state: dict, path: Path, meta: str | Path | None) ->
     )
     weights = {name.removeprefix("_orig_mod."): value for name, value in state["model"].items()}
     weights = {name: value for name, value in weights.items() if not name.endswith(".attn.bias")}
-    model = GPT(config)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit nanoGPT's GPT of its model_args: {e}") from None
+    with torch.device("meta"):  # names and shapes checked, nothing read or allocated
+        try:
+            GPT(config).load_state_dict(weights, assign=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not fit nanoGPT's GPT of its model_args: {e}") from None
     run_config = state.get("config") or {}
     tokenizer, data_dir = nanogpt_vocabulary(path, run_config.get("dataset"), config.vocab_size, meta)
-    return LoadedSource(model, tokenizer, "nanoGPT", str(path), run_config, data_dir)
+    return Source(config, weights, tokenizer, "nanoGPT", str(path), run_config, data_dir)
 
 
 def nanogpt_vocabulary(
     ckpt: Path, dataset: str | None, vocab_size: int, meta: str | Path | None
-) -> tuple[dict, Path | None]:
+) -> tuple[Tokenizer, Path | None]:
     """The tokenizer of a nanoGPT checkpoint and the data folder its meta.pkl is in.
 
     Looked for where nanoGPT's sample.py looks, data/<dataset>/meta.pkl under the
@@ -210,7 +251,7 @@ def nanogpt_vocabulary(
     if meta is not None:
         raise CheckpointError(f"meta={meta}: no meta.pkl there")
     if vocab_size in GPT2_VOCAB_SIZES:
-        return GPT2_TOKENIZER, None
+        return load_tokenizer(GPT2_TOKENIZER), None
     looked = ", ".join(str(c.resolve()) for c in candidates) or "nowhere (its config names no dataset)"
     raise CheckpointError(
         f"{ckpt} is a nanoGPT checkpoint with a {vocab_size}-token vocabulary, but no meta.pkl was found "
@@ -228,56 +269,82 @@ def load_pretrained(
     dropout: float = 0.0,
     vocab_multiple: int = 1,
     gradient_checkpointing: bool = False,
-) -> tuple[GPT, dict]:
-    """(model, tokenizer description) to start training from, for ``model.init_from=SOURCE``.
+) -> tuple[GPT, Tokenizer]:
+    """(model, its tokenizer) to start training from, for ``model.init_from=SOURCE``."""
+    return Pretrained.open(source, block_size, dropout, vocab_multiple, gradient_checkpointing).model()
 
-    The shape comes from the weights; block_size crops the learned positions
-    (the model then reads at most that many tokens), dropout replaces the
-    source's for finetuning, and vocab_multiple pads the vocabulary (the padded
-    rows keep their fresh initialisation; they are never looked up).
-    """
-    loaded = resolve_source(source, key="model.init_from")
-    trained = loaded.model.config
-    if block_size is not None and block_size > trained.block_size:
-        raise ConfigError(
-            f"model.block_size={block_size} is longer than the {trained.block_size} positions "
-            f"{source} was trained with; use model.block_size<={trained.block_size}"
+
+@dataclass
+class Pretrained:
+    """model.init_from's source, opened, and the shape a run trains it in."""
+
+    source: Source
+    config: GPTConfig
+
+    @classmethod
+    def open(cls, source: str, block_size: int | None = None, dropout: float = 0.0, vocab_multiple: int = 1,
+             gradient_checkpointing: bool = False) -> Pretrained:
+        """The source opened to start training from; its weights are read only by model().
+
+        The shape comes from the weights; block_size crops the learned positions
+        (the model then reads at most that many tokens), dropout replaces the
+        source's for finetuning, and vocab_multiple pads the vocabulary (the padded
+        rows keep their fresh initialisation; they are never looked up).
+        """
+        opened = open_source(source, key="model.init_from")
+        trained = opened.shape
+        if block_size is not None and block_size > trained.block_size:
+            raise ConfigError(
+                f"model.block_size={block_size} is longer than the {trained.block_size} positions "
+                f"{source} was trained with; use model.block_size<={trained.block_size}"
+            )
+        config = replace(
+            trained, block_size=block_size or trained.block_size, dropout=dropout,
+            vocab_multiple=vocab_multiple, gradient_checkpointing=gradient_checkpointing,
         )
-    config = replace(
-        trained, block_size=block_size or trained.block_size, dropout=dropout,
-        vocab_multiple=vocab_multiple, gradient_checkpointing=gradient_checkpointing,
-    )
-    model = GPT(config)
-    weights = loaded.model.state_dict()
-    with torch.no_grad():
-        for key, target in model.state_dict().items():
-            rows = min(target.shape[0], weights[key].shape[0])  # crops positions, pads the vocabulary
-            target[:rows].copy_(weights[key][:rows])
-    return model, loaded.tokenizer
+        return cls(opened, config)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.source.tokenizer
+
+    def model(self, new_model: Callable[[GPTConfig], GPT] = GPT) -> tuple[GPT, Tokenizer]:
+        """(model, tokenizer): new_model's fresh GPT (whole, or this process's shards), the weights put in.
+
+        Each weight is read in turn and its rows copied (this process's alone,
+        when sharded), cropping the positions or leaving the padded rows fresh.
+        """
+        model = new_model(self.config)
+        for name, target in model.named_parameters():
+            put_rows(target, self.source.weights[name.replace(COMPILED, "")])
+        return model, self.source.tokenizer
 
 
-def pretrained_base(model_cfg) -> tuple[GPT, dict] | None:
-    """(model, tokenizer) of model.init_from as a run trains it (its block_size, dropout...), or None."""
+def pretrained_base(model_cfg) -> Pretrained | None:
+    """model.init_from opened as a run trains it (its block_size, dropout...), weights unread; or None."""
     if model_cfg.init_from is None:
         return None
     log.info("model: initialised from %s (shape taken from the weights)", model_cfg.init_from)
-    return load_pretrained(
+    return Pretrained.open(
         model_cfg.init_from, block_size=model_cfg.block_size, dropout=model_cfg.dropout,
         vocab_multiple=model_cfg.vocab_multiple, gradient_checkpointing=model_cfg.gradient_checkpointing,
     )
 
 
-def initial_model(model_cfg, vocab_size: int, tokenizer: dict, base: tuple[GPT, dict] | None = None) -> GPT:
+def initial_model(model_cfg, vocab_size: int, tokenizer: Tokenizer, base: Pretrained | None = None,
+                  new_model: Callable[[GPTConfig], GPT] = GPT) -> GPT:
     """The GPT a run starts from: fresh, of model_cfg's shape (a ModelConfig), or model.init_from's weights.
 
-    Pretrained weights (base, if pretrained_base() already read them) must come with the dataset's tokenizer.
+    new_model makes the fresh GPT (whole, or under FSDP this process's shards:
+    Runtime.new_model). Pretrained weights (base, if pretrained_base() already
+    opened them) must come with the dataset's tokenizer.
     """
     if model_cfg.init_from is None:
-        return GPT(model_cfg.gpt_config(vocab_size=vocab_size))
-    model, trained_with = base or pretrained_base(model_cfg)
-    if trained_with != tokenizer:
+        return new_model(model_cfg.gpt_config(vocab_size=vocab_size))
+    base = base or pretrained_base(model_cfg)
+    if base.tokenizer != tokenizer:
         raise ConfigError(
-            f"model.init_from={model_cfg.init_from} was trained with tokenizer {trained_with.get('kind')}, "
-            f"but the dataset uses {tokenizer.get('kind')}; pick a dataset with the same tokenizer "
+            f"model.init_from={model_cfg.init_from} was trained with tokenizer {base.tokenizer.name}, "
+            f"but the dataset uses {tokenizer.name}; pick a dataset with the same tokenizer "
             "(e.g. dataset=shakespeare for GPT-2)")
-    return model
+    return base.model(new_model)[0]

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from nanogpt.errors import CheckpointError
+from nanogpt.fileio import OnDemand
 from nanogpt.runtime import sharding
 
 METADATA = ".metadata"  # DCP's name for its table of contents
@@ -168,42 +169,69 @@ def read_into(folder: Path, tensors: dict) -> None:
 
 def read_whole(folder: Path, named_by: Path, key: str = "model") -> dict[str, torch.Tensor]:
     """The whole tensors under key (every weight), assembled from all the shards, in this process alone."""
-    metadata = check(folder, named_by)
-    prefix = f"{key}."
-    tensors = {name.removeprefix(prefix): torch.empty(entry.size, dtype=entry.properties.dtype)
-               for name, entry in metadata.state_dict_metadata.items() if name.startswith(prefix)}
+    return dict(read_each(folder, named_by, key))
+
+
+def read_each(folder: Path, named_by: Path, key: str = "model") -> OnDemand:
+    """The tensors under key by name, each assembled whole from the shards when looked up, in this process.
+
+    A reader that keeps only part of each (a sharded job's init_from) so never
+    holds more than one whole tensor.
+    """
     import torch.distributed.checkpoint as dcp
 
-    with alone():
-        dcp.load({key: tensors}, storage_reader=reader(folder), no_dist=True)
-    return tensors
+    prefix, metadata = f"{key}.", check(folder, named_by)
+    entries = {name.removeprefix(prefix): entry
+               for name, entry in metadata.state_dict_metadata.items() if name.startswith(prefix)}
+
+    def read(name: str) -> torch.Tensor:
+        tensor = torch.empty(entries[name].size, dtype=entries[name].properties.dtype)
+        with alone():
+            dcp.load({key: {name: tensor}}, storage_reader=reader(folder), no_dist=True)
+        return tensor
+
+    return OnDemand(entries, read)
 
 
 def load_into(model: nn.Module, optimizer, state: dict) -> None:
     """Put a checkpoint's weights and optimizer state into this process's model and optimizer.
 
     A sharded checkpoint (state["shards"]) is read by DCP, each process reading
-    what its share needs, whatever the job's size and layout now; a whole one
-    (DDP's, or a single process's) is cut into this process's shards.
+    what its share needs, whatever the job's size and layout now; from a whole
+    one (DDP's, or a single process's, read through a memory map), each process
+    copies its own rows of every tensor. Either way no process holds more than its share.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     parts = sharding.torch_optimizers(optimizer)
+    weights, optimizer_state = get_state_dict(model, list(parts.values()))  # this process's: what to fill
     if "shards" in state:
         folder = Path(state["shards"])
-        weights, optimizer_state = get_state_dict(model, list(parts.values()))  # the shapes to read into
         if not holds(folder, "optimizer"):  # saved before the first step
             optimizer_state["state"] = {}
         read_into(folder, {"model": weights, "optimizer": optimizer_state["state"]})
         optimizer_state["param_groups"] = state["optimizer"]["param_groups"]
-        options = None
     else:
-        weights, optimizer_state = state["model"], keyed_by_name(state["optimizer"], parts, model)
-        options = StateDictOptions(full_state_dict=True)
-    set_state_dict(model, list(parts.values()), model_state_dict=weights, optim_state_dict=optimizer_state,
-                   options=options)
+        saved = keyed_by_name(state["optimizer"], parts, model)
+        if not saved["state"]:
+            optimizer_state["state"] = {}
+        fill_from({"model": weights, "optimizer": optimizer_state["state"]},
+                  {"model": state["model"], "optimizer": saved["state"]})
+        optimizer_state["param_groups"] = saved["param_groups"]
+    set_state_dict(model, list(parts.values()), model_state_dict=weights, optim_state_dict=optimizer_state)
     if not optimizer_state["state"]:
         sharding.forget_state(list(parts.values()), optimizer_state)
+
+
+def fill_from(shares: dict, whole: dict) -> None:
+    """Fill shares (nested dicts of this process's tensors and shards) in place from whole's, name by name."""
+    for key, share in shares.items():
+        if isinstance(share, dict):
+            fill_from(share, whole[key])
+        elif isinstance(share, torch.Tensor):
+            sharding.put_rows(share, whole[key])
+        else:
+            shares[key] = whole[key]
 
 
 def keyed_by_name(saved: dict, parts: dict[str, torch.optim.Optimizer], model: nn.Module) -> dict:
