@@ -13,6 +13,8 @@ import torch
 
 from nanogpt.dataset.batches import BatchSampler
 from nanogpt.dataset.pipeline import prepare_data
+from nanogpt.errors import ConfigError
+from nanogpt.runtime.distributed import DistributedContext, per_rank_accumulation
 from nanogpt.tracking.metrics import read_metrics
 from tests.conftest import REPO, TINY_RUN
 from tests.test_stops import Running
@@ -81,6 +83,20 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(cor
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize("total,processes,works", [
+    (1, 2, "gradient_accumulation_steps=2"),
+    (3, 2, "gradient_accumulation_steps=2 or gradient_accumulation_steps=4"),
+    (10, 4, "gradient_accumulation_steps=8 or gradient_accumulation_steps=12"),
+])
+def test_a_total_the_processes_cannot_share_names_the_totals_that_work(total, processes, works):
+    job = DistributedContext(world_size=processes)
+    with pytest.raises(ConfigError) as refused:
+        per_rank_accumulation(total, job)
+    assert str(refused.value).endswith(
+        f"so every process runs the same number of micro-batches: give {works} (any multiple of {processes})")
+    assert per_rank_accumulation(total * processes, job) == total  # a total that divides is kept as given
+
+
 @pytest.mark.slow  # torchrun jobs
 def test_accumulation_not_divisible_by_processes_is_one_error_line(corpus, tmp_path, data_root):
     result = run([*TORCHRUN, "-m", "nanogpt.train", *DDP_RUN, "gradient_accumulation_steps=3",
@@ -88,7 +104,8 @@ def test_accumulation_not_divisible_by_processes_is_one_error_line(corpus, tmp_p
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: gradient_accumulation_steps=3 must be a multiple of the number of processes "
-                      "(2), so every process runs the same number of micro-batches"]
+                      "(2), so every process runs the same number of micro-batches: give "
+                      "gradient_accumulation_steps=2 or gradient_accumulation_steps=4 (any multiple of 2)"]
     assert not list(tmp_path.rglob("config.yaml")), "no half-made run directory is left behind"
 
 

@@ -224,13 +224,21 @@ def device_for(context: DistributedContext, device: torch.device) -> torch.devic
 
 
 def per_rank_accumulation(global_steps: int, context: DistributedContext) -> int:
-    """Micro-batches each process runs so that together they make gradient_accumulation_steps."""
-    if global_steps % context.world_size:
+    """Micro-batches each process runs so that together they make gradient_accumulation_steps.
+
+    A total the processes cannot share evenly is refused, naming the totals nearest to it that they
+    can; it is never rounded behind the user's back (that would change the run's batch).
+    """
+    processes = context.world_size
+    if global_steps % processes:
+        below, above = global_steps // processes * processes, (global_steps // processes + 1) * processes
+        nearest = " or ".join(f"gradient_accumulation_steps={n}" for n in (below, above) if n > 0)
         raise ConfigError(
             f"gradient_accumulation_steps={global_steps} must be a multiple of the number of "
-            f"processes ({context.world_size}), so every process runs the same number of micro-batches"
+            f"processes ({processes}), so every process runs the same number of micro-batches: "
+            f"give {nearest} (any multiple of {processes})"
         )
-    return global_steps // context.world_size
+    return global_steps // processes
 
 
 def all_reduce_mean(values: dict[str, float], context: DistributedContext, device: torch.device) -> dict:
