@@ -379,15 +379,15 @@ def test_torchrun_and_a_sweep_run_grpo(work, base, task, tmp_path):
     done = subprocess.run([*torchrun, "-m", "nanogpt.train", *TINY, *GRPO, f"data_root={work / 'data'}",
                            f"model.init_from={base}", f"dataset.source={task / 'train.jsonl'}",
                            f"objective.reward={task / 'short.py'}:score",
-                           f"hydra.run.dir={tmp_path / 'ddp'}"],
+                           "gradient_accumulation_steps=2", f"hydra.run.dir={tmp_path / 'ddp'}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["training"]["world_size"] == 2
     assert records(tmp_path / "ddp", "eval")[-1]["val_reward"] <= 0
-    swept = train(work, "-m", *GRPO, "max_iters=2", f"model.init_from={base}",
-                  f"dataset.source={task / 'train.jsonl'}", f"objective.reward={task / 'short.py'}:score",
-                  "objective.beta=0,0.1", "objective.samples=2", "optimizer.lr=1e-2",
-                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    swept = run_in_process("nanogpt.train", "-m", *TINY, f"data_root={work / 'data'}", *GRPO, "max_iters=2",
+                           f"model.init_from={base}", f"dataset.source={task / 'train.jsonl'}",
+                           f"objective.reward={task / 'short.py'}:score", "objective.beta=0,0.1",
+                           "objective.samples=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert swept.returncode == 0, swept.stderr
     runs = (tmp_path / "sweep").glob("*/last.pt")
     betas = sorted(load_checkpoint(p)["config"]["objective"]["beta"] for p in runs)
