@@ -22,7 +22,8 @@ directory gets one of its own (Hydra's timestamps change once a second, and thes
 torchrun's "try it on a CPU" line runs exactly as written, with ``max_iters=2`` after it.
 
 Our commands run in this process (tests/commands.py:run_in_process) wherever no process boundary
-matters; torchrun, the servers, curl, lm_eval, W&B runs and other programs run as real processes.
+matters (lm-eval's console script too); torchrun, the servers, curl, W&B runs and other programs run
+as real processes.
 
 The README's commands, the first a new user types, are the quick tier, but for the lines that start
 worker processes for seconds (lm-eval, joblib's workers, W&B's service, torchrun's jobs); the
@@ -61,6 +62,7 @@ from .doc_pages import (
     substituted,
 )
 from .server_process import ServerProcess
+from .test_eval_harness import offline_env, offline_in_this_process
 
 PAGE_URL = "http://127.0.0.1:8000"  # where the pages' clients find the server
 RUNS = ("outputs/2026-11-22/10-31-07", "outputs/DATE/TIME", "RUN", "RUN_DIR", "RUN_OR_FILE", "RUN_OR_SWEEP")
@@ -91,10 +93,10 @@ QUICK = {
 }
 # Lines that start worker processes for seconds: lm-eval (which indexes its thousands of tasks),
 # joblib's workers, W&B's service (online, or a project of one's own); torchrun's, all in
-# test_the_torchrun_lines_run. lm-eval's and W&B's run in processes of their own: datasets reads its
-# settings once, at import, and W&B leaves its service's threads behind.
+# test_the_torchrun_lines_run. W&B's run in processes of their own (W&B leaves its service's threads
+# behind); lm-eval's in this one, with the offline settings datasets read at its import.
 SLOW = re.compile(r"\blm_eval\b|hydra/launcher=joblib|logger\.(mode=online|project=)")
-OWN_PROCESS = re.compile(r"\blm_eval\b|logger\.(mode=online|project=)")
+OWN_PROCESS = re.compile(r"logger\.(mode=online|project=)")
 
 
 def keys(args: list[str]) -> set[str]:
@@ -304,13 +306,11 @@ class World:
     """The template of every scene's folder, the runs each page's placeholders name, the environment."""
 
     def __init__(self, root: Path, run: Path, bpe_cache: Path, request):
-        self.template = make_template(root)
+        self.root, self.template = root, make_template(root)
         self.run, self.request = run, request  # the finetuned run and the sweep are made when first named
         self.env = {"NANOGPT_SHAKESPEARE_SOURCE": str(SHAKESPEARE), "TIKTOKEN_CACHE_DIR": str(bpe_cache),
-                    "NANOGPT_DATA_ROOT": str(root / "data_root"),
-                    "HF_DATASETS_CACHE": str(root / "hf_datasets"),
-                    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false"}
+                    "NANOGPT_DATA_ROOT": str(root / "data_root"), **offline_env(root),
+                    "TRANSFORMERS_OFFLINE": "1"}
 
     def scene(self, page: str, folder: Path, lines: list[Line] = ()) -> Path:
         """A folder for a scene of page: the template, with the runs the page's placeholders name."""
@@ -455,8 +455,11 @@ class Shell:
             return self.process(line, [sys.executable, *words[1:]], env, stdin)
         if kind == "curl":
             return self.curl(line, words, env)
-        if kind in ("printf", "lm_eval"):
-            return self.process(line, [w.replace(PAGE_URL, self.url()) for w in words], env, stdin)
+        if kind == "printf":
+            return self.process(line, words, env, stdin)
+        if kind == "lm_eval":  # its console script, in this process
+            args = [w.replace(PAGE_URL, self.url()) for w in words[1:]]
+            return self.in_process(line, "lm_eval.__main__", args, env, stdin, main="cli_evaluate")
         raise AssertionError(f"{line}: the tests do not know how to run {words[0]}; mark the line "
                              "'# not run by the tests: WHY' or teach tests/test_doc_commands.py")
 
@@ -478,8 +481,16 @@ class Shell:
                                        *args], env, stdin)
         if OWN_PROCESS.search(" ".join(args)):
             return self.process(line, [sys.executable, "-m", module, *args], env, stdin)
-        result = run_in_process(module, *args, cwd=self.work, env={**self.world.env, **self.env, **env},
-                                input=stdin)
+        return self.in_process(line, module, args, env, stdin)
+
+    def in_process(self, line: Line, module: str, args: list[str], env: dict, stdin: str,
+                   main: str = "main") -> str:
+        with pytest.MonkeyPatch.context() as patch:
+            offline_in_this_process(self.world.root, patch)  # as datasets would have read world.env
+            if module == "lm_eval.__main__" or "task=lm_eval" in args:
+                lm_eval_tasks_indexed_once(patch)
+            result = run_in_process(module, *args, cwd=self.work, env={**self.world.env, **self.env, **env},
+                                    input=stdin, main=main)
         assert result.returncode == 0, f"{line}: {' '.join([module, *args])} exited {result.returncode}:\n" \
                                        f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         return result.stdout
@@ -508,6 +519,39 @@ class Shell:
     def close(self) -> None:
         for server in self.own_servers:
             assert server.stop() == 0, server.stderr
+
+
+_INDEXED: dict = {}
+
+
+def lm_eval_tasks_indexed_once(patch: pytest.MonkeyPatch) -> None:
+    """lm-eval's index of its own task folder (17 s of reading YAML files each run) read once per process.
+
+    Its TaskManager indexes each folder it is given in turn, a later folder's task replacing an
+    earlier's of the same name; the folder of lm-eval's own tasks, which nothing changes, is read the
+    first time only, and every other folder (the pages' task files) as lm-eval reads it.
+    """
+    from lm_eval.tasks import _index
+
+    build, own = _index.TaskIndex.build, Path(_index.__file__).parent
+
+    def build_once(paths, *, resolve_includes=True):
+        index = {}
+        for root in paths:
+            if Path(root) == own and resolve_includes:
+                if "own" not in _INDEXED:
+                    _INDEXED["own"] = build([root])
+                part = _INDEXED["own"]
+            else:
+                part = build([root], resolve_includes=resolve_includes)
+            for name, entry in part.items():
+                if name in index:
+                    _index.log.warning("Task '%s' from %s overrides existing task from %s",
+                                       name, entry.yaml_path, index[name].yaml_path)
+                index[name] = entry
+        return index
+
+    patch.setattr(_index.TaskIndex, "build", staticmethod(build_once))
 
 
 def split(words: list[str], operator: str) -> list[list[str]]:
