@@ -41,20 +41,18 @@ from .without_packages.hiding import hide, hider
 
 
 def run_in_process(module: str, *args: str, cwd: Path, env: dict | None = None,
-                   hidden: Iterable[str] = (), input: str = "",
-                   main: str = "main") -> subprocess.CompletedProcess:
+                   hidden: Iterable[str] = (), input: str = "") -> subprocess.CompletedProcess:
     """``python -m module args`` in cwd, run in this process; the same fields as subprocess.run's.
 
     Its standard input is input (piped, so not a terminal), as subprocess.run(input=...) gives it.
-    main names the module's entry function (another program's console script may call it otherwise).
     """
-    entry = getattr(importlib.import_module(module), main)
+    main = importlib.import_module(module).main
     stdout, stderr = io.StringIO(), io.StringIO()
     forget_what_the_package_cached()
     with as_a_fresh_process(module, args, cwd, env), packages_hidden(hidden), stdin_of(input), \
             contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings_as_printed():
         try:
-            entry()
+            main()
             status = 0
         except SystemExit as done:
             status = done.code if isinstance(done.code, int) else done.code is not None

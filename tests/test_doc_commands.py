@@ -22,13 +22,12 @@ directory gets one of its own (Hydra's timestamps change once a second, and thes
 torchrun's "try it on a CPU" line runs exactly as written, with ``max_iters=2`` after it.
 
 Our commands run in this process (tests/commands.py:run_in_process) wherever no process boundary
-matters (lm-eval's console script too); torchrun, the servers, curl, W&B runs and other programs run
-as real processes.
+matters (``task=lm_eval`` too); torchrun, the servers, curl, the ``lm_eval`` program, W&B runs and
+other programs run as real processes.
 
-The README's commands, the first a new user types, are the quick tier, but for the lines that start
-worker processes for seconds (lm-eval, joblib's workers, W&B's service, torchrun's jobs); the
-manual's and the recipes' pages are the slow tier (about 170 s of CPU for the quick tier's budget of
-30 s); tests/test_docs.py composes in the quick tier every command it leaves to the slow one.
+Together they take minutes, so they are the slow tier, in three groups (test classes) that
+pytest-xdist hands to workers of their own; the quick tier checks that every line is run or marked,
+and tests/test_docs.py composes every command against its schema.
 """
 
 from __future__ import annotations
@@ -68,7 +67,6 @@ PAGE_URL = "http://127.0.0.1:8000"  # where the pages' clients find the server
 RUNS = ("outputs/2026-11-22/10-31-07", "outputs/DATE/TIME", "RUN", "RUN_DIR", "RUN_OR_FILE", "RUN_OR_SWEEP")
 SWEEP = "outputs/sweeps/2026-11-22_10-31-07"
 FINETUNED_PAGES = ("docs/finetuning.md",)  # where RUN and the dated run are a finetuned model
-QUICK_PAGES = ("README.md",)  # whose commands the quick tier runs
 ABSOLUTE = re.compile(r"(?<![\w.])/(path/to|tmp|scratch)/")  # the pages' absolute paths: the scene's folders
 VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 SHELL_VARIABLES = {"SLURM_JOB_ID": "4242"}  # what the reader's shell has set where the page expects it
@@ -91,11 +89,8 @@ QUICK = {
                            "--mixup-requests", "4", "--mixup-clients", "2"],
     "experiments.make_reverse_task": ["--train", "64", "--heldout", "4"],
 }
-# Lines that start worker processes for seconds: lm-eval (which indexes its thousands of tasks),
-# joblib's workers, W&B's service (online, or a project of one's own); torchrun's, all in
-# test_the_torchrun_lines_run. W&B's run in processes of their own (W&B leaves its service's threads
-# behind); lm-eval's in this one, with the offline settings datasets read at its import.
-SLOW = re.compile(r"\blm_eval\b|hydra/launcher=joblib|logger\.(mode=online|project=)")
+# W&B's runs (online, or a project of one's own) run in processes of their own: W&B leaves its
+# service's threads behind. task=lm_eval runs in this one, with the offline settings datasets read at import.
 OWN_PROCESS = re.compile(r"logger\.(mode=online|project=)")
 
 
@@ -148,24 +143,19 @@ def quick(command: Command, number: int) -> list[str]:
 
 @dataclass
 class Scene:
-    """A block's lines, in order (its slow lines a scene of their own), or one command of the text."""
+    """A block's lines, in order, or one command of the text."""
 
     where: str
     page: str
     lines: list[Line]
-    slow: bool = False
 
     def __str__(self) -> str:
-        return self.where + (" (slow)" if self.slow else "")
+        return self.where
 
 
 def normal(line: Line) -> tuple[str, ...]:
     """The line's words, its comment left out."""
     return tuple(shlex.split(line.text, comments=True))
-
-
-def is_slow(line: Line) -> bool:
-    return bool(SLOW.search(" ".join(normal(line))))
 
 
 def is_torchrun(line: Line) -> bool:
@@ -186,29 +176,21 @@ def runnable(page: Path) -> list[list[Line]]:
 
 
 def page_scenes() -> list[Scene]:
-    """Every scene of every page; a line written as one run before (stands_alone) is not run again.
-
-    A block's slow lines are a scene of their own, unless the block starts a server they talk to;
-    every line of a page outside QUICK_PAGES is slow.
+    """Every scene of every page but its torchrun lines; a line written as one run before (stands_alone)
+    is not run again.
     """
     scenes, seen = [], set()
     for page in PAGES:
         name = str(page.relative_to(REPO))
         for lines in runnable(page):
-            lines = [line for line in lines if not is_torchrun(line)]
-            serves = any("nanogpt.serve" in normal(line) for line in lines)
-            whole_block = name not in QUICK_PAGES or serves and any(map(is_slow, lines))
-            for slow in (False, True):
-                kept = []
-                for line in lines:
-                    if (whole_block or is_slow(line)) != slow:
-                        continue
-                    key = normal(line), slow, name in FINETUNED_PAGES  # the same words may name another run
-                    if not (stands_alone(line) and key in seen):
-                        seen.add(key)
-                        kept.append(line)
-                if kept:
-                    scenes.append(Scene(kept[0].block or kept[0].where, name, kept, slow))
+            kept = []
+            for line in lines:
+                key = normal(line), name in FINETUNED_PAGES  # the same words may name another run
+                if not is_torchrun(line) and not (stands_alone(line) and key in seen):
+                    seen.add(key)
+                    kept.append(line)
+            if kept:
+                scenes.append(Scene(kept[0].block or kept[0].where, name, kept))
     return scenes
 
 
@@ -457,9 +439,8 @@ class Shell:
             return self.curl(line, words, env)
         if kind == "printf":
             return self.process(line, words, env, stdin)
-        if kind == "lm_eval":  # its console script, in this process
-            args = [w.replace(PAGE_URL, self.url()) for w in words[1:]]
-            return self.in_process(line, "lm_eval.__main__", args, env, stdin, main="cli_evaluate")
+        if kind == "lm_eval":  # its console script, a process of its own: in this one, a later fork hung
+            return self.process(line, [w.replace(PAGE_URL, self.url()) for w in words], env, stdin)
         raise AssertionError(f"{line}: the tests do not know how to run {words[0]}; mark the line "
                              "'# not run by the tests: WHY' or teach tests/test_doc_commands.py")
 
@@ -483,14 +464,13 @@ class Shell:
             return self.process(line, [sys.executable, "-m", module, *args], env, stdin)
         return self.in_process(line, module, args, env, stdin)
 
-    def in_process(self, line: Line, module: str, args: list[str], env: dict, stdin: str,
-                   main: str = "main") -> str:
+    def in_process(self, line: Line, module: str, args: list[str], env: dict, stdin: str) -> str:
         with pytest.MonkeyPatch.context() as patch:
             offline_in_this_process(self.world.root, patch)  # as datasets would have read world.env
-            if module == "lm_eval.__main__" or "task=lm_eval" in args:
+            if "task=lm_eval" in args:
                 lm_eval_tasks_indexed_once(patch)
             result = run_in_process(module, *args, cwd=self.work, env={**self.world.env, **self.env, **env},
-                                    input=stdin, main=main)
+                                    input=stdin)
         assert result.returncode == 0, f"{line}: {' '.join([module, *args])} exited {result.returncode}:\n" \
                                        f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         return result.stdout
@@ -575,15 +555,29 @@ def test_every_line_the_pages_show_is_run_or_marked():
     assert len(run) > 120
 
 
-@pytest.mark.parametrize("scene", [pytest.param(s, id=str(s), marks=[pytest.mark.slow] * s.slow)
-                                   for s in SCENES])
-def test_the_pages_commands_run(scene, world, servers, tmp_path):
-    shell = Shell(world.scene(scene.page, tmp_path, scene.lines), world, servers)
+def run_scene(scene: Scene, world: World, servers: Servers, folder: Path) -> None:
+    shell = Shell(world.scene(scene.page, folder, scene.lines), world, servers)
     try:
         for line in scene.lines:
             shell.run(line)
     finally:
         shell.close()
+
+
+# Two groups of scenes, every other one each (a block's cost is no guide to its neighbour's), so
+# that two workers share them; a worker that runs both shares one world between them.
+@pytest.mark.slow  # minutes together
+class TestTheScenesOfEveryOtherBlock:
+    @pytest.mark.parametrize("scene", SCENES[0::2], ids=str)
+    def test_the_pages_commands_run(self, scene, world, servers, tmp_path):
+        run_scene(scene, world, servers, tmp_path)
+
+
+@pytest.mark.slow  # minutes together
+class TestTheScenesBetweenThem:
+    @pytest.mark.parametrize("scene", SCENES[1::2], ids=str)
+    def test_the_pages_commands_run(self, scene, world, servers, tmp_path):
+        run_scene(scene, world, servers, tmp_path)
 
 
 def server_blocks() -> list[tuple[str, str]]:
