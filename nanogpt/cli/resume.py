@@ -35,7 +35,8 @@ from nanogpt.weights.checkpoint import LAST
 log = logging.getLogger("nanogpt.resume")
 
 # Config keys (and groups) that define what a run is; a resumed run must keep them.
-MEANING_KEYS = ("model", "dataset", "optimizer", "lora", "seed", "batch_size", "gradient_accumulation_steps")
+MEANING_KEYS = ("model", "dataset", "optimizer", "lora", "objective", "seed", "batch_size",
+                "gradient_accumulation_steps")
 SAFE_EXAMPLES = "max_iters, eval_interval, eval_iters, log_interval, sample_tokens, device, logger, data_root"
 # last.pt files this process has read (while rewriting its command line), kept for its task.
 _read: dict[Path, SavedRun] = {}
@@ -85,7 +86,7 @@ def check_resume_compatible(saved: dict, new: dict) -> None:
         if old != value:
             raise ConfigError(
                 f"resume: {key}={value} would change the run, which has {key}={old}; a resumed run "
-                f"keeps its model, dataset, optimizer, lora, seed and batch (safe to change: "
+                f"keeps its model, dataset, optimizer, lora, objective, seed and batch (safe to change: "
                 f"{SAFE_EXAMPLES}); "
                 "start a new run to change it"
             )
