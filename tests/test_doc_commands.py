@@ -22,12 +22,12 @@ directory gets one of its own (Hydra's timestamps change once a second, and thes
 torchrun's "try it on a CPU" line runs exactly as written, with ``max_iters=2`` after it.
 
 Our commands run in this process (tests/commands.py:run_in_process) wherever no process boundary
-matters; torchrun, the servers, curl, lm_eval, W&B runs and other programs run as real processes.
+matters (``task=lm_eval`` too); torchrun, the servers, curl, the ``lm_eval`` program, W&B runs and
+other programs run as real processes.
 
-The README's commands, the first a new user types, are the quick tier, but for the lines that start
-worker processes for seconds (lm-eval, joblib's workers, W&B's service, torchrun's jobs); the
-manual's and the recipes' pages are the slow tier (about 170 s of CPU for the quick tier's budget of
-30 s); tests/test_docs.py composes in the quick tier every command it leaves to the slow one.
+Together they take minutes, so they are the slow tier, in three groups (test classes) that
+pytest-xdist hands to workers of their own; the quick tier checks that every line is run or marked,
+and tests/test_docs.py composes every command against its schema.
 """
 
 from __future__ import annotations
@@ -61,12 +61,12 @@ from .doc_pages import (
     substituted,
 )
 from .server_process import ServerProcess
+from .test_eval_harness import offline_env, offline_in_this_process
 
 PAGE_URL = "http://127.0.0.1:8000"  # where the pages' clients find the server
 RUNS = ("outputs/2026-11-22/10-31-07", "outputs/DATE/TIME", "RUN", "RUN_DIR", "RUN_OR_FILE", "RUN_OR_SWEEP")
 SWEEP = "outputs/sweeps/2026-11-22_10-31-07"
 FINETUNED_PAGES = ("docs/finetuning.md",)  # where RUN and the dated run are a finetuned model
-QUICK_PAGES = ("README.md",)  # whose commands the quick tier runs
 ABSOLUTE = re.compile(r"(?<![\w.])/(path/to|tmp|scratch)/")  # the pages' absolute paths: the scene's folders
 VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 SHELL_VARIABLES = {"SLURM_JOB_ID": "4242"}  # what the reader's shell has set where the page expects it
@@ -89,12 +89,9 @@ QUICK = {
                            "--mixup-requests", "4", "--mixup-clients", "2"],
     "experiments.make_reverse_task": ["--train", "64", "--heldout", "4"],
 }
-# Lines that start worker processes for seconds: lm-eval (which indexes its thousands of tasks),
-# joblib's workers, W&B's service (online, or a project of one's own); torchrun's, all in
-# test_the_torchrun_lines_run. lm-eval's and W&B's run in processes of their own: datasets reads its
-# settings once, at import, and W&B leaves its service's threads behind.
-SLOW = re.compile(r"\blm_eval\b|hydra/launcher=joblib|logger\.(mode=online|project=)")
-OWN_PROCESS = re.compile(r"\blm_eval\b|logger\.(mode=online|project=)")
+# W&B's runs (online, or a project of one's own) run in processes of their own: W&B leaves its
+# service's threads behind. task=lm_eval runs in this one, with the offline settings datasets read at import.
+OWN_PROCESS = re.compile(r"logger\.(mode=online|project=)")
 
 
 def keys(args: list[str]) -> set[str]:
@@ -146,24 +143,19 @@ def quick(command: Command, number: int) -> list[str]:
 
 @dataclass
 class Scene:
-    """A block's lines, in order (its slow lines a scene of their own), or one command of the text."""
+    """A block's lines, in order, or one command of the text."""
 
     where: str
     page: str
     lines: list[Line]
-    slow: bool = False
 
     def __str__(self) -> str:
-        return self.where + (" (slow)" if self.slow else "")
+        return self.where
 
 
 def normal(line: Line) -> tuple[str, ...]:
     """The line's words, its comment left out."""
     return tuple(shlex.split(line.text, comments=True))
-
-
-def is_slow(line: Line) -> bool:
-    return bool(SLOW.search(" ".join(normal(line))))
 
 
 def is_torchrun(line: Line) -> bool:
@@ -184,29 +176,21 @@ def runnable(page: Path) -> list[list[Line]]:
 
 
 def page_scenes() -> list[Scene]:
-    """Every scene of every page; a line written as one run before (stands_alone) is not run again.
-
-    A block's slow lines are a scene of their own, unless the block starts a server they talk to;
-    every line of a page outside QUICK_PAGES is slow.
+    """Every scene of every page but its torchrun lines; a line written as one run before (stands_alone)
+    is not run again.
     """
     scenes, seen = [], set()
     for page in PAGES:
         name = str(page.relative_to(REPO))
         for lines in runnable(page):
-            lines = [line for line in lines if not is_torchrun(line)]
-            serves = any("nanogpt.serve" in normal(line) for line in lines)
-            whole_block = name not in QUICK_PAGES or serves and any(map(is_slow, lines))
-            for slow in (False, True):
-                kept = []
-                for line in lines:
-                    if (whole_block or is_slow(line)) != slow:
-                        continue
-                    key = normal(line), slow, name in FINETUNED_PAGES  # the same words may name another run
-                    if not (stands_alone(line) and key in seen):
-                        seen.add(key)
-                        kept.append(line)
-                if kept:
-                    scenes.append(Scene(kept[0].block or kept[0].where, name, kept, slow))
+            kept = []
+            for line in lines:
+                key = normal(line), name in FINETUNED_PAGES  # the same words may name another run
+                if not is_torchrun(line) and not (stands_alone(line) and key in seen):
+                    seen.add(key)
+                    kept.append(line)
+            if kept:
+                scenes.append(Scene(kept[0].block or kept[0].where, name, kept))
     return scenes
 
 
@@ -304,13 +288,11 @@ class World:
     """The template of every scene's folder, the runs each page's placeholders name, the environment."""
 
     def __init__(self, root: Path, run: Path, bpe_cache: Path, request):
-        self.template = make_template(root)
+        self.root, self.template = root, make_template(root)
         self.run, self.request = run, request  # the finetuned run and the sweep are made when first named
         self.env = {"NANOGPT_SHAKESPEARE_SOURCE": str(SHAKESPEARE), "TIKTOKEN_CACHE_DIR": str(bpe_cache),
-                    "NANOGPT_DATA_ROOT": str(root / "data_root"),
-                    "HF_DATASETS_CACHE": str(root / "hf_datasets"),
-                    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false"}
+                    "NANOGPT_DATA_ROOT": str(root / "data_root"), **offline_env(root),
+                    "TRANSFORMERS_OFFLINE": "1"}
 
     def scene(self, page: str, folder: Path, lines: list[Line] = ()) -> Path:
         """A folder for a scene of page: the template, with the runs the page's placeholders name."""
@@ -455,7 +437,9 @@ class Shell:
             return self.process(line, [sys.executable, *words[1:]], env, stdin)
         if kind == "curl":
             return self.curl(line, words, env)
-        if kind in ("printf", "lm_eval"):
+        if kind == "printf":
+            return self.process(line, words, env, stdin)
+        if kind == "lm_eval":  # its console script, a process of its own: in this one, a later fork hung
             return self.process(line, [w.replace(PAGE_URL, self.url()) for w in words], env, stdin)
         raise AssertionError(f"{line}: the tests do not know how to run {words[0]}; mark the line "
                              "'# not run by the tests: WHY' or teach tests/test_doc_commands.py")
@@ -478,8 +462,15 @@ class Shell:
                                        *args], env, stdin)
         if OWN_PROCESS.search(" ".join(args)):
             return self.process(line, [sys.executable, "-m", module, *args], env, stdin)
-        result = run_in_process(module, *args, cwd=self.work, env={**self.world.env, **self.env, **env},
-                                input=stdin)
+        return self.in_process(line, module, args, env, stdin)
+
+    def in_process(self, line: Line, module: str, args: list[str], env: dict, stdin: str) -> str:
+        with pytest.MonkeyPatch.context() as patch:
+            offline_in_this_process(self.world.root, patch)  # as datasets would have read world.env
+            if "task=lm_eval" in args:
+                lm_eval_tasks_indexed_once(patch)
+            result = run_in_process(module, *args, cwd=self.work, env={**self.world.env, **self.env, **env},
+                                    input=stdin)
         assert result.returncode == 0, f"{line}: {' '.join([module, *args])} exited {result.returncode}:\n" \
                                        f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         return result.stdout
@@ -510,6 +501,39 @@ class Shell:
             assert server.stop() == 0, server.stderr
 
 
+_INDEXED: dict = {}
+
+
+def lm_eval_tasks_indexed_once(patch: pytest.MonkeyPatch) -> None:
+    """lm-eval's index of its own task folder (17 s of reading YAML files each run) read once per process.
+
+    Its TaskManager indexes each folder it is given in turn, a later folder's task replacing an
+    earlier's of the same name; the folder of lm-eval's own tasks, which nothing changes, is read the
+    first time only, and every other folder (the pages' task files) as lm-eval reads it.
+    """
+    from lm_eval.tasks import _index
+
+    build, own = _index.TaskIndex.build, Path(_index.__file__).parent
+
+    def build_once(paths, *, resolve_includes=True):
+        index = {}
+        for root in paths:
+            if Path(root) == own and resolve_includes:
+                if "own" not in _INDEXED:
+                    _INDEXED["own"] = build([root])
+                part = _INDEXED["own"]
+            else:
+                part = build([root], resolve_includes=resolve_includes)
+            for name, entry in part.items():
+                if name in index:
+                    _index.log.warning("Task '%s' from %s overrides existing task from %s",
+                                       name, entry.yaml_path, index[name].yaml_path)
+                index[name] = entry
+        return index
+
+    patch.setattr(_index.TaskIndex, "build", staticmethod(build_once))
+
+
 def split(words: list[str], operator: str) -> list[list[str]]:
     parts = [[]]
     for word in words:
@@ -531,15 +555,29 @@ def test_every_line_the_pages_show_is_run_or_marked():
     assert len(run) > 120
 
 
-@pytest.mark.parametrize("scene", [pytest.param(s, id=str(s), marks=[pytest.mark.slow] * s.slow)
-                                   for s in SCENES])
-def test_the_pages_commands_run(scene, world, servers, tmp_path):
-    shell = Shell(world.scene(scene.page, tmp_path, scene.lines), world, servers)
+def run_scene(scene: Scene, world: World, servers: Servers, folder: Path) -> None:
+    shell = Shell(world.scene(scene.page, folder, scene.lines), world, servers)
     try:
         for line in scene.lines:
             shell.run(line)
     finally:
         shell.close()
+
+
+# Two groups of scenes, every other one each (a block's cost is no guide to its neighbour's), so
+# that two workers share them; a worker that runs both shares one world between them.
+@pytest.mark.slow  # minutes together
+class TestTheScenesOfEveryOtherBlock:
+    @pytest.mark.parametrize("scene", SCENES[0::2], ids=str)
+    def test_the_pages_commands_run(self, scene, world, servers, tmp_path):
+        run_scene(scene, world, servers, tmp_path)
+
+
+@pytest.mark.slow  # minutes together
+class TestTheScenesBetweenThem:
+    @pytest.mark.parametrize("scene", SCENES[1::2], ids=str)
+    def test_the_pages_commands_run(self, scene, world, servers, tmp_path):
+        run_scene(scene, world, servers, tmp_path)
 
 
 def server_blocks() -> list[tuple[str, str]]:

@@ -2,10 +2,10 @@
 
 tests/doc_pages.py reads the pages; tests/test_doc_commands.py runs their commands. Here:
 
-- each ``python -m nanogpt.X`` / ``nanogpt-X`` / ``torchrun ... -m nanogpt.X`` of a Hydra command that the
-  quick tier does not run (marked ``not run by the tests``, or run in the slow tier only) is composed
-  in-process by Hydra (sweeps reduced to their first value, ``-m`` dropped) and turned into the
-  command's schema with the same ``to_dataclass`` the command uses, so a renamed key fails it too;
+- each ``python -m nanogpt.X`` / ``nanogpt-X`` / ``torchrun ... -m nanogpt.X`` of a Hydra command is
+  composed in-process by Hydra (sweeps reduced to their first value, ``-m`` dropped) and turned into
+  the command's schema with the same ``to_dataclass`` the command uses, so a renamed key fails the
+  quick tier, not only the slow one that runs the commands;
 - torchrun's own options go through torchrun's parser and launch configuration, which must not warn;
 - every ```python block runs against the pages' run (conftest's docs_run; on docs/finetuning.md its
   LoRA finetune) where it names the placeholder run directory;
@@ -28,7 +28,7 @@ from nanogpt.cli.paths import CONFIG_DIR
 
 from .conftest import register_commands
 from .doc_pages import PAGES, REPO, Command, page_commands
-from .test_doc_commands import FINETUNED_PAGES, SCENES, normal
+from .test_doc_commands import FINETUNED_PAGES
 
 RUN_PLACEHOLDER = "outputs/2026-11-22/10-31-07"  # the run directory the pages' Python blocks load
 # Hydra's own flags that take a value (the value is not an override).
@@ -38,8 +38,6 @@ FLAGS = {"-m", "--multirun", "--help", "-h"}
 
 COMMANDS, UNPARSED = page_commands()
 HYDRA_COMMANDS = [c for c in COMMANDS if c.module not in ("report", "text.gpt2_files", "benchmarks.serving")]
-RUN_QUICKLY = {normal(line) for scene in SCENES if not scene.slow for line in scene.lines}
-NOT_RUN_QUICKLY = [c for c in HYDRA_COMMANDS if normal(c.line) not in RUN_QUICKLY]  # composed here instead
 
 
 def once_each(commands: list[Command]) -> list[Command]:
@@ -86,7 +84,7 @@ def first_of_each_sweep(overrides: list[str]) -> list[str]:
             else o.input_line for o in parse_overrides(overrides)]
 
 
-@pytest.mark.parametrize("command", once_each(NOT_RUN_QUICKLY), ids=str)
+@pytest.mark.parametrize("command", once_each(HYDRA_COMMANDS), ids=str)
 def test_hydra_command_composes_against_its_schema(command, schemas):
     assert command.module in schemas, (
         f"{command}: python -m nanogpt.{command.module} is not a command registered in "
