@@ -381,8 +381,9 @@ def test_a_grpo_run_resumes_exactly_and_records_rewards(work, base, task, tmp_pa
 
 
 def test_oversampling_answers_more_prompts_and_learns_from_the_most_mixed(work, base, task, tmp_path):
+    (tmp_path / "letters.py").write_text("def score(prompt, answer, example):\n    return len(set(answer))\n")
     cfg = grpo_config(work, base, task, 1)
-    cfg.objective.oversample = 3
+    cfg.objective.oversample, cfg.objective.reward = 3, f"{tmp_path / 'letters.py'}:score"
     trainer = build_trainer(cfg, tmp_path / "run")
     objective, drawn, learned = trainer.objective, [], []
     sample = objective.sample
@@ -393,6 +394,7 @@ def test_oversampling_answers_more_prompts_and_learns_from_the_most_mixed(work, 
     assert answers.rewards.shape == (6, 3)  # the batch's 2 prompts and 4 more, 3 answers each
     assert learned[0].shape[0] == 2 * 3  # learned from 2 groups
     spread = answers.rewards.std(dim=1, unbiased=False)
+    assert spread.max() > spread.min()  # a random model's answers: groups that differ, to choose among
     figures = objective.figures()
     assert figures["reward"] == pytest.approx(answers.rewards.mean().item())
     assert figures["reward_std"] == pytest.approx(spread.sort(descending=True).values[:2].mean().item())
