@@ -231,6 +231,8 @@ def test_an_objective_and_the_data_it_reads_go_together(base, task):
         config("lm", "prompts")
     with pytest.raises(ConfigError, match="samples=1: each answer's advantage is its reward against"):
         ObjectiveConfig(name="grpo", samples=1)
+    with pytest.raises(ConfigError, match=r"oversample=0 must be at least 1 \(1: learn from every prompt"):
+        ObjectiveConfig(name="grpo", oversample=0)
     with pytest.raises(ConfigError, match="beta=0 with objective=dpo"):
         ObjectiveConfig(name="dpo", beta=0)
 
