@@ -1,0 +1,109 @@
+"""Reading the numbers: what each attention head mostly does, and where the token embeddings lie.
+
+The rules are stated in words (HEAD_RULE) so that the page can say how it named a head;
+they are a first reading, for a student to check against the head's map.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nanogpt.model import GPT
+from nanogpt.text.tokenizers import Tokenizer
+
+HALF = 0.5  # a head is named by a place that takes at least this much of its weight, on average
+FIRST_COUNTED = 2  # queries from the third token on (HEAD_RULE): before it, the places overlap
+PLACES = {  # name -> (what the line says, the weight of query t at that place)
+    "previous-token": ("on the token just before", lambda rows, t: rows[t, t - 1]),
+    "first-token": ("on the first token (a resting place: an attention sink)", lambda rows, t: rows[t, 0]),
+    "self": ("on its own token", lambda rows, t: rows[t, t]),
+}
+HEAD_RULE = (
+    f"Each head is named by the place that takes at least {HALF:.0%} of its weight on average over the "
+    "queries from the third token on (before it, the first token is also the one just before): "
+    "a previous-token head looks at the token just before, a first-token head at the first token (a "
+    "resting place where it has nothing to add, an attention sink), a self head at its own token. A head "
+    "with no such place is spread: its line says over how many tokens (e to the mean entropy of its rows) "
+    "and how far back its weight lies on average.")
+EMBEDDING_MAP_VOCAB = 256  # the most tokens whose embeddings are drawn as labelled points (characters)
+TOKEN_CLASSES = ("upper-case letter", "lower-case letter", "digit", "space or newline",
+                 "punctuation or other")
+
+
+@dataclass
+class HeadSummary:
+    """What one head mostly does, by HEAD_RULE: a kind, its share of the weight and the line to show."""
+
+    kind: str  # previous-token, first-token, self, spread, or short (a text too short to tell)
+    share: float  # the average weight on that place (spread: the effective number of tokens looked at)
+    line: str
+
+
+def summarize_head(weights: torch.Tensor) -> HeadSummary:
+    """HEAD_RULE applied to one head's attention weights (T, T) over a text."""
+    T = weights.size(0)
+    if T <= FIRST_COUNTED:
+        return HeadSummary("short", float("nan"), f"a text of {FIRST_COUNTED + 1} tokens or more tells "
+                                                  "what this head does")
+    queries = range(FIRST_COUNTED, T)
+    shares = {name: sum(float(at(weights, t)) for t in queries) / len(queries)
+              for name, (_, at) in PLACES.items()}
+    name = max(shares, key=shares.get)
+    if shares[name] >= HALF:
+        return HeadSummary(name, shares[name], f"{name} head: {shares[name]:.0%} of its weight, on average, "
+                                               f"{PLACES[name][0]}")
+    rows = weights[FIRST_COUNTED:]
+    entropy = -(rows * rows.clamp_min(1e-12).log()).sum(dim=-1).mean()
+    back = (rows * (torch.arange(FIRST_COUNTED, T)[:, None] - torch.arange(T)[None]).clamp_min(0)).sum(-1)
+    looked_at = math.exp(float(entropy))
+    return HeadSummary("spread", looked_at, f"spread: over about {looked_at:.1f} tokens, on average "
+                                            f"{float(back.mean()):.1f} tokens back")
+
+
+def summarize_heads(attention: torch.Tensor) -> list[list[HeadSummary]]:
+    """summarize_head for each block and head of attention (L, H, T, T)."""
+    return [[summarize_head(head) for head in block] for block in attention]
+
+
+def token_class(text: str) -> str:
+    """Which of TOKEN_CLASSES a token's text falls in, by its first character."""
+    first = text[:1]
+    if first.isalpha():
+        return TOKEN_CLASSES[0] if first.isupper() else TOKEN_CLASSES[1]
+    if first.isdigit():
+        return TOKEN_CLASSES[2]
+    if first.isspace():
+        return TOKEN_CLASSES[3]
+    return TOKEN_CLASSES[4]
+
+
+@dataclass
+class EmbeddingMap:
+    """The token embeddings projected on their two principal components."""
+
+    points: torch.Tensor  # (vocab, 2)
+    tokens: list[str]  # each token's text
+    classes: list[str]  # each token's class (TOKEN_CLASSES)
+    variance: tuple[float, float]  # the share of the embeddings' variance along each axis
+
+
+def embedding_map(model: GPT, tokenizer: Tokenizer) -> EmbeddingMap | None:
+    """The model's token embeddings on a 2-D map (PCA); None for a vocabulary too large to label.
+
+    The embedding table is the model's own (shared with its output layer); its rows past the
+    vocabulary (padding, never looked up) are left out, and the rows are centred before the
+    principal directions are found.
+    """
+    vocab = model.config.vocab_size
+    if vocab > EMBEDDING_MAP_VOCAB or vocab < 3:
+        return None
+    table = model.transformer.wte.weight[:vocab].detach().float().cpu()
+    centred = table - table.mean(dim=0)
+    _, values, directions = torch.linalg.svd(centred, full_matrices=False)
+    share = values.square() / values.square().sum()
+    tokens = [tokenizer.decode([i]) for i in range(vocab)]
+    return EmbeddingMap(centred @ directions[:2].T, tokens, [token_class(t) for t in tokens],
+                        (float(share[0]), float(share[1])))
