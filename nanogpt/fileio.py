@@ -76,6 +76,16 @@ class OnDemand(Mapping):
         return len(self.names)
 
 
+def permit_as_open_would(path: Path) -> None:
+    """Give path the permissions a plain open() (a file) or mkdir() (a folder) would have given it.
+
+    Temporary files and folders (mkstemp, mkdtemp) are made owner-only, and so
+    are the files some libraries write through them (safetensors' weights); what
+    we move into place is readable like its neighbours, as the umask allows.
+    """
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
+
+
 def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary file beside dest, then rename it into place.
 
@@ -94,8 +104,7 @@ def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        # mkstemp makes owner-only files; give the result the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~current_umask())
+        permit_as_open_would(tmp)  # mkstemp makes owner-only files
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -306,8 +315,10 @@ def write_directory(out: Path, fill: Callable[[Path], None], command: str, key: 
     with removed_unless_filled(out.parent):
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
         try:
-            os.chmod(staging, 0o777 & ~current_umask())  # as mkdir would have made it
             fill(staging)
+            for path in (staging, *staging.rglob("*")):  # what fill wrote through temporary files too
+                if not path.is_symlink():
+                    permit_as_open_would(path)
             record_written(staging, [p for p in staging.iterdir() if p.is_file()], command)
             check_new_directory(out, command, key)  # again: nothing may have come in meanwhile
             move_into_place(staging, out)

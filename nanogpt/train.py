@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanogpt.cli import resume
 from nanogpt.cli.entry import hydra_entry, recorded_config, to_dataclass
+from nanogpt.cli.hydra_run_dir import checks_passed
 from nanogpt.cli.sweeps import name_tracking_run
 from nanogpt.runtime import distributed, rundir
 from nanogpt.runtime.device import DeviceConfig
@@ -37,8 +38,8 @@ def train_task(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     distributed.announce_run_dir(run_dir)  # under torchrun, the other ranks use rank 0's directory
     is_main = distributed.context_from_environment().is_main
-    # Claimed already before Hydra wrote here (cli.hydra_run_dir.ClaimRunDir), except for a sweep's job.
-    claim = rundir.claim(run_dir) if is_main else None
+    # Claimed already before Hydra wrote here (cli.resume.ResumableRunDir), except for a sweep's job.
+    claim = rundir.claim(run_dir, command="train") if is_main else None
     with claim or contextlib.nullcontext():  # let go of the directory when the run ends, however it ends
         if claim and claim.describe_take_over():
             logging.getLogger("nanogpt.train").warning(claim.describe_take_over())
@@ -47,10 +48,16 @@ def train_task(cfg: DictConfig) -> float:
         config.device = share_cores(config.device)
         resolved = recorded_config(cfg, config)  # with the dataset's absolute source and cache name
         resume_state = resume.checkpoint_to_resume(config.resume, config.auto_resume, run_dir, resolved)
-        if is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        if resume_state is not None and resume.nothing_left(resume_state, config.max_iters):
+            # A sweep's job (a single run ends before Hydra writes anything: ResumableRunDir).
+            if is_main:
+                print(resume.finished_line(resume_state, run_dir), flush=True)
+            return resume_state["best_val_loss"]
         overrides = list(HydraConfig.get().overrides.task)
         trainer = build_trainer(config, run_dir, resolved, resume_state, overrides)
+        checks_passed(run_dir)  # from here on, what this start wrote in the run directory stays
+        if is_main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         best_val_loss = trainer.run()
         if trainer.stopped_by is not None:
             sys.exit(128 + trainer.stopped_by)  # the shell's convention for "ended by a signal"

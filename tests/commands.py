@@ -41,12 +41,15 @@ from .without_packages.hiding import hide, hider
 
 
 def run_in_process(module: str, *args: str, cwd: Path, env: dict | None = None,
-                   hidden: Iterable[str] = ()) -> subprocess.CompletedProcess:
-    """``python -m module args`` in cwd, run in this process; the same fields as subprocess.run's."""
+                   hidden: Iterable[str] = (), input: str = "") -> subprocess.CompletedProcess:
+    """``python -m module args`` in cwd, run in this process; the same fields as subprocess.run's.
+
+    Its standard input is input (piped, so not a terminal), as subprocess.run(input=...) gives it.
+    """
     main = importlib.import_module(module).main
     stdout, stderr = io.StringIO(), io.StringIO()
     forget_what_the_package_cached()
-    with as_a_fresh_process(module, args, cwd, env), packages_hidden(hidden), \
+    with as_a_fresh_process(module, args, cwd, env), packages_hidden(hidden), stdin_of(input), \
             contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings_as_printed():
         try:
             main()
@@ -61,6 +64,16 @@ def run_in_process(module: str, *args: str, cwd: Path, env: dict | None = None,
     forget_what_the_package_cached()  # what it learnt with packages hidden is not so
     return subprocess.CompletedProcess([sys.executable, "-m", module, *args], int(status),
                                        stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def stdin_of(text: str) -> Iterator[None]:
+    """sys.stdin reading text, as a pipe would give it (pytest's own stdin refuses to be read)."""
+    saved, sys.stdin = sys.stdin, io.StringIO(text)
+    try:
+        yield
+    finally:
+        sys.stdin = saved
 
 
 def forget_what_the_package_cached() -> None:

@@ -7,6 +7,7 @@ row would cost more than the row (each table keeps one real process per entry po
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -69,43 +70,102 @@ def run_module(module: str, *args: str, cwd: Path, env: dict | None = None, time
 
 
 # The shared run's text: a learnable play, without the "Q" tests/test_bad_input.py offers as a prompt
-# outside the vocabulary. (tests/test_docs.py trains its own run: its pages chat in every character.)
+# outside the vocabulary. (The pages' commands read docs_run instead: they chat in every character.)
 RUN_TEXT = "".join(f"{n}: I am {n}, and I speak of {t}.\n" for n in ("ROMEO", "JULIET", "NURSE")
                    for t in ("love", "the moon", "swords", "Verona")) * 120
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder make(folder) fills, made once per session even under pytest-xdist.
+
+    The first worker to get here makes it, under a lock in the directory all workers share, and
+    the others read what it left; a folder a worker died making is made again.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    work = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (work / "done").is_file():
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            make(work)
+            (work / "done").write_text("done\n")
+    return work
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """(work, run_dir, process): one tiny real training run, shared by every module that needs one.
 
-    Trained once per session, by a real ``python -m nanogpt.train`` in Hydra's default
-    outputs/DATE/TIME layout, even under pytest-xdist: the first worker to get here trains,
-    under a lock in the directory all workers share, and the others read what it left.
-    Read it only: a test that changes a run takes a copy (copy_of_trained_run).
+    Trained once per session (made_once), by a real ``python -m nanogpt.train`` in Hydra's default
+    outputs/DATE/TIME layout. Read it only: a test that changes a run takes a copy
+    (copy_of_trained_run).
     """
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
-    work = shared / "trained_run"
-    with FileLock(str(shared / "trained_run.lock")):
-        if not (work / "done").is_file():
-            shutil.rmtree(work, ignore_errors=True)  # a worker that died half-way
-            work.mkdir()
-            corpus = work / "corpus.txt"
-            corpus.write_text(RUN_TEXT)
-            result = run_module(
-                "nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}",
-                f"data_root={work / 'data'}", "max_iters=80", "eval_interval=20",
-                "optimizer.lr=3e-3", "optimizer.warmup_iters=5", cwd=work,
-            )
-            assert result.returncode == 0, result.stderr
-            (work / "done").write_text(f"{result.returncode}\n")
-            (work / "stdout").write_text(result.stdout)
-            (work / "stderr").write_text(result.stderr)
+    def train(work: Path) -> None:
+        corpus = work / "corpus.txt"
+        corpus.write_text(RUN_TEXT)
+        result = run_module(
+            "nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}",
+            f"data_root={work / 'data'}", "max_iters=80", "eval_interval=20",
+            "optimizer.lr=3e-3", "optimizer.warmup_iters=5", cwd=work,
+        )
+        assert result.returncode == 0, result.stderr
+        (work / "stdout").write_text(result.stdout)
+        (work / "stderr").write_text(result.stderr)
+
+    work = made_once(tmp_path_factory, "trained_run", train)
     run_dirs = list((work / "outputs").glob("*/*"))
     assert len(run_dirs) == 1, run_dirs
     process = subprocess.CompletedProcess([], 0, (work / "stdout").read_text(), (work / "stderr").read_text())
     return work, run_dirs[0], process
+
+
+# The pages' run: every printable character (the pages prompt and chat in plain English), a block of
+# 64 tokens (docs/serving.md's examples are shown with such a model).
+DOCS_TEXT = "".join(f"{name}: I speak of {thing}.\n" for name in ("ROMEO", "JULIET", "NURSE")
+                    for thing in ("love", "the moon", "swords")) * 200 + "".join(map(chr, range(32, 127))) \
+    + "\n"
+DOCS_RUN = [*TINY_RUN, "model.block_size=64", "max_iters=10", "eval_interval=10"]
+
+
+@pytest.fixture(scope="session")
+def docs_run(tmp_path_factory) -> Path:
+    """The run the pages' commands and Python blocks read where they say outputs/2026-11-22/10-31-07, RUN, ...
+
+    Trained once per session (made_once), in this process (tests/commands.py), on its own text.
+    """
+    from .commands import run_in_process
+
+    def train(work: Path) -> None:
+        corpus = work / "corpus.txt"
+        corpus.write_text(DOCS_TEXT)
+        result = run_in_process("nanogpt.train", *DOCS_RUN, "dataset=text", f"dataset.source={corpus}",
+                                "dataset.name=docs", f"data_root={work / 'data'}", "hydra.run.dir=run",
+                                cwd=work)
+        assert result.returncode == 0, result.stderr
+
+    return made_once(tmp_path_factory, "docs_run", train) / "run"
+
+
+@pytest.fixture(scope="session")
+def finetuned_run(tmp_path_factory, docs_run) -> Path:
+    """A LoRA finetune of docs_run on instruction data: what docs/finetuning.md's RUN is (made_once)."""
+    from .commands import run_in_process
+
+    def finetune(work: Path) -> None:
+        words = ("word", "stone", "river", "light", "moon", "night", "sword", "love")
+        (work / "chats.jsonl").write_text("".join(
+            json.dumps({"prompt": f"reverse: {w}", "response": w[::-1]}) + "\n" for w in words * 4))
+        result = run_in_process(
+            "nanogpt.train", f"model.init_from={docs_run}", "model.block_size=64", "dataset=sft",
+            "dataset.source=chats.jsonl", "dataset.tokenizer=char", "lora.rank=4", "model.dropout=0",
+            "device=cpu", "logger=none",
+            "batch_size=4", "max_iters=4", "eval_interval=4", "eval_iters=1", "sample_tokens=0",
+            f"data_root={work / 'data'}", "hydra.run.dir=run", cwd=work)
+        assert result.returncode == 0, result.stderr
+
+    return made_once(tmp_path_factory, "finetuned_run", finetune) / "run"
 
 
 def copy_of_trained_run(trained_run, into: Path) -> Path:

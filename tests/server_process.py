@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 
-ADDRESS = re.compile(r" at (http://127\.0\.0\.1:\d+):")
+# The address it prints; one listening on every network (host=0.0.0.0) is reached over loopback too.
+ADDRESS = re.compile(r" at http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+):")
 
 
 class ServerProcess:
@@ -48,7 +49,7 @@ class ServerProcess:
         for line in self.process.stderr:
             self.stderr_lines.append(line)
             if (found := ADDRESS.search(line)) and not self.url:
-                self.url = found.group(1)
+                self.url = f"http://127.0.0.1:{found.group(1)}"
                 self.address.set()
 
     def ready(self) -> bool:

@@ -23,6 +23,7 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, corpus, data_root):
     for row in ("train ms/iter", "train tokens/s", "KV cache speed-up", "peak memory MB"):
         assert row in result.stdout
     assert not list(out.glob("*.pt"))  # a benchmark writes no checkpoint
+    assert not list(out.glob(".run.*"))  # and lets go of its directory: no lock or holder file
 
 
 def test_bench_rejects_unknown_settings(tmp_path):

@@ -16,7 +16,7 @@ from nanogpt.training.config import TrainConfig
 from .commands import run_in_process
 from .conftest import run_module
 
-GROUPS = ["model", "dataset", "optimizer", "device", "logger"]
+GROUPS = ["model", "dataset", "optimizer", "device", "logger", "objective"]
 # Recipes for training; eval recipes (they name a ckpt to score) compose with conf/eval.yaml instead.
 TRAIN_RECIPES = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if "ckpt" not in OmegaConf.load(p))
 
@@ -32,13 +32,21 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+# What an option needs beside it: a source to read, and the objective its data is for (or the reverse).
+PAIRS, PROMPTS = ["dataset.source=/some/pairs.jsonl"], ["dataset.source=/some/prompts.jsonl"]
+COMPANIONS = {("dataset", "text"): ["dataset.source=/some/file.txt"],
+              ("dataset", "sft"): ["dataset.source=/some/file.txt"],
+              ("dataset", "preference"): [*PAIRS, "objective=dpo"],
+              ("dataset", "prompts"): [*PROMPTS, "objective=grpo"],
+              ("objective", "dpo"): ["dataset=preference", *PAIRS],
+              ("objective", "grpo"): ["dataset=prompts", *PROMPTS]}
+
+
 @pytest.mark.parametrize(
     "group,option", [(g, o) for g in GROUPS for o in group_options(g)]
 )
 def test_every_group_option_composes(group, option):
-    overrides = [f"{group}={option}"]
-    if (group, option) in (("dataset", "text"), ("dataset", "sft")):
-        overrides.append("dataset.source=/some/file.txt")
+    overrides = [f"{group}={option}", *COMPANIONS.get((group, option), [])]
     cfg = compose_train(overrides)
     assert getattr(cfg, group).name if group != "model" else cfg.model.n_layer > 0
 

@@ -13,6 +13,8 @@ import torch
 
 from nanogpt.dataset.batches import BatchSampler
 from nanogpt.dataset.pipeline import prepare_data
+from nanogpt.errors import ConfigError
+from nanogpt.runtime.distributed import DistributedContext, per_rank_accumulation
 from nanogpt.tracking.metrics import read_metrics
 from tests.conftest import REPO, TINY_RUN
 from tests.test_stops import Running
@@ -81,6 +83,20 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(cor
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize("total,processes,works", [
+    (1, 2, "gradient_accumulation_steps=2"),
+    (3, 2, "gradient_accumulation_steps=2 or gradient_accumulation_steps=4"),
+    (10, 4, "gradient_accumulation_steps=8 or gradient_accumulation_steps=12"),
+])
+def test_a_total_the_processes_cannot_share_names_the_totals_that_work(total, processes, works):
+    job = DistributedContext(world_size=processes)
+    with pytest.raises(ConfigError) as refused:
+        per_rank_accumulation(total, job)
+    assert str(refused.value).endswith(
+        f"so every process runs the same number of micro-batches: give {works} (any multiple of {processes})")
+    assert per_rank_accumulation(total * processes, job) == total  # a total that divides is kept as given
+
+
 @pytest.mark.slow  # torchrun jobs
 def test_accumulation_not_divisible_by_processes_is_one_error_line(corpus, tmp_path, data_root):
     result = run([*TORCHRUN, "-m", "nanogpt.train", *DDP_RUN, "gradient_accumulation_steps=3",
@@ -88,7 +104,8 @@ def test_accumulation_not_divisible_by_processes_is_one_error_line(corpus, tmp_p
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: gradient_accumulation_steps=3 must be a multiple of the number of processes "
-                      "(2), so every process runs the same number of micro-batches"]
+                      "(2), so every process runs the same number of micro-batches: give "
+                      "gradient_accumulation_steps=2 or gradient_accumulation_steps=4 (any multiple of 2)"]
     assert not list(tmp_path.rglob("config.yaml")), "no half-made run directory is left behind"
 
 
@@ -194,6 +211,7 @@ def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(tar
     assert job.process.returncode != 0
     stops = [line for line in job.stdout if line.startswith("stopped by")]
     assert len(stops) == 1 and stops[0].startswith("stopped by SIGTERM before iteration ")
+    assert sum("SIGTERM received" in line for line in job.stdout + job.stderr) == 1  # rank 0 alone says it
     assert sorted(p.name for p in run_dir.glob("*.pt*")) == ["best.pt", "last.pt"]
     saved = weights(run_dir)
     assert saved["iter_num"] > 10 and saved["training"]["world_size"] == 2
@@ -203,6 +221,19 @@ def test_sigterm_to_torchrun_or_all_its_ranks_saves_once_and_resume_finishes(tar
     resumed = torchrun("nanogpt.train", f"resume={run_dir}", more, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert weights(run_dir)["iter_num"] == saved["iter_num"] + 3
+    assert (resumed.stdout + resumed.stderr).count(f"resuming {run_dir} from iteration") == 1  # rank 0's
+
+    if target == "agent":  # resumed again, finished: every rank ends at once, with rank 0's one line
+        before = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        again = torchrun("nanogpt.train", f"resume={run_dir}", more, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        end, best = saved["iter_num"] + 3, weights(run_dir)["best_val_loss"]
+        assert [line for line in again.stdout.splitlines() if "has finished" in line] == [
+            f"{run_dir} has finished: it trained to iteration {end} and evaluated there (best val loss "
+            f"{best:.4f}); nothing to do, so nothing was changed. To train it further, raise max_iters: "
+            f"torchrun --standalone --nproc_per_node=2 -m nanogpt.train resume={run_dir} max_iters=N "
+            f"(N above {end})"]
+        assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow  # torchrun jobs

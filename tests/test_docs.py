@@ -1,13 +1,14 @@
-"""Every command and Python block in README.md, docs/ and experiments/ still works.
+"""Every command and Python block in README.md, docs/ and experiments/ still works, and every link.
 
-A renamed key, group, command or module fails here rather than in a reader's terminal:
+tests/doc_pages.py reads the pages; tests/test_doc_commands.py runs their commands. Here:
 
 - each ``python -m nanogpt.X`` / ``nanogpt-X`` / ``torchrun ... -m nanogpt.X`` of a Hydra command is
   composed in-process by Hydra (sweeps reduced to their first value, ``-m`` dropped) and turned into
-  the command's schema with the same ``to_dataclass`` the command uses;
+  the command's schema with the same ``to_dataclass`` the command uses, so a renamed key fails the
+  quick tier, not only the slow one that runs the commands;
 - torchrun's own options go through torchrun's parser and launch configuration, which must not warn;
-- ``nanogpt.report`` runs on a run this module trains, ``nanogpt.text.gpt2_files`` into a temporary folder;
-- every ```python block runs against that run (the placeholder run directory replaced by it);
+- every ```python block runs against the pages' run (conftest's docs_run; on docs/finetuning.md its
+  LoRA finetune) where it names the placeholder run directory;
 - every relative link points at a file and, where it names one, a heading that exists.
 """
 
@@ -15,10 +16,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shlex
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -29,113 +26,14 @@ from nanogpt.cli.entry import to_dataclass
 from nanogpt.cli.overrides import parse_overrides
 from nanogpt.cli.paths import CONFIG_DIR
 
-from .conftest import REPO, TINY_RUN, register_commands, run_module
+from .conftest import register_commands
+from .doc_pages import PAGES, REPO, Command, page_commands
+from .test_doc_commands import FINETUNED_PAGES
 
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
-         *sorted((REPO / "experiments").glob("*.md"))]
 RUN_PLACEHOLDER = "outputs/2026-11-22/10-31-07"  # the run directory the pages' Python blocks load
-# A line that names one of our commands; each must yield at least one checked command.
-MENTIONS_COMMAND = re.compile(r"python3? -m nanogpt\.|(^|[\s(\"'])nanogpt-[a-z]|\btorchrun\b")
-# A code span in the text that is a whole command (NAME-like placeholders are not).
-INLINE_COMMAND = re.compile(r"(python3? -m nanogpt\.[a-z_.]+|nanogpt-[a-z]+)( |$)|torchrun ")
 # Hydra's own flags that take a value (the value is not an override).
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--shell-completion", "-sc"}
 FLAGS = {"-m", "--multirun", "--help", "-h"}
-ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-
-
-@dataclass
-class Command:
-    """One command found on a page: which module, its arguments, and torchrun's when launched by it."""
-
-    where: str  # page:line
-    module: str  # e.g. train, report, text.gpt2_files
-    args: list[str]
-    torchrun: list[str] | None = None
-    named: bool = False  # named in the text (no arguments, or a synopsis with [optional] parts), not run
-
-    def __str__(self) -> str:
-        return self.where
-
-
-def bash_lines(page: Path) -> list[tuple[int, str]]:
-    """(line number, line) of the page's ```bash blocks, with continued lines joined."""
-    found, in_block, pending, start = [], False, "", 0
-    for number, line in enumerate(page.read_text().splitlines(), 1):
-        if line.strip().startswith("```"):
-            in_block = line.strip() == "```bash" and not in_block
-            continue
-        if not in_block:
-            continue
-        if not pending:
-            start = number
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
-            continue
-        found.append((start, pending + line))
-        pending = ""
-    return found
-
-
-def segments(line: str) -> list[list[str]]:
-    """The simple commands of one shell line: split at && || ; |, with each $(...) a command of its own."""
-    inner = re.findall(r"\$\(([^()]*)\)", line)
-    result, current = [shlex.split(command, comments=True) for command in inner], []
-    for token in shlex.split(re.sub(r"\$\([^()]*\)", "SUBSTITUTED", line), comments=True):
-        if token in ("&&", "||", ";", "|"):
-            result.append(current)
-            current = []
-        else:
-            current.append(token)
-    return [*result, current]
-
-
-def command_of(where: str, words: list[str]) -> Command | None:
-    """Our command in one simple shell command, or None if it runs something else."""
-    while words and (ENV_ASSIGNMENT.match(words[0]) or words[0] in ("time", "/usr/bin/time", "-v")):
-        words = words[1:]
-    if len(words) >= 3 and words[0] in ("python", "python3") and words[1] == "-m":
-        if words[2].startswith("nanogpt."):
-            return Command(where, words[2].removeprefix("nanogpt."), words[3:])
-    elif words and words[0].startswith("nanogpt-"):
-        return Command(where, words[0].removeprefix("nanogpt-"), words[1:])
-    elif words and words[0] == "torchrun":
-        module = next((i for i, word in enumerate(words) if word.startswith("nanogpt.")), None)
-        if module is None:
-            return None
-        return Command(where, words[module].removeprefix("nanogpt."), words[module + 1:], words[1:])
-    return None
-
-
-def inline_commands(page: Path) -> list[tuple[int, str]]:
-    """(line number, command) of the `code spans` outside fenced blocks that are a whole command."""
-    text = re.sub(r"```.*?```", lambda block: "\n" * block.group().count("\n"), page.read_text(), flags=re.S)
-    return [(text[:span.start()].count("\n") + 1, " ".join(span.group(1).split()))
-            for span in re.finditer(r"`([^`]+)`", text) if INLINE_COMMAND.match(span.group(1))]
-
-
-def page_commands() -> tuple[list[Command], list[str]]:
-    """Every command on the pages, and the lines that mention one but yielded none."""
-    commands, unparsed = [], []
-    for page in PAGES:
-        name = page.relative_to(REPO)
-        for number, span in inline_commands(page):
-            found = [c for simple in segments(span) if (c := command_of(f"{name}:{number}", simple))]
-            for command in found:
-                command.named = not command.args or " [" in span
-            commands += found
-        for number, line in bash_lines(page):
-            where = f"{name}:{number}"
-            try:
-                words = segments(line)
-            except ValueError as error:  # what a shell would refuse too (an unclosed quote)
-                unparsed.append(f"{where}: {error}: {line.strip()}")
-                continue
-            found = [c for simple in words if (c := command_of(where, simple))]
-            commands += found
-            if not found and MENTIONS_COMMAND.search(" ".join(sum(words, []))):
-                unparsed.append(f"{where}: {line.strip()}")
-    return commands, unparsed
 
 
 COMMANDS, UNPARSED = page_commands()
@@ -171,22 +69,6 @@ def schemas() -> dict[str, type]:
     store = ConfigStore.instance()
     names = [name.removesuffix("_schema.yaml") for name in store.list("") if name.endswith("_schema.yaml")]
     return {name: OmegaConf.get_type(store.load(f"{name}_schema.yaml").node) for name in names}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A run directory written by a real, tiny training run."""
-    root = tmp_path_factory.mktemp("docs")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"{name}: I speak of {thing}.\n" for name in ("ROMEO", "JULIET", "NURSE")
-                              for thing in ("love", "the moon", "swords")) * 200
-                      + "".join(map(chr, range(32, 127))) + "\n")  # every ASCII character: the pages chat too
-    run_dir = root / "outputs" / "run"
-    result = run_module("nanogpt.train", *TINY_RUN, "dataset=text", f"dataset.source={corpus}",
-                        "dataset.name=docs", f"data_root={root / 'data'}", "max_iters=10", "eval_interval=10",
-                        "logger=none", f"hydra.run.dir={run_dir}", cwd=root)
-    assert result.returncode == 0, result.stderr
-    return run_dir
 
 
 def test_the_pages_hold_commands_and_every_command_line_is_read():
@@ -271,47 +153,18 @@ def test_the_multi_node_page_gives_torchrun_both_ways_to_meet(monkeypatch, caplo
     assert backends["c10d"] and all(config.run_id and config.rdzv_endpoint for config in backends["c10d"])
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c.module == "report" and not c.named], ids=str)
-def test_report_command_runs(command, tiny_run, tmp_path, capsys):
-    from nanogpt import report
-
-    argv, words = [], iter(command.args)
-    for word in words:
-        if word == "--out":
-            argv += ["--out", str(tmp_path / next(words).replace("/", "_"))]
-        elif word.startswith("-"):
-            argv.append(word)
-        elif word != "...":
-            argv.append(str(tiny_run))  # a run, whatever the page's placeholder
-    report.main(argv)
-    written = capsys.readouterr().err.strip().removeprefix("wrote ").split(", ")
-    assert written and all(Path(path).is_file() for path in written), written
-
-
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c.module == "text.gpt2_files" and not c.named],
-                         ids=str)
-def test_gpt2_files_command_seeds_a_folder(command, tmp_path, monkeypatch):
-    from nanogpt.text import gpt2_files
-
-    assert len(command.args) <= 1, f"{command}: takes at most a folder"
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken_default"))  # its default, kept here
-    monkeypatch.setattr(sys, "argv", ["gpt2_files", *[str(tmp_path / "given") for _ in command.args]])
-    gpt2_files.main()
-    seeded = tmp_path / ("given" if command.args else "tiktoken_default")
-    assert len(list(seeded.iterdir())) == 2  # encoder.json and vocab.bpe, under tiktoken's names
-
-
 @pytest.mark.parametrize("where,code", PYTHON_BLOCKS, ids=[where for where, _ in PYTHON_BLOCKS])
-def test_python_block_runs(where, code, tiny_run, monkeypatch):
+def test_python_block_runs(where, code, docs_run, finetuned_run, monkeypatch):
     from nanogpt.dataset.config import LOADERS
     from nanogpt.dataset.pipeline import SOURCES
     from nanogpt.text.tokenizers import TOKENIZERS
     from nanogpt.tracking.loggers import LOGGERS
 
     registries = [(registry, dict(registry)) for registry in (LOADERS, SOURCES, TOKENIZERS, LOGGERS)]
-    monkeypatch.chdir(tiny_run.parent)
+    run = finetuned_run if where.split(":")[0] in FINETUNED_PAGES else docs_run
+    monkeypatch.chdir(run.parent)
     try:
-        exec(compile(code.replace(RUN_PLACEHOLDER, str(tiny_run)), where, "exec"), {"__name__": "docs"})
+        exec(compile(code.replace(RUN_PLACEHOLDER, str(run)), where, "exec"), {"__name__": "docs"})
     finally:  # a page's example class registers itself; the other tests should not see it
         for registry, before in registries:
             registry.clear()

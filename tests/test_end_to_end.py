@@ -86,7 +86,7 @@ def test_sample_is_reproducible_and_reads_prompt_files(trained_run, tmp_path):
     (["ckpt=/no/such/run"], "ckpt=/no/such/run does not exist"),
     (['prompt="ROMEO§"'], "'§'"),
     (["prompt_file=/no/such/prompt.txt"], "prompt_file=/no/such/prompt.txt does not exist"),
-    (["temperature=-1"], "temperature=-1.0 must be >= 0"),
+    (["temperature=-1"], "temperature=-1.0 must be a number >= 0"),
     (["device=cuda"], "device=cuda"),
 ])
 def test_bad_sample_input_fails_with_one_clear_line(trained_run, args, expected):

@@ -99,9 +99,11 @@ def test_a_librarys_own_error_is_one_line_and_a_bug_of_ours_keeps_its_traceback(
     with pytest.raises(ValueError) as raised:  # peft's own check of its settings
         peft.LoraConfig(target_modules="c_attn", layers_to_transform=[0])
     assert library_failure(raised.value) == "peft" and is_user_error(raised.value)
-    assert describe_error(raised.value).startswith(
-        "peft failed: ValueError: `layers_to_transform` cannot be used when `target_modules` is a str. (in "
-        "peft/tuners/lora/config.py")
+    # Which of peft's files raises it moves between its versions; that one of them is named does not.
+    assert re.fullmatch(
+        r"peft failed: ValueError: `layers_to_transform` cannot be used when `target_modules` is a str\. "
+        r"\(in peft/[\w/]+\.py, \w+\); NANOGPT_DEBUG=1 shows the whole traceback",
+        describe_error(raised.value)), describe_error(raised.value)
     from lm_eval.models.utils import Collator
 
     with pytest.raises(AttributeError) as ours:  # lm-eval calling code of ours that fails: our bug

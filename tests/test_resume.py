@@ -8,12 +8,16 @@ the resumes and restarts, but for the W&B one) run in the test process (tests/co
 and must still be bitwise what the real processes computed.
 """
 
+import hashlib
+import json
 import shutil
 import signal
 
 import pytest
 import torch
 
+from nanogpt.runtime import rundir
+from nanogpt.tracking.compare import load_run, table_rows
 from nanogpt.tracking.metrics import read_metrics
 from nanogpt.weights.checkpoint import load_checkpoint
 
@@ -222,3 +226,93 @@ def test_sigkill_then_auto_resume_records_every_metric_once(work, reference):
     # The records before the checkpoint are the killed process's own, untouched.
     assert records[:len(before) - 3] == before[:-3] and before[-3]["iter"] == 8
     assert_same_as_reference(load_checkpoint(run_dir / "last.pt"), reference, "SIGKILL, auto_resume")
+
+
+def tree(folder) -> dict[str, str]:
+    """Every file and folder under folder: a file by the sha256 of its bytes, a folder as '/'."""
+    return {str(p.relative_to(folder)): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_a_finished_run_resumed_says_so_in_one_line_and_changes_nothing(work, reference):
+    run_dir = work[0] / "finished"
+    shutil.copytree(work[0] / "reference", run_dir)
+    before = tree(run_dir)
+    finished = (f"{run_dir} has finished: it trained to iteration 12 and evaluated there (best val loss "
+                f"{reference['best_val_loss']:.4f}); nothing to do, so nothing was changed. To train it "
+                f"further, raise max_iters: python -m nanogpt.train resume={run_dir} max_iters=N "
+                "(N above 12)")
+    attempts = {
+        "resume=": resume(work, run_dir),
+        "resume= with a tracker and a sample": resume(work, run_dir, "logger=wandb", "sample_tokens=50"),
+        "resume= with the same max_iters": resume(work, run_dir, "max_iters=12"),
+        "auto_resume=true": train(work, f"hydra.run.dir={run_dir}", "auto_resume=true"),
+    }
+    for what, result in attempts.items():
+        assert result.returncode == 0, f"{what}: {result.stderr}"
+        assert result.stdout.strip().splitlines() == [finished] and result.stderr == "", what
+    assert tree(run_dir) == before  # no W&B run, sample, config.yaml or summary.json: not one byte
+
+    extended = resume(work, run_dir, "max_iters=14")  # raised: it trains on
+    assert extended.returncode == 0, extended.stderr
+    assert load_checkpoint(run_dir / "last.pt")["iter_num"] == 14
+
+
+def test_a_resume_refused_after_hydra_wrote_puts_back_what_it_rewrote(work, reference):
+    run_dir = work[0] / "refused-late"
+    shutil.copytree(work[0] / "reference", run_dir)
+    # Another data root whose folder of that name holds other tokens: refused once the data is opened,
+    # after Hydra rewrote .hydra/ and opened the log.
+    other_root, other_text = work[0] / "other-data", work[0] / "other.txt"
+    other_text.write_text("Some other text altogether, of another play.\n" * 300)
+    name = reference["config"]["dataset"]["name"]
+    prepared = run_in_process("nanogpt.data", "dataset=text", f"dataset.source={other_text}",
+                              f"dataset.name={name}", f"data_root={other_root}", cwd=work[0])
+    assert prepared.returncode == 0, prepared.stderr
+    before = tree(run_dir)
+    refused = resume(work, run_dir, "max_iters=16", f"data_root={other_root}")
+    assert refused.returncode == 2 and "now holds other tokens than this run trained on" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert tree(run_dir) == before
+
+
+def test_only_a_run_of_ours_starts_again_where_it_stopped_before_its_first_checkpoint(work, tmp_path):
+    run_dir = work[0] / "early"
+    job = [f"hydra.run.dir={run_dir}", "auto_resume=true", "eval_at_start=false"]
+    killed = train(work, *job, faults="kill_at_iter=2")  # as a preempted job, before any checkpoint
+    assert killed.returncode == -signal.SIGKILL and not (run_dir / "last.pt").exists()
+    assert json.loads((run_dir / rundir.RUN_MARKER).read_text())["command"] == "train"
+
+    # The same files without our marker: another program's run (its .hydra/, config.yaml, train.log).
+    theirs = tmp_path / "theirs"
+    shutil.copytree(run_dir, theirs)
+    (theirs / rundir.RUN_MARKER).unlink()
+    before = tree(theirs)
+    refused = train(work, *job[1:], f"hydra.run.dir={theirs}")
+    assert refused.returncode == 2 and refused.stderr.startswith(f"error: {theirs} already holds .hydra, ")
+    assert "which no nanogpt run wrote" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert tree(theirs) == before
+
+    restarted = train(work, *job)  # ours: started again in its directory, as a requeued job is
+    assert restarted.returncode == 0, restarted.stderr
+    assert load_checkpoint(run_dir / "last.pt")["iter_num"] == 12
+
+
+def test_a_resumed_runs_wall_time_adds_up_every_piece(work, reference):
+    run_dir = work[0] / "pieces"
+    stopped = train(work, f"hydra.run.dir={run_dir}", faults="signal_at_iter=6:SIGTERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    first = json.loads((run_dir / "summary.json").read_text())["wall_time_s"]
+    saved = torch.load(run_dir / "last.pt", weights_only=True)
+    assert 0 < saved["training"]["wall_time_s"] <= first  # the checkpoint's clock, at the stop
+    # Say the first piece had taken 1000 s: the resumed run must count them (the last piece takes seconds).
+    saved["training"]["wall_time_s"] = 1000.0
+    torch.save(saved, run_dir / "last.pt")
+
+    resumed = resume(work, run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    total = json.loads((run_dir / "summary.json").read_text())["wall_time_s"]
+    assert 1000.0 < total < 1000.0 + 600
+    assert load_checkpoint(run_dir / "last.pt")["training"]["wall_time_s"] > 1000.0
+    header, rows = table_rows([load_run(run_dir)])  # what the sweep tables and nanogpt.report show
+    assert rows[0][header.index("wall time (s)")] == f"{total:.1f}"

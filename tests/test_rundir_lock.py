@@ -42,6 +42,7 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in files}
 
 
+@pytest.mark.slow  # two training processes, one killed mid-run
 def test_a_second_process_is_refused_and_a_killed_runs_directory_is_taken_over(corpus, data_root, tmp_path):
     run_dir = tmp_path / "run"
     args = common(corpus, data_root, run_dir)

@@ -7,17 +7,14 @@ compared with what the project's own paths give for the same settings and seed:
 LanguageModel.chat for chat completions, the model's own log-softmax for
 logprobs. Bad input of every kind must be a 4xx with OpenAI's error body.
 
-docs/serving.md's client examples need a running server, so they are fenced
-```` ```python server ```` (tests/test_docs.py runs the plain ```` ```python ````
-blocks) and run here against this one; its load command runs here too, briefly.
+docs/serving.md's examples (its curl lines, its ```` ```python server ```` client code, its load
+command) run against the page's own model in tests/test_doc_commands.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
-import shlex
 import socket
 import time
 from pathlib import Path
@@ -31,7 +28,7 @@ import nanogpt
 from nanogpt.benchmarks import serving as load
 from nanogpt.model import GPTConfig
 
-from .conftest import REPO, run_module
+from .conftest import run_module
 from .server_process import ServerProcess
 from .test_load import VOCABULARY, write_our_checkpoint
 
@@ -339,34 +336,3 @@ def test_concurrent_greedy_requests_are_neither_lost_nor_mixed_up(server):
     assert checked["mixed_up"] == 0
     assert checked["identical"] + checked["near_tie_differences"] == 24
     assert checked["identical"] >= 20  # near-ties are rare: most answers are exactly the same
-
-
-SERVING_PAGE = REPO / "docs" / "serving.md"
-PAGE_URL = "http://127.0.0.1:8000"
-
-
-def test_the_manuals_client_examples_run_against_a_server(server, capsys):
-    blocks = re.findall(r"```python server\n(.*?)```", SERVING_PAGE.read_text(), re.S)
-    assert blocks
-    for code in blocks:
-        assert PAGE_URL in code
-        exec(compile(code.replace(PAGE_URL, server.url), "docs/serving.md", "exec"), {"__name__": "docs"})
-    assert capsys.readouterr().out.strip()
-
-
-def test_the_manuals_load_command_runs_against_a_server(server, tmp_path, capsys):
-    """The page's command, with its URL and output file replaced and its counts made small."""
-    lines = [line for line in SERVING_PAGE.read_text().splitlines()
-             if line.startswith("python -m nanogpt.benchmarks.serving")]
-    assert lines
-    for line in lines:
-        words = shlex.split(line, comments=True)[3:]
-        args = [server.url if w == PAGE_URL else str(tmp_path / "load.json") if w.endswith(".json") else w
-                for w in words]
-        load.main([*args, "--model", NAME, "--clients", "2", "--requests-each", "1", "--max-tokens", "8",
-                   "--probes", "1", "--mixup-requests", "4", "--mixup-clients", "2"])
-        results = json.loads((tmp_path / "load.json").read_text())
-        assert results["mixups"]["lost"] == results["mixups"]["mixed_up"] == 0
-        one, many = results["one_client"], results["many_clients"]
-        assert one["tokens"] == one["requests"] * 8 and many["tokens"] == many["requests"] * 8
-    assert "greedy requests from 2 clients: 0 lost" in capsys.readouterr().out

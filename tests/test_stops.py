@@ -137,6 +137,9 @@ def test_sigterm_during_a_long_evaluation_abandons_it_at_once(tmp_path, slow_run
     run = Running([sys.executable, "-m", "nanogpt.train", *slow_run, "eval_iters=1000000",
                    "max_iters=1000000", f"hydra.run.dir={run_dir}"], tmp_path)
     run.wait_for("this run will take about")  # said after timing a few evaluation batches
+    forecast = next(line for line in run.stdout + run.stderr if "this run will take about" in line)
+    assert forecast.endswith("for a first run on this cpu, try +experiment=shakespeare_char_cpu_fast "
+                             "(under a minute)"), forecast
     latency = run.stop(signal.SIGTERM)
     print(f"SIGTERM during evaluation: exited {latency:.2f} s after the signal")
     assert run.process.returncode == 143

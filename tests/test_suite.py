@@ -33,6 +33,7 @@ def fake_nanogpt(root):
     return root
 
 
+@pytest.mark.slow  # every run of the GPU suite, the step compiled by inductor among them
 def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_root):
     out = tmp_path / "suite"
     # The gpt2 run asks for dataset=shakespeare (GPT-2 BPE); the suite's dataset=text wins over it.
@@ -62,8 +63,11 @@ def test_suite_on_the_cpu_reports_every_run_and_target(tmp_path, corpus, data_ro
     assert 0 <= runs["default_graphs"]["losses_vs_default"] < 0.02  # no graphs on a CPU: the same steps
     assert "| target | measured | met |" in result.stdout
     assert (out / "suite.md").read_text().strip() in result.stdout
+    # The suite and each of its runs let go of their directories: no lock or holder file left anywhere.
+    assert not list(out.rglob(".run.*")), sorted(out.rglob(".run.*"))
 
 
+@pytest.mark.slow  # the default run, its generation compiled by inductor
 def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, corpus, data_root):
     out = tmp_path / "suite"
     result = run_in_process("nanogpt.bench", "suite=gpu", *TINY, "dataset=text", f"dataset.source={corpus}",

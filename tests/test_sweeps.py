@@ -7,8 +7,10 @@ in its worker processes, as they would from a shell.
 import csv
 import json
 import os
+import shutil
 
 import pytest
+import torch
 
 from nanogpt.cli.sweeps import job_label, swept_keys
 from nanogpt.tracking.compare import job_sort_key
@@ -188,3 +190,36 @@ def test_job_labels_keep_swept_keys_and_drop_paths():
     assert job_label(overrides, None) == "optimizer.lr=0.001,experiment=lr_sweep,seed=3"
     assert job_label(["optimizer.lr=0.0003342330176505329", "model=tiny"], ["optimizer.lr", "model"]) == \
         "optimizer.lr=0.0003342,model=tiny"
+
+
+def test_a_resumed_sweep_adds_up_each_jobs_pieces_and_a_finished_one_changes_nothing(sweep, tmp_path):
+    work, sweep_dir, _ = sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, copy)
+    jobs = job_dirs(copy)
+    earlier = []  # each job's wall time up to its checkpoint; say the first job's first piece took 1000 s
+    for number, job in enumerate(jobs):
+        state = torch.load(job / "last.pt", weights_only=True)
+        state["training"]["wall_time_s"] = 1000.0 if number == 0 else state["training"]["wall_time_s"]
+        torch.save(state, job / "last.pt")
+        earlier.append(state["training"]["wall_time_s"])
+    again = [*QUICK, "logger=none", *text_dataset(work / "corpus.txt", work / "data"),
+             "optimizer.lr=3e-3,1e-4", "auto_resume=true", "max_iters=32", f"hydra.sweep.dir={copy}"]
+    resumed = run_in_process("nanogpt.train", "-m", *again, cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = list(csv.DictReader((copy / "summary.csv").open()))
+    for job, before in zip(jobs, earlier, strict=True):
+        assert torch.load(job / "last.pt", weights_only=True)["iter_num"] == 32
+        total = json.loads((job / "summary.json").read_text())["wall_time_s"]
+        assert before < total < before + 600  # the earlier piece and this one
+        (row,) = [row for row in rows if row["run"] == job.name]
+        assert row["wall time (s)"] == f"{total:.1f}"
+
+    ours = ("summary.json", "config.yaml", "metrics.jsonl", "last.pt", "best.pt")
+    files = {(job.name, name): (job / name).read_bytes() for job in jobs for name in ours}
+    finished = run_in_process("nanogpt.train", "-m", *again, cwd=work)
+    assert finished.returncode == 0, finished.stderr
+    said = [line.split(" has finished")[0] for line in finished.stdout.splitlines() if "has finished" in line]
+    assert said == [str(job) for job in jobs]
+    assert {(job.name, name): (job / name).read_bytes() for job in jobs for name in ours} == files
+    assert list(csv.DictReader((copy / "summary.csv").open())) == rows

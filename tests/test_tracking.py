@@ -1,10 +1,16 @@
-"""Trackers through real training runs: none, TensorBoard, W&B online fallback.
+"""Trackers through real training runs: none, TensorBoard, W&B online fallback; the first run's forecast.
 
 Each run is ``python -m nanogpt.train``'s main() called in the test process (tests/commands.py).
+The forecast's arithmetic and advice are checked on a clock that reads given times
+(tests/test_stops.py waits for a real run's forecast line).
 """
 
+import itertools
+import logging
 import socket
 
+from nanogpt.cli.paths import EXPERIMENTS_DIR
+from nanogpt.tracking.forecast import QUICKER_RECIPE, RunForecast, RunPlan, duration
 from nanogpt.tracking.metrics import read_metrics
 from nanogpt.tracking.records import RunRecords
 
@@ -86,3 +92,53 @@ def test_only_the_owning_process_records(tmp_path):
     other_rank.log({"kind": "eval", "iter": 0, "val_loss": 1.0, "train_loss": 1.0})
     other_rank.close()
     assert list(tmp_path.iterdir()) == []
+
+
+class ScriptedClock(RunForecast):
+    """A forecast whose clock reads the given times, one per evaluation batch: what the pace is made of."""
+
+    def __init__(self, plan: RunPlan, batch_seconds: list[float]):
+        super().__init__(plan)
+        self.readings = iter(itertools.accumulate(batch_seconds))
+
+    def clock(self) -> float:
+        return next(self.readings)
+
+
+def forecast_line(plan: RunPlan, batch_seconds: list[float], caplog) -> str | None:
+    """The line a first evaluation of 1000 batches, each taking batch_seconds[i], makes the run say."""
+    forecast = ScriptedClock(plan, batch_seconds)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanogpt.tracking"):
+        for done in range(1, len(batch_seconds) + 1):
+            forecast.eval_batch_done(done, 1000)
+    lines = [r.getMessage() for r in caplog.records if "this run will take" in r.getMessage()]
+    assert len(lines) <= 1
+    return lines[0] if lines else None
+
+
+def test_the_forecast_points_at_the_quicker_recipe_that_exists_never_the_one_running(caplog):
+    assert (EXPERIMENTS_DIR / f"{QUICKER_RECIPE}.yaml").is_file()
+    slow = [1.0] * 8  # a second a batch: hours for 10,000 steps and their evaluations
+    quicker = f"try +experiment={QUICKER_RECIPE} (under a minute)"
+    shorter = "lower max_iters, eval_iters or the model's size for a quicker run"
+    for device, overrides, advice in (
+            ("cpu", (), quicker), ("cpu", ("+experiment=shakespeare_char_cpu",), quicker),
+            ("mps", ("model=small",), quicker), ("cpu", (f"+experiment={QUICKER_RECIPE}",), shorter),
+            ("cuda", (), shorter)):
+        line = forecast_line(RunPlan(10_000, 250, 1, device, overrides=overrides), slow, caplog)
+        assert line is not None and line.endswith(advice), (device, overrides, line)
+        if overrides and overrides[0].endswith(QUICKER_RECIPE):
+            assert "+experiment=" not in line  # never the recipe already running
+
+
+def test_the_forecast_takes_the_pace_of_several_batches_not_of_one_slowed_down(caplog):
+    plan = RunPlan(10_000, 250, 1, "cpu", eval_at_start=False)
+    # Batch 1 is left out (warm-up); batch 2 was slowed by another program: the median of 2-6 is 1 s.
+    line = forecast_line(plan, [30.0, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0], caplog)
+    total, per_eval = plan.forecast(1.0, 1000)
+    assert line.startswith(f"this run will take about {duration(total)} on cpu ({duration(per_eval)} "
+                           "per evaluation)"), line
+    assert total == 10_000 * 3 + 40 * 1000  # 10,000 steps of 3 batches' work; 40 evaluations, none at 0
+    assert RunPlan(10_000, 250, 1, "cpu").forecast(1.0, 1000)[0] == total + 1000  # one at 0 too
+    assert forecast_line(RunPlan(100, 50, 1, "cpu"), [0.01] * 8, caplog) is None  # short: nothing said

@@ -27,6 +27,11 @@ def config(corpus, data_root, optimizer: str = "adamw") -> TrainConfig:
         sample_tokens=0, save_checkpoints=False)
 
 
+def clock_apart(state: dict) -> float:
+    """Take the run's wall time out of a state (the clock runs on between two state_dict() calls)."""
+    return state["training"].pop("wall_time_s")
+
+
 def assert_same(a, b, where: str = "state") -> None:
     """Equal all the way down: tensors elementwise, containers by their items."""
     if isinstance(a, dict):
@@ -54,14 +59,20 @@ def test_a_round_trip_restores_everything_state_dict_returned(corpus, data_root,
     fresh = build_trainer(config(corpus, data_root), tmp_path / "b")
     fresh.sampler.generator.manual_seed(99)
     fresh.load_state_dict(saved)
-    assert_same(fresh.state_dict(), saved)
+    restored = fresh.state_dict()
+    # The run's wall time goes on from the saved one (fresh's own few seconds added, not started anew).
+    taken, went_on = clock_apart(saved), clock_apart(restored)
+    assert taken > 0 and taken <= went_on < taken + 60
+    assert_same(restored, saved)
 
 
 def three_more_steps(trainer) -> dict:
     """Train three steps (dropout, the sampler and the optimizer all take part); the state after them."""
     for _ in range(3):
         trainer.train_step()
-    return trainer.state_dict()
+    state = trainer.state_dict()
+    clock_apart(state)
+    return state
 
 
 def test_a_loaded_trainer_goes_on_exactly_as_the_original(corpus, data_root, tmp_path):
@@ -79,11 +90,14 @@ def test_a_rewind_puts_back_what_an_abandoned_step_changed(corpus, data_root, tm
     trainer = build_trainer(config(corpus, data_root), tmp_path / "run")
     trainer.run()
     before = trainer.state_dict()
+    clock_apart(before)
     rewind = trainer.rewind_point()
     trainer.batch = trainer.sampler.get_batch("train")  # what a step begins with
     loss = trainer.model(*trainer.batch)[1]
     loss.backward()
     torch.rand(3), random.random(), np.random.rand()
     rewind()
-    assert_same(trainer.state_dict(), before)
+    after = trainer.state_dict()
+    clock_apart(after)
+    assert_same(after, before)
     assert all(p.grad is None for p in trainer.model.parameters())

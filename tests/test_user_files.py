@@ -2,8 +2,9 @@
 file's sha256 is checked after.
 
 The real commands: export, train (a new run into a finished run's directory, into one a killed run
-left, into a folder of the user's), bench, data, report and a sweep, each aimed at what it must not
-touch; then export's own rule, that it replaces only an earlier export of its own, and that an export
+left, into a folder of the user's or another program's run; a resume of a damaged last.pt or of a
+file that only has its name), bench, data, report and a sweep, each aimed at what it must not touch;
+then export's own rule, that it replaces only an earlier export of its own, and that an export
 stopped half-way (a real SIGTERM, a real SIGKILL, in real processes) leaves the earlier one whole. The
 other commands run their main() in the test process (tests/commands.py): a process would spend most of
 its life starting (tests/test_bad_input.py refuses through each entry point in a real process).
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +77,16 @@ def test_no_command_writes_over_the_users_files_or_another_run(place, tmp_path):
     (killed / rundir.LOCK_FILE).touch()
     (killed / rundir.HOLDER_FILE).write_text(json.dumps({"host": "gone", "pid": 1, "since": "then"}))
     mine = {name: users_folder(tmp_path / name) for name in
-            ("for_export", "for_dot", "for_train", "for_bench", "for_data", "for_report", "for_sweep")}
+            ("for_export", "for_dot", "for_train", "for_bench", "for_data", "for_report", "for_sweep",
+             "for_resume")}
+    (mine["for_resume"] / "last.pt").write_text("my own last.pt\n")  # a file of that name, not a checkpoint
+    theirs = tmp_path / "theirs"  # another Hydra program's run: its .hydra/ and files of our names
+    shutil.copytree(run / ".hydra", theirs / ".hydra")
+    for name in ("config.yaml", "train.log", "summary.json", "metrics.jsonl"):
+        (theirs / name).write_text(f"their own {name}\n")
+    damaged = tmp_path / "damaged"  # a run of ours whose last.pt was cut short
+    shutil.copytree(run, damaged)
+    os.truncate(damaged / "last.pt", (damaged / "last.pt").stat().st_size // 2)
     before = tree(tmp_path), tree(place)
 
     train = [*QUICK, "dataset=text", f"dataset.source={place / 'corpus.txt'}", f"data_root={data}"]
@@ -86,6 +97,14 @@ def test_no_command_writes_over_the_users_files_or_another_run(place, tmp_path):
         "a new run into a finished run": ("nanogpt.train", *train, f"hydra.run.dir={run}"),
         "a new run into a killed run": ("nanogpt.train", *train, f"hydra.run.dir={killed}"),
         "train": ("nanogpt.train", *train, "auto_resume=true", f"hydra.run.dir={mine['for_train']}"),
+        "train into another program's run": ("nanogpt.train", *train, f"hydra.run.dir={theirs}"),
+        "auto_resume into another program's run": ("nanogpt.train", *train, "auto_resume=true",
+                                                   f"hydra.run.dir={theirs}"),
+        "auto_resume of a last.pt not ours": ("nanogpt.train", *train, "auto_resume=true",
+                                              f"hydra.run.dir={mine['for_resume']}"),
+        "resume= of a damaged last.pt": ("nanogpt.train", f"resume={damaged}", "max_iters=8"),
+        "auto_resume of a damaged last.pt": ("nanogpt.train", *train, "max_iters=8", "auto_resume=true",
+                                             f"hydra.run.dir={damaged}"),
         "bench": ("nanogpt.bench", "device=cpu", "model=tiny", f"hydra.run.dir={mine['for_bench']}"),
         "data": ("nanogpt.data", "dataset=text", f"dataset.source={place / 'corpus.txt'}",
                  "dataset.name=for_data", f"data_root={tmp_path}"),
@@ -102,15 +121,23 @@ def test_no_command_writes_over_the_users_files_or_another_run(place, tmp_path):
         f"error: out={mine['for_export']} already holds bench.json, config.yaml, input.txt, loss_curve.png, "
         "meta.json and 4 more, which nanogpt.export did not write; it writes into a new or empty directory, "
         "or over an earlier one of its own: give another out= (nothing was written)")
-    assert lines["export into its run"].startswith(f"error: out={exported_run} already holds .hydra, best.pt")
+    assert lines["export into its run"].startswith(f"error: out={exported_run} already holds .hydra, "
+                                                   ".nanogpt-run.json, best.pt")
     assert lines["export into ."].startswith("error: out=. is the directory you are in")
     for what, folder in (("a new run into a finished run", run), ("a new run into a killed run", killed)):
         line = lines[what]
         assert line.startswith(f"error: {folder.resolve()} already holds a run (.hydra"), line
         assert f"python -m nanogpt.train resume={folder.resolve()}" in line and "auto_resume=true" in line
         assert "give a fresh directory (hydra.run.dir=NEW" in line
-    assert "which no run wrote; train writes its log, config and results there" in lines["train"]
-    assert "which no run wrote; bench writes" in lines["bench"]
+    assert "which no nanogpt run wrote; train writes its log, config and results there" in lines["train"]
+    assert "which no nanogpt run wrote; bench writes" in lines["bench"]
+    for what in ("train into another program's run", "auto_resume into another program's run"):
+        assert lines[what].startswith(f"error: {theirs} already holds .hydra, config.yaml, metrics.jsonl, "
+                                      "summary.json, train.log, which no nanogpt run wrote"), lines[what]
+    assert lines["auto_resume of a last.pt not ours"].startswith(
+        f"error: checkpoint {mine['for_resume'] / 'last.pt'} is truncated, corrupted or not a torch.save")
+    for what in ("resume= of a damaged last.pt", "auto_resume of a damaged last.pt"):
+        assert lines[what].startswith(f"error: checkpoint {damaged / 'last.pt'} is truncated"), lines[what]
     assert lines["data"].startswith(f"error: {mine['for_data']} already holds bench.json, config.yaml")
     assert lines["data"].endswith("which no preparation wrote; prepared data gets a folder of its own: give "
                                   "another dataset.name (or data_root)")
@@ -162,3 +189,21 @@ def test_export_replaces_only_its_own_export_and_a_stopped_one_leaves_it_whole(p
     assert again.returncode == 0, again.stderr
     files = {name: digest for name, digest in tree(out).items() if name != WRITTEN_FILE}
     assert files == {name: digest for name, digest in exported.items() if name != WRITTEN_FILE}
+
+
+def test_exported_files_are_readable_like_their_neighbours_as_the_umask_allows(place, tmp_path):
+    run = place / "run"
+    for umask in (0o022, 0o027):
+        out = tmp_path / f"hf-{umask:o}"
+        previous = os.umask(umask)
+        try:
+            exported = run_in_process("nanogpt.export", f"ckpt={run}", f"out={out}", cwd=tmp_path)
+            (tmp_path / f"beside-{umask:o}.txt").write_text("a plain open()\n")  # a neighbour's mode
+        finally:
+            os.umask(previous)
+        assert exported.returncode == 0, exported.stderr
+        neighbour = stat.S_IMODE((tmp_path / f"beside-{umask:o}.txt").stat().st_mode)
+        assert neighbour == 0o666 & ~umask
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+        assert "model.safetensors" in modes and set(modes.values()) == {neighbour}, modes
+        assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # the folder as mkdir makes one

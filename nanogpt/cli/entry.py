@@ -26,7 +26,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nanogpt.cli.errors import reporting_user_errors, stopping_with_one_line
 from nanogpt.cli.help import command_as_typed, help_text
-from nanogpt.cli.hydra_run_dir import new_run_dir, remove_refused_sweeps, removed_if_refused
+from nanogpt.cli.hydra_run_dir import (
+    new_run_dir,
+    release_run_dir,
+    remove_refused_sweeps,
+    removed_if_refused,
+    restored_if_refused,
+)
 from nanogpt.cli.paths import CONFIG_DIR, EXPERIMENTS_DIR
 from nanogpt.cli.sweeps import register_resolvers
 from nanogpt.dataset.config import DatasetConfig
@@ -78,10 +84,14 @@ def hydra_entry(
 
         @functools.wraps(task)
         def reported_task(cfg: DictConfig) -> object:
-            """The task, with user errors reported before Hydra adds its own lines."""
+            """The task, user errors reported before Hydra adds its own lines; its run directory let go."""
             skip_collection_at_exit()  # also in a sweep's worker processes, which do not run main()
-            with reporting_user_errors(debugging, in_task=True), removed_if_refused(*new_run_dir()):
-                return task(cfg)
+            try:
+                with reporting_user_errors(debugging, in_task=True), removed_if_refused(*new_run_dir()), \
+                        restored_if_refused():
+                    return task(cfg)
+            finally:
+                release_run_dir()
 
         hydra_main = hydra.main(
             version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name

@@ -7,22 +7,27 @@ the new ones replace theirs, refuses any change to what the run means (model,
 dataset, optimizer, seed, batch) and trains on in the same run directory.
 ``auto_resume=true`` does the same for a run whose (fixed) run directory already
 holds a last.pt, as a preempted cluster job restarts. Each process reads the
-last.pt once: the command line's rewrite keeps what it read for the task.
+last.pt once: the command line's rewrite and the run directory's claim
+(ResumableRunDir, which checks a resume before Hydra writes anything) keep
+what they read for the task. A run with nothing left to do (it reached
+max_iters and evaluated there) is left as it is, with one line saying so.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from nanogpt.cli.entry import recorded_config, to_dataclass
+from nanogpt.cli.hydra_run_dir import ClaimRunDir, NothingToDo
 from nanogpt.cli.overrides import flatten, parse_overrides, quote
 from nanogpt.cli.paths import CONFIG_DIR
 from nanogpt.errors import CheckpointError, ConfigError
-from nanogpt.runtime.distributed import check_world_size, context_from_environment
+from nanogpt.runtime.distributed import check_world_size, context_from_environment, launch_command
 from nanogpt.training.config import TrainConfig
 from nanogpt.training.state import SavedRun
 from nanogpt.weights.checkpoint import LAST
@@ -30,7 +35,8 @@ from nanogpt.weights.checkpoint import LAST
 log = logging.getLogger("nanogpt.resume")
 
 # Config keys (and groups) that define what a run is; a resumed run must keep them.
-MEANING_KEYS = ("model", "dataset", "optimizer", "lora", "seed", "batch_size", "gradient_accumulation_steps")
+MEANING_KEYS = ("model", "dataset", "optimizer", "lora", "objective", "seed", "batch_size",
+                "gradient_accumulation_steps")
 SAFE_EXAMPLES = "max_iters, eval_interval, eval_iters, log_interval, sample_tokens, device, logger, data_root"
 # last.pt files this process has read (while rewriting its command line), kept for its task.
 _read: dict[Path, SavedRun] = {}
@@ -80,7 +86,7 @@ def check_resume_compatible(saved: dict, new: dict) -> None:
         if old != value:
             raise ConfigError(
                 f"resume: {key}={value} would change the run, which has {key}={old}; a resumed run "
-                f"keeps its model, dataset, optimizer, lora, seed and batch (safe to change: "
+                f"keeps its model, dataset, optimizer, lora, objective, seed and batch (safe to change: "
                 f"{SAFE_EXAMPLES}); "
                 "start a new run to change it"
             )
@@ -93,22 +99,77 @@ def same_path(a: object, b: object) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def checkpoint_to_resume(resume: str | None, auto_resume: bool, run_dir: Path, config: dict) -> dict | None:
-    """The training state to continue from, checked against config; None to start afresh."""
+def resume_path(resume: str | None, auto_resume: bool, run_dir: Path) -> Path | None:
+    """The last.pt a run continues from (resume=, or auto_resume=true's in run_dir), or None: a new run."""
     if resume:
-        path = resume_checkpoint_path(resume)
-    elif auto_resume and (run_dir / LAST).is_file():
-        path = run_dir / LAST
-    else:
-        return None
+        return resume_checkpoint_path(resume)
+    if auto_resume and (run_dir / LAST).is_file():
+        return run_dir / LAST
+    return None
+
+
+def checked_saved_run(path: Path, config: dict) -> SavedRun:
+    """The last.pt at path (read once per process), refused if config changes the run or its job size."""
     saved = saved_run(path)
-    _read.pop(saved.path)  # the Trainer takes it from here; nothing else keeps the weights alive
     check_resume_compatible(saved.config, config)
     world_size = context_from_environment().world_size
     sharded_job = world_size > 1 and config.get("distributed", {}).get("strategy") == "fsdp"
     check_world_size(saved.world_size, world_size, sharded=saved.sharded or sharded_job)
-    log.info("resuming %s from iteration %d (%s)", run_dir, saved.iter_num, path)
+    return saved
+
+
+def checkpoint_to_resume(resume: str | None, auto_resume: bool, run_dir: Path, config: dict) -> dict | None:
+    """The training state to continue from, checked against config; None to start afresh."""
+    path = resume_path(resume, auto_resume, run_dir)
+    if path is None:
+        return None
+    saved = checked_saved_run(path, config)
+    _read.pop(saved.path)  # the Trainer takes it from here; nothing else keeps the weights alive
+    if context_from_environment().is_main and not nothing_left(saved.state, config.get("max_iters")):
+        log.info("resuming %s from iteration %d (%s)", run_dir, saved.iter_num, path)
     return saved.state
+
+
+def nothing_left(state: dict, max_iters: int | None) -> bool:
+    """True when a run resumed from state would only end: it is at max_iters or past it, and evaluated there.
+
+    (A run stopped after its last step but before its last evaluation still has that evaluation to do.)
+    """
+    return max_iters is not None and state["iter_num"] >= max_iters \
+        and state["training"].get("last_eval_iter") == state["iter_num"]
+
+
+def finished_line(state: dict, run_dir: Path) -> str:
+    """What resuming a run with nothing left to do says: that it is left as it is, and how to train it on."""
+    best = state.get("best_val_loss")
+    again = launch_command(f"nanogpt.train resume={run_dir} max_iters=N", context_from_environment())
+    return (f"{run_dir} has finished: it trained to iteration {state['iter_num']} and evaluated there (best "
+            f"val loss {best:.4f}); nothing to do, so nothing was changed. To train it further, raise "
+            f"max_iters: {again} (N above {state['iter_num']})")
+
+
+class ResumableRunDir(ClaimRunDir):
+    """train's claim on its run directory (conf/train.yaml): resume= and auto_resume=true may continue a run.
+
+    Before Hydra writes anything there, the resume is checked: its last.pt is
+    read (and kept for the task), the new config must keep what the run means
+    and its job size, and a run with nothing left to do ends here, as it is.
+    """
+
+    resumable = True
+
+    def check_resume(self, config: DictConfig, run_dir: Path) -> None:
+        task_config = copy.deepcopy(config)
+        with read_write(task_config), open_dict(task_config):
+            del task_config["hydra"]  # what the task will be given
+        train = to_dataclass(task_config, TrainConfig)
+        path = resume_path(train.resume, train.auto_resume, run_dir)
+        if path is None:
+            return
+        saved = checked_saved_run(path, recorded_config(task_config, train))
+        if nothing_left(saved.state, train.max_iters):
+            _read.pop(saved.path, None)
+            raise NothingToDo(finished_line(saved.state, run_dir))
 
 
 def resume_arguments(argv: list[str]) -> list[str]:

@@ -1,12 +1,16 @@
 """A prepared dataset as training reads it: token files, memory-mapped, and random batches of windows.
 
 Instruction data (dataset=sft, nanogpt/dataset/sft.py) is served a whole example
-per row instead (ExampleWindows), with targets only on the answers.
+per row instead (ExampleWindows), with targets only on the answers; preference
+pairs (dataset=preference) as two rows a pair, the chosen answers' first; prompts
+(dataset=prompts) as the indices of the prompts drawn, whose answers the
+objective samples (PromptSet; nanogpt/training/objectives.py).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +91,10 @@ class BatchSampler:
         self.device = device
         self.splits = {split: data.tokens(split) for split in ("train", "val")}
         self.examples = ExampleWindows(data, block_size) if ExampleWindows.holds(data) else None
+        self.pairs = data.meta.get("pairs")  # dataset=preference: pairs per split (two examples each)
+        self.prompts = PromptSet(data) if PromptSet.holds(data) else None
         for split, tokens in self.splits.items():
-            if len(tokens) <= block_size and self.examples is None:
+            if len(tokens) <= block_size and self.examples is None and self.prompts is None:
                 raise DataError(
                     f"the {split} split of {data.meta['name']} has {len(tokens)} tokens, too few "
                     f"for model.block_size={block_size}; use a smaller block_size or more text"
@@ -106,20 +112,33 @@ class BatchSampler:
         self.generator.set_state(state["sampler_rng"])
         self.eval_generator.set_state(state["eval_sampler_rng"])
 
-    def get_batch(self, split: str, evaluation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, split: str, evaluation: bool = False) -> tuple[torch.Tensor, ...]:
         """Return (inputs, targets), each (batch_size, block_size) int64 on the device.
 
         evaluation=True draws from the evaluation generator instead of the training one.
+        Pairs give 2 * batch_size rows (the chosen answers, then the rejected); prompts
+        give (indices,), the batch_size prompts drawn.
         """
         tokens = self.splits[split]
         # In a job of world_size processes, each draws the whole job's batch from
         # the same generator and keeps its own rows: different data on every
         # process, and together exactly the batches one process would draw.
-        choices = self.examples.count(split) if self.examples is not None else len(tokens) - self.block_size
+        if self.pairs is not None:
+            choices = self.pairs[split]
+        elif self.prompts is not None:
+            choices = self.prompts.count(split)
+        elif self.examples is not None:
+            choices = self.examples.count(split)
+        else:
+            choices = len(tokens) - self.block_size
         starts = torch.randint(
             choices, (self.world_size * self.batch_size,),
             generator=self.eval_generator if evaluation else self.generator,
         ).numpy()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        if self.prompts is not None:
+            return (self.to_device(torch.from_numpy(starts.astype(np.int64))),)
+        if self.pairs is not None:  # pair i is examples 2i (chosen) and 2i + 1 (rejected)
+            starts = np.concatenate([2 * starts, 2 * starts + 1])
         if self.examples is not None:  # starts are examples
             return tuple(self.to_device(torch.from_numpy(a)) for a in self.examples.batch(split, starts))
         windows = self.to_device(torch.from_numpy(tokens[starts[:, None] + self.offsets].astype(np.int64)))
@@ -187,3 +206,33 @@ def log_cut_examples(split: str, offsets: np.ndarray, learned: np.ndarray, block
              "left: %d lose only part of their prompt, %d part of an answer too (what they learn is longer "
              "than the block)", len(too_long), len(lengths), split, block_size + 1, prompts_only,
              into_answers)
+
+
+class PromptSet:
+    """Prepared prompts (dataset=prompts): each one's ids, and its example's fields for the reward."""
+
+    def __init__(self, data: PreparedData):
+        self.tokens = {split: data.tokens(split) for split in ("train", "val")}
+        self.offsets = {split: np.fromfile(data.directory / f"{split}.offsets.bin", dtype=np.int64)
+                        for split in ("train", "val")}
+        self.examples = {split: [json.loads(line) for line in
+                                 (data.directory / f"{split}.examples.jsonl").read_text().splitlines()]
+                         for split in ("train", "val")}
+
+    @staticmethod
+    def holds(data: PreparedData) -> bool:
+        """True for a dataset prepared from prompts."""
+        return "prompts" in data.meta
+
+    def count(self, split: str) -> int:
+        return len(self.offsets[split]) - 1
+
+    def ids(self, split: str, index: int) -> list[int]:
+        """The token ids of a prompt, ending where the answer begins."""
+        start, end = self.offsets[split][index], self.offsets[split][index + 1]
+        return self.tokens[split][start:end].astype(np.int64).tolist()
+
+    def example(self, split: str, index: int) -> tuple[dict, str]:
+        """(the example's fields, where it came from: file:line)."""
+        found = self.examples[split][index]
+        return found["example"], found["where"]

@@ -39,6 +39,8 @@ LOADERS = {
     "hf": "a Hugging Face dataset",
     "bin": "nanoGPT's pre-tokenized files",
     "sft": "instruction data (.jsonl), learned on the answers",
+    "preference": "preference pairs (.jsonl) for objective=dpo",
+    "prompts": "prompts (.jsonl) and the fields their reward reads, for objective=grpo",
 }
 # File extensions of document corpora and the ``datasets`` builder that reads each.
 DOCUMENT_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}

@@ -45,6 +45,8 @@ from filelock import FileLock
 
 from nanogpt.dataset.batches import PreparedData
 from nanogpt.dataset.config import DatasetConfig
+from nanogpt.dataset.preference import PreferenceSource
+from nanogpt.dataset.prompts import PromptSource
 from nanogpt.dataset.sft import SftSource
 from nanogpt.dataset.sources import BinSource, DocumentSource, Source, TextSource
 from nanogpt.errors import DataError, WriteFailed
@@ -61,7 +63,7 @@ LOCK_FILE = ".lock"  # inside the folder: one preparation at a time, and readers
 SPLITS = ("train", "val")
 # The class that prepares each dataset.loader (config.py's LOADERS says what each reads).
 SOURCES: dict[str, type[Source]] = {"text": TextSource, "hf": DocumentSource, "bin": BinSource,
-                                    "sft": SftSource}
+                                    "sft": SftSource, "preference": PreferenceSource, "prompts": PromptSource}
 
 
 def prepare_dataset(config: DatasetConfig, data_root: Path | str,

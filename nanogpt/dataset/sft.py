@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +100,10 @@ class SftSource(Source):
                 processes: int) -> dict:
         """Read, check, encode and split the examples; write the ids, masks and offsets of each split."""
         template = ChatTemplate.for_tokenizer(tokenizer)
-        examples = read_examples(self.files(), template)
+        examples = read_examples(self.files(), template, self.conversations)
         if tokenizer.kind == "char":
-            check_characters(examples, template, tokenizer.description["vocabulary"])
+            check_characters([(m, where) for conversations, where in examples for m in conversations],
+                             template, tokenizer.description["vocabulary"])
         n_val = math.ceil(len(examples) * config.val_fraction)
         if len(examples) - n_val < 1:
             raise DataError(f"dataset.source {self.source} holds {len(examples)} example(s): too few to keep "
@@ -116,24 +118,44 @@ class SftSource(Source):
         try:
             for split, chosen in splits.items():
                 ids, learned, offsets = [], [], [0]
-                for messages, _ in tqdm(chosen, desc=f"encode {split}", unit="example", disable=None):
-                    example_ids, example_learned = template.encode(messages, tokenizer.encode)
-                    ids.append(np.array(example_ids, dtype=dtype))
-                    learned.append(np.array(example_learned, dtype=np.uint8))
-                    offsets.append(offsets[-1] + len(example_ids))
+                for conversations, _ in tqdm(chosen, desc=f"encode {split}", unit="example", disable=None):
+                    for messages in conversations:  # one; a preference pair's two, chosen first
+                        example_ids, example_learned = template.encode(messages, tokenizer.encode)
+                        example_learned = self.learned(example_learned)
+                        ids.append(np.array(example_ids, dtype=dtype))
+                        learned.append(np.array(example_learned, dtype=np.uint8))
+                        offsets.append(offsets[-1] + len(example_ids))
                 made[f"{split}_tokens"] = write_tokens(directory / f"{split}.bin", ids)
                 write_tokens(directory / f"{split}.mask.bin", learned)
                 write_tokens(directory / f"{split}.offsets.bin", [np.array(offsets, dtype=np.int64)])
-                made["examples"][split] = len(chosen)
+                made["examples"][split] = len(offsets) - 1
                 made["answer_tokens"][split] = int(sum(int(m.sum()) for m in learned))
         except BaseException:
             for split in splits:  # train.bin and val.bin are the pipeline's to remove
                 for name in (f"{split}.mask.bin", f"{split}.offsets.bin"):
                     (directory / name).unlink(missing_ok=True)
             raise
-        log.info("sft: %d train / %d val examples, %s tokens of answers to learn in train",
-                 made["examples"]["train"], made["examples"]["val"], f"{made['answer_tokens']['train']:,}")
+        made.update(self.described(splits))
+        log.info("%s: %d train / %d val %s, %s tokens of answers to learn in train", config.loader,
+                 len(splits["train"]), len(splits["val"]), self.unit, f"{made['answer_tokens']['train']:,}")
         return made
+
+    unit = "examples"  # what one line of the source is, for the log
+
+    @staticmethod
+    def conversations(line: str) -> tuple[list[list[dict]], str | None]:
+        """The conversations one line holds (one, to learn its answers), or what is wrong with it."""
+        messages, problem = example_messages(line)
+        return [messages], problem
+
+    @staticmethod
+    def learned(learned: list[bool]) -> list[bool]:
+        """Which ids of an encoded conversation the loss covers: every answer of it."""
+        return learned
+
+    def described(self, splits: dict[str, list]) -> dict:
+        """What meta.json says besides the tokens: nothing more for instruction data."""
+        return {}
 
 
 def tokenizer_option(tokenizer: Tokenizer) -> str:
@@ -145,29 +167,37 @@ def tokenizer_option(tokenizer: Tokenizer) -> str:
     return "char"
 
 
-def read_examples(files: list[Path], template: ChatTemplate) -> list[tuple[list[dict], str]]:
-    """Every example as (messages, where), checked; the first bad line stops with its file and number."""
+def read_examples(files: list[Path], template: ChatTemplate,
+                  conversations: Callable = SftSource.conversations) -> list[tuple[list[list[dict]], str]]:
+    """Every example as (its conversations, where), checked; the first bad line stops, named by file and line.
+
+    conversations(line) reads one line: (the conversations it holds, None) or ([], what is wrong).
+    """
     examples = []
+    for where, line in source_lines(files):
+        found, problem = conversations(line)
+        if problem is None:
+            problem = next((template.answer_problem(m["content"]) for messages in found for m in messages
+                            if m["role"] == "assistant" and template.answer_problem(m["content"])), None)
+        if problem is not None:
+            raise DataError(f"{where}: {problem}")
+        examples.append((found, where))
+    return examples
+
+
+def source_lines(files: list[Path]) -> list[tuple[str, str]]:
+    """(file:line, text) of every non-blank line of the .jsonl files; none at all is refused."""
+    found = []
     for file in files:
         try:
             lines = file.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
             raise DataError(f"{file} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}:{number}"
-            messages, problem = example_messages(line)
-            if problem is None:
-                problem = next((template.answer_problem(m["content"]) for m in messages
-                                if m["role"] == "assistant" and template.answer_problem(m["content"])), None)
-            if problem is not None:
-                raise DataError(f"{where}: {problem}")
-            examples.append((messages, where))
-    if not examples:
+        found += [(f"{file}:{number}", line) for number, line in enumerate(lines, start=1) if line.strip()]
+    if not found:
         where = files[0] if len(files) == 1 else files[0].parent
         raise DataError(f"dataset.source {where} holds no examples")
-    return examples
+    return found
 
 
 def example_messages(line: str) -> tuple[list[dict], str | None]:

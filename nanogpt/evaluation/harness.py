@@ -12,6 +12,7 @@ takes them; that is also how an offline machine points a task at local files.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,15 @@ class LmEvalOptions:
                 f"num_fewshot={self.num_fewshot} must be 0 or more (or null)")
 
 
+def quiet_about_shared_tags(record: logging.LogRecord) -> bool:
+    """Drops lm-eval's warning that a tag "overrides" itself, which a task of one's own built on
+    hellaswag (tagged multiple_choice) sets off: a tag comes from no file on either side, and the
+    merge loses no task. An include that does replace a task of lm-eval's is still said.
+    """
+    return not (str(record.msg).startswith("Task '%s' from %s overrides") and record.args
+                and tuple(record.args[1:]) == (None, None))
+
+
 class LmEvalTask(Task):
     """lm-evaluation-harness tasks, scored through its own evaluator."""
 
@@ -78,6 +88,7 @@ class LmEvalTask(Task):
         from nanogpt.evaluation.lm_adapter import NanoGPTLM
 
         include = str(Path(options.include_path).expanduser()) if options.include_path else None
+        logging.getLogger("lm_eval.tasks._index").addFilter(quiet_about_shared_tags)
         try:
             manager = TaskManager(include_path=include)
         except Exception as e:  # noqa: BLE001 (reported as lm-eval's, or re-raised as ours)

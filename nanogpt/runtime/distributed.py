@@ -39,7 +39,7 @@ import torch.distributed as dist
 from nanogpt.errors import ConfigError
 from nanogpt.options import check_choices, option
 
-# Exit status of the other ranks when rank 0 stopped before training (it reports why).
+# Exit status of the other ranks when rank 0 failed before training without an exit status of its own.
 EXIT_RANK0_FAILED = 2
 
 
@@ -224,13 +224,21 @@ def device_for(context: DistributedContext, device: torch.device) -> torch.devic
 
 
 def per_rank_accumulation(global_steps: int, context: DistributedContext) -> int:
-    """Micro-batches each process runs so that together they make gradient_accumulation_steps."""
-    if global_steps % context.world_size:
+    """Micro-batches each process runs so that together they make gradient_accumulation_steps.
+
+    A total the processes cannot share evenly is refused, naming the totals nearest to it that they
+    can; it is never rounded behind the user's back (that would change the run's batch).
+    """
+    processes = context.world_size
+    if global_steps % processes:
+        below, above = global_steps // processes * processes, (global_steps // processes + 1) * processes
+        nearest = " or ".join(f"gradient_accumulation_steps={n}" for n in (below, above) if n > 0)
         raise ConfigError(
             f"gradient_accumulation_steps={global_steps} must be a multiple of the number of "
-            f"processes ({context.world_size}), so every process runs the same number of micro-batches"
+            f"processes ({processes}), so every process runs the same number of micro-batches: "
+            f"give {nearest} (any multiple of {processes})"
         )
-    return global_steps // context.world_size
+    return global_steps // processes
 
 
 def all_reduce_mean(values: dict[str, float], context: DistributedContext, device: torch.device) -> dict:
@@ -252,21 +260,21 @@ def silence_other_ranks(context: DistributedContext) -> None:
 
 
 class _RunDirAnnouncement:
-    """Rank 0 tells the other ranks its run directory, exactly once."""
+    """Rank 0 tells the other ranks its run directory, exactly once (or the status it ended with instead)."""
 
     sent = False
 
     @classmethod
-    def send(cls, run_dir: str | None) -> None:
-        """Broadcast run_dir (None: rank 0 stopped before training) if not yet done."""
+    def send(cls, message: str | int) -> None:
+        """Broadcast the run directory, or rank 0's exit status if it ended without one, if not yet done."""
         if cls.sent or not dist.is_initialized() or dist.get_rank() != 0:
             return
         cls.sent = True
-        dist.broadcast_object_list([run_dir], src=0)
+        dist.broadcast_object_list([message], src=0)
 
     @staticmethod
-    def receive() -> str | None:
-        """Wait for rank 0's run directory."""
+    def receive() -> str | int:
+        """Wait for rank 0's run directory (or its exit status)."""
         message = [None]
         dist.broadcast_object_list(message, src=0)
         return message[0]
@@ -295,14 +303,21 @@ def run_with_shared_run_dir(hydra_main: Callable[[], None]) -> None:
     init_process_group(context)
     try:
         if context.is_main:
+            status = EXIT_RANK0_FAILED
             try:
                 hydra_main()
+                status = 0
+            except SystemExit as stop:
+                status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+                raise
             finally:
-                _RunDirAnnouncement.send(None)  # unblock the others if no directory was announced
+                # Unblock the others if no directory was announced: they end as rank 0 did (0: nothing
+                # to do, e.g. a finished run resumed; 2: it refused; EXIT_RANK0_FAILED if it crashed).
+                _RunDirAnnouncement.send(status)
         else:
             run_dir = _RunDirAnnouncement.receive()
-            if run_dir is None:
-                sys.exit(EXIT_RANK0_FAILED)
+            if isinstance(run_dir, int):
+                sys.exit(run_dir)
             # Use rank 0's directory; leave Hydra's own record of the run to rank 0.
             sys.argv += [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=null"]
             hydra_main()

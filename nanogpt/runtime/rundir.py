@@ -32,7 +32,12 @@ is refused at once, as for any other run.
 A new run never writes over another's files (check_new_run): a training run
 aimed at a directory that already holds a run is refused unless it resumes it
 (resume=, auto_resume=true), and any run is refused a directory that holds
-files of the user's. Nothing here imports Hydra.
+files of the user's. Only what we made counts as a run: a directory holding a
+last.pt, or the marker (RUN_MARKER) a command writes when it claims the
+directory and leaves there for good, so a run stopped before its first
+checkpoint (a SLURM job preempted early) still counts as one, and a folder of
+someone else's files does not, whatever it holds (another Hydra program's
+.hydra/ included). Nothing here imports Hydra.
 """
 
 from __future__ import annotations
@@ -51,11 +56,13 @@ from filelock import FileLock, Timeout
 
 from nanogpt.errors import ConfigError, UserError
 from nanogpt.fileio import describe_names, write_atomically
+from nanogpt.weights.checkpoint import LAST
 
 log = logging.getLogger("nanogpt.rundir")
 
 LOCK_FILE = ".run.lock"
 HOLDER_FILE = ".run.holder"
+RUN_MARKER = ".nanogpt-run.json"  # which of our commands made the directory a run (module docstring)
 OWN_FILES = (LOCK_FILE, HOLDER_FILE)  # what a dead holder may leave: the directory is still a new run's
 POLL_S = 0.2  # how often a requeued job looks again at a predecessor it waits for
 UNNAMED_POLLS = 25  # how long (in polls) a lock whose holder file is missing counts as changing hands
@@ -108,14 +115,17 @@ class RunDirClaim:
 _claims: dict[Path, RunDirClaim] = {}  # the run directories this process holds
 
 
-def claim(run_dir: Path | str, check: Callable[[Path], None] | None = None) -> RunDirClaim:
+def claim(run_dir: Path | str, check: Callable[[Path], None] | None = None,
+          command: str | None = None) -> RunDirClaim:
     """Take run_dir for this process, or raise RunDirInUse naming the process that has it.
 
     Creates the directory if needed. A directory this process already holds is
     returned as it is. check(run_dir), if given, runs once the lock is held and
     before anything is written (check_new_run); if it refuses, the directory is
-    left as it was found. A requeued scheduler job waits for its previous
-    attempt instead of being refused (see the module's docstring).
+    left as it was found. Once it passes, command (train, bench) marks the
+    directory as its run (RUN_MARKER), unless it is marked already. A requeued
+    scheduler job waits for its previous attempt instead of being refused (see
+    the module's docstring).
     """
     run_dir = Path(run_dir).resolve()
     if run_dir in _claims:
@@ -142,6 +152,9 @@ def claim(run_dir: Path | str, check: Callable[[Path], None] | None = None) -> R
                     folder.rmdir()
             raise
     write_atomically(run_dir / HOLDER_FILE, lambda tmp: tmp.write_text(json.dumps(holder_record()) + "\n"))
+    if command is not None and not (run_dir / RUN_MARKER).is_file():
+        marker = {"command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_atomically(run_dir / RUN_MARKER, lambda tmp: tmp.write_text(json.dumps(marker) + "\n"))
     held = _claims[run_dir] = RunDirClaim(run_dir, lock, previous, created)
     return held
 
@@ -216,29 +229,44 @@ def holder_gone(holder: dict) -> bool:
 def check_new_run(run_dir: Path, command: str, resuming: bool = False, may_resume: bool = False) -> None:
     """Refuse a run directory that holds anything but a dead holder's lock files, unless this run resumes.
 
-    resuming: resume= continues the run in it. may_resume: auto_resume=true
-    continues a run there, or starts one where an earlier start saved nothing.
-    A directory of the user's own files (no run's .hydra folder) is never
-    written into: a run's config.yaml, train.log and checkpoints would replace
-    files of those names.
+    resuming: resume= continues the training run in it. may_resume:
+    auto_resume=true continues a training run there, or starts one where an
+    earlier start saved nothing. Either needs a run of ours (run_made_by): a
+    directory of anyone else's files is never written into, as a run's
+    config.yaml, train.log and checkpoints would replace files of those names.
     """
     contents = sorted(set(os.listdir(run_dir)) - set(OWN_FILES))
-    if not contents or resuming:
+    if not contents:
         return
-    holds_run = (run_dir / ".hydra").is_dir()  # Hydra records every run's config there first
+    made_by = run_made_by(run_dir)
     fresh = "give a fresh directory (hydra.run.dir=NEW, or leave hydra.run.dir out for a dated one)"
-    if holds_run and may_resume:
+    if made_by == "train" and (resuming or may_resume):
         return
-    if holds_run and command == "train":
+    if made_by == "train" and command == "train":
         raise RunDirTaken(f"{run_dir} already holds a run ({describe_names(contents)}), which a new run "
                           f"would replace; to continue it: python -m nanogpt.train resume={run_dir} (or add "
                           f"auto_resume=true); to start another, {fresh}")
-    if holds_run:
+    if made_by is not None:
         raise RunDirTaken(f"{run_dir} already holds a run ({describe_names(contents)}); {command} writes a "
                           f"directory of its own: {fresh}")
-    raise RunDirTaken(f"{run_dir} already holds {describe_names(contents)}, which no run wrote; {command} "
-                      f"writes its log, config and results there and would replace files of those names: "
-                      f"{fresh}")
+    raise RunDirTaken(f"{run_dir} already holds {describe_names(contents)}, which no nanogpt run wrote; "
+                      f"{command} writes its log, config and results there and would replace files of those "
+                      f"names: {fresh}")
+
+
+def run_made_by(run_dir: Path) -> str | None:
+    """The command whose run run_dir holds (its marker's; train for a last.pt), or None: not a run of ours.
+
+    A last.pt counts without a marker (runs older than the marker have none); a
+    resume reads it before anything is written, and refuses one that is not ours.
+    """
+    try:
+        marker = json.loads((run_dir / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        marker = None
+    if isinstance(marker, dict) and isinstance(marker.get("command"), str):
+        return marker["command"]
+    return "train" if (run_dir / LAST).is_file() else None
 
 
 def claim_of(run_dir: Path | str) -> RunDirClaim | None:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 from nanogpt.errors import UserError
+from nanogpt.runtime.distributed import context_from_environment
 
 log = logging.getLogger("nanogpt.stops")
 
@@ -86,6 +87,7 @@ class StopSignals:
     wish (0, or a signal number) into the job's decision: the identity for a
     single process, StopVote.poll under torchrun. alone says whether
     interruptible() blocks may really be interrupted (a single process).
+    Under torchrun every rank gets the signal, and rank 0 alone says so.
     WARNING_SIGNAL counts as a stop signal where a Python handler for it is
     already installed (submitit's); once the run has stopped and saved, that
     handler gets the signal (it requeues the job and exits).
@@ -120,8 +122,9 @@ class StopSignals:
             log.error("aborted at once %s", self.on_abort())
             raise SystemExit(128 + signal.SIGINT)
         self.received = signal.Signals(signum)
-        log.warning("%s received: stopping after this step, then saving a checkpoint "
-                    "(press Ctrl-C again to abort at once)", self.received.name)
+        if context_from_environment().is_main:
+            log.warning("%s received: stopping after this step, then saving a checkpoint "
+                        "(press Ctrl-C again to abort at once)", self.received.name)
         if self.interruptible_depth and self.alone:
             raise Interrupted(self.received)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nanogpt.errors import UserError
 from nanogpt.fileio import check_own_files, record_written, removed_unless_filled, write_atomically
-from nanogpt.tracking.metrics import METRICS_FILE, read_metrics, read_summary, task_figures
+from nanogpt.tracking.metrics import METRICS_FILE, lower_is_better, read_metrics, read_summary, task_figures
 
 OverridesOf = Callable[[Path], dict[str, str]]
 REPORT_COMMAND = "nanogpt.report"  # who wrote the files of a report (fileio.WRITTEN_FILE), sweeps' included
@@ -111,8 +111,16 @@ def run_labels(runs: list[RunResult]) -> list[str]:
 
 
 def ranked(runs: list[RunResult]) -> list[RunResult]:
-    """Runs best first (lowest val loss); runs that never evaluated go last."""
-    return sorted(runs, key=lambda run: (run.best_val_loss is None, run.best_val_loss or 0.0))
+    """Runs best first (lowest val loss, or highest score where best.pt was chosen by one: best_by);
+    runs that never evaluated go last.
+    """
+
+    def key(run: RunResult) -> tuple[bool, float]:
+        best_by = run.summary.get("best_by", "val_loss")
+        value = run.summary.get("best_value") if "best_by" in run.summary else run.best_val_loss
+        return value is None, (value or 0.0) * (1 if lower_is_better(best_by) else -1)
+
+    return sorted(runs, key=key)
 
 
 def table_rows(runs: list[RunResult]) -> tuple[list[str], list[list[str]]]:
@@ -184,10 +192,10 @@ def plot_val_curves(runs: list[RunResult], path: Path) -> None:
     figure, (axes,) = new_figure()
     labels = dict(zip(map(id, runs), run_labels(runs), strict=True))
     for run in ranked(runs):
-        evals = run.evals
+        evals = [r for r in run.evals if "val_loss" in r]  # objective=grpo records no loss
         if evals:
             axes.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], marker="o",
-                      markersize=3, label=f"{labels[id(run)]} ({run.best_val_loss:.4f})")
+                      markersize=3, label=f"{labels[id(run)]} ({format_number(run.best_val_loss, '.4f')})")
     axes.set(xlabel="iteration", ylabel="val loss", title="validation loss")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
@@ -217,7 +225,7 @@ def plot_task_curves(runs: list[RunResult], path: Path) -> bool:
 def plot_run(run: RunResult, path: Path) -> None:
     """Train and val loss of one run, against iteration (left) and tokens seen (right)."""
     figure, axes = new_figure(columns=2)
-    steps, evals = run.train_steps, run.evals
+    steps, evals = run.train_steps, [r for r in run.evals if "val_loss" in r]
     for ax, x in zip(axes, ("iter", "tokens"), strict=True):
         ax.plot([r[x] for r in steps], [r["loss"] for r in steps], alpha=0.4, linewidth=1,
                 label="train (batch)")

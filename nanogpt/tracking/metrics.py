@@ -91,23 +91,34 @@ def keep_records_before(run_dir: Path, resumed: Resumed) -> list[dict]:
     return kept
 
 
-def summarise(records: list[dict], wall_time_s: float | None = None) -> dict:
+def lower_is_better(best_by: str) -> bool:
+    """Which way a held-out figure that picks best.pt improves: a loss down, any other (a score) up."""
+    return best_by.endswith("loss")
+
+
+def summarise(records: list[dict], wall_time_s: float | None = None, best_by: str = "val_loss") -> dict:
     """The figures summary.json and the sweep tables hold, from a run's metrics records.
 
     The median tokens/s ignores the slow first steps (compilation, warm-up).
-    eval_tasks: the benchmarks' figures at the best evaluation (the model best.pt holds), if any.
+    best_by is the eval figure best.pt is chosen by (the objective's: the val loss,
+    or a score such as preference accuracy or mean reward), which the summary names
+    when it is not the val loss. eval_tasks: the figures beyond the losses at the best
+    evaluation (the model best.pt holds), if any.
     """
-    evals = [r for r in records if r.get("kind") == "eval"]
+    evals = [r for r in records if r.get("kind") == "eval" and best_by in r]
     speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
-    best = min(evals, key=lambda r: r["val_loss"], default=None)
+    pick = min if lower_is_better(best_by) else max  # the first of equals, as training keeps it
+    best = pick(evals, key=lambda r: r[best_by], default=None)
     summary = {
-        "best_val_loss": best["val_loss"] if best else None,
+        "best_val_loss": best.get("val_loss") if best else None,
         "best_iter": best["iter"] if best else None,
         "iters": records[-1].get("iter") if records else None,
         "tokens": max((r.get("tokens", 0) for r in records), default=0),
         "wall_time_s": wall_time_s,
         "tokens_per_sec": statistics.median(speeds) if speeds else None,
     }
+    if best_by != "val_loss":
+        summary.update(best_by=best_by, best_value=best[best_by] if best else None)
     if best and task_figures(best):
         summary["eval_tasks"] = task_figures(best)
     return summary
@@ -120,6 +131,16 @@ def task_figures(record: dict) -> dict[str, float]:
 
 
 def read_summary(run_dir: Path) -> dict:
-    """A run's summary.json, or the same figures computed from metrics.jsonl (a running or older run)."""
+    """A run's summary.json, or the same figures computed from metrics.jsonl (a running or older run).
+
+    A running run is summarised by its val loss, or where it has none (objective=grpo)
+    by the first score its evaluations hold.
+    """
     path = Path(run_dir) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.is_file() else summarise(read_metrics(run_dir))
+    if path.is_file():
+        return json.loads(path.read_text())
+    records = read_metrics(run_dir)
+    first = next((r for r in records if r.get("kind") == "eval"), {})
+    scores = task_figures(first)
+    best_by = "val_loss" if "val_loss" in first or not scores else next(iter(scores))
+    return summarise(records, best_by=best_by)

@@ -32,29 +32,35 @@ from nanogpt.tracking.progress import TrainingProgress
 log = logging.getLogger("nanogpt.tracking")
 
 
+TRAIN_FIELDS = ("kind", "iter", "tokens", "loss", "lr", "ms_per_iter", "tokens_per_sec", "mfu", "grad_norm")
+
+
 def describe_record(record: dict) -> str:
-    """The log line of a train or eval record."""
+    """The log line of a train or eval record (with the objective's own figures, e.g. a mean reward)."""
     if record["kind"] == "eval":
-        tasks = "".join(f", {key} {value:.4f}" for key, value in task_figures(record).items())
-        return (f"eval {record['iter']}: train loss {record['train_loss']:.4f}, "
-                f"val loss {record['val_loss']:.4f}{tasks}")
+        losses = [f"{name.replace('_', ' ')} {record[name]:.4f}" for name in ("train_loss", "val_loss")
+                  if name in record]
+        figures = [f"{key} {value:.4f}" for key, value in task_figures(record).items()]
+        return f"eval {record['iter']}: " + ", ".join(losses + figures)
     line = (f"iter {record['iter']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
             f"{record['ms_per_iter']:.1f} ms/iter, {record['tokens_per_sec']:,.0f} tok/s")
-    return line + (f", mfu {record['mfu']:.1%}" if "mfu" in record else "")
+    line += f", mfu {record['mfu']:.1%}" if "mfu" in record else ""
+    return line + "".join(f", {key} {value:.4f}" for key, value in record.items() if key not in TRAIN_FIELDS)
 
 
 class RunRecords:
     """Everything a training run records: the log line, progress bar, metrics.jsonl, summary and logger.
 
     log() takes the train and eval records the trainer makes; an eval record that
-    improves the best val loss also updates the logger's summary, so a run that
-    dies early still shows its best. close() writes summary.json.
+    improves the best (by best_by: the val loss, or the objective's own measure) also
+    updates the logger's summary, so a run that dies early still shows its best.
+    close() writes summary.json.
     """
 
     def __init__(self, run_dir: Path, logger: LoggerConfig, resolved_config: dict | None = None,
                  owner: bool | None = None, run_id: str | None = None, plan: RunPlan | None = None,
-                 resumed: Resumed | None = None):
-        self.run_dir = Path(run_dir)
+                 resumed: Resumed | None = None, best_by: str = "val_loss"):
+        self.run_dir, self.best_by = Path(run_dir), best_by
         self.owner = context_from_environment().is_main if owner is None else owner
         self.started = time.time()
         self.records: list[dict] = []  # this run's, a resumed run's kept ones included
@@ -81,9 +87,10 @@ class RunRecords:
         self.metrics.log(record)
         self.logger.log(record, step=record.get("iter", 0))
         if record["kind"] == "eval":
-            best = summarise(self.records)
+            best = summarise(self.records, best_by=self.best_by)
             if best["best_iter"] == record["iter"]:
-                self.logger.update_summary({key: best[key] for key in ("best_val_loss", "best_iter")})
+                named = ("best_val_loss", "best_iter", "best_by", "best_value")
+                self.logger.update_summary({key: best[key] for key in named if key in best})
 
     def eval_progress(self, done: int, total: int, iteration: int) -> None:
         """Show an evaluation's progress in the bar; time its first batches for the forecast."""
@@ -100,16 +107,24 @@ class RunRecords:
         if self.owner:
             self.logger.log_sample(text, step=self.records[-1].get("iter", 0) if self.records else 0)
 
-    def summary(self) -> dict:
-        """The run's figures as summary.json holds them."""
-        return summarise(self.records, wall_time_s=round(time.time() - self.started, 3))
+    def age_s(self) -> float:
+        """Seconds since these records started: the wall time of this piece of the run."""
+        return time.time() - self.started
 
-    def close(self) -> None:
-        """Write summary.json and close the metrics file and the logger."""
+    def summary(self, wall_time_s: float | None = None) -> dict:
+        """The run's figures as summary.json holds them, with the wall time given (else age_s())."""
+        wall_time_s = round(self.age_s(), 3) if wall_time_s is None else wall_time_s
+        return summarise(self.records, wall_time_s=wall_time_s, best_by=self.best_by)
+
+    def close(self, wall_time_s: float | None = None) -> None:
+        """Write summary.json and close the metrics file and the logger.
+
+        wall_time_s: the run's, which a resumed run's Trainer counts from its earlier pieces on.
+        """
         self.progress.close()
         if not self.owner:
             return
-        summary = self.summary()
+        summary = self.summary(wall_time_s)
         write_atomically(self.run_dir / SUMMARY_FILE,
                          lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
         self.logger.update_summary({"wall_time_s": summary["wall_time_s"]})

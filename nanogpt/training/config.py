@@ -21,6 +21,7 @@ from nanogpt.options import check_choices, option, require
 from nanogpt.runtime.device import DeviceConfig
 from nanogpt.runtime.distributed import DistributedConfig
 from nanogpt.tracking.loggers import LoggerConfig
+from nanogpt.training.objectives import LOADER_OF, ObjectiveConfig
 from nanogpt.training.optim import OptimizerConfig
 from nanogpt.weights.loading import require_source_packages
 from nanogpt.weights.lora import LoraConfig
@@ -70,6 +71,7 @@ class TrainConfig:
     distributed: DistributedConfig = option(default_factory=DistributedConfig)
     logger: LoggerConfig = option(default_factory=LoggerConfig)
     lora: LoraConfig = option(default_factory=LoraConfig)
+    objective: ObjectiveConfig = option(default_factory=ObjectiveConfig)
     data_root: str = data_root_option()
     seed: int = option(1337, "seeds every random generator of the run")
     batch_size: int = option(64, "sequences per micro-batch")
@@ -100,6 +102,15 @@ class TrainConfig:
                 f"lora.rank={self.lora.rank} with distributed.strategy=fsdp: LoRA keeps gradients and "
                 "optimizer state for its adapters alone (GPT-2 XL's frozen weights take 3.1 GB in bfloat16), "
                 "so there is little to shard; use distributed.strategy=ddp")
+
+        objective, loader = self.objective.name, self.dataset.loader
+        needed = LOADER_OF.get(objective)
+        require(needed is None or loader == needed,
+                f"objective={objective} learns from dataset={needed} (dataset.loader={needed}), not "
+                f"dataset.loader={loader}; docs/finetuning.md says what each objective reads")
+        wanted = next((k for k, v in LOADER_OF.items() if v == loader), objective)
+        require(objective == wanted, f"dataset.loader={loader} holds data for objective={wanted}: add "
+                                     f"objective={wanted} (or learn answers with dataset=sft)")
 
     def require_packages(self) -> None:
         """The optional packages eval_tasks need (lm_eval: lm-eval), checked before any work."""

@@ -50,8 +50,9 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, resolved_config: dict | None 
              str(runtime.dtype).removeprefix("torch."), runtime.compile, torch.get_num_threads())
     if runtime.dist.enabled:
         log.info(runtime.describe(model))  # once: only rank 0 logs
-        # The same weights everywhere (seeded alike, and DDP broadcasts), other dropout.
-        torch.manual_seed(cfg.seed + runtime.dist.rank)
+        # The same weights everywhere (seeded alike, and DDP broadcasts), other dropout, and other
+        # answers sampled (objective=grpo), with the reward's Python and NumPy generators per process too.
+        seed_everything(cfg.seed + runtime.dist.rank)
     # What the run is: everything sampling, eval and resume need besides the weights.
     about = {"model_config": asdict(model.config), "tokenizer": data.meta["tokenizer"],
              "config": resolved_config or {}, "data": data_record(data),

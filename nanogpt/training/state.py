@@ -4,7 +4,8 @@ TrainingState.state_dict() / load_state_dict() is the pair that every
 checkpoint, every resume and the rewind of an abandoned step go through: the
 weights, the optimizer, the position, the batch fetched ahead and every random
 generator (Python, NumPy, torch CPU and CUDA, the batch sampler's own), with
-what the run is and how it was started. The Trainer (trainer.py) is a
+what the run is, how it was started and the wall time it has taken so far
+(which a resumed run's summary goes on adding to). The Trainer (trainer.py) is a
 TrainingState with the loop that moves it on. SavedRun reads a last.pt back,
 with the few facts a command line needs before any Trainer exists.
 """
@@ -124,6 +125,8 @@ class TrainingState:
     best_val_loss: float
     last_eval_iter: int | None
     batch: tuple[torch.Tensor, torch.Tensor] | None  # the next training batch, fetched ahead
+    records: object  # the run's RunRecords (tracking/records.py): its age is this piece's wall time
+    earlier_wall_time_s: float = 0.0  # a resumed run's, up to its checkpoint: its earlier pieces together
 
     def state_dict(self, weights: bool = True) -> dict:
         """Training state as tensors and plain data: what a last.pt holds, on rank 0.
@@ -143,7 +146,8 @@ class TrainingState:
         dist = self.runtime.dist
         ranks = distributed.gather_to_main({k: training[k] for k in ("rng", "batch")}, dist)
         training.update(world_size=dist.world_size, overrides=list(self.overrides),
-                        tracker_run_id=self.tracker_run_id, ranks=ranks if dist.enabled else None)
+                        tracker_run_id=self.tracker_run_id, ranks=ranks if dist.enabled else None,
+                        wall_time_s=self.wall_time_s())
         weights = (sharding.state_of(self.model, self.optimizer) if self.runtime.sharded else
                    {"model": lora.trainable_weights(self.model), "optimizer": self.optimizer.state_dict()})
         return {**self.about, **state, **weights, **lora.record(self.model)}
@@ -159,6 +163,7 @@ class TrainingState:
                 lora.load_trainable_weights(self.model, state["model"], state.get("lora"))
                 self.optimizer.load_state_dict(state["optimizer"])
             self.tracker_run_id = self.tracker_run_id or training.get("tracker_run_id")
+            self.earlier_wall_time_s = training.get("wall_time_s", 0.0)  # older checkpoints lack it
         self.scaler.load_state_dict(training["scaler"])
         self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
         self.last_eval_iter = training["last_eval_iter"]
@@ -167,6 +172,10 @@ class TrainingState:
         batch = own["batch"]
         self.batch = None if batch is None else tuple(t.to(self.runtime.device) for t in batch)
         restore_rng_state(own["rng"])
+
+    def wall_time_s(self) -> float:
+        """Seconds the run has taken: this piece, and a resumed run's earlier ones up to its checkpoint."""
+        return round(self.earlier_wall_time_s + self.records.age_s(), 3)
 
     def rewind_point(self) -> Callable[[], None]:
         """What puts the run back where it stands now, should a stop abandon what begins next.

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from nanogpt.dataset.batches import BatchSampler, PreparedData
-from nanogpt.evaluation.loss import estimate_loss
 from nanogpt.evaluation.registry import TrainingEvaluation
 from nanogpt.generation.language_model import sample_text
 from nanogpt.model import GPT
@@ -25,6 +24,7 @@ from nanogpt.tracking.metrics import Resumed
 from nanogpt.tracking.records import RunRecords
 from nanogpt.training.config import TrainConfig
 from nanogpt.training.divergence import LossWatch
+from nanogpt.training.objectives import Objective
 from nanogpt.training.optim import build_optimizer, learning_rate_at
 from nanogpt.training.speed import Throughput
 from nanogpt.training.state import TrainingState
@@ -47,6 +47,7 @@ class Trainer(TrainingState):
         self.model, self.about, self.overrides = model.to(runtime.device), about or {}, overrides
         dist = runtime.dist
         self.forward = runtime.wrap(self.model)  # DDP, compiled; sharded, it came so (new_model)
+        self.objective = Objective.for_run(cfg, self.model, runtime, data)  # before resume
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler(runtime.device.type,
@@ -55,8 +56,7 @@ class Trainer(TrainingState):
         # Every rank draws the same global batch from the same seed and keeps its own share.
         self.sampler = BatchSampler(data, cfg.model.block_size, cfg.batch_size, runtime.device,
                                     cfg.seed, rank=dist.rank, world_size=dist.world_size)
-        self.accumulation = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps,
-                                                              dist)
+        self.accumulation = distributed.per_rank_accumulation(cfg.gradient_accumulation_steps, dist)
         self.throughput = Throughput.of_run(cfg, model, runtime.peak_flops)
         self.iter_num, self.best_val_loss, self.grad_norm = 0, math.inf, torch.zeros(())
         self.loss_watch = LossWatch(runtime.device)
@@ -70,14 +70,17 @@ class Trainer(TrainingState):
             self.load_state_dict(resume)
         self.checkpoints = RunCheckpoints(run_dir, dist, resume and self.iter_num)
         plan = RunPlan(cfg.max_iters, cfg.eval_interval, cfg.gradient_accumulation_steps,
-                       runtime.device.type)
+                       runtime.device.type, cfg.eval_at_start, tuple(overrides))
         resumed = resume and Resumed(self.iter_num, self.last_eval_iter)
         self.records = RunRecords(run_dir, cfg.logger, self.about.get("config"),
-                                  run_id=self.tracker_run_id, plan=plan, resumed=resumed)
+                                  run_id=self.tracker_run_id, plan=plan, resumed=resumed,
+                                  best_by=self.objective.best_by)
         self.tracker_run_id = self.records.run_id  # a new run's is the logger's choice
 
     def run(self) -> float:
-        """Train to max_iters, evaluating every eval_interval; return the best validation loss."""
+        """Train to max_iters, evaluating every eval_interval; return the best val loss (or minus
+        the objective's score, objectives.py: lower is better).
+        """
         cfg = self.cfg
         self.throughput.restart()
         self.stop = StopSignals(on_abort=lambda: f"during iteration {self.iter_num}; "
@@ -116,14 +119,12 @@ class Trainer(TrainingState):
         total = torch.zeros((), device=self.runtime.device)
         rewind = self.rewind_point()  # until the update, a stop may abandon the step (stops.py)
         for micro_step in range(self.accumulation):  # this process's share of the accumulation
-            x, y = self.batch
             # Across processes, gradients are averaged once, after the last micro-batch.
             last = micro_step == self.accumulation - 1
             with self.stop.interruptible(rewind), \
                     distributed.maybe_no_sync(self.forward, skip_sync=not last):
-                with self.ctx:
-                    _, loss = self.forward(x, y)
-                    loss = loss / self.accumulation
+                with self.ctx:  # lm's cross-entropy, or DPO's or GRPO's loss (objectives.py)
+                    loss = self.objective.loss(self.forward, self.batch) / self.accumulation
                 self.batch = self.sampler.get_batch("train")  # fetched while the device works
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -138,24 +139,24 @@ class Trainer(TrainingState):
         return total
 
     def evaluate(self) -> None:
-        """Estimate train and val loss on every process's share of batches, record, checkpoint."""
+        """Measure the objective (losses, scores) on every process's share, record, checkpoint."""
         self.loss_watch.check(self.checkpoints.describe())
         dist = self.runtime.dist
         eval_iters = -(-self.cfg.eval_iters // dist.world_size)
         with self.stop.interruptible(self.rewind_point()):  # a stop abandons it (stops.py)
-            losses = estimate_loss(self.forward, self.sampler, eval_iters, self.ctx,
-                                   self.eval_batch_done)
+            figures = self.objective.evaluate(self.forward, self.sampler, eval_iters, self.ctx,
+                                              self.eval_batch_done)  # train_loss, val_loss, ...
             scoring = dist.is_main or self.runtime.sharded  # sharded, every process holds a part
             scores = self.eval_tasks.score(self.model) if scoring else {}
-        losses = distributed.all_reduce_mean(losses, dist, self.runtime.device)
+        figures = distributed.all_reduce_mean(figures, dist, self.runtime.device)
         it = self.last_eval_iter = self.iter_num
-        for split in ("train", "val"):
-            check_finite(losses[split], it, f"the {split} loss", self.checkpoints.describe())
+        for name, value in figures.items():
+            check_finite(value, it, f"the {name.replace('_', ' ')}", self.checkpoints.describe())
         tokens = it * self.throughput.tokens_per_iter
-        self.records.log({"kind": "eval", "iter": it, "tokens": tokens,
-                          "train_loss": losses["train"], "val_loss": losses["val"], **scores})
-        improved = losses["val"] < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        self.records.log({"kind": "eval", "iter": it, "tokens": tokens, **figures, **scores})
+        measure = self.objective.held_out(figures)  # best.pt's: the val loss, or minus a score
+        improved = measure < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, measure)
         if self.cfg.save_checkpoints:
             self.save_checkpoints(best=improved)
         self.throughput.restart()  # keep evaluation out of ms/iter
@@ -169,9 +170,10 @@ class Trainer(TrainingState):
         """Log loss, lr and speed for the latest step (.item() waits for the device: only here)."""
         self.loss_watch.check(self.checkpoints.describe())
         it, dist = self.iter_num, self.runtime.dist
-        loss = distributed.all_reduce_mean({"loss": loss.item()}, dist, self.runtime.device)["loss"]
+        figures = {"loss": loss.item(), **self.objective.figures()}  # e.g. mean reward, accuracy
+        figures = distributed.all_reduce_mean(figures, dist, self.runtime.device)
         tokens = (it + 1) * self.throughput.tokens_per_iter
-        self.records.log({"kind": "train", "iter": it, "tokens": tokens, "loss": loss, "lr": lr,
+        self.records.log({"kind": "train", "iter": it, "tokens": tokens, **figures, "lr": lr,
                           **self.throughput.measure(), "grad_norm": self.grad_norm.item()})
         self.throughput.restart()
 
@@ -186,7 +188,7 @@ class Trainer(TrainingState):
         if self.cfg.save_checkpoints:
             self.save_checkpoints(best=False)
             saved = self.checkpoints.how_to_resume()
-        self.records.close()
+        self.records.close(self.wall_time_s())
         distributed.barrier(self.runtime.dist)  # nobody exits (ending the job) before rank 0 saved
         self.runtime.close()
         if self.runtime.dist.is_main:
@@ -195,7 +197,8 @@ class Trainer(TrainingState):
 
     def finish(self) -> None:
         """Show (and track) a short sample of what the model learned; close the trackers."""
-        log.info("best val loss %.4f; run directory %s", self.best_val_loss, self.run_dir)
+        best = self.objective.describe_best(self.best_val_loss)
+        log.info("best %s; run directory %s", best, self.run_dir)
         model = self.runtime.whole(self.model) if self.cfg.sample_tokens > 0 else None
         distributed.barrier(self.runtime.dist)  # ranks tear the job down together, as after a stop
         self.runtime.close()
@@ -210,4 +213,4 @@ class Trainer(TrainingState):
             self.stopped_by = stop.signum
             log.warning("stopped by %s during the end-of-run sample; training had finished: %s",
                         stop.signum.name, self.checkpoints.describe())
-        self.records.close()
+        self.records.close(self.wall_time_s())

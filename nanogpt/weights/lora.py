@@ -20,9 +20,11 @@ Nothing here imports Hydra.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -146,6 +148,24 @@ def adapt(model: GPT, cfg: LoraConfig, init_from: str | None, dtype: torch.dtype
     log.info("lora: rank %d on %s: %s trainable parameters (%.2f%% of %s)", cfg.rank, ", ".join(cfg.targets),
              f"{trainable:,}", 100 * trainable / total, f"{total:,}")
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model: GPT) -> Iterator[GPT]:
+    """The model within the block as its base computes (every adapter switched off, kept as it is).
+
+    What preference tuning and RL measure against: the starting weights, with no second copy.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)  # and the adapters train again (peft sets requires_grad)
 
 
 def record(model: GPT) -> dict:
