@@ -88,11 +88,11 @@ def explain(model: GPT, tokenizer: Tokenizer, ids: list[int], candidates: int = 
     answer = top.indices[:, :1]
     lens_ids, lens_logprobs, lens_answer = [], [], []
     for stream in record["residual"]:
-        lens = logit_lens(model, stream)[0].float().log_softmax(dim=-1)
-        best = lens.max(dim=-1)
+        lens = logit_lens(model, stream)[0].float()  # (T, vocab); normalized by its logsumexp alone
+        norm, best = lens.logsumexp(dim=-1), lens.max(dim=-1)
         lens_ids.append(best.indices)
-        lens_logprobs.append(best.values)
-        lens_answer.append(lens.gather(1, answer)[:, 0])
+        lens_logprobs.append(best.values - norm)
+        lens_answer.append(lens.gather(1, answer)[:, 0] - norm)
     return Explanation(
         ids=idx[0].cpu(), tokens=token_texts(tokenizer, ids),
         attention=torch.stack([w[0] for w in record["attention"]]).float().cpu(),

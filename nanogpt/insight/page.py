@@ -72,11 +72,12 @@ def notes(explanation: Explanation, about: About, read: int) -> list[str]:
     return lines
 
 
-def quantized_rows(weights: torch.Tensor) -> str:
-    """A head's causal weights (T, T) as base64 bytes, 0-255, row t's first t + 1 entries in turn."""
-    T = weights.size(0)
-    lower = weights[torch.tril(torch.ones(T, T, dtype=torch.bool))]
-    return base64.b64encode((lower * 255).round().clamp(0, 255).to(torch.uint8).numpy().tobytes()).decode()
+def quantized_rows(attention: torch.Tensor) -> list[list[str]]:
+    """Each head's causal weights in attention (L, H, T, T), as base64 bytes 0-255: rows 0, 1, .. in turn."""
+    T = attention.size(-1)
+    lower = attention[..., torch.tril(torch.ones(T, T, dtype=torch.bool))]  # (L, H, T (T + 1) / 2)
+    quantized = (lower * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    return [[base64.b64encode(head.tobytes()).decode() for head in block] for block in quantized]
 
 
 def candidates_of(tokenizer: Tokenizer, ids: torch.Tensor, logprobs: torch.Tensor) -> list[list]:
@@ -103,7 +104,7 @@ def page_data(explanation: Explanation, tokenizer: Tokenizer, about: About, embe
         "surprise": [None if t == 0 else round(float(bits[t - 1]), 4) for t in drawn_positions],
         "expected": [None if t == 0 else after[t - 1] for t in drawn_positions],
         "next": after[T - 1],  # what the model expects after the text
-        "attention": [[quantized_rows(head) for head in block] for block in attention],
+        "attention": quantized_rows(attention),
         "heads": [[{"kind": h.kind, "line": h.line} for h in block] for block in summaries],
         "lens": {"tokens": [[tokenizer.decode([int(i)]) for i in row[s:]] for row in e.lens_ids],
                  "p": [[round(math.exp(float(v)), 4) for v in row[s:]] for row in e.lens_logprobs],

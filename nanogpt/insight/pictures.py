@@ -16,6 +16,7 @@ from nanogpt.insight.page import Drawn
 from nanogpt.insight.reading import TOKEN_CLASSES, EmbeddingMap, summarize_heads
 from nanogpt.text.tokenizers import Tokenizer
 
+MAP_CELLS = 128  # the most cells along a side of one attention map in attention.png (the page draws all)
 LABELLED = 64  # tokens up to which every one is labelled on an axis; beyond, every few
 CLASS_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#7f7f7f", "#9467bd")
 
@@ -54,28 +55,46 @@ def surprise_figure(explanation: Explanation):
 
 
 def attention_figure(explanation: Explanation):
-    """Every drawn block's and head's attention map, a row a block, with each head's summary."""
+    """Every drawn block's and head's attention map, a row a block, with each head's kind above it.
+
+    The maps are tiles of one image, the future of each left blank: 144 axes of their own
+    would take a layout engine seconds to place. A map over more than MAP_CELLS tokens is
+    drawn in squares of a few tokens, each as dark as the largest weight in it.
+    """
     e, drawn = explanation, Drawn.of(explanation)
     weights = e.attention[:drawn.layers, :drawn.heads, drawn.start:, drawn.start:]
     summaries = summarize_heads(weights)
-    side = 1.6 if drawn.heads <= 6 else 1.15
-    figure = new_figure(side * drawn.heads + 0.6, (side + 0.35) * drawn.layers + 0.4)
-    grid = figure.subplots(drawn.layers, drawn.heads, squeeze=False)
     future = torch.ones(weights.shape[-2:], dtype=torch.bool).triu(diagonal=1)
-    for layer, row in enumerate(grid):
-        for head, axes in enumerate(row):
-            axes.imshow(weights[layer, head].masked_fill(future, float("nan")).numpy(), cmap="Blues",
-                        vmin=0, vmax=1, interpolation="nearest")
-            axes.set_xticks([])
-            axes.set_yticks([])
+    maps = weights.masked_fill(future, float("nan"))
+    if maps.size(-1) > MAP_CELLS:  # a square of cells drawn as one: its largest weight, so no head fades
+        maps = torch.nn.functional.adaptive_max_pool2d(maps.nan_to_num(-1.0), MAP_CELLS)
+        maps = maps.masked_fill(maps < 0, float("nan"))
+    T = maps.size(-1)
+    gap = max(2, T // 4)  # blank pixels between the tiles, room for each head's kind
+    step = T + gap
+    mosaic = torch.full((drawn.layers * step, drawn.heads * step), float("nan"))
+    for layer in range(drawn.layers):
+        for head in range(drawn.heads):
+            mosaic[gap + layer * step:(layer + 1) * step, head * step:head * step + T] = maps[layer, head]
+    side = 1.15 if drawn.heads > 6 else 1.6  # inches a map
+    figure = new_figure(max(5.5, side * drawn.heads + 0.8), side * drawn.layers + 1.0)
+    axes = figure.add_subplot()
+    axes.imshow(mosaic.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    for layer in range(drawn.layers):
+        for head in range(drawn.heads):
             summary = summaries[layer][head]
-            axes.set_title(summary.kind if summary.kind != "spread" else f"spread ~{summary.share:.1f}",
-                           fontsize=7)
-            if head == 0:
-                axes.set_ylabel(f"block {layer + 1}", fontsize=8)
-            if layer == drawn.layers - 1:
-                axes.set_xlabel(f"head {head + 1}", fontsize=8)
-    figure.suptitle("Attention: row t = what token t reads (0 white .. 1 dark)", fontsize=10)
+            kind = summary.kind if summary.kind != "spread" else f"spread ~{summary.share:.1f}"
+            axes.text(head * step, layer * step + gap * 0.9, kind, fontsize=7, va="bottom")
+    centre = (T - 1) / 2
+    axes.set_xticks([h * step + centre for h in range(drawn.heads)],
+                    [f"head {h + 1}" for h in range(drawn.heads)], fontsize=8)
+    axes.set_yticks([gap + layer * step + centre for layer in range(drawn.layers)],
+                    [f"block {layer + 1}" for layer in range(drawn.layers)], fontsize=8)
+    axes.tick_params(length=0)
+    for spine in axes.spines.values():
+        spine.set_visible(False)
+    axes.set_title("Attention: in each map, row t is what token t reads\n(weight 0 white .. 1 dark; "
+                   "the future blank)", fontsize=10)
     return figure
 
 

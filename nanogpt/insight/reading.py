@@ -16,10 +16,13 @@ from nanogpt.text.tokenizers import Tokenizer
 
 HALF = 0.5  # a head is named by a place that takes at least this much of its weight, on average
 FIRST_COUNTED = 2  # queries from the third token on (HEAD_RULE): before it, the places overlap
-PLACES = {  # name -> (what the line says, the weight of query t at that place)
-    "previous-token": ("on the token just before", lambda rows, t: rows[t, t - 1]),
-    "first-token": ("on the first token (a resting place: an attention sink)", lambda rows, t: rows[t, 0]),
-    "self": ("on its own token", lambda rows, t: rows[t, t]),
+# name -> (what the line says, the weight that place gets from each counted query of weights (..., T, T))
+PLACES = {
+    "previous-token": ("on the token just before",
+                       lambda w: w.diagonal(-1, -2, -1)[..., FIRST_COUNTED - 1:]),
+    "first-token": ("on the first token (a resting place: an attention sink)",
+                    lambda w: w[..., FIRST_COUNTED:, 0]),
+    "self": ("on its own token", lambda w: w.diagonal(0, -2, -1)[..., FIRST_COUNTED:]),
 }
 HEAD_RULE = (
     f"Each head is named by the place that takes at least {HALF:.0%} of its weight on average over the "
@@ -44,28 +47,37 @@ class HeadSummary:
 
 def summarize_head(weights: torch.Tensor) -> HeadSummary:
     """HEAD_RULE applied to one head's attention weights (T, T) over a text."""
-    T = weights.size(0)
-    if T <= FIRST_COUNTED:
-        return HeadSummary("short", float("nan"), f"a text of {FIRST_COUNTED + 1} tokens or more tells "
-                                                  "what this head does")
-    queries = range(FIRST_COUNTED, T)
-    shares = {name: sum(float(at(weights, t)) for t in queries) / len(queries)
-              for name, (_, at) in PLACES.items()}
-    name = max(shares, key=shares.get)
-    if shares[name] >= HALF:
-        return HeadSummary(name, shares[name], f"{name} head: {shares[name]:.0%} of its weight, on average, "
-                                               f"{PLACES[name][0]}")
-    rows = weights[FIRST_COUNTED:]
-    entropy = -(rows * rows.clamp_min(1e-12).log()).sum(dim=-1).mean()
-    back = (rows * (torch.arange(FIRST_COUNTED, T)[:, None] - torch.arange(T)[None]).clamp_min(0)).sum(-1)
-    looked_at = math.exp(float(entropy))
-    return HeadSummary("spread", looked_at, f"spread: over about {looked_at:.1f} tokens, on average "
-                                            f"{float(back.mean()):.1f} tokens back")
+    return summarize_heads(weights[None, None])[0][0]
 
 
 def summarize_heads(attention: torch.Tensor) -> list[list[HeadSummary]]:
-    """summarize_head for each block and head of attention (L, H, T, T)."""
-    return [[summarize_head(head) for head in block] for block in attention]
+    """HEAD_RULE applied to each block and head of attention (L, H, T, T), all heads at once."""
+    L, H, T, _ = attention.shape
+    if T <= FIRST_COUNTED:
+        short = HeadSummary("short", float("nan"), f"a text of {FIRST_COUNTED + 1} tokens or more tells "
+                                                   "what this head does")
+        return [[short] * H for _ in range(L)]
+    shares = torch.stack([at(attention).mean(dim=-1) for _, at in PLACES.values()])  # (places, L, H)
+    rows = attention[..., FIRST_COUNTED:, :]
+    entropy = -(rows * rows.clamp_min(1e-12).log()).sum(dim=-1).mean(dim=-1)  # (L, H)
+    distance = (torch.arange(FIRST_COUNTED, T)[:, None] - torch.arange(T)[None]).clamp_min(0)
+    back = (rows * distance).sum(dim=-1).mean(dim=-1)
+    names = list(PLACES)
+    summaries = []
+    for layer in range(L):
+        summaries.append([])
+        for head in range(H):
+            best = int(shares[:, layer, head].argmax())
+            share, name = float(shares[best, layer, head]), names[best]
+            if share >= HALF:
+                summary = HeadSummary(name, share, f"{name} head: {share:.0%} of its weight, on average, "
+                                                   f"{PLACES[name][0]}")
+            else:
+                looked_at, far = math.exp(float(entropy[layer, head])), float(back[layer, head])
+                summary = HeadSummary("spread", looked_at, f"spread: over about {looked_at:.1f} tokens, on "
+                                                           f"average {far:.1f} tokens back")
+            summaries[-1].append(summary)
+    return summaries
 
 
 def token_class(text: str) -> str:
