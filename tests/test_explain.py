@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from nanogpt.errors import DataError
 from nanogpt.explain import about
 from nanogpt.generation.language_model import load
 from nanogpt.insight import page
@@ -204,6 +205,8 @@ def test_a_hugging_face_model_is_read_the_same_way(tmp_path, bpe_cache):
     torch.testing.assert_close(e.attention, torch.stack(out.attentions)[:, 0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(logit_lens(lm.model, e.residual[-1])[:, :4000], out.logits[0],
                                atol=1e-4, rtol=1e-4)
+    with pytest.raises(DataError, match="token id 38656 is past the 4000 tokens"):  # " Xylophone"
+        lm.explain("the Xylophone")
 
 
 @pytest.mark.slow

@@ -107,9 +107,14 @@ class LanguageModel:
         if not prompt:
             raise ConfigError("the prompt is empty; the model needs at least one token to continue")
         try:
-            return self.encode(prompt)
+            ids = self.encode(prompt)
         except UnknownTokenError as e:
             raise DataError(f"prompt: {e} of {self.source.where}") from None
+        vocab = self.model.config.vocab_size  # a model may have fewer rows than its tokenizer has tokens
+        if max(ids, default=0) >= vocab:
+            raise DataError(f"prompt: token id {max(ids)} is past the {vocab} tokens {self.source.where} "
+                            "has embeddings for; use words its vocabulary holds")
+        return ids
 
     # Looking inside.
 
