@@ -34,6 +34,7 @@ class PreferenceSource(SftSource):
     """Preference pairs from .jsonl files, encoded with the base model's tokenizer."""
 
     unit = "pairs"
+    empty_answers = True  # a model's answer may be nothing at all, and be the worse one (or the better)
 
     def files(self) -> list[Path]:
         return local_files(self.source, ".jsonl", 'dataset=preference reads a .jsonl file of {"prompt", '

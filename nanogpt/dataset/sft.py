@@ -100,7 +100,7 @@ class SftSource(Source):
                 processes: int) -> dict:
         """Read, check, encode and split the examples; write the ids, masks and offsets of each split."""
         template = ChatTemplate.for_tokenizer(tokenizer)
-        examples = read_examples(self.files(), template, self.conversations)
+        examples = read_examples(self.files(), template, self.conversations, self.empty_answers)
         if tokenizer.kind == "char":
             check_characters([(m, where) for conversations, where in examples for m in conversations],
                              template, tokenizer.description["vocabulary"])
@@ -141,6 +141,7 @@ class SftSource(Source):
         return made
 
     unit = "examples"  # what one line of the source is, for the log
+    empty_answers = False  # an instruction example must have an answer to learn
 
     @staticmethod
     def conversations(line: str) -> tuple[list[list[dict]], str | None]:
@@ -168,17 +169,20 @@ def tokenizer_option(tokenizer: Tokenizer) -> str:
 
 
 def read_examples(files: list[Path], template: ChatTemplate,
-                  conversations: Callable = SftSource.conversations) -> list[tuple[list[list[dict]], str]]:
+                  conversations: Callable = SftSource.conversations,
+                  empty_answers: bool = False) -> list[tuple[list[list[dict]], str]]:
     """Every example as (its conversations, where), checked; the first bad line stops, named by file and line.
 
     conversations(line) reads one line: (the conversations it holds, None) or ([], what is wrong).
+    empty_answers: an empty answer is allowed (still learned: its end is), as a pair's may be.
     """
     examples = []
     for where, line in source_lines(files):
         found, problem = conversations(line)
         if problem is None:
-            problem = next((template.answer_problem(m["content"]) for messages in found for m in messages
-                            if m["role"] == "assistant" and template.answer_problem(m["content"])), None)
+            answers = [m["content"] for messages in found for m in messages if m["role"] == "assistant"
+                       and (m["content"].strip() or not empty_answers)]
+            problem = next(filter(None, map(template.answer_problem, answers)), None)
         if problem is not None:
             raise DataError(f"{where}: {problem}")
         examples.append((found, where))

@@ -12,21 +12,26 @@ and keeps best.pt by the objective's own measure (``best_by``).
   each pair's loss is  -log σ(β [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]),
   y_w the chosen answer, y_l the rejected one. β(log π - log π_ref) is an answer's
   implicit reward; a pair is ranked right when the chosen answer's is higher.
-  best.pt: the highest preference accuracy on held-out pairs.
+  DPO alone may push both answers down, the chosen one less (on the reverse task
+  its greedy answers got worse): ``objective.chosen_nll`` adds the chosen answers'
+  next-token loss, as RPO does (Pang et al. 2024). best.pt: the highest preference
+  accuracy on held-out pairs.
 * ``grpo`` (Group Relative Policy Optimization, Shao et al. 2024), on ``dataset=prompts``:
   for each prompt, ``objective.samples`` answers are sampled through the decoding
-  loop every command generates with (LanguageModel.tokens over a Decoder and its
-  KV cache, the rows of one prompt decoded together), each scored by the user's
-  reward function (rewards.py), and each answer's advantage is its reward less the
+  loop every command generates with (nanogpt/decoding.py's Decoder over a KV cache,
+  then GPT.stream's sample_next_token; the batch's answers decoded together),
+  each scored by the user's reward function (rewards.py), and each answer's advantage is its reward less the
   group's mean, over the group's standard deviation. The loss is token-level: the
   mean over every answer token of the batch of -A·π/π_old + β·KL(π ‖ π_ref).
   Each batch of samples is learned from once, so π_old is π itself (detached):
   the ratio is 1, its gradient ∇log π, and PPO's clipping never acts (left out).
   The KL term is the k3 estimator, exp(r) - r - 1 with r = log π_ref - log π
-  (never negative), and is skipped at β = 0. Every answer takes exactly
-  ``objective.max_new_tokens`` decoding steps (those after its end are not
-  learned), so under torchrun every process runs as many. best.pt: the highest
-  mean reward of greedy answers to held-out prompts.
+  (never negative), and is skipped at β = 0. An answer has at most
+  ``objective.max_new_tokens`` tokens; the batch stops decoding once all have
+  ended. Under torchrun every process decodes on its own (the weights are whole on
+  each) and meets the others only at the gradient's all-reduce; sharded (FSDP),
+  the processes vote on whether all have ended, so all run as many forward
+  passes. best.pt: the highest mean reward of greedy answers to held-out prompts.
 
 The reference is the model as training starts: with LoRA the same model with its
 adapters switched off (no second copy), otherwise a frozen copy of the starting
@@ -49,19 +54,19 @@ from torch.nn import functional as F
 
 from nanogpt.dataset.batches import WIDTH_MULTIPLE, BatchSampler, PreparedData, PromptSet
 from nanogpt.dataset.prompts import prompt_text
+from nanogpt.decoding import Decoder
 from nanogpt.evaluation.loss import estimate_loss
 from nanogpt.generation.detokenize import Detokenizer
-from nanogpt.generation.language_model import LanguageModel
 from nanogpt.generation.sampling import Sampling
 from nanogpt.model import GPT
 from nanogpt.options import check_choices, option, require
 from nanogpt.runtime import distributed
+from nanogpt.runtime.device import autocast
 from nanogpt.runtime.process import Runtime
 from nanogpt.text.chat_template import ChatTemplate
 from nanogpt.tracking.metrics import lower_is_better
 from nanogpt.training.rewards import Reward
 from nanogpt.weights import lora
-from nanogpt.weights.loading import LoadedSource
 
 # objective.name: what each learns from (config.py checks the dataset matches).
 OBJECTIVES = {
@@ -81,6 +86,9 @@ class ObjectiveConfig:
                        choices=tuple(OBJECTIVES))
     beta: float = option(0.1, "dpo: the β of the loss (how strongly preferences pull away from the "
                               "reference); grpo: weight of the KL penalty to the reference (0: none)")
+    chosen_nll: float = option(0.0, "dpo: weight of the chosen answers' next-token loss (per token) added to "
+                                    "DPO's, as RPO does (Pang et al. 2024); it keeps them likely while the "
+                                    "margin grows (0: DPO alone)")
     reward: str = option("nanogpt.training.rewards:exact_match",
                          "grpo: the reward, module:function or path/to/file.py:function, called as "
                          "function(prompt, answer, example) -> number")
@@ -94,6 +102,8 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         require(math.isfinite(self.beta) and self.beta >= 0, f"beta={self.beta} must be a number >= 0")
+        require(math.isfinite(self.chosen_nll) and self.chosen_nll >= 0,
+                f"chosen_nll={self.chosen_nll} must be a number >= 0 (0: DPO alone)")
         require(self.name != "dpo" or self.beta > 0,
                 "beta=0 with objective=dpo: the loss would be constant; use beta > 0 (0.1 is usual)")
         require(self.samples >= 2, f"samples={self.samples}: each answer's advantage is its reward against "
@@ -280,14 +290,19 @@ class PreferenceObjective(Objective):
         with self.run_reference() as reference:
             ref_chosen, ref_rejected = summed_logps(reference, x, y).chunk(2)
         logits, _ = forward(x, y)
-        chosen, rejected = (token_logps(logits, y).sum(dim=1)).chunk(2)
+        logps = token_logps(logits, y)
+        chosen, rejected = logps.sum(dim=1).chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
                                                             self.options.beta)
         figures = {"accuracy": (chosen_rewards > rejected_rewards).float().mean(),
                    "margin": (chosen_rewards - rejected_rewards).mean(),
                    "chosen_reward": chosen_rewards.mean(), "rejected_reward": rejected_rewards.mean(),
                    "chosen_logp": chosen.mean(), "rejected_logp": rejected.mean()}
-        return losses.mean(), {name: value.detach() for name, value in figures.items()}
+        loss = losses.mean()
+        if self.options.chosen_nll > 0:  # the chosen answers' next-token loss, per token (RPO)
+            figures["chosen_nll"] = -chosen.sum() / (y[:len(chosen)] != -1).sum().clamp(min=1)
+            loss = loss + self.options.chosen_nll * figures["chosen_nll"]
+        return loss, {name: value.detach() for name, value in figures.items()}
 
     def loss(self, forward: Callable, batch: tuple) -> torch.Tensor:
         loss, figures = self.pair_figures(forward, batch)
@@ -340,49 +355,68 @@ class RewardObjective(Objective):
         require(self.options.max_new_tokens < model.config.block_size,
                 f"objective.max_new_tokens={self.options.max_new_tokens} leaves no room for the prompt in "
                 f"model.block_size={model.config.block_size}; lower it")
-        tokenizer = data.tokenizer
-        self.template = ChatTemplate.from_record(data.meta.get("chat_template"), tokenizer)
-        loaded = LoadedSource(model, tokenizer, "run", "the model being trained",
-                              chat_template=data.meta.get("chat_template"))
-        self.lm = LanguageModel(loaded, runtime.device, runtime.dtype)  # the loop nanogpt.sample runs
-        model.train()
+        self.tokenizer = data.tokenizer
+        self.template = ChatTemplate.from_record(data.meta.get("chat_template"), self.tokenizer)
         self.run_reference = self.reference() if self.options.beta > 0 else None
         self.generator = sampling_generator(runtime.device)
 
     def sample(self, split: str, picks: list[int], sampling: Sampling, rows: int) -> Answers:
         """The given number of answers (rows) to each prompt picked, decoded together, and scored.
 
-        Every answer takes sampling.max_new_tokens decoding steps, whenever it ends.
+        The decoding is GPT.stream's (a Decoder over the KV cache, then
+        sample_next_token), with every row of every prompt in one batch; it ends
+        when every answer has ended or after sampling.max_new_tokens steps.
+        Sharded (FSDP), where each forward pass gathers the weights from every
+        process, the prompts are decoded one at a time and the processes vote on
+        whether all have ended, so all run as many forward passes.
         """
-        template, block = self.template, self.model.config.block_size
-        stops = [template.end_text] if template.end_id is None else []
-        sequences, learned, rewards, ended = [], [], [], []
         was_training = self.model.training
         self.model.eval()  # dropout off while sampling
-        for pick in picks:
-            prompt_ids = self.prompts.ids(split, pick)[-(block - sampling.max_new_tokens):]
-            example, where = self.prompts.example(split, pick)
-            answers = [[] for _ in range(rows)]
-            texts = [Detokenizer(self.lm.decode, stops, template.answer_start) for _ in range(rows)]
-            done = [False] * rows
-            for tokens in self.lm.tokens(prompt_ids, rows, sampling, self.generator):  # all steps, always
+        groups = [[pick] for pick in picks] if self.runtime.sharded else [picks]
+        found = [answer for group in groups for answer in self.decode(split, group, sampling, rows)]
+        self.model.train(was_training)
+        sequences, starts, rewards, ended = zip(*found, strict=True)
+        return self.answers(list(sequences), list(starts), list(rewards), list(ended), len(picks), rows)
+
+    @torch.no_grad()
+    def decode(self, split: str, picks: list[int], sampling: Sampling,
+               rows: int) -> list[tuple[list[int], int, float, bool]]:
+        """(prompt and answer ids, where the answer starts, its reward, whether it ended) of each row."""
+        template, block = self.template, self.model.config.block_size
+        stops = [template.end_text] if template.end_id is None else []
+        prompts = [self.prompts.ids(split, pick)[-(block - sampling.max_new_tokens):] for pick in picks]
+        sequences = [list(ids) for ids in prompts for _ in range(rows)]  # a prompt's rows side by side
+        texts = [Detokenizer(self.tokenizer.decode, stops, template.answer_start) for _ in sequences]
+        done = [False] * len(sequences)
+        with autocast(self.runtime.device, self.runtime.dtype):
+            decoder = Decoder(self.model, self.model.new_cache(len(sequences)))
+            for _ in range(sampling.max_new_tokens):
+                tokens = sampling.next_token(decoder.next_logits(sequences), self.generator)[:, 0].tolist()
                 for row, token in enumerate(tokens):
                     if done[row]:
                         continue
-                    answers[row].append(token)
+                    sequences[row].append(token)
                     if token == template.end_id:
                         done[row] = True
                     else:
                         texts[row].add(token)
                         done[row] = texts[row].stopped
-            for row in range(rows):
-                text = texts[row].shown + texts[row].finish()
-                rewards.append(self.reward.score(prompt_text(example), text, example, where))
-                sequences.append(prompt_ids + answers[row])
-                learned.append(len(prompt_ids))
-                ended.append(done[row])
-        self.model.train(was_training)
-        return self.answers(sequences, learned, rewards, ended, len(picks), rows)
+                if self.all_done(all(done)):
+                    break
+        found = []
+        for row, ids in enumerate(sequences):
+            example, where = self.prompts.example(split, picks[row // rows])
+            answer = texts[row].shown + texts[row].finish()
+            found.append((ids, len(prompts[row // rows]), self.reward.score(prompt_text(example), answer,
+                                                                             example, where), done[row]))
+        return found
+
+    def all_done(self, mine: bool) -> bool:
+        """True when every answer has ended: this process's, and sharded, every process's too."""
+        if not self.runtime.sharded:
+            return mine
+        return distributed.all_reduce_mean({"done": float(mine)}, self.runtime.dist,
+                                           self.runtime.device)["done"] == 1.0
 
     def answers(self, sequences: list[list[int]], starts: list[int], rewards: list[float], ended: list[bool],
                 prompts: int, rows: int) -> Answers:
@@ -433,15 +467,14 @@ class RewardObjective(Objective):
         share = -(-total // dist.world_size)
         picks = [dist.rank * share + i for i in range(share)]
         greedy = Sampling(0.0, None, None, None, [], self.options.max_new_tokens)
-        sums = torch.zeros(4, device=self.runtime.device)
-        for i, pick in enumerate(picks):
-            with ctx:
-                answers = self.sample("val", [min(pick, total - 1)], greedy, 1)
-            if pick < total:
-                reward = answers.rewards[0, 0]
-                sums += torch.stack([reward, (reward >= self.options.solved).float(), answers.lengths[0],
-                                     torch.ones((), device=sums.device)])
-            batch_done(i + 1, len(picks))
+        with ctx:
+            answers = self.sample("val", [min(pick, total - 1) for pick in picks], greedy, 1)
+        counted = torch.tensor([pick < total for pick in picks], dtype=torch.float32,
+                               device=self.runtime.device)  # the repeated last prompt is not
+        rewards = answers.rewards[:, 0]
+        sums = torch.stack([(rewards * counted).sum(), ((rewards >= self.options.solved) * counted).sum(),
+                            (answers.lengths * counted).sum(), counted.sum()])
+        batch_done(1, 1)
         names = ("reward", "solved", "length", "n")
         figures = distributed.all_reduce_mean(dict(zip(names, sums.tolist(), strict=True)), dist,
                                               self.runtime.device)
