@@ -95,10 +95,20 @@ def test_head_rule_names_a_previous_token_head_and_a_spread_one():
     previous[0, 0] = 1
     previous[torch.arange(1, T), torch.arange(T - 1)] = 1
     assert summarize_head(previous).kind == "previous-token"
+    two_back = torch.zeros(T, T)
+    two_back[torch.arange(T), (torch.arange(T) - 2).clamp_min(0)] = 1
+    assert summarize_head(two_back).line == "2-back head: 100% of its weight, on average, on the token 2 back"
+    sink = torch.zeros(T, T)
+    sink[:, 0] = 0.7
+    sink[torch.arange(T), torch.arange(T)] += 0.3
+    assert summarize_head(sink).kind == "first-token"
     uniform = torch.ones(T, T).tril()
     uniform = uniform / uniform.sum(-1, keepdim=True)
     summary = summarize_head(uniform)
-    assert summary.kind == "spread" and "tokens back" in summary.line
+    # Row t spreads over t + 1 tokens: e^mean(log(t + 1)) of them, t / 2 back, 1 / (t + 1) on each.
+    assert summary.kind == "spread"
+    assert summary.line == ("spread: over about 5.2 tokens, on average 2.2 tokens back; the most, 20%, "
+                            "on its own token")
 
 
 def page_data(html: str) -> dict:

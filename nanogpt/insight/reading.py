@@ -16,21 +16,14 @@ from nanogpt.text.tokenizers import Tokenizer
 
 HALF = 0.5  # a head is named by a place that takes at least this much of its weight, on average
 FIRST_COUNTED = 2  # queries from the third token on (HEAD_RULE): before it, the places overlap
-# name -> (what the line says, the weight that place gets from each counted query of weights (..., T, T))
-PLACES = {
-    "previous-token": ("on the token just before",
-                       lambda w: w.diagonal(-1, -2, -1)[..., FIRST_COUNTED - 1:]),
-    "first-token": ("on the first token (a resting place: an attention sink)",
-                    lambda w: w[..., FIRST_COUNTED:, 0]),
-    "self": ("on its own token", lambda w: w.diagonal(0, -2, -1)[..., FIRST_COUNTED:]),
-}
 HEAD_RULE = (
     f"Each head is named by the place that takes at least {HALF:.0%} of its weight on average over the "
     "queries from the third token on (before it, the first token is also the one just before): "
-    "a previous-token head looks at the token just before, a first-token head at the first token (a "
-    "resting place where it has nothing to add, an attention sink), a self head at its own token. A head "
-    "with no such place is spread: its line says over how many tokens (e to the mean entropy of its rows) "
-    "and how far back its weight lies on average.")
+    "a previous-token head looks at the token just before, a self head at its own token, a 2-back head "
+    "two tokens back (and so on), a first-token head at the first token (a resting place where it has "
+    "nothing to add, an attention sink). A head with no such place is spread: its line says over how "
+    "many tokens (e to the mean entropy of its rows), how far back its weight lies on average, and the "
+    "distance back that takes most of it.")
 EMBEDDING_MAP_VOCAB = 256  # the most tokens whose embeddings are drawn as labelled points (characters)
 TOKEN_CLASSES = ("upper-case letter", "lower-case letter", "digit", "space or newline",
                  "punctuation or other")
@@ -50,6 +43,24 @@ def summarize_head(weights: torch.Tensor) -> HeadSummary:
     return summarize_heads(weights[None, None])[0][0]
 
 
+def distance_shares(attention: torch.Tensor) -> torch.Tensor:
+    """(T, L, H): the weight each head gives the token d back (d = 0 .. T - 1), on average.
+
+    The average is over the queries HEAD_RULE counts; a query with fewer than d tokens
+    before it gives that place nothing.
+    """
+    T = attention.size(-1)
+    queries = T - FIRST_COUNTED
+    return torch.stack([attention.diagonal(-d, -2, -1)[..., max(0, FIRST_COUNTED - d):].sum(dim=-1) / queries
+                        for d in range(T)])
+
+
+def back_kind(d: int) -> tuple[str, str]:
+    """The kind of a head that reads the token d back, and where the line says it looks."""
+    return {0: ("self", "on its own token"), 1: ("previous-token", "on the token just before")}.get(
+        d, (f"{d}-back", f"on the token {d} back"))
+
+
 def summarize_heads(attention: torch.Tensor) -> list[list[HeadSummary]]:
     """HEAD_RULE applied to each block and head of attention (L, H, T, T), all heads at once."""
     L, H, T, _ = attention.shape
@@ -57,25 +68,31 @@ def summarize_heads(attention: torch.Tensor) -> list[list[HeadSummary]]:
         short = HeadSummary("short", float("nan"), f"a text of {FIRST_COUNTED + 1} tokens or more tells "
                                                    "what this head does")
         return [[short] * H for _ in range(L)]
-    shares = torch.stack([at(attention).mean(dim=-1) for _, at in PLACES.values()])  # (places, L, H)
+    at_distance = distance_shares(attention)  # (T, L, H)
+    first = attention[..., FIRST_COUNTED:, 0].mean(dim=-1)  # (L, H)
     rows = attention[..., FIRST_COUNTED:, :]
-    entropy = -(rows * rows.clamp_min(1e-12).log()).sum(dim=-1).mean(dim=-1)  # (L, H)
+    entropy = -(rows * rows.clamp_min(1e-12).log()).sum(dim=-1).mean(dim=-1)
     distance = (torch.arange(FIRST_COUNTED, T)[:, None] - torch.arange(T)[None]).clamp_min(0)
     back = (rows * distance).sum(dim=-1).mean(dim=-1)
-    names = list(PLACES)
     summaries = []
     for layer in range(L):
         summaries.append([])
         for head in range(H):
-            best = int(shares[:, layer, head].argmax())
-            share, name = float(shares[best, layer, head]), names[best]
+            most = int(at_distance[:, layer, head].argmax())
+            share = float(at_distance[most, layer, head])
+            kind, where = back_kind(most)
+            if float(first[layer, head]) > share:
+                share = float(first[layer, head])
+                kind, where = "first-token", "on the first token (a resting place: an attention sink)"
             if share >= HALF:
-                summary = HeadSummary(name, share, f"{name} head: {share:.0%} of its weight, on average, "
-                                                   f"{PLACES[name][0]}")
+                line = f"{kind} head: {share:.0%} of its weight, on average, {where}"
+                summary = HeadSummary(kind, share, line)
             else:
                 looked_at, far = math.exp(float(entropy[layer, head])), float(back[layer, head])
                 summary = HeadSummary("spread", looked_at, f"spread: over about {looked_at:.1f} tokens, on "
-                                                           f"average {far:.1f} tokens back")
+                                                           f"average {far:.1f} tokens back; the most, "
+                                                           f"{float(at_distance[most, layer, head]):.0%}, "
+                                                           f"{back_kind(most)[1]}")
             summaries[-1].append(summary)
     return summaries
 
