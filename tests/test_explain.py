@@ -17,7 +17,6 @@ import shutil
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from nanogpt.errors import DataError
 from nanogpt.explain import about
@@ -193,6 +192,8 @@ def test_a_long_text_says_what_is_shown(lm):
 
 def hf_directory(path, n_layer, n_head, n_embd, n_positions, vocab_size=50257):
     """A small random GPT-2-format model saved to path (no weights can be downloaded here)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head, bos_token_id=None, eos_token_id=None,
@@ -205,6 +206,7 @@ def hf_directory(path, n_layer, n_head, n_embd, n_positions, vocab_size=50257):
     return model
 
 
+@pytest.mark.slow  # transformers' import and a second model: seconds
 def test_a_hugging_face_model_is_read_the_same_way(tmp_path, bpe_cache):
     reference = hf_directory(tmp_path / "hf", n_layer=3, n_head=4, n_embd=32, n_positions=64, vocab_size=4000)
     lm = load(tmp_path / "hf", device="cpu")
