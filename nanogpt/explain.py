@@ -118,7 +118,8 @@ def run(cfg: ExplainConfig) -> Path:
     for note in page_notes:
         print(f"note: {note}", file=sys.stderr)
     loss = f"; loss {explanation.loss():.3f} nats a token" if len(explanation.tokens) > 1 else ""
-    print(f"{lm.source.where} read {len(explanation.tokens)} tokens{loss}")
+    count = len(explanation.tokens)
+    print(f"{lm.source.where} read {count} token{'s' * (count != 1)}{loss}")
     pictures = sorted(p.name for p in written.glob("*.png"))
     print(f"wrote {out}: {PAGE} (open it in a browser) and {', '.join(pictures)}")
     return written
