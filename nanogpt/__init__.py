@@ -10,7 +10,7 @@ From Python::
 
 The package at a glance: model.py is the lesson (a GPT read top to bottom); the
 modules beside it are the commands (``python -m nanogpt.train | sample | chat | eval |
-data | export | bench | report``); the folders below hold what nobody runs
+data | export | bench | report | serve | explain``); the folders below hold what nobody runs
 directly, one per subsystem: cli (the Hydra edge), dataset, training, runtime,
 weights, generation, evaluation, tracking, benchmarks.
 

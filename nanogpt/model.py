@@ -140,8 +140,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              dropout: float = 0.0, record: dict | None = None) -> torch.Tensor:
     """softmax(q kᵀ / √d + mask) v: queries (..., T, d), keys and values (..., S, d).
 
     Each query scores every key by a dot product, scaled by √d so the scores do not
@@ -153,12 +153,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     if mask is None:
         mask = torch.full(scores.shape[-2:], float("-inf"), device=q.device).triu(diagonal=1)
-    weights = F.dropout((scores + mask).softmax(dim=-1), p=dropout)
-    return weights @ v
+    weights = (scores + mask).softmax(dim=-1)
+    if record is not None:  # GPT.hidden(record=...) keeps what each query looked at
+        record.setdefault("attention", []).append(weights)
+    return F.dropout(weights, p=dropout) @ v
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           dropout: float, explicit: bool) -> torch.Tensor:
+           dropout: float, explicit: bool, record: dict | None = None) -> torch.Tensor:
     """attention(), by torch's fused kernel unless explicit, in the precision that is fast here.
 
     A CPU's fused kernel is slower in bfloat16 than in float32, so on a CPU the
@@ -170,8 +172,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         q, k, v = q.float(), k.float(), v.float()
         mask = None if mask is None else mask.float()
     with torch.autocast(q.device.type, enabled=False):
-        if explicit:
-            y = attention(q, k, v, mask, dropout)
+        if explicit or record is not None:  # the fused kernel keeps its weights to itself
+            y = attention(q, k, v, mask, dropout, record)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=mask is None)
@@ -253,7 +255,8 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                record: dict | None = None) -> torch.Tensor:
         """Attend over x (batch, time, n_embd), at positions (batch or 1, time; default 0, 1, ...).
 
         With a cache, x continues the sequences the cache holds: its keys and
@@ -274,7 +277,7 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.store(self.layer, positions, k, v, mask.size(-1))
-        y = attend(q, k, v, mask, self.dropout if self.training else 0.0, self.explicit)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0, self.explicit, record)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -320,9 +323,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                record: dict | None = None) -> torch.Tensor:
         """Apply attention then the MLP, each as a residual update of x."""
-        x = x + self.attn(self.ln_1(x), positions, cache, mask)
+        x = x + self.attn(self.ln_1(x), positions, cache, mask, record)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -402,8 +406,11 @@ class GPT(nn.Module):
         """
         return self.head(self.hidden(idx, cache)[rows, positions])
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The residual stream (batch, time, n_embd) after every block and the final norm, ln_f."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
+               record: dict | None = None) -> torch.Tensor:
+        """The residual stream (batch, time, n_embd) after every block and the final norm, ln_f.
+        A record (a dict) gets each block's "attention" weights and "residual" stream, as lists.
+        """
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size "
@@ -423,7 +430,9 @@ class GPT(nn.Module):
                 # Keep only the block's input; rerun the block in the backward pass.
                 x = checkpoint(block, x, positions, use_reentrant=False)
             else:
-                x = block(x, positions, cache, mask)
+                x = block(x, positions, cache, mask, record)
+            if record is not None:
+                record.setdefault("residual", []).append(x)
         if cache is not None:
             cache.lengths += T
         return self.transformer.ln_f(x)

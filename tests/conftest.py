@@ -194,6 +194,7 @@ def register_commands() -> None:
     from nanogpt.cli.entry import register_configs
     from nanogpt.data import DataConfig
     from nanogpt.eval import EvalConfig
+    from nanogpt.explain import ExplainConfig
     from nanogpt.export import ExportConfig
     from nanogpt.sample import SampleConfig
     from nanogpt.serving.config import ServeConfig
@@ -201,5 +202,5 @@ def register_commands() -> None:
 
     for name, schema in (("train", TrainConfig), ("sample", SampleConfig), ("chat", ChatConfig),
                          ("eval", EvalConfig), ("data", DataConfig), ("export", ExportConfig),
-                         ("bench", BenchConfig), ("serve", ServeConfig)):
+                         ("bench", BenchConfig), ("serve", ServeConfig), ("explain", ExplainConfig)):
         register_configs(name, schema)

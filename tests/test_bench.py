@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from .conftest import run_module
 
 
+@pytest.mark.slow  # tens of seconds of CPU: the slow tier
 def test_bench_prints_a_table_and_writes_json(tmp_path, corpus, data_root):
     out = tmp_path / "bench"
     result = run_module(

@@ -182,6 +182,7 @@ def test_a_full_disk_while_preparing_leaves_the_previous_cache_whole(books, data
     assert reused.meta["source"] == str(books / "book.txt") and folder_state(folder) == before
 
 
+@pytest.mark.slow  # tens of seconds of CPU: the slow tier
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(books, data_root):
     run_dir = books / "run"
     full = run_module("tests.faults", "disk_full=last.pt@2", *TINY_RUN, "max_iters=20",
@@ -215,6 +216,7 @@ def run_limited(max_file_bytes: int, module: str, *args: str, cwd: Path) -> subp
                           text=True, timeout=300, preexec_fn=limited(max_file_bytes))
 
 
+@pytest.mark.slow  # tens of seconds of CPU: the slow tier
 def test_a_write_the_kernel_refuses_is_one_line_for_token_files_and_checkpoints(books, data_root):
     shared = ["dataset=text", "dataset.name=shared", f"data_root={data_root}"]
     prepared = run_in_process("nanogpt.data", *shared, "dataset.source=book.txt", cwd=books)

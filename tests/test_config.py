@@ -197,9 +197,10 @@ def test_sample_help_lists_only_the_groups_sampling_uses(tmp_path):
 
 def test_every_option_has_a_meaning():
     from nanogpt.eval import EvalConfig
+    from nanogpt.explain import ExplainConfig
     from nanogpt.export import ExportConfig
     from nanogpt.options import describe_options
 
-    for schema in (TrainConfig, SampleConfig, BenchConfig, EvalConfig, ExportConfig):
+    for schema in (TrainConfig, SampleConfig, BenchConfig, EvalConfig, ExportConfig, ExplainConfig):
         missing = [key for key, _, _, meaning in describe_options(schema) if not meaning]
         assert not missing, missing

@@ -122,6 +122,7 @@ def test_shakespeare_default_dataset_from_local_source(tmp_path, shakespeare, da
     assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)
 
 
+@pytest.mark.slow  # tens of seconds of CPU: the slow tier
 def test_variants_and_muon_train_resume_and_sample(tmp_path, corpus, data_root):
     """Every architecture variant plus Muon through train, resume and sample."""
     variants = ["model.position_encoding=rope", "model.norm=rmsnorm", "model.qk_norm=true",
@@ -143,6 +144,7 @@ def test_variants_and_muon_train_resume_and_sample(tmp_path, corpus, data_root):
     assert len(sampled.stdout) >= 80
 
 
+@pytest.mark.slow  # tens of seconds of CPU: the slow tier
 def test_eval_at_start_false_skips_only_the_untrained_evaluation(tmp_path, corpus, data_root):
     common = [*TINY_RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}",
               "max_iters=25", "eval_interval=10"]

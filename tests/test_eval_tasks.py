@@ -138,6 +138,7 @@ def test_hellaswag_cleans_text_exactly_as_lm_eval_does():
     assert example_from(HAND_WRITTEN[0]).context.endswith("white paint. She")
 
 
+@pytest.mark.slow  # tens of seconds of CPU: the slow tier
 def test_hellaswag_matches_transformers_ending_by_ending(bpe_cache, tmp_path):
     source = write_jsonl(tmp_path / "hs.jsonl", HAND_WRITTEN)
     model = random_gpt(BPE_MODEL)

@@ -32,6 +32,7 @@ def bpe_run(tmp_path, corpus, data_root) -> list[str]:
             f"tasks.hellaswag.source={tmp_path / 'hellaswag.jsonl'}"]
 
 
+@pytest.mark.slow  # tens of seconds of CPU: the slow tier
 def test_eval_tasks_are_recorded_like_the_losses(tmp_path, bpe_run):
     run_dir = tmp_path / "run"
     result = run_in_process("nanogpt.train", *bpe_run, "max_iters=4", "eval_interval=2", "logger=tensorboard",

@@ -117,6 +117,7 @@ def train_checkpoint(path, config: GPTConfig, tokenizer: dict) -> GPT:
     return model
 
 
+@pytest.mark.slow  # tens of seconds of CPU: the slow tier
 def test_export_char_model_loads_in_transformers_with_equal_logits(tmp_path):
     vocabulary = [chr(c) for c in range(32, 97)]
     config = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,

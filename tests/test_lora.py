@@ -360,6 +360,7 @@ def test_torchrun_trains_lora_on_instructions(work, base, task, tmp_path):
     assert isinstance(nanogpt.load(tmp_path / "ddp", device="cpu").chat("reverse: ab", max_new_tokens=4), str)
 
 
+@pytest.mark.slow  # tens of seconds of CPU: the slow tier
 def test_a_sweep_over_lora_settings_makes_one_run_each(work, base, task, tmp_path):
     done = run_in_process("nanogpt.train", "-m", *LORA_RUN, "max_iters=2", "eval_interval=2", "lora.rank=2,4",
                           f"model.init_from={base}", f"dataset.source={task}/train.jsonl",

@@ -25,6 +25,8 @@ from .commands import run_in_process
 from .conftest import REPO, TINY_RUN, run_module
 from .wandb_records import read_offline_run
 
+pytestmark = pytest.mark.slow  # real runs stopped by real signals: minutes of CPU together
+
 # Dropout on and a real learning rate, so every RNG and the optimizer state matter.
 RUN = [*TINY_RUN, "model.dropout=0.1", "optimizer.lr=3e-3", "optimizer.warmup_iters=2",
        "max_iters=12", "eval_interval=4"]

@@ -195,3 +195,44 @@ def test_the_chat_page_streams_answers_keeps_the_conversation_and_stops(browser,
     block = BPE_MODEL.block_size
     assert any(f"longer than the model's {block}-token context: its first" in note for note in notes), notes
     assert any(f"fill the model's {block}-token context" in note for note in notes), notes
+
+
+def test_the_chat_pages_switch_shades_each_token_by_its_probability(browser, server):
+    import math
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(f"{server.url}/")
+    wait.until(lambda d: d.find_element(By.ID, "model").text == NAME)
+    switch = browser.find_element(By.ID, "shade")
+    assert "before temperature, top-k and top-p" in switch.find_element(By.XPATH, "..").get_attribute("title")
+    switch.click()
+    browser.find_element(By.CSS_SELECTOR, "details summary").click()
+    browser.find_element(By.ID, "seed").send_keys("3")
+    browser.find_element(By.ID, "max-tokens").send_keys("12")
+    box = browser.find_element(By.ID, "input")
+    box.send_keys("Hello there")
+    box.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant")
+               and d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+    spans = browser.find_elements(By.CSS_SELECTOR, ".message.assistant .content .token")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    expected = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Hello there"}], max_tokens=12, seed=3,
+        temperature=0.8, logprobs=True, top_logprobs=5).choices[0].logprobs.content
+    assert [s.get_attribute("textContent") for s in spans] == [e.token for e in expected] and len(spans) > 2
+    assert [float(s.get_attribute("data-p")) for s in spans] == \
+        pytest.approx([math.exp(e.logprob) for e in expected], abs=1e-4)
+    assert "shaded" in browser.find_element(By.TAG_NAME, "body").get_attribute("class")
+    ActionChains(browser).move_to_element(spans[2]).perform()
+    shown = browser.find_element(By.ID, "alternatives")
+    assert shown.is_displayed() and f"p = {100 * math.exp(expected[2].logprob):.1f}%" in shown.text
+    rows = shown.find_elements(By.CSS_SELECTOR, ".alt")
+    likeliest = expected[2].top_logprobs[0].token.replace(" ", "␣").replace("\n", "↵")
+    assert len(rows) == 5 and rows[0].text.startswith(f"“{likeliest}”")
+    switch.click()  # off: the answer stays, unshaded
+    assert "shaded" not in browser.find_element(By.TAG_NAME, "body").get_attribute("class")

@@ -19,6 +19,8 @@ from .commands import run_in_process
 from .conftest import TINY_RUN
 from .wandb_records import read_offline_run
 
+pytestmark = pytest.mark.slow  # real multiruns: minutes of CPU together
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK = [*TINY_RUN, "logger=wandb", "max_iters=30", "eval_interval=10", "optimizer.warmup_iters=2"]
 

@@ -21,6 +21,7 @@ from nanogpt.decoding import Decoder
 from nanogpt.errors import ConfigError, DataError
 from nanogpt.generation.detokenize import Detokenizer
 from nanogpt.generation.sampling import Sampling
+from nanogpt.insight.numbers import KEEPS, Explanation, explain
 from nanogpt.model import GPT, KVCache
 from nanogpt.runtime.device import (
     CompiledOrEager,
@@ -106,9 +107,33 @@ class LanguageModel:
         if not prompt:
             raise ConfigError("the prompt is empty; the model needs at least one token to continue")
         try:
-            return self.encode(prompt)
+            ids = self.encode(prompt)
         except UnknownTokenError as e:
             raise DataError(f"prompt: {e} of {self.source.where}") from None
+        vocab = self.model.config.vocab_size  # a model may have fewer rows than its tokenizer has tokens
+        if max(ids, default=0) >= vocab:
+            raise DataError(f"prompt: token id {max(ids)} is past the {vocab} tokens {self.source.where} "
+                            "has embeddings for; use words its vocabulary holds")
+        return ids
+
+    # Looking inside.
+
+    def explain(self, prompt: str, candidates: int = 5, keep: str = "last") -> Explanation:
+        """What the model computes reading prompt, as tensors (nanogpt/insight/numbers.py: Explanation).
+
+        Each block's and head's attention weights, each token's log-probability and the
+        candidates likeliest after each position, and the logit lens's prediction after each
+        block: all from the model's own forward pass (GPT.hidden's record). A prompt longer
+        than the model's block is cut to its last block (keep="first": its first one);
+        Explanation.cut says how many tokens were left out.
+        """
+        if keep not in KEEPS:
+            raise ConfigError(f"keep={keep!r} is not one of {', '.join(map(repr, KEEPS))}")
+        if candidates < 1:
+            raise ConfigError(f"candidates={candidates} must be at least 1")
+        ids = self.prompt_ids(prompt)
+        with autocast(self.device, self.dtype):
+            return explain(self.model, self.tokenizer, ids, candidates, keep)
 
     # The loop: tokens, then text.
 
