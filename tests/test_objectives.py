@@ -39,6 +39,7 @@ from nanogpt.training.objectives import (
     dpo_loss,
     group_advantages,
     grpo_loss,
+    most_mixed,
     summed_logps,
 )
 from nanogpt.training.optim import OptimizerConfig
@@ -118,6 +119,13 @@ def test_group_advantages_are_normalised_within_each_prompts_group():
     assert torch.equal(advantages[1], torch.zeros(4))  # all alike: nothing to learn
     assert torch.allclose(advantages[2].mean(), torch.tensor(0.0), atol=1e-6)
     assert torch.allclose(advantages[2].std(unbiased=False), torch.tensor(1.0), atol=1e-5)
+
+
+def test_dynamic_sampling_keeps_the_groups_whose_rewards_spread_widest_in_their_order():
+    rewards = torch.tensor([[0.0, 0, 0], [0, 1, 0], [1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 1, 1]])
+    assert most_mixed(rewards, 2).tolist() == [1, 3]  # spread alike: the first two of the four mixed
+    assert most_mixed(rewards, 5).tolist() == [0, 1, 3, 4, 5]
+    assert most_mixed(rewards[[0, 2]], 1).tolist() == [0]
 
 
 def test_the_grpo_loss_is_the_token_mean_policy_gradient_with_a_k3_kl():
@@ -223,6 +231,8 @@ def test_an_objective_and_the_data_it_reads_go_together(base, task):
         config("lm", "prompts")
     with pytest.raises(ConfigError, match="samples=1: each answer's advantage is its reward against"):
         ObjectiveConfig(name="grpo", samples=1)
+    with pytest.raises(ConfigError, match=r"oversample=0 must be at least 1 \(1: learn from every prompt"):
+        ObjectiveConfig(name="grpo", oversample=0)
     with pytest.raises(ConfigError, match="beta=0 with objective=dpo"):
         ObjectiveConfig(name="dpo", beta=0)
 
@@ -370,6 +380,28 @@ def test_a_grpo_run_resumes_exactly_and_records_rewards(work, base, task, tmp_pa
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["best_by"] == "val_reward"
     assert summary["best_value"] == max(r["val_reward"] for r in evals)
+
+
+def test_oversampling_answers_more_prompts_and_learns_from_the_most_mixed(work, base, task, tmp_path):
+    (tmp_path / "letters.py").write_text("def score(prompt, answer, example):\n    return len(set(answer))\n")
+    cfg = grpo_config(work, base, task, 1)
+    cfg.objective.oversample, cfg.objective.reward = 3, f"{tmp_path / 'letters.py'}:score"
+    trainer = build_trainer(cfg, tmp_path / "run")
+    objective, drawn, learned = trainer.objective, [], []
+    sample = objective.sample
+    objective.sample = lambda *args: drawn.append(sample(*args)) or drawn[-1]
+    forward = lambda x, y: learned.append(x) or trainer.model(x, y)  # noqa: E731
+    objective.loss(forward, (torch.tensor([0, 1]),))
+    (answers,) = drawn
+    assert answers.rewards.shape == (6, 3)  # the batch's 2 prompts and 4 more, 3 answers each
+    assert learned[0].shape[0] == 2 * 3  # learned from 2 groups
+    spread = answers.rewards.std(dim=1, unbiased=False)
+    assert spread.max() > spread.min()  # a random model's answers: groups that differ, to choose among
+    figures = objective.figures()
+    assert figures["reward"] == pytest.approx(answers.rewards.mean().item())
+    assert figures["reward_std"] == pytest.approx(spread.sort(descending=True).values[:2].mean().item())
+    kept = most_mixed(answers.rewards, 2)
+    assert torch.equal(learned[0], answers.of_groups(kept).inputs)
 
 
 @pytest.mark.slow  # a torchrun job, and a sweep of two

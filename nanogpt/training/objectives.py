@@ -93,6 +93,10 @@ class ObjectiveConfig:
                          "grpo: the reward, module:function or path/to/file.py:function, called as "
                          "function(prompt, answer, example) -> number")
     samples: int = option(8, "grpo: answers sampled per prompt, the group their rewards are compared in")
+    oversample: int = option(1, "grpo: answer this many times batch_size prompts a step and learn from the "
+                                "batch_size groups whose rewards differ most (dynamic sampling, as DAPO "
+                                "does: a group whose answers all score alike has no advantage to learn "
+                                "from); the extra prompts are drawn at random from the training split")
     max_new_tokens: int = option(32, "grpo: decoding steps per answer (an answer may end sooner)")
     temperature: float = option(1.0, "grpo: sampling temperature (1: the model's own distribution)")
     top_k: int | None = option(None, "grpo: sample among the k likeliest tokens; null: all")
@@ -108,6 +112,8 @@ class ObjectiveConfig:
                 "beta=0 with objective=dpo: the loss would be constant; use beta > 0 (0.1 is usual)")
         require(self.samples >= 2, f"samples={self.samples}: each answer's advantage is its reward against "
                                    "the others' for the same prompt, so sample at least 2")
+        require(self.oversample >= 1, f"oversample={self.oversample} must be at least 1 (1: learn from "
+                                      "every prompt drawn)")
         require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
         require(math.isfinite(self.temperature) and self.temperature > 0,
                 f"temperature={self.temperature} must be > 0 (answers are sampled, not greedy)")
@@ -141,6 +147,14 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """
     mean, std = rewards.mean(dim=1, keepdim=True), rewards.std(dim=1, unbiased=False, keepdim=True)
     return (rewards - mean) / (std + eps)
+
+
+def most_mixed(rewards: torch.Tensor, keep: int) -> torch.Tensor:
+    """The indices, in order, of the keep groups (rows of rewards: prompts, samples) whose rewards
+    spread widest (their std); of groups that spread alike, the first.
+    """
+    spread = rewards.std(dim=1, unbiased=False)
+    return torch.argsort(spread, descending=True, stable=True)[:keep].sort().values
 
 
 def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, learned: torch.Tensor,
@@ -342,6 +356,13 @@ class Answers:
     lengths: torch.Tensor  # (rows,): answer tokens learned (up to and with the end)
     ended: torch.Tensor  # (rows,): 1 where the answer ended within max_new_tokens
 
+    def of_groups(self, groups: torch.Tensor) -> Answers:
+        """The answers to the prompts at these indices (of the batch's), their rows kept together."""
+        samples = self.rewards.shape[1]
+        rows = (groups[:, None] * samples + torch.arange(samples, device=groups.device)).flatten()
+        return Answers(self.inputs[rows], self.targets[rows], self.rewards[groups], self.lengths[rows],
+                       self.ended[rows])
+
 
 class RewardObjective(Objective):
     """objective=grpo: a batch is prompts (their indices in the split); the answers are sampled here."""
@@ -436,10 +457,22 @@ class RewardObjective(Objective):
                        torch.tensor(ended, dtype=torch.float32, device=device))
 
     def loss(self, forward: Callable, batch: tuple) -> torch.Tensor:
-        """Sample objective.samples answers to each prompt of the batch, score them, learn from them."""
+        """Sample objective.samples answers to each prompt of the batch, score them, learn from them.
+
+        With objective.oversample > 1, more prompts are answered than learned from:
+        the batch's and random others', and the batch_size most mixed groups are kept.
+        reward is the mean of all the answers sampled (the policy's), reward_std and
+        mixed (the share of groups not all alike) those of the groups learned from.
+        """
         o = self.options
         sampling = Sampling(o.temperature, o.top_k, None, None, [], o.max_new_tokens)
-        answers = self.sample("train", batch[0].tolist(), sampling, o.samples)
+        picks = batch[0].tolist()
+        extra = (o.oversample - 1) * len(picks)
+        if extra:
+            picks += torch.randint(self.prompts.count("train"), (extra,), generator=self.generator,
+                                   device=self.generator.device).tolist()
+        drawn = self.sample("train", picks, sampling, o.samples)
+        answers = drawn.of_groups(most_mixed(drawn.rewards, len(batch[0]))) if extra else drawn
         x, y = answers.inputs, answers.targets
         ref_logps = None
         if self.run_reference is not None:
@@ -448,9 +481,10 @@ class RewardObjective(Objective):
         logits, _ = forward(x, y)
         advantages = group_advantages(answers.rewards).flatten()
         loss, kl = grpo_loss(token_logps(logits, y), advantages, y != -1, ref_logps, o.beta)
-        self.note(reward=answers.rewards.mean(), answer_length=answers.lengths.mean(),
-                  ended=answers.ended.mean(), kl=kl,
-                  reward_std=answers.rewards.std(dim=1, unbiased=False).mean())
+        spread = answers.rewards.std(dim=1, unbiased=False)
+        self.note(reward=drawn.rewards.mean(), answer_length=answers.lengths.mean(),
+                  ended=answers.ended.mean(), kl=kl, reward_std=spread.mean(),
+                  mixed=(spread > 0).float().mean())
         return loss
 
     @torch.no_grad()
