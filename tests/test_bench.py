@@ -7,7 +7,7 @@ import pytest
 from .conftest import run_module
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_bench_prints_a_table_and_writes_json(tmp_path, corpus, data_root):
     out = tmp_path / "bench"
     result = run_module(

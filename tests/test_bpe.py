@@ -75,7 +75,7 @@ def test_text_dataset_takes_either_tokenizer(corpus, data_root, bpe_cache):
     assert decode(ids) == corpus.read_text()[int(len(corpus.read_text()) * 0.9):]
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_training_and_sampling_on_bpe_tokens(shakespeare, tmp_path, data_root, bpe_cache):
     result = run_in_process(
         "nanogpt.train", *TINY_RUN, "dataset=shakespeare", f"dataset.source={shakespeare}",

@@ -63,6 +63,7 @@ def books(tmp_path) -> Path:
     return work
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_unnamed_sources_get_own_folders_and_eval_finds_the_run_from_anywhere(books, data_root, tmp_path):
     for name in ("book", "book2"):
         trained = run_in_process("nanogpt.train", *QUICK, "dataset=text", f"dataset.source={name}.txt",
@@ -102,6 +103,7 @@ def test_unnamed_sources_get_own_folders_and_eval_finds_the_run_from_anywhere(bo
     assert "the source has changed since" in one_error_line(changed)
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_a_named_folder_taken_by_other_data_is_left_alone_by_eval_and_resume(books, data_root):
     shared = ["dataset=text", "dataset.name=shared", f"data_root={data_root}"]
     trained = run_in_process("nanogpt.train", *QUICK, *shared, "dataset.source=book.txt", "hydra.run.dir=run",
@@ -182,7 +184,7 @@ def test_a_full_disk_while_preparing_leaves_the_previous_cache_whole(books, data
     assert reused.meta["source"] == str(books / "book.txt") and folder_state(folder) == before
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(books, data_root):
     run_dir = books / "run"
     full = run_module("tests.faults", "disk_full=last.pt@2", *TINY_RUN, "max_iters=20",
@@ -216,7 +218,7 @@ def run_limited(max_file_bytes: int, module: str, *args: str, cwd: Path) -> subp
                           text=True, timeout=300, preexec_fn=limited(max_file_bytes))
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_a_write_the_kernel_refuses_is_one_line_for_token_files_and_checkpoints(books, data_root):
     shared = ["dataset=text", "dataset.name=shared", f"data_root={data_root}"]
     prepared = run_in_process("nanogpt.data", *shared, "dataset.source=book.txt", cwd=books)

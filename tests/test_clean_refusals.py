@@ -139,7 +139,7 @@ def trained(tmp_path, corpus):
     return tmp_path / "run", args
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_a_full_disk_refuses_appends_to_metrics_and_the_log_in_one_line(trained, tmp_path):
     run_dir, args = trained
 

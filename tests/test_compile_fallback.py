@@ -68,7 +68,7 @@ def test_a_graph_break_in_the_one_token_step_warns_once_and_gives_eagers_tokens(
     assert "device.compile=false" in warning and "\n" not in warning
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_a_refused_capture_in_the_first_training_step_trains_as_eager_does(corpus, data_root, tmp_path,
                                                                             caplog):
     # Without dropout: the two trainers draw it from the one global generator, one after the other.

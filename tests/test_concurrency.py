@@ -77,6 +77,7 @@ def cache_files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != ".lock"}
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_four_processes_prepare_once_and_agree(tmp_path):
     server = TextServer(TEXT, hold_first=True)
     try:

@@ -47,6 +47,7 @@ def test_end_of_run_sample_is_printed(trained_run):
     assert "sample:" in result.stdout
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_sample_from_run_dir_streams_text(trained_run):
     work, run_dir, _ = trained_run
     result = run_module("nanogpt.sample", f"ckpt={run_dir}", "prompt=ROMEO:", "num_tokens=60",
@@ -68,6 +69,7 @@ def test_sample_without_ckpt_uses_the_newest_run(trained_run):
     assert str((run_dir / "best.pt").relative_to(work)) in result.stderr
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_sample_is_reproducible_and_reads_prompt_files(trained_run, tmp_path):
     work, run_dir, _ = trained_run
     prompt = tmp_path / "prompt.txt"
@@ -122,7 +124,7 @@ def test_shakespeare_default_dataset_from_local_source(tmp_path, shakespeare, da
     assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_variants_and_muon_train_resume_and_sample(tmp_path, corpus, data_root):
     """Every architecture variant plus Muon through train, resume and sample."""
     variants = ["model.position_encoding=rope", "model.norm=rmsnorm", "model.qk_norm=true",
@@ -144,7 +146,7 @@ def test_variants_and_muon_train_resume_and_sample(tmp_path, corpus, data_root):
     assert len(sampled.stdout) >= 80
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_eval_at_start_false_skips_only_the_untrained_evaluation(tmp_path, corpus, data_root):
     common = [*TINY_RUN, "dataset=text", f"dataset.source={corpus}", f"data_root={data_root}",
               "max_iters=25", "eval_interval=10"]

@@ -35,7 +35,7 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_eval_of_our_run_matches_transformers_on_its_own_dataset(tmp_path, corpus, data_root):
     data = prepare_data("toy", str(corpus), data_root)
     config = GPTConfig(vocab_size=data.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)

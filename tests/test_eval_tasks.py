@@ -82,6 +82,7 @@ def test_continuations_score_as_transformers_does_batched_and_cut_from_the_left(
         score_requests(model, [([1], list(range(17)))], 2, CPU, progress=False)
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_continuations_of_one_context_share_its_pass_and_score_as_transformers_does(monkeypatch):
     """Four endings for each of several contexts of different lengths (batched together, each row's
     cache at its own length), beside a request read whole: one cut from the left.
@@ -138,7 +139,7 @@ def test_hellaswag_cleans_text_exactly_as_lm_eval_does():
     assert example_from(HAND_WRITTEN[0]).context.endswith("white paint. She")
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_hellaswag_matches_transformers_ending_by_ending(bpe_cache, tmp_path):
     source = write_jsonl(tmp_path / "hs.jsonl", HAND_WRITTEN)
     model = random_gpt(BPE_MODEL)
@@ -283,6 +284,7 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_bad_input_is_one_line_naming_what_to_fix(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(HAND_WRITTEN[0]) + "\n{not json\n")

@@ -32,7 +32,7 @@ def bpe_run(tmp_path, corpus, data_root) -> list[str]:
             f"tasks.hellaswag.source={tmp_path / 'hellaswag.jsonl'}"]
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_eval_tasks_are_recorded_like_the_losses(tmp_path, bpe_run):
     run_dir = tmp_path / "run"
     result = run_in_process("nanogpt.train", *bpe_run, "max_iters=4", "eval_interval=2", "logger=tensorboard",
@@ -75,6 +75,7 @@ def test_sweep_tables_show_the_eval_tasks(tmp_path):
     assert tmp_path / "sweep" / "eval_tasks.png" in written
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_a_stop_during_the_eval_tasks_is_a_stop_during_evaluation(tmp_path, bpe_run):
     run_dir = tmp_path / "run"
     # The real training command, with a SIGTERM sent from inside HellaSwag's scoring.

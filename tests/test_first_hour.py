@@ -191,6 +191,7 @@ def test_a_refusal_in_a_directory_someone_made_keeps_their_files(tmp_path):
 # ---------------------------------------------------------------- --help
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_help_lists_the_users_own_config_files_and_the_command_as_typed(tmp_path):
     own = tmp_path / "my_conf"
     (own / "model").mkdir(parents=True)

@@ -31,6 +31,7 @@ def test_old_checkpoint_gives_the_same_logits():
     assert lm.generate(EXPECTED["greedy_prompt"], max_new_tokens=30, temperature=0) == EXPECTED["greedy_30"]
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_old_checkpoint_is_scored_by_eval(tmp_path):
     done = run_module("nanogpt.eval", f"ckpt={FIXTURE}", "device=cpu", "dataset=text",
                       f"dataset.source={FIXTURE / 'corpus.txt'}", "dataset.name=fixture",

@@ -117,7 +117,7 @@ def train_checkpoint(path, config: GPTConfig, tokenizer: dict) -> GPT:
     return model
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_export_char_model_loads_in_transformers_with_equal_logits(tmp_path):
     vocabulary = [chr(c) for c in range(32, 97)]
     config = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
@@ -180,6 +180,7 @@ def test_export_of_a_missing_checkpoint_is_one_error_line(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_finetune_from_a_local_hf_directory(tmp_path, shakespeare, data_root, bpe_cache):
     random_hf_model(tmp_path / "hf", vocab_size=50257)
     result = run_in_process(

@@ -181,7 +181,7 @@ def test_readme_python_section_runs(char_run, monkeypatch):
     exec(compile(code, "README.md", "exec"), {})
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_nanogpt_checkpoint_greedy_text_equals_an_independent_greedy_decode(tmp_path, monkeypatch):
     """Greedy (top_k=1, as nanoGPT's sample.py --top_k=1) from nanoGPT's ckpt.pt, against transformers."""
     weights = write_nanogpt_checkpoint(tmp_path / "out-shakespeare-char", bias=True)

@@ -223,6 +223,7 @@ def test_the_peft_adapter_gives_our_logits_in_transformers(run, base, work):
         export_adapter(plain, work / "nothing", where="plain.pt")
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_chat_streams_answers_for_piped_input_and_clear_starts_over(run, work):
     lm = nanogpt.load(run, device="cpu")
     first = lm.chat("reverse: abc", max_new_tokens=8, temperature=0)
@@ -237,6 +238,7 @@ def test_chat_streams_answers_for_piped_input_and_clear_starts_over(run, work):
     assert "(a new conversation)" in done.stderr
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_ctrl_c_leaves_chat_quietly(run, work):
     chat = subprocess.Popen([sys.executable, "-m", "nanogpt.chat", f"ckpt={run}", "device=cpu",
                              "max_new_tokens=4"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -334,6 +336,7 @@ def test_bench_measures_lora_with_checkpointing_in_bfloat16(work, corpus, data_r
     assert "trained (LoRA)" in done.stdout
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_without_peft_lora_is_one_line_and_loading_a_lora_run_still_works(run, work):
     hide_peft = "import sys; sys.modules['peft'] = None; "
     load = subprocess.run([sys.executable, "-c", hide_peft + f"import nanogpt; nanogpt.load({str(run)!r}, "
@@ -360,7 +363,7 @@ def test_torchrun_trains_lora_on_instructions(work, base, task, tmp_path):
     assert isinstance(nanogpt.load(tmp_path / "ddp", device="cpu").chat("reverse: ab", max_new_tokens=4), str)
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_a_sweep_over_lora_settings_makes_one_run_each(work, base, task, tmp_path):
     done = run_in_process("nanogpt.train", "-m", *LORA_RUN, "max_iters=2", "eval_interval=2", "lora.rank=2,4",
                           f"model.init_from={base}", f"dataset.source={task}/train.jsonl",

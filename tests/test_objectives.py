@@ -360,6 +360,7 @@ def grpo_config(work: Path, base: Path, task: Path, max_iters: int) -> TrainConf
         eval_interval=2, eval_iters=2, log_interval=2, sample_tokens=0)
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_a_grpo_run_resumes_exactly_and_records_rewards(work, base, task, tmp_path):
     """Sampling draws from a generator the checkpoint saves: a resumed run samples what the whole one did."""
     straight = build_trainer(grpo_config(work, base, task, 4), tmp_path / "a")

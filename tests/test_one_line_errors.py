@@ -147,6 +147,7 @@ def constant_model(token: int, vocab_size: int, block_size: int = 32) -> GPT:
     return model
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_chat_says_what_it_leaves_out_and_why_an_answer_is_empty(tmp_path):
     model = constant_model(VOCABULARY.index("x"), len(VOCABULARY))  # never ends an answer itself
     save_checkpoint(tmp_path / "run" / "best.pt", {

@@ -78,6 +78,7 @@ def test_a_second_process_is_refused_and_a_killed_runs_directory_is_taken_over(c
     assert "took over" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_a_requeued_job_waits_for_the_previous_attempt_to_let_go(corpus, data_root, tmp_path):
     run_dir = tmp_path / "run"
     # The previous attempt, still saving: it holds the directory until told to finish (a line on stdin).

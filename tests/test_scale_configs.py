@@ -69,6 +69,7 @@ def test_eval_recipes_compose_for_the_eval_entry_point(size):
     assert config.dataset.tokenizer == "gpt2"
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_eval_recipe_scores_pretrained_weights(tmp_path, corpus, data_root, bpe_cache):
     """The recipe with a local GPT-2-shaped directory in place of the Hub and a small BPE text."""
     random_hf_model(tmp_path / "hf", vocab_size=50257)

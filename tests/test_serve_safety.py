@@ -62,6 +62,7 @@ def test_the_key_opens_every_route_and_int8_serves_what_int8_samples(server, run
     assert got.choices[0].text == "".join(int8.stream("ROMEO:", 30, 0.8, 200, None, seed=4))
 
 
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_binding_beyond_localhost_without_a_key_warns(run, tmp_path, monkeypatch):
     from nanogpt.serving.server import exposure_warning
 

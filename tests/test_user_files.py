@@ -68,7 +68,7 @@ def users_folder(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_no_command_writes_over_the_users_files_or_another_run(place, tmp_path):
     run, data = place / "run", place / "data"
     exported_run = tmp_path / "exported_run"  # the run export aims at (a copy of it)
@@ -147,7 +147,7 @@ def test_no_command_writes_over_the_users_files_or_another_run(place, tmp_path):
     assert lines["sweep"].startswith(f"error: the sweep directory {mine['for_sweep']} already holds")
 
 
-@pytest.mark.slow  # tens of seconds of CPU: the slow tier
+@pytest.mark.slow  # whole commands: seconds to a minute of CPU (the quick tier keeps within 5 minutes)
 def test_export_replaces_only_its_own_export_and_a_stopped_one_leaves_it_whole(place, tmp_path):
     run, out = place / "run", tmp_path / "hf"
     first = run_in_process("nanogpt.export", f"ckpt={run}", f"out={out}", cwd=tmp_path)
