@@ -204,3 +204,28 @@ def register_commands() -> None:
                          ("eval", EvalConfig), ("data", DataConfig), ("export", ExportConfig),
                          ("bench", BenchConfig), ("serve", ServeConfig), ("explain", ExplainConfig)):
         register_configs(name, schema)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Debian chromium driven by selenium: the pages' tests (chat page, explain page)."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        message = "Debian's chromium and chromium-driver are needed (apt-get install chromium " \
+                  "chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; .ci/run installs them")
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    # Headless, and nothing fetched from the network: no updates, no sync, no first-run pages.
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}"):
+        options.add_argument(flag)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    yield session
+    session.quit()

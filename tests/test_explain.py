@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 
 import pytest
 import torch
@@ -240,29 +238,6 @@ def test_a_model_larger_than_the_page_is_drawn_in_part_and_said(tmp_path, bpe_ca
     assert len(data["attention"]) == MAX_LAYERS and len(data["attention"][0]) == MAX_HEADS
     assert len(data["tokens"]) == MAX_TOKENS and data["embedding"] is None
     assert data["notes"] == [n.removeprefix("note: ") for n in notes]
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        message = "Debian's chromium and chromium-driver are needed (apt-get install chromium " \
-                  "chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; .ci/run installs them")
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}"):
-        options.add_argument(flag)
-    session = webdriver.Chrome(service=Service(driver), options=options)
-    yield session
-    session.quit()
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import lm_eval
@@ -86,30 +85,6 @@ def test_lm_eval_over_http_scores_hellaswag_as_nanogpt_eval_does(root, server):
     measured = results["hellaswag_local"]
     assert (measured["acc,none"], measured["acc_norm,none"]) == (scored["acc"], scored["acc_norm"])
     assert scored["examples"] == len(HAND_WRITTEN)
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        message = "Debian's chromium and chromium-driver are needed (apt-get install chromium " \
-                  "chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; .ci/run installs them")
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    # Headless, and nothing fetched from the network: no updates, no sync, no first-run pages.
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}"):
-        options.add_argument(flag)
-    session = webdriver.Chrome(service=Service(driver), options=options)
-    yield session
-    session.quit()
 
 
 def test_the_chat_page_streams_answers_keeps_the_conversation_and_stops(browser, server):
