@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-
-import requests
-from requests.adapters import HTTPAdapter
-from tqdm import tqdm
-from urllib3.util.retry import Retry
+from typing import TYPE_CHECKING
 
 from nanogpt.errors import DataError, first_line
 from nanogpt.fileio import sha256_of_file, write_atomically
+
+if TYPE_CHECKING:
+    import requests
 
 
 def is_url(source: str) -> bool:
@@ -30,6 +29,13 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
 
     The file appears at dest only once it is complete and verified.
     """
+    # Imported here, not above: requests and urllib3 take 0.15 s to import, and every command
+    # imports this module (for is_url) while few of them download anything.
+    import requests
+    from requests.adapters import HTTPAdapter
+    from tqdm import tqdm
+    from urllib3.util.retry import Retry
+
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # retries are not news; failure is
     session = requests.Session()
     retry = Retry(total=retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504))
@@ -60,6 +66,8 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
 
 def describe_request_error(error: requests.RequestException) -> str:
     """A few words on why a request failed, with what the network library said (why it could not connect)."""
+    import requests
+
     if isinstance(error, requests.HTTPError) and error.response is not None:
         return f"HTTP {error.response.status_code}"
     if isinstance(error, requests.Timeout):

@@ -39,9 +39,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The kernel takes bfloat16 activations: float32 ones take a path ten times slower.
         flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(flat, self.weight, self.scale).to(x.dtype)
-        y = y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        y = torch._weight_int8pack_mm(flat, self.weight, self.scale).view(*x.shape[:-1], -1)
+        # Adding the bias (in x's precision) casts the bfloat16 product exactly as .to() would:
+        # one operator fewer of the ~150 a token costs.
+        return y.to(x.dtype) if self.bias is None else torch.add(self.bias.to(x.dtype), y)
 
 
 def quantize_model(model: nn.Module, how: str | None, device: torch.device) -> nn.Module:
