@@ -218,6 +218,25 @@ def test_nanogpt_checkpoint_meta_given_explicitly_and_bias_free(tmp_path):
         assert lm.tokenizer.description["vocabulary"] == VOCABULARY and not lm.model.config.bias
 
 
+def test_checking_a_checkpoints_shapes_initialises_nothing_and_imports_no_compiler(tmp_path):
+    """The GPT a nanoGPT checkpoint or a Hugging Face directory is checked against is built on the
+    meta device without its initialisers, whose first call there imports torch._dynamo (a second
+    of every sample's start-up); a fresh process shows whether anything imported it.
+    """
+    write_nanogpt_checkpoint(tmp_path / "out", bias=False, compiled=False)
+    meta = write_meta_pkl(tmp_path / "elsewhere")
+    code = ("import sys, nanogpt\n"
+            "from nanogpt.model import GPTConfig\n"
+            "from nanogpt.weights.huggingface import model_state_names\n"
+            "lm = nanogpt.load(sys.argv[1], device='cpu', meta=sys.argv[2])\n"
+            "print(len(model_state_names(GPTConfig(n_layer=2))), lm.generate('RO', max_new_tokens=3) != '',\n"
+            "      'torch._dynamo' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(meta)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(len(GPT(GPTConfig(n_layer=2)).state_dict())), "True", "False"]
+
+
 def test_nanogpt_checkpoint_with_gpt2_sized_vocabulary_uses_gpt2_bpe(tmp_path, bpe_cache):
     write_nanogpt_checkpoint(tmp_path / "out", vocab_size=50304, dataset="openwebtext")
     lm = nanogpt.load(tmp_path / "out", device="cpu")

@@ -62,7 +62,10 @@ class Fill:
 
 
 class Recorder(TorchFunctionMode):
-    """While active: torch.empty allocates on the meta device, and initialisers of meta tensors are kept."""
+    """While active: torch.empty allocates on the meta device, and initialisers of meta tensors are
+    kept rather than made (on the meta device a fill computes nothing, yet the first one imports
+    torch._dynamo, a second of start-up, through torch's Python reference of normal_).
+    """
 
     def __init__(self):
         super().__init__()
@@ -76,7 +79,8 @@ class Recorder(TorchFunctionMode):
         if isinstance(target, torch.Tensor) and target.is_meta:
             if func in WHOLE_FILLS:
                 self.fills.append(Fill(func, target, args, kwargs))
-            elif writes_in_place(func):
+                return target
+            if writes_in_place(func):
                 raise RuntimeError(f"{getattr(func, '__qualname__', func)} changes a weight in place while "
                                    "the model is built; only whole-tensor initialisers can be deferred")
         return func(*args, **kwargs)
@@ -112,6 +116,14 @@ class Deferred:
                 fill.on(whole)
             if id(fill.target) in self.names:
                 keep(self.names[id(fill.target)], whole)
+
+
+def shapes_only(make: Callable[[], nn.Module]) -> nn.Module:
+    """make()'s model, its weights on the meta device and never initialised: its names and shapes,
+    to check a checkpoint against, at no cost in memory or time.
+    """
+    with Recorder():
+        return make()
 
 
 def build(make: Callable[[], nn.Module]) -> Deferred:

@@ -29,6 +29,7 @@ import torch
 from nanogpt.errors import CheckpointError, ConfigError, describe_library_error, first_line, require_package
 from nanogpt.fileio import OnDemand, write_directory
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.runtime.deferred_init import shapes_only
 from nanogpt.text.tokenizers import GPT2_TOKENIZER, Tokenizer, load_tokenizer, write_hf_tokenizer
 
 # OpenAI's GPT-2 releases and their Hugging Face Hub repositories.
@@ -158,9 +159,8 @@ def hf_weights(directory: Path) -> tuple[GPTConfig, Mapping[str, torch.Tensor], 
 
 
 def model_state_names(config: GPTConfig) -> list[str]:
-    """The names in the state_dict of a GPT of config's shape (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return list(GPT(config).state_dict())
+    """The names in the state_dict of a GPT of config's shape (its weights on the meta device: no memory)."""
+    return list(shapes_only(lambda: GPT(config)).state_dict())
 
 
 # Out to Hugging Face ---------------------------------------------------------------------------

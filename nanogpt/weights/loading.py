@@ -29,6 +29,7 @@ import torch
 
 from nanogpt.errors import CheckpointError, ConfigError, UserError, require_package
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.runtime.deferred_init import shapes_only
 from nanogpt.runtime.sharding import COMPILED, put_rows
 from nanogpt.text.nanogpt_meta import read_char_vocabulary
 from nanogpt.text.tokenizers import GPT2_TOKENIZER, Tokenizer, load_tokenizer
@@ -218,11 +219,10 @@ def open_nanogpt_checkpoint(state: dict, path: Path, meta: str | Path | None) ->
     )
     weights = {name.removeprefix("_orig_mod."): value for name, value in state["model"].items()}
     weights = {name: value for name, value in weights.items() if not name.endswith(".attn.bias")}
-    with torch.device("meta"):  # names and shapes checked, nothing read or allocated
-        try:
-            GPT(config).load_state_dict(weights, assign=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} does not fit nanoGPT's GPT of its model_args: {e}") from None
+    try:  # names and shapes checked, nothing read or allocated
+        shapes_only(lambda: GPT(config)).load_state_dict(weights, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit nanoGPT's GPT of its model_args: {e}") from None
     run_config = state.get("config") or {}
     tokenizer, data_dir = nanogpt_vocabulary(path, run_config.get("dataset"), config.vocab_size, meta)
     return Source(config, weights, tokenizer, "nanoGPT", str(path), run_config, data_dir)
