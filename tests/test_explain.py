@@ -26,6 +26,7 @@ from nanogpt.insight.reading import embedding_map, summarize_head
 
 from .commands import run_in_process
 from .conftest import run_module
+from .test_gpt2 import random_hf_model
 
 TEXT = "ROMEO: I am ROMEO.\nJULIET: I am"  # within the shared run's block of 32
 
@@ -188,20 +189,11 @@ def test_a_long_text_says_what_is_shown(lm):
         "model reads them"]
 
 
-def hf_directory(path, n_layer, n_head, n_embd, n_positions, vocab_size=50257):
-    """A small random GPT-2-format model saved to path (no weights can be downloaded here)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=None, eos_token_id=None,
-                        attn_implementation="eager")  # eager: it returns its attention weights
-    model = GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.1)
-    model.save_pretrained(path)
-    return model
+def hf_directory(path, **shape):
+    """A small random GPT-2-format model saved to path, whose attention weights transformers returns
+    (its eager attention: the fused one keeps them to itself).
+    """
+    return random_hf_model(path, std=0.1, attn_implementation="eager", **shape)
 
 
 @pytest.mark.slow  # transformers' import and a second model: seconds

@@ -64,16 +64,20 @@ def test_padded_vocabulary_changes_neither_logits_nor_loss():
     assert max(int(t.max()) for t in tokens) < 101
 
 
-def random_hf_model(path, activation="gelu_new", vocab_size=101):
-    """A small GPT2LMHeadModel with weights large enough for every layer to matter, saved to path."""
+def random_hf_model(path, activation="gelu_new", vocab_size=101, n_positions=64, n_embd=48, n_layer=3,
+                    n_head=4, std=0.15, **config):
+    """A small GPT2LMHeadModel with weights large enough for every layer to matter, saved to path
+    (no weights can be downloaded here); config: more of GPT2Config's settings.
+    """
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=48, n_layer=3, n_head=4,
-                        activation_function=activation, bos_token_id=None, eos_token_id=None)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, activation_function=activation, bos_token_id=None,
+                        eos_token_id=None, **config)
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             # LayerNorm gains around 1, everything else clearly non-zero.
-            param.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.15)
+            param.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, std)
     model.save_pretrained(path)
     return model
 
